@@ -1,0 +1,82 @@
+"""The ``sskd`` command: a thin layer over library functions.
+
+Each subcommand lives in its own module, which exposes ``register(subparsers)``; that function adds
+its parser and sets ``func`` (called with the parsed args, returning an exit status). Modules keep
+their heavy imports (torch, DALI) inside ``func`` so ``sskd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from sskd import __version__
+from sskd.errors import SSKDError
+
+# (module, description) in the order a user meets them; each module registers one or more commands.
+COMMAND_MODULES = [
+    "shards.cli",
+    "pipelines.cli",
+    "sskd.commands",
+]
+
+EPILOG = """\
+typical session:
+  sskd shard digits shards/digits                  # the embedded default dataset, no download
+  sskd views --shards shards/digits --epoch 0 --n 4 --out views.png
+  sskd demo --out demo-out                         # teacher, SS head, CE/KD/SSKD students, results table
+multi-GPU / multi-node: accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd distill ...
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sskd",
+        description="Knowledge distillation meets self-supervision (SSKD), fed by DALI pipelines over "
+        "webdataset shards and trained with Accelerate.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sskd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub, _Formatter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="[sskd] %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SSKDError as exc:
+        print(f"sskd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sskd: interrupted (completed work is kept; rerun with --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
