@@ -1,0 +1,67 @@
+"""Accelerate set-up in one place: device choice, mixed precision, the CPU multi-process trap.
+
+The library never calls ``.cuda()``: the device comes from the Accelerator (GPU when CUDA is present,
+CPU otherwise) and DALI's device from :func:`pipeline_device`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from sskd.errors import SSKDError
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_device(requested: str = "auto") -> str:
+    """DALI device for this process: ``gpu`` when asked for (or ``auto`` with CUDA present), else ``cpu``."""
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise SSKDError("data.device=gpu but no CUDA device is visible; use --device cpu or auto")
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: str = "auto"):
+    """An :class:`accelerate.Accelerator` for this process.
+
+    Without CUDA it is built with ``cpu=True`` so torch.distributed uses gloo; this is how
+    ``launch/accelerate/cpu.yaml`` (declared MULTI_GPU, because ``--cpu --num_processes 2`` starts one
+    process, accelerate#2741) gets two real CPU ranks.
+    """
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if mixed_precision == "fp16" and cpu:
+        raise SSKDError("run.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def make_gather(accelerator) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
+    """A differentiable all-gather of per-rank rows for one global SS similarity matrix.
+
+    Returns ``gather(z (B_local, d)) -> (z_all (B_total, d), offset)`` where ``offset`` is the row of
+    this rank's first sample in ``z_all``. Ranks may hold different batch sizes (the last batch).
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    def gather(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        size = torch.tensor([z.shape[0]], device=z.device)
+        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, size)
+        sizes_l = [int(s) for s in sizes]
+        padded = torch.nn.functional.pad(z, (0, 0, 0, max(sizes_l) - z.shape[0]))
+        parts = dist_fn.all_gather(padded)
+        z_all = torch.cat([p[:n] for p, n in zip(parts, sizes_l)])
+        return z_all, sum(sizes_l[: dist.get_rank()])
+
+    return gather
