@@ -17,9 +17,10 @@ from sskd.errors import SSKDError
 
 # (module, description) in the order a user meets them; each module registers one or more commands.
 COMMAND_MODULES = [
-    "shards.cli",
-    "pipelines.cli",
-    "sskd.commands",
+    "shards.cli",  # shard imagefolder|cifar100|digits|verify
+    "pipelines.cli",  # views; bench pipeline
+    "sskd.commands",  # train-teacher, train-ss-head, distill, evaluate, demo
+    "sskd.cache_cli",  # cache; bench distill
 ]
 
 EPILOG = """\
@@ -46,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sskd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench",
+        help="side-by-side throughput benchmarks (pipeline, distill)",
+        description="Benchmarks that measure several variants in one run and print their ratios.",
+        epilog="example:\n  sskd bench pipeline --shards shards/digits --json bench.json",
+        formatter_class=_Formatter,
+    )
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -53,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != name:
                 raise
             continue
-        module.register(sub, _Formatter)
+        if hasattr(module, "register"):
+            module.register(sub, _Formatter)
+        if hasattr(module, "register_bench"):
+            module.register_bench(bench_sub, _Formatter)
     return parser
 
 
