@@ -32,8 +32,14 @@ multi-GPU / multi-node: accelerate launch --config_file launch/accelerate/multi_
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps example epilogs as written and shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sskd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = []
+    for name in COMMAND_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != name:
+                raise
+    for module in modules:
+        if hasattr(module, "register"):
+            module.register(sub, _Formatter)
     bench = sub.add_parser(
         "bench",
         help="side-by-side throughput benchmarks (pipeline, distill)",
@@ -55,15 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a command whose module is not written yet
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "register"):
-            module.register(sub, _Formatter)
+    for module in modules:
         if hasattr(module, "register_bench"):
             module.register_bench(bench_sub, _Formatter)
     return parser
