@@ -104,7 +104,8 @@ def _suggest(name: str, options: list[str]) -> str:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or raise naming ``where``."""
-    text = str(hint)
+    text = getattr(hint, "__name__", None) if isinstance(hint, type) else None
+    text = text or str(hint)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in text):
         if "None" in text:
             return None

@@ -207,12 +207,14 @@ def train(job: Job) -> dict[str, Any]:
     fresh = last_eval is not None and last_eval.get("step") == state["step"]
     final = last_eval if fresh else run_eval(state["epoch"])
     if main:
+        module = core.trainable_module()
         info = {"stage": job.stage, "steps": state["step"], "epochs_done": state["epoch"],
+                "has_head": getattr(module, "head", None) is not None,
                 "num_classes": train_loader.manifest["num_classes"], "classes": train_loader.manifest["classes"],
                 **job.info}
         if final is not None:
             info.update(top1=final["top1"], top5=final["top5"], best_top1=state["best_top1"])
-        runs.save_model(out, core.trainable_module(), info)
+        runs.save_model(out, module, info)
     metrics.close()
     accelerator.wait_for_everyone()
     return final or {}

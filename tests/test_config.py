@@ -1,0 +1,70 @@
+"""Config: defaults are the official recipe, YAML and --set override, bad keys fail with a clear line."""
+
+import pytest
+
+from sskd.config import Config, from_dict, load_config
+from sskd.errors import SSKDError
+
+
+def test_defaults_are_the_official_sskd_recipe():
+    cfg = Config()
+    assert (cfg.student.lr, cfg.student.momentum, cfg.student.weight_decay, cfg.student.batch_size) == (0.05, 0.9, 5e-4, 64)
+    assert cfg.student.milestones == [150, 180, 210] and cfg.student.epochs == 240
+    assert (cfg.ss_head.epochs, cfg.ss_head.milestones) == (60, [30, 45])
+    loss = cfg.loss
+    assert (loss.ce_weight, loss.kd_weight, loss.tf_weight, loss.ss_weight) == (0.1, 0.9, 2.7, 10.0)
+    assert (loss.kd_T, loss.tf_T, loss.ss_T, loss.ss_ratio, loss.tf_ratio) == (4.0, 4.0, 0.5, 0.75, 1.0)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student:\n  arch: wrn_16_2\n  lr: 0.01\nrun:\n  seed: 3\n")
+    cfg = load_config(f, ["student.lr=0.2", "student.milestones=[5,7]", "run.global_ss_batch=true"])
+    assert cfg.student.arch == "wrn_16_2"
+    assert cfg.student.lr == 0.2
+    assert cfg.student.milestones == [5, 7]
+    assert cfg.run.seed == 3 and cfg.run.global_ss_batch is True
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["student.max_steps=7", "teacher.clip_grad=1.5"])
+    again = from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("student:\n  lrr: 0.1\n", "unknown config key 'student.lrr' (did you mean 'lr'?)"),
+        ("studnet:\n  lr: 0.1\n", "unknown config section 'studnet' (did you mean 'student'?)"),
+        ("student:\n  lr: fast\n", "student.lr: 'fast' is not a valid float"),
+        ("student:\n  schedule: linear\n", "student.schedule must be 'step' or 'cosine'"),
+        ("student: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, text, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(SSKDError) as err:
+        load_config(f)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(SSKDError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(SSKDError, match="expected section.key=value"):
+        load_config(None, ["lr=0.1"])
+
+
+def test_shipped_recipes_all_load():
+    from pathlib import Path
+
+    import sskd
+
+    recipes = sorted((Path(sskd.__file__).parent / "configs").rglob("*.yaml"))
+    assert len(recipes) >= 13  # 11 CIFAR-100 pairs, ImageNet, demo
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.student.arch and cfg.teacher.arch, path
