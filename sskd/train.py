@@ -217,7 +217,20 @@ def train(job: Job) -> dict[str, Any]:
         runs.save_model(out, module, info)
     metrics.close()
     accelerator.wait_for_everyone()
-    return final or {}
+    # Each rank's own weights: DDP keeps them identical, and tests check that it did.
+    result = dict(final or {}, world_size=world, rank=accelerator.process_index,
+                  rank_weights_sha256=_weights_digest(core))
+    return result
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _reduce(sums: dict[str, torch.Tensor], accelerator, n_micro: int, seen: int) -> dict[str, float]:
