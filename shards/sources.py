@@ -1,0 +1,240 @@
+"""Where images come from: each source lists its items per split and turns one item into encoded bytes.
+
+A source is read in the main process (listing, labels) and in worker processes (encoding and
+validation of one item at a time); workers inherit it through ``fork``, so items are plain indices.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from shards.format import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
+from sskd.errors import SSKDError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+
+
+class BadItem(Exception):
+    """One source item cannot be used; ``str(exc)`` is the reason, ``exc.path`` the file."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(reason)
+        self.path = path
+
+
+@dataclass
+class Split:
+    """The items of one split: a display path and a label per item (index = position)."""
+
+    paths: list[str]
+    labels: list[int]
+    skipped: list[dict] = field(default_factory=list)  # found while listing (e.g. an empty class folder)
+
+
+class Source:
+    """Base class: ``dataset``, ``layout``, ``classes``, ``splits``, ``mean``/``std``, ``encode``."""
+
+    dataset: str
+    layout: str
+    image_ext: str
+    classes: list[str]
+    splits: dict[str, Split]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def encode(self, split: str, index: int) -> tuple[bytes, str]:
+        """Encoded image bytes and their extension (``png``/``jpg``) of item ``index`` of ``split``."""
+        raise NotImplementedError
+
+    def estimated_bytes(self, split: str) -> int:
+        raise NotImplementedError
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Lossless PNG of an (h, w, 3) uint8 array; deterministic for the same pixels."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+class ArraySource(Source):
+    """In-memory uint8 images (n, h, w, 3) per split, written as PNG (digits, CIFAR-100)."""
+
+    image_ext = "png"
+    layout = "cifar"
+
+    def __init__(self, dataset, classes, arrays: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], mean, std):
+        self.dataset, self.classes, self.mean, self.std = dataset, classes, tuple(mean), tuple(std)
+        self.arrays = {k: v[0] for k, v in arrays.items()}
+        self.splits = {k: Split(paths=v[2], labels=[int(x) for x in v[1]]) for k, v in arrays.items()}
+
+    def encode(self, split: str, index: int) -> tuple[bytes, str]:
+        return png_bytes(self.arrays[split][index]), "png"
+
+    def estimated_bytes(self, split: str) -> int:
+        a = self.arrays[split]
+        return int(a[0].nbytes * 0.8 * len(a)) if len(a) else 0
+
+
+def digits_source(seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> ArraySource:
+    """scikit-learn's 1,797 handwritten digits (real scans, 8x8, 0-16) as ``size``x``size`` RGB.
+
+    Upsampled with bicubic interpolation: strokes stay smooth, so crops, rotations and colour changes
+    act on them as on natural images (nearest-neighbour would leave 4x4 blocks). The train/val split is
+    stratified by class with a fixed seed.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    gray = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    up = np.stack([np.asarray(Image.fromarray(g, "L").resize((size, size), Image.BICUBIC)) for g in gray])
+    rgb = np.repeat(up[..., None], 3, axis=3)
+    idx = np.arange(len(rgb))
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=digits.target)
+    tr, va = np.sort(tr), np.sort(va)
+    train_px = rgb[tr].reshape(-1, 3) / 255.0
+    arrays = {
+        "train": (rgb[tr], digits.target[tr], [f"sklearn-digits[{i}]" for i in tr]),
+        "val": (rgb[va], digits.target[va], [f"sklearn-digits[{i}]" for i in va]),
+    }
+    return ArraySource("digits", [str(i) for i in range(10)], arrays, train_px.mean(0).round(4), train_px.std(0).round(4))
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise SSKDError(f"{path}: missing (expected the official cifar-100-python folder: train, test, meta)")
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="bytes")
+    except Exception as exc:  # pickle raises many types on damaged input
+        raise SSKDError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def _field(d: dict, name: str, path: Path):
+    for key in (name.encode(), name):
+        if key in d:
+            return d[key]
+    raise SSKDError(f"{path}: field {name!r} is missing")
+
+
+def cifar100_source(src: str | Path) -> ArraySource:
+    """The official ``cifar-100-python`` folder (pickled ``train``, ``test``, ``meta``); fine labels.
+
+    The test split is written as ``val``.
+    """
+    src = Path(src)
+    if (src / "cifar-100-python").is_dir():
+        src = src / "cifar-100-python"
+    meta_path = src / "meta"
+    names = [n.decode() if isinstance(n, bytes) else n for n in _field(_unpickle(meta_path), "fine_label_names", meta_path)]
+    arrays = {}
+    for split, fname in (("train", "train"), ("val", "test")):
+        path = src / fname
+        d = _unpickle(path)
+        data = np.asarray(_field(d, "data", path), dtype=np.uint8)
+        labels = np.asarray(_field(d, "fine_labels", path), dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise SSKDError(f"{path}: 'data' has shape {data.shape}, expected (N, 3072)")
+        if len(labels) != len(data):
+            raise SSKDError(f"{path}: {len(data)} images but {len(labels)} fine_labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            raise SSKDError(f"{path}: fine_labels outside 0..{len(names) - 1}")
+        files = [f.decode() if isinstance(f, bytes) else str(f) for f in d.get(b"filenames", d.get("filenames", []))]
+        files = files if len(files) == len(data) else [f"{fname}[{i}]" for i in range(len(data))]
+        arrays[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, [f"{fname}/{f}" for f in files])
+    return ArraySource("cifar100", names, arrays, CIFAR100_MEAN, CIFAR100_STD)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class FolderSource(Source):
+    """ImageNet layout: ``SRC/train/<wnid>/*.JPEG``; val from ``SRC/val/<wnid>/*`` or flat + a label file.
+
+    Class index = position of the folder name in sorted order. JPEG and PNG files keep their original
+    bytes (no re-encode); other formats are re-encoded as PNG. Every image is fully decoded once to
+    catch truncated or corrupt files.
+    """
+
+    dataset = "imagefolder"
+    layout = "imagenet"
+    image_ext = "jpg"
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(self, src: str | Path, val_labels: str | Path | None = None, skip_bad: bool = False):
+        src = Path(src)
+        train = src / "train"
+        if not train.is_dir():
+            raise SSKDError(f"{train}: not found (expected SRC/train/<class>/*.JPEG)")
+        class_dirs = sorted(p for p in train.iterdir() if p.is_dir())
+        if not class_dirs:
+            raise SSKDError(f"{train}: no class folders")
+        self.classes = [p.name for p in class_dirs]
+        self.splits = {"train": self._list_classes(class_dirs, skip_bad)}
+        val = src / "val"
+        if val.is_dir():
+            self.splits["val"] = self._list_val(val, val_labels, skip_bad)
+        elif val_labels:
+            raise SSKDError(f"{val}: --val-labels given but there is no val folder")
+
+    def _list_classes(self, class_dirs: list[Path], skip_bad: bool) -> Split:
+        index = {name: i for i, name in enumerate(self.classes)}
+        split = Split([], [])
+        for d in class_dirs:
+            if d.name not in index:
+                raise SSKDError(f"{d}: class folder not among the train classes")
+            files = _images_in(d)
+            if not files:
+                if not skip_bad:
+                    raise SSKDError(f"{d}: empty class folder (no images); use --skip-bad to skip it")
+                split.skipped.append({"path": str(d), "reason": "empty class folder"})
+            split.paths += [str(f) for f in files]
+            split.labels += [index[d.name]] * len(files)
+        return split
+
+    def _list_val(self, val: Path, val_labels, skip_bad: bool) -> Split:
+        subdirs = sorted(p for p in val.iterdir() if p.is_dir())
+        if subdirs:
+            return self._list_classes(subdirs, skip_bad)
+        files = _images_in(val)
+        if not val_labels:
+            raise SSKDError(f"{val}: flat val folder needs --val-labels FILE (one class index per line)")
+        path = Path(val_labels)
+        if not path.is_file():
+            raise SSKDError(f"{path}: label file not found")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if len(lines) != len(files):
+            raise SSKDError(f"{path}: {len(lines)} labels for {len(files)} images in {val} (one line per image)")
+        labels = []
+        for n, text in enumerate(lines, 1):
+            if not text.lstrip("-").isdigit() or not 0 <= int(text) < len(self.classes):
+                raise SSKDError(f"{path}:{n}: {text!r} is not a class index in 0..{len(self.classes) - 1}")
+            labels.append(int(text))
+        return Split([str(f) for f in files], labels)
+
+    def encode(self, split: str, index: int) -> tuple[bytes, str]:
+        path = self.splits[split].paths[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise BadItem(path, f"unreadable ({exc.strerror or exc})") from exc
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format
+                img.load()  # full decode: catches truncated and corrupt files
+                if fmt not in ("JPEG", "PNG"):
+                    return png_bytes(np.asarray(img.convert("RGB"))), "png"
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad files
+            raise BadItem(path, f"not a decodable image ({type(exc).__name__}: {exc})") from exc
+        return data, "jpg" if fmt == "JPEG" else "png"
+
+    def estimated_bytes(self, split: str) -> int:
+        return sum(Path(p).stat().st_size for p in self.splits[split].paths)
