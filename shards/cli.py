@@ -1,0 +1,116 @@
+"""``sskd shard imagefolder | cifar100 | digits | verify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = {
+    "imagefolder": "sskd shard imagefolder /data/imagenet shards/imagenet --workers 32\n"
+                   "  sskd shard imagefolder /data/imagenet shards/imagenet --val-labels LOC_val_labels.txt",
+    "cifar100": "sskd shard cifar100 data/cifar-100-python shards/c100",
+    "digits": "sskd shard digits shards/digits",
+    "verify": "sskd shard verify shards/digits",
+}
+
+
+def _opts(args):
+    from shards.writer import ShardOptions
+
+    return ShardOptions(seed=args.seed, max_count=args.max_count, max_size=int(args.max_size * 1e6),
+                        workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
+                        progress=not args.no_progress)
+
+
+def _source(args):
+    from shards import sources
+
+    if args.source == "imagefolder":
+        return sources.FolderSource(args.src, args.val_labels, skip_bad=args.skip_bad)
+    if args.source == "cifar100":
+        return sources.cifar100_source(args.src)
+    return sources.digits_source(seed=args.seed, val_fraction=args.val_fraction)
+
+
+def cmd_write(args) -> int:
+    from shards.writer import write_shards
+
+    source = _source(args)
+    if args.dry_run:
+        report = {"dataset": source.dataset, "classes": len(source.classes), "splits": {}}
+        for name, split in source.splits.items():
+            per_class = [0] * len(source.classes)
+            for label in split.labels:
+                per_class[label] += 1
+            est = source.estimated_bytes(name)
+            shards = max(-(-len(split.labels) // args.max_count), -(-est // int(args.max_size * 1e6)))
+            report["splits"][name] = {"num_samples": len(split.labels), "estimated_bytes": est,
+                                      "estimated_shards": shards, "min_per_class": min(per_class),
+                                      "max_per_class": max(per_class), "skipped_while_listing": split.skipped}
+        print(json.dumps(report, indent=2))
+        return 0
+    manifest = write_shards(source, args.out, _opts(args))
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards, "
+              f"{len(info['skipped'])} skipped")
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from shards.verify import verify
+
+    problems = verify(args.out, dali=not args.no_dali, log=print if args.verbose_list else (lambda *_: None))
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    if problems:
+        print(f"sskd: error: {args.out}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.out}: every shard matches the manifest (webdataset{' and DALI' if not args.no_dali else ''})")
+    return 0
+
+
+def register(sub, fmt) -> None:
+    shard = sub.add_parser(
+        "shard", help="write webdataset shards (+ DALI indexes) from a dataset; verify them", formatter_class=fmt,
+        description="Turn an image dataset into webdataset tar shards with DALI index files and a manifest. "
+                    "Output is deterministic (same input and --seed give byte-identical shards whatever "
+                    "--workers), written under temporary names, and resumable with --resume.",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
+    sources = shard.add_subparsers(dest="source", metavar="SOURCE")
+    helps = {"imagefolder": "ImageNet layout: SRC/train/<wnid>/*.JPEG and SRC/val/<wnid>/* (or flat + --val-labels)",
+             "cifar100": "the official cifar-100-python folder (train, test, meta pickles); test -> val",
+             "digits": "scikit-learn's 1,797 bundled handwritten digits as 32x32 RGB (no download)"}
+    for name, text in helps.items():
+        p = sources.add_parser(name, help=text, description=text, formatter_class=fmt,
+                               epilog="example:\n  " + EXAMPLES[name])
+        if name != "digits":
+            p.add_argument("src", help="source folder")
+        p.add_argument("out", help="output folder (must be empty or absent, unless --resume)")
+        if name == "imagefolder":
+            p.add_argument("--val-labels", help="for a flat SRC/val/: one class index per line, sorted file order")
+        if name == "digits":
+            p.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out as val")
+        big = name == "imagefolder"
+        p.add_argument("--max-count", type=int, default=10_000 if big else 512, help="samples per shard at most")
+        p.add_argument("--max-size", type=float, default=1000.0 if big else 100.0, help="MB per shard at most")
+        p.add_argument("--workers", type=int, default=1, help="processes encoding/validating images")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sample order (and the digits split)")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip corrupt/unreadable images and empty classes (listed in the manifest) "
+                            "instead of stopping")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+        p.add_argument("--dry-run", action="store_true", help="count samples per split and class; write nothing")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_write)
+    p = sources.add_parser("verify", help="re-read shards with webdataset and DALI; check against the manifest",
+                           formatter_class=fmt, epilog="example:\n  " + EXAMPLES["verify"],
+                           description="Checks sample counts, ids (0..N-1 once each), labels (cls == lbl) and "
+                                       "sha256 of every shard, reading each with webdataset and with DALI's CPU "
+                                       "reader through its index. Exit status 1 on any mismatch.")
+    p.add_argument("out", help="shard folder")
+    p.add_argument("--no-dali", action="store_true", help="skip the DALI read (webdataset only)")
+    p.add_argument("--list", dest="verbose_list", action="store_true", help="print every shard checked")
+    p.set_defaults(func=cmd_verify)
+    shard.set_defaults(func=lambda a: shard.print_help() or 2)
