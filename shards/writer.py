@@ -75,7 +75,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     return offset, len(data)
 
 
-class _ShardBuilder:
+class ShardBuilder:
     """Accumulates samples of one shard in memory-light form and writes tar + idx atomically."""
 
     def __init__(self, out: Path, split: str, number: int, first_id: int):
@@ -163,7 +163,7 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
         consumed = sum(e["consumed"] for e in entries)
         next_id = sum(e["samples"] for e in entries)
         bar = _bar(opts, split, len(order), consumed)
-        builder: _ShardBuilder | None = None
+        builder: ShardBuilder | None = None
         pending: list[dict] = []  # items skipped since the last finished shard
 
         def finish() -> None:
@@ -184,7 +184,7 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
                     pending.append({"path": path, "reason": ext})
                     continue
                 if builder is None:
-                    builder = _ShardBuilder(out, split, len(entries), next_id)
+                    builder = ShardBuilder(out, split, len(entries), next_id)
                 builder.add(next_id, items.labels[index], data, ext, path)
                 next_id += 1
                 if builder.count >= opts.max_count or builder.size >= opts.max_size:

@@ -1,0 +1,165 @@
+"""``ViewLoader``: the batches the training loop sees, one DALI pipeline per epoch.
+
+Building the pipeline per epoch (a fraction of a second) keeps an epoch a pure function of
+(seed, epoch, rank, world size): the reader's shuffle is seeded from (seed, epoch), the epoch number
+is a constant inside the graph, and DALI's cross-epoch shard rotation (``stick_to_shard``) never
+happens. Every rank reads its own contiguous slice of the samples (DALI's sharding by sample count);
+ranks yield the same number of batches so DDP never waits on a rank that ran out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.plan import ViewConfig
+from shards.format import load_manifest, split_files
+from sskd.errors import SSKDError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
+PIPELINE_VERSION = 1  # bump when any view's pixels change for the same plan parameters
+
+
+def rank_counts(n: int, world_size: int) -> list[int]:
+    """Samples per rank under DALI's sharding: rank r reads [floor(n r / W), floor(n (r+1) / W))."""
+    return [(n * (r + 1)) // world_size - (n * r) // world_size for r in range(world_size)]
+
+
+class ViewLoader:
+    """Batches ``{"views": (b, v, 3, s, s), "label": (b,), "id": (b,)}`` of one split and rank.
+
+    Args:
+        shards: shard folder written by ``sskd shard``.
+        split: ``train`` or ``val``.
+        batch_size: samples per batch on this rank.
+        views: SS views after the normal view (``ViewConfig``, a preset name, or None for view 0 only).
+        train: training augmentation (seeded per epoch) or the deterministic evaluation view.
+        seed: plan seed.
+        rank, world_size: this process among all (each reads a disjoint part).
+        device: ``cpu`` or ``gpu`` (DALI decode with nvJPEG and views on the GPU).
+        threads: DALI CPU threads.
+        dtype: float32, float16 or bfloat16 output.
+        size: output size; default from the manifest's layout (32 CIFAR-like, 224 ImageNet-like).
+        torch_device: where the yielded tensors go (default: where DALI made them).
+    """
+
+    def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 64,
+                 views: ViewConfig | str | None = None, train: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu", threads: int = 2, dtype: torch.dtype = torch.float32,
+                 size: int | None = None, torch_device: torch.device | str | None = None, initial_fill: int = 1024):
+        if device not in ("cpu", "gpu"):
+            raise SSKDError(f"device must be cpu or gpu, not {device!r}")
+        if not 0 <= rank < world_size:
+            raise SSKDError(f"rank {rank} is outside world size {world_size}")
+        self.shards = Path(shards)
+        self.manifest = load_manifest(self.shards)
+        self.tars, self.idxs = split_files(self.shards, self.manifest, split)
+        self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
+        self.rank, self.world_size, self.device, self.threads = rank, world_size, device, threads
+        self.dtype, self.torch_device, self.initial_fill = dtype, torch_device, initial_fill
+        self.layout = self.manifest["layout"]
+        self.size = size or DEFAULT_SIZE[self.layout]
+        self.views = ViewConfig.parse(views) if train else ViewConfig(())
+        self.num_samples = int(self.manifest["splits"][split]["num_samples"])
+        counts = rank_counts(self.num_samples, world_size)
+        if min(counts) == 0:
+            raise SSKDError(f"{self.shards}: split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
+        self.rank_num_samples = counts[rank]
+        per_rank = [-(-c // batch_size) for c in counts]
+        self._batches = min(per_rank)  # the extra tail batch of larger ranks is merged into their last one
+        self._merge_tail = per_rank[rank] > self._batches
+
+    @property
+    def num_views(self) -> int:
+        return self.views.num_views
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        return self.views.names
+
+    def __len__(self) -> int:
+        return self._batches
+
+    def _pipeline(self, epoch: int):
+        from nvidia.dali import types
+
+        from pipelines.dali import eval_pipeline, train_pipeline
+
+        dali_dtype = types.FLOAT if self.dtype in (torch.float32, torch.bfloat16) else types.FLOAT16
+        common = dict(batch_size=self.batch_size, num_threads=self.threads,
+                      device_id=None if self.device == "cpu" else torch.cuda.current_device(),
+                      size=self.size, layout=self.layout, mean=self.manifest["mean"], std=self.manifest["std"],
+                      device=self.device, shard_id=self.rank, num_shards=self.world_size, dtype=dali_dtype,
+                      prefetch_queue_depth=2, seed=self.seed)  # DALI's own RNG is unused
+        if self.train:
+            return train_pipeline(self.tars, self.idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
+                                  initial_fill=self.initial_fill, **common)
+        return eval_pipeline(self.tars, self.idxs, **common)
+
+    def _raw_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        pipe = self._pipeline(epoch)
+        try:
+            pipe.build()
+            it = DALIGenericIterator([pipe], ["views", "label", "id"], reader_name="reader",
+                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+            for out in it:
+                d = out[0]
+                # DALI reuses its output buffers on the next step: clone what we hand out (DALI#3239).
+                yield {"views": d["views"].clone(), "label": d["label"].clone().long(), "id": d["id"].clone().long()}
+        except RuntimeError as exc:
+            raise SSKDError(_explain(exc, self.tars)) from exc
+        finally:
+            del pipe
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` on this rank, from batch ``start_batch`` on (exact resume).
+
+        Batches before ``start_batch`` are produced and dropped: exact, since the epoch is a pure
+        function of its seed, at the cost of re-making them once.
+        """
+        pending = None
+        for i, batch in enumerate(self._raw_batches(epoch)):
+            if pending is not None and i == self._batches and self._merge_tail:
+                batch = {k: torch.cat([pending[k], batch[k]]) for k in batch}
+                pending = None
+            if pending is not None:
+                yield from self._emit(pending, i - 1, start_batch)
+            pending = batch
+        if pending is not None:
+            yield from self._emit(pending, self._batches - 1, start_batch)
+
+    def _emit(self, batch, index, start_batch):
+        if index < start_batch:
+            return
+        if self.dtype == torch.bfloat16:
+            batch["views"] = batch["views"].to(torch.bfloat16)
+        if self.torch_device is not None:
+            batch = {k: v.to(self.torch_device, non_blocking=True) for k, v in batch.items()}
+        yield batch
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+def _explain(exc: Exception, tars: list[str]) -> str:
+    """A one-line message naming the shard or sample behind a DALI error."""
+    text = str(exc)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Error" in ln), text.splitlines()[0])
+    for tar in tars:
+        if Path(tar).name in text:
+            return f"{tar}: DALI could not read this shard ({first[:300]})"
+    return f"DALI pipeline failed on {Path(tars[0]).parent} ({first[:300]})"
+
+
+def manifest_info(loader: ViewLoader) -> dict[str, Any]:
+    """What a cache or run needs to know about the views it was made from."""
+    return {"views": list(loader.view_names), "size": loader.size, "seed": loader.seed, "device": loader.device,
+            "pipeline_version": PIPELINE_VERSION}
