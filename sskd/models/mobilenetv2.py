@@ -1,0 +1,62 @@
+"""MobileNetV2 of CRD/SSKD: ``mobile_half`` (expansion 6, width 0.5, stem stride 2) for 32x32 inputs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.registry import MODELS
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU(inplace=True)] if relu else layers
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(*_conv_bn(cin, mid, 1), *_conv_bn(mid, mid, 3, stride, groups=mid),
+                                  *_conv_bn(mid, cout, 1, relu=False))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(Classifier):
+    SETTING = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
+               (None, 160, 3, 2), (None, 320, 1, 1)]  # (t, c, n, s); None = the expansion T
+
+    def __init__(self, num_classes: int, expand: int = 6, width: float = 0.5):
+        super().__init__()
+        cin = int(32 * width)
+        self.conv1 = nn.Sequential(*_conv_bn(3, cin, 3, stride=2))
+        blocks = []
+        for t, c, n, s in self.SETTING:
+            cout = int(c * width)
+            layers = []
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t or expand))
+                cin = cout
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.feat_dim = 1280
+        self.conv2 = nn.Sequential(*_conv_bn(cin, self.feat_dim, 1))
+        self.fc = nn.Linear(self.feat_dim, num_classes)
+        init_weights(self)
+
+    def stages_and_feat(self, x):
+        x = self.conv1(x)
+        stages = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in (1, 2, 4, 6):  # CRD's feature taps: after the 24-, 32-, 96- and 320-channel stages
+                stages.append(x)
+        x = self.conv2(x)
+        stages.append(x)
+        return stages, pool_flat(x)
+
+
+MODELS.register("MobileNetV2")(lambda num_classes: MobileNetV2(num_classes))

@@ -1,0 +1,57 @@
+"""ImageNet ResNets from torchvision (``torchvision:resnet18|34|50``) behind the same interface.
+
+Pretrained weights are torchvision's, loaded only from the local torch hub cache
+(``$TORCH_HOME/hub/checkpoints``): nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sskd.errors import SSKDError
+from sskd.models.base import Classifier
+from sskd.models.registry import MODELS
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+class TorchvisionResNet(Classifier):
+    def __init__(self, arch: str, num_classes: int, pretrained: bool = False):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        if pretrained:
+            net.load_state_dict(_pretrained_state(arch))
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.feat_dim = net.fc.in_features
+        self.fc = net.fc if num_classes == net.fc.out_features else nn.Linear(self.feat_dim, num_classes)
+
+    def stages_and_feat(self, x):
+        x = self.stem(x)
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages, torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _pretrained_state(arch: str) -> dict:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    filename = Path(weights.url).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise SSKDError(f"{path}: torchvision's pretrained {arch} weights are not in the local hub cache; "
+                        f"copy {filename} there (from {weights.url}) or set TORCH_HOME")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+for _arch in ARCHS:
+    MODELS.register(f"torchvision:{_arch}")(
+        lambda num_classes, pretrained=False, a=_arch: TorchvisionResNet(a, num_classes, pretrained))

@@ -1,0 +1,49 @@
+"""VGG-BN of CRD/SSKD for 32x32 inputs: vgg8, vgg11, vgg13, vgg16, vgg19."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.registry import MODELS
+
+CFG = {
+    "vgg8": [[64], [128], [256], [512], [512]],
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "vgg19": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+def _block(widths: list[int], cin: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        cin = w
+    return nn.Sequential(*layers[:-1])  # the last ReLU is applied in forward (CRD keeps pre-activations)
+
+
+class VGG(Classifier):
+    def __init__(self, cfg: list[list[int]], num_classes: int):
+        super().__init__()
+        cins = [3] + [c[-1] for c in cfg[:-1]]
+        self.blocks = nn.ModuleList(_block(c, cin) for c, cin in zip(cfg, cins))
+        self.feat_dim = 512
+        self.fc = nn.Linear(512, num_classes)
+        init_weights(self)
+
+    def stages_and_feat(self, x):
+        h = x.shape[2]
+        stages = []
+        for i, block in enumerate(self.blocks):
+            x = F.relu(block(x))
+            stages.append(x)
+            if i < 3 or (i == 3 and h == 64):  # CRD pools after blocks 0-2 (and 3 for 64 px inputs)
+                x = F.max_pool2d(x, 2, 2)
+        return stages, pool_flat(x)
+
+
+for _name, _cfg in CFG.items():
+    MODELS.register(_name)(lambda num_classes, c=_cfg: VGG(c, num_classes))

@@ -1,0 +1,53 @@
+"""Wide ResNets of CRD/SSKD: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (pre-activation blocks)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.registry import MODELS
+
+
+class WideBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.equal = cin == cout
+        self.shortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.equal else self.shortcut(pre))
+
+
+class WideResNet(Classifier):
+    def __init__(self, depth: int, widen: int, num_classes: int):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        blocks = []
+        for i in range(3):
+            cin, cout = widths[i], widths[i + 1]
+            blocks.append(nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1)
+                                          for j in range(n)]))
+        self.block1, self.block2, self.block3 = blocks
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.feat_dim = widths[3]
+        self.fc = nn.Linear(widths[3], num_classes)
+        init_weights(self)
+        nn.init.zeros_(self.fc.bias)
+
+    def stages_and_feat(self, x):
+        x = self.conv1(x)
+        s1 = self.block1(x)
+        s2 = self.block2(s1)
+        s3 = F.relu(self.bn1(self.block3(s2)))
+        return [s1, s2, s3], pool_flat(s3)
+
+
+for _d, _w in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    MODELS.register(f"wrn_{_d}_{_w}")(lambda num_classes, d=_d, w=_w: WideResNet(d, w, num_classes))
