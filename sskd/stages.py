@@ -24,15 +24,9 @@ def manifest_sha256(shards: str | Path) -> str:
     return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
 
 
-def loss_config(cfg: LossConfig):
-    """The losses module's config object built from the run config's ``loss`` section."""
-    from sskd.losses import SSKDLossConfig
-
-    return SSKDLossConfig(
-        ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, tf_weight=cfg.tf_weight, ss_weight=cfg.ss_weight,
-        kd_T=cfg.kd_T, tf_T=cfg.tf_T, ss_T=cfg.ss_T, ss_ratio=cfg.ss_ratio, tf_ratio=cfg.tf_ratio,
-        head_tau=cfg.head_tau,
-    )
+def loss_config(cfg: LossConfig) -> LossConfig:
+    """The losses use the run config's ``loss`` section as it is (``sskd.losses.SSKDLossConfig``)."""
+    return cfg
 
 
 def new_model(arch: str, num_classes: int, *, head: bool = False, pretrained: bool = False) -> torch.nn.Module:

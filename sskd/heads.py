@@ -1,0 +1,41 @@
+"""The SS module of Sec. 3.1: a 2-layer MLP projection head on the pooled feature, and the wrapper
+that holds backbone + classifier + head (one for the teacher, one for the student)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class SSHead(nn.Module):
+    """Linear(d, d) – ReLU – Linear(d, d), no normalisation layer (official wrapper.py)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.net(feat)
+
+
+class SSOutput(NamedTuple):
+    logits: torch.Tensor  # (b, K)
+    embed: torch.Tensor  # (b, d) the SS projection of the pooled feature
+    feat: torch.Tensor  # (b, d) pooled feature
+    stages: list[torch.Tensor]
+
+
+class SSModel(nn.Module):
+    """Backbone (with its classifier) plus the SS head; ``forward(x) -> SSOutput``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head if head is not None else SSHead(backbone.feat_dim)
+        self.feat_dim = backbone.feat_dim
+
+    def forward(self, x: torch.Tensor) -> SSOutput:
+        f = self.backbone(x, features=True)
+        return SSOutput(f.logits, self.head(f.feat), f.feat, f.stages)
