@@ -82,7 +82,10 @@ def load_weights(run: str | Path, module: torch.nn.Module) -> None:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise SSKDError(f"{path}: cannot read weights ({exc})") from exc
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise SSKDError(f"{path}: weights do not fit the model ({str(exc).splitlines()[-1].strip()})") from exc
     if missing or unexpected:
         raise SSKDError(
             f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -62,6 +62,12 @@ def load_teacher(source: str, manifest: dict[str, Any], *, need_head: bool) -> t
         info = {"arch": source, "num_classes": manifest["num_classes"], "has_head": False,
                 "weights_sha256": "torchvision-pretrained:" + source}
     else:
+        info = runs.load_model_info(source)
+        if info.get("num_classes") != manifest["num_classes"]:
+            raise SSKDError(
+                f"--teacher {source}: teacher has {info.get('num_classes')} classes but the shards "
+                f"({manifest['dataset']}) have {manifest['num_classes']}"
+            )
         model, info = load_run_model(source)
         if need_head and not info["has_head"]:
             raise SSKDError(
