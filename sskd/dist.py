@@ -65,3 +65,17 @@ def make_gather(accelerator) -> Callable[[torch.Tensor], tuple[torch.Tensor, int
         return z_all, sum(sizes_l[: dist.get_rank()])
 
     return gather
+
+
+def sync_buffers(module: torch.nn.Module, accelerator) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank.
+
+    DDP keeps parameters identical, but each rank's last forward updates its own BN statistics; before
+    evaluating or saving, every rank takes rank 0's so all ranks hold and evaluate one model.
+    """
+    if accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)

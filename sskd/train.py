@@ -19,7 +19,7 @@ import torch
 
 from sskd import runs
 from sskd.config import Config, StageConfig, dump_yaml
-from sskd.dist import make_accelerator, make_gather, pipeline_device
+from sskd.dist import make_accelerator, make_gather, pipeline_device, sync_buffers
 from sskd.evaluate import evaluate
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def train(job: Job) -> dict[str, Any]:
             })
 
     def run_eval(epoch: int) -> dict[str, Any] | None:
+        sync_buffers(core, accelerator)
         if val_loader is None:
             return None
         result = evaluate(core.trainable_module(), val_loader, accelerator)
@@ -204,6 +205,7 @@ def train(job: Job) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     checkpoint("last")
+    sync_buffers(core, accelerator)
     fresh = last_eval is not None and last_eval.get("step") == state["step"]
     final = last_eval if fresh else run_eval(state["epoch"])
     if main:
