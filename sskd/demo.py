@@ -53,7 +53,7 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True) -> dict[str, 
     t0 = time.perf_counter()
     shards = out / "shards"
     if not (shards / MANIFEST).is_file():
-        write_digits(shards, seed=0)
+        write_digits(shards, seed=0, progress=progress)
     cfg = demo_config(shards, fast, progress)
     base = {"shards_sha256": manifest_sha256(shards), "seed": cfg.run.seed, "views": cfg.data.views}
 

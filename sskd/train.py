@@ -109,7 +109,7 @@ def train(job: Job) -> dict[str, Any]:
     if job.resume:
         ckpt = runs.load_checkpoint(out, "last")
         if ckpt is None:
-            log.info("no checkpoint in %s: starting from scratch", out)
+            log.debug("no checkpoint in %s: starting from scratch", out)
         else:
             core.load_state_dict(ckpt["model"])
             optimizer.optimizer.load_state_dict(ckpt["optimizer"])
