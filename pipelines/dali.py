@@ -30,6 +30,11 @@ def _u(sid, seed, epoch, view, slot):
     return fn.cast(plan.uniform(sid, seed, epoch, view, slot), dtype=types.FLOAT) * (1.0 / plan.TWO24)
 
 
+def _floor_int(x):
+    """floor(x) as int32: DALI's float→int cast rounds to nearest, so floor first."""
+    return fn.cast(dmath.floor(x), dtype=types.INT32)
+
+
 def _read(tars, idxs, *, shard_id, num_shards, shuffle, seed, initial_fill):
     img, sid, lbl = fn.readers.webdataset(
         paths=tars, index_paths=idxs, ext=["jpg;png", sfmt.ID_EXT, sfmt.LABEL_EXT],
@@ -46,8 +51,8 @@ def _decode(img, device):
 def _pad_crop(img, sid, seed, epoch, view, size):
     """CIFAR augmentation: a size x size window of the image zero-padded by PAD on each side."""
     span = 2 * plan.PAD + 1
-    dy = fn.cast(_u(sid, seed, epoch, view, plan.SLOT_CROP[0]) * float(span), dtype=types.INT32) - plan.PAD
-    dx = fn.cast(_u(sid, seed, epoch, view, plan.SLOT_CROP[1]) * float(span), dtype=types.INT32) - plan.PAD
+    dy = _floor_int(_u(sid, seed, epoch, view, plan.SLOT_CROP[0]) * float(span)) - plan.PAD
+    dx = _floor_int(_u(sid, seed, epoch, view, plan.SLOT_CROP[1]) * float(span)) - plan.PAD
     return fn.slice(img, start=fn.stack(dy, dx), shape=[size, size], axis_names="HW",
                     out_of_bounds_policy="pad", fill_values=0)
 
@@ -104,11 +109,11 @@ def make_view(img, shape, sid, *, name, view, seed, epoch, size, layout):
         v = _rrc(img, shape, sid, seed, epoch, view, size, plan.RRC_SCALE)
     # One flip decision per sample, shared by all its views (as the official code); applied before a
     # rotation, otherwise folded into crop_mirror_normalize.
-    flip = fn.cast(_u(sid, seed, epoch, 0, plan.SLOT_FLIP) * 2.0, dtype=types.INT32)
+    flip = _floor_int(_u(sid, seed, epoch, 0, plan.SLOT_FLIP) * 2.0)
     if name in ("rot90", "rot180", "rot270"):
         return _rot(fn.flip(v, horizontal=flip), {"rot90": 1, "rot180": 2, "rot270": 3}[name]), None
     if name == "rotation":  # paper's rotation: k ∈ {1, 2, 3} per sample
-        k = fn.cast(_u(sid, seed, epoch, view, plan.SLOT_ROT) * 3.0, dtype=types.INT32) + 1
+        k = _floor_int(_u(sid, seed, epoch, view, plan.SLOT_ROT) * 3.0) + 1
         v = fn.flip(v, horizontal=flip)
         if k == 1:
             v = _rot(v, 1)
