@@ -60,6 +60,8 @@ class ViewLoader:
         self.shards = Path(shards)
         self.manifest = load_manifest(self.shards)
         self.tars, self.idxs = split_files(self.shards, self.manifest, split)
+        for tar, idx in zip(self.tars, self.idxs):
+            check_shard(tar, idx)
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.rank, self.world_size, self.device, self.threads = rank, world_size, device, threads
         self.dtype, self.torch_device, self.initial_fill = dtype, torch_device, initial_fill
@@ -149,14 +151,41 @@ class ViewLoader:
         return self.epoch(0)
 
 
+def check_shard(tar: str, idx: str) -> None:
+    """Cheap structural check of a shard against its index: catches truncated or replaced files.
+
+    Reads the index header and its last line only (DALI's own error for these names no file).
+    """
+    tar_p, idx_p = Path(tar), Path(idx)
+    try:
+        with open(idx_p, "rb") as fh:
+            header = fh.readline().split()
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 4096))
+            last = fh.read().splitlines()[-1].split()
+    except (OSError, IndexError) as exc:
+        raise SSKDError(f"{idx_p}: unreadable shard index ({exc})") from exc
+    if len(header) != 2 or not header[0].startswith(b"v1") or not header[1].isdigit() or len(last) % 4:
+        raise SSKDError(f"{idx_p}: not a DALI webdataset index")
+    end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last), 4))
+    size = tar_p.stat().st_size
+    if size < end:
+        raise SSKDError(f"{tar_p}: truncated shard ({size} bytes, its index needs at least {end})")
+
+
 def _explain(exc: Exception, tars: list[str]) -> str:
     """A one-line message naming the shard or sample behind a DALI error."""
     text = str(exc)
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Error" in ln), text.splitlines()[0])
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = lines[0]
+    if "encountered:" in lines:  # DALI puts the actual cause after this marker
+        after = lines[lines.index("encountered:") + 1:]
+        reason = next((ln for ln in after if not ln.startswith("C++ context")), reason)
     for tar in tars:
-        if Path(tar).name in text:
-            return f"{tar}: DALI could not read this shard ({first[:300]})"
-    return f"DALI pipeline failed on {Path(tars[0]).parent} ({first[:300]})"
+        stem = Path(tar).with_suffix("")
+        if stem.name in text:
+            return f"{tar}: DALI could not read this shard ({reason[:300]})"
+    return f"DALI pipeline failed on {Path(tars[0]).parent} ({reason[:300]})"
 
 
 def manifest_info(loader: ViewLoader) -> dict[str, Any]:
