@@ -153,7 +153,9 @@ def cifar100_source(src: str | Path) -> ArraySource:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # A dangling link or unreadable entry is listed too: it must fail loudly (or be skipped and listed),
+    # never vanish from the dataset.
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
 
 class FolderSource(Source):
