@@ -29,21 +29,24 @@ _C = (_YIQ_INV @ np.array([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]) @ _YIQ).astype
 GRAY_MATRIX = list(LUMA) * 3  # row-major 3x3: every output channel is the luma
 
 
-def jitter_entries(b, c, s, hue_deg, cos=math.cos, sin=math.sin):
-    """The 9 matrix entries (row-major) and the offset of colour distortion.
+def jitter_matrices(u_b, u_c, u_s, u_h) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample colour-distortion matrices from four U[0,1) float32 arrays (n,).
 
-    Works on floats, numpy float32 arrays and DALI DataNodes (pass ``nvidia.dali.math.cos/sin``).
+    Factors are uniform in [1 - v, 1 + v] for brightness, contrast and saturation and the hue turns by
+    up to ±v_hue x 360 degrees, with the SimCLR strengths of :data:`pipelines.plan.JITTER`.
 
-    Args:
-        b, c, s: brightness, contrast, saturation factors (1 = unchanged).
-        hue_deg: hue rotation in degrees.
     Returns:
-        (entries, offset): ``out = M @ rgb + offset`` with M from the 9 entries, the same offset on
-        every channel.
+        M (n, 3, 3) and T (n, 3) float32: ``out = M @ rgb + T`` on 0-255 values.
     """
-    rad = hue_deg * (math.pi / 180.0)
-    sc, ss = s * cos(rad), s * sin(rad)
-    cb = c * b
-    entries = [cb * (float(_A.flat[i]) + sc * float(_B.flat[i]) + ss * float(_C.flat[i])) for i in range(9)]
-    offset = (1.0 - c) * CONTRAST_CENTER
-    return entries, offset
+    from pipelines.plan import JITTER
+
+    f32 = np.float32
+    sb, sc, ss, sh = (f32(v) for v in JITTER)
+    b = (f32(1) - sb) + u_b * (f32(2) * sb)
+    c = (f32(1) - sc) + u_c * (f32(2) * sc)
+    s = (f32(1) - ss) + u_s * (f32(2) * ss)
+    rad = (u_h * f32(2) - f32(1)) * (sh * f32(360)) * f32(math.pi / 180.0)
+    sc_, ss_ = s * np.cos(rad), s * np.sin(rad)
+    m = (c * b)[:, None, None] * (_A[None] + sc_[:, None, None] * _B[None] + ss_[:, None, None] * _C[None])
+    t = np.repeat(((f32(1) - c) * f32(CONTRAST_CENTER))[:, None], 3, axis=1)
+    return m.astype(f32), t.astype(f32)

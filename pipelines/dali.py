@@ -1,38 +1,30 @@
 """DALI pipeline definitions: read (rank-sharded) → decode (cpu | mixed) → the SSKD views.
 
-One graph for CPU and GPU: ``device`` only picks the decoder (``cpu`` or ``mixed``/nvJPEG) and where
-the view operators run. Every random parameter is computed in the graph from the sample id
-(:mod:`pipelines.plan`), and parameter tensors stay on the CPU as DALI requires for argument inputs.
+One graph for CPU and GPU: ``device`` only picks the decoder (``cpu`` or ``mixed``/nvJPEG) and hence
+where the view operators run. Every random parameter comes from the sample id stored in the shard
+(:func:`pipelines.plan.view_params`, one CPU node per batch); argument inputs stay on the CPU as DALI
+requires, also for GPU operators.
 
-Work order per view keeps resampling to one pass: crop (or random-resized-crop straight from the
-decoded image to the output size) → flip → exact 90° rotation as transpose+flip → one colour matrix
-→ one crop_mirror_normalize to float CHW.
+Work order keeps resampling to one pass per view: one shared flip of the decoded image → per view a
+crop (or a random-resized-crop straight to the output size) → exact 90° rotations as transpose+flip
+→ one colour matrix (``coord_transform``) → the views stacked and normalised by a single
+``crop_mirror_normalize`` to float.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
+import numpy as np
 import nvidia.dali.fn as fn
-import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from pipelines import plan
-from pipelines.colors import GRAY_MATRIX, jitter_entries
+from pipelines.colors import GRAY_MATRIX
 from shards import format as sfmt
 
 READER = "reader"
-
-
-def _u(sid, seed, epoch, view, slot):
-    """U[0,1) float32 scalar per sample: see :func:`pipelines.plan.uniform`."""
-    return fn.cast(plan.uniform(sid, seed, epoch, view, slot), dtype=types.FLOAT) * (1.0 / plan.TWO24)
-
-
-def _floor_int(x):
-    """floor(x) as int32: DALI's float→int cast rounds to nearest, so floor first."""
-    return fn.cast(dmath.floor(x), dtype=types.INT32)
 
 
 def _read(tars, idxs, *, shard_id, num_shards, shuffle, seed, initial_fill):
@@ -48,91 +40,62 @@ def _decode(img, device):
     return fn.decoders.image(img, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
 
 
-def _pad_crop(img, sid, seed, epoch, view, size):
-    """CIFAR augmentation: a size x size window of the image zero-padded by PAD on each side."""
-    span = 2 * plan.PAD + 1
-    dy = _floor_int(_u(sid, seed, epoch, view, plan.SLOT_CROP[0]) * float(span)) - plan.PAD
-    dx = _floor_int(_u(sid, seed, epoch, view, plan.SLOT_CROP[1]) * float(span)) - plan.PAD
-    return fn.slice(img, start=fn.stack(dy, dx), shape=[size, size], axis_names="HW",
-                    out_of_bounds_policy="pad", fill_values=0)
+def _batch_params(ids, shapes, *, seed, epoch, views, layout):
+    """python_function body: lists of per-sample arrays in, a tuple of lists of per-sample arrays out."""
+    ids = np.array([np.asarray(i).reshape(()) for i in ids], dtype=np.int64)
+    hw = np.stack([np.asarray(s)[:2] for s in shapes])
+    params = plan.view_params(ids, hw, seed=seed, epoch=epoch, views=views, layout=layout)
+    return tuple([np.array(a) for a in params[name]] for name in plan.param_names(views, layout))
 
 
-def _rrc(img, shape, sid, seed, epoch, view, size, scale):
-    """Random-resized-crop as one resize of a region of interest (one draw; the window is clamped)."""
-    h_img = fn.cast(shape[0], dtype=types.FLOAT)
-    w_img = fn.cast(shape[1], dtype=types.FLOAT)
-    u = [_u(sid, seed, epoch, view, s) for s in plan.SLOT_CROP]
-    area = h_img * w_img * (scale[0] + u[0] * (scale[1] - scale[0]))
-    lo, hi = math.log(plan.RRC_RATIO[0]), math.log(plan.RRC_RATIO[1])
-    ratio = dmath.exp(lo + u[1] * (hi - lo))
-    w = dmath.min(dmath.sqrt(area * ratio), w_img)
-    h = dmath.min(dmath.sqrt(area / ratio), h_img)
-    x0 = u[2] * (w_img - w)
-    y0 = u[3] * (h_img - h)
-    return fn.resize(img, size=[size, size], roi_start=fn.stack(y0, x0), roi_end=fn.stack(y0 + h, x0 + w),
-                     roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
-
-
-def _flip_h(img):
-    return fn.flip(img, horizontal=1, vertical=0)
+def params_node(sid, shape, *, seed, epoch, views, layout) -> dict:
+    """DALI nodes of every view parameter of the batch, by name (see :func:`plan.param_names`)."""
+    names = plan.param_names(views, layout)
+    body = functools.partial(_batch_params, seed=seed, epoch=epoch, views=tuple(views), layout=layout)
+    outs = fn.python_function(sid, shape, function=body, batch_processing=True, num_outputs=len(names))
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    return dict(zip(names, outs))
 
 
 def _rot(img, k: int):
     """Exact counter-clockwise rotation by k x 90° (np.rot90 on HWC) as transpose + flip."""
     if k == 1:
-        return fn.transpose(_flip_h(img), perm=[1, 0, 2], output_layout="HWC")
+        return fn.transpose(fn.flip(img, horizontal=1), perm=[1, 0, 2], output_layout="HWC")
     if k == 2:
         return fn.flip(img, horizontal=1, vertical=1)
-    return _flip_h(fn.transpose(img, perm=[1, 0, 2], output_layout="HWC"))
+    return fn.flip(fn.transpose(img, perm=[1, 0, 2], output_layout="HWC"), horizontal=1)
 
 
-def _color_distort(img, sid, seed, epoch, view):
-    sb, sc, ss, sh = plan.JITTER
-    u = [_u(sid, seed, epoch, view, s) for s in plan.SLOT_JITTER]
-    b = (1.0 - sb) + u[0] * (2 * sb)
-    c = (1.0 - sc) + u[1] * (2 * sc)
-    s = (1.0 - ss) + u[2] * (2 * ss)
-    hue = (u[3] * 2.0 - 1.0) * (sh * 360.0)
-    entries, offset = jitter_entries(b, c, s, hue, cos=dmath.cos, sin=dmath.sin)
-    m = fn.reshape(fn.stack(*entries), shape=[3, 3])
-    t = fn.stack(offset, offset, offset)
-    return fn.coord_transform(img, M=m, T=t, dtype=types.UINT8)
-
-
-def make_view(img, shape, sid, *, name, view, seed, epoch, size, layout):
-    """One uint8 HWC view (before normalisation) and whether it still needs the horizontal flip."""
-    if name == "crop_resize":
-        v = _rrc(img, shape, sid, seed, epoch, view, size, plan.CROP_RESIZE_SCALE[layout])
-    elif layout == "cifar":
-        v = _pad_crop(img, sid, seed, epoch, view, size)
-    else:
-        v = _rrc(img, shape, sid, seed, epoch, view, size, plan.RRC_SCALE)
-    # One flip decision per sample, shared by all its views (as the official code); applied before a
-    # rotation, otherwise folded into crop_mirror_normalize.
-    flip = _floor_int(_u(sid, seed, epoch, 0, plan.SLOT_FLIP) * 2.0)
+def make_view(img, prm: dict, *, name: str, view: int, size: int):
+    """One uint8 HWC view of the (already flipped) decoded image."""
+    if f"v{view}.start" in prm:  # CIFAR layout: a window of the image zero-padded by PAD
+        v = fn.slice(img, start=prm[f"v{view}.start"], shape=[size, size], axis_names="HW",
+                     out_of_bounds_policy="pad", fill_values=0)
+    else:  # random-resized-crop as one resize of a region of interest
+        v = fn.resize(img, size=[size, size], roi_start=prm[f"v{view}.roi_start"], roi_end=prm[f"v{view}.roi_end"],
+                      roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
     if name in ("rot90", "rot180", "rot270"):
-        return _rot(fn.flip(v, horizontal=flip), {"rot90": 1, "rot180": 2, "rot270": 3}[name]), None
-    if name == "rotation":  # paper's rotation: k ∈ {1, 2, 3} per sample
-        k = _floor_int(_u(sid, seed, epoch, view, plan.SLOT_ROT) * 3.0) + 1
-        v = fn.flip(v, horizontal=flip)
+        return _rot(v, {"rot90": 1, "rot180": 2, "rot270": 3}[name])
+    if name == "rotation":
+        k = prm[f"v{view}.k"]
         if k == 1:
             v = _rot(v, 1)
         elif k == 2:
             v = _rot(v, 2)
         else:
             v = _rot(v, 3)
-        return v, None
+        return v
     if name == "color_drop":
-        v = fn.coord_transform(v, M=GRAY_MATRIX, dtype=types.UINT8)
-    elif name == "color_distort":
-        v = _color_distort(v, sid, seed, epoch, view)
-    return v, flip
+        return fn.coord_transform(v, M=GRAY_MATRIX, dtype=types.UINT8)
+    if name == "color_distort":
+        return fn.coord_transform(v, M=prm[f"v{view}.M"], T=prm[f"v{view}.T"], dtype=types.UINT8)
+    return v
 
 
-def _normalize(v, mirror, mean, std, dtype):
-    kw = {} if mirror is None else {"mirror": mirror}
-    return fn.crop_mirror_normalize(v, mean=[255 * m for m in mean], std=[255 * s for s in std], dtype=dtype,
-                                    output_layout="CHW", **kw)
+def _normalize(views, mean, std, dtype):
+    """One crop_mirror_normalize over the stacked uint8 views: (V, H, W, C) -> float (V, C, H, W)."""
+    return fn.crop_mirror_normalize(views, mean=[255 * m for m in mean], std=[255 * s for s in std], dtype=dtype,
+                                    output_layout="FCHW")
 
 
 @pipeline_def(enable_conditionals=True)
@@ -141,14 +104,13 @@ def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, mean, s
     """Training views of one epoch: ``(views (V, 3, size, size), label, id)`` per sample."""
     enc, sid, lbl = _read(tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=True,
                           seed=plan.reader_seed(plan_seed, epoch), initial_fill=initial_fill)
-    shape = fn.peek_image_shape(enc)
-    img = _decode(enc, device)
-    out = []
-    for view, name in enumerate(views):
-        v, mirror = make_view(img, shape, sid, name=name, view=view, seed=plan_seed, epoch=epoch, size=size,
-                              layout=layout)
-        out.append(_normalize(v, mirror, mean, std, dtype))
-    return fn.stack(*out), lbl, sid
+    prm = params_node(sid, fn.peek_image_shape(enc), seed=plan_seed, epoch=epoch, views=views, layout=layout)
+    # One flip decision per sample, shared by all its views as in the official code, applied once to
+    # the decoded image (so before every crop and rotation).
+    img = fn.flip(_decode(enc, device), horizontal=prm["flip"])
+    out = [make_view(img, prm, name=name, view=view, size=size) for view, name in enumerate(views)]
+    stacked = fn.stack(*out) if len(out) > 1 else fn.expand_dims(out[0], axes=[0], new_axis_names="F")
+    return _normalize(fn.reshape(stacked, layout="FHWC"), mean, std, dtype), lbl, sid
 
 
 @pipeline_def

@@ -4,10 +4,12 @@
 This is what makes a view reproducible whatever the batch size, rank count, shuffle order or thread
 count (DESIGN.md, invariant 1), and so what makes the teacher cache correct. DALI's own random
 operators are seeded per pipeline and batch slot, so they are not used for view parameters: the
-parameters are computed inside the DALI graph from the sample id stored in the shard, with integer
-arithmetic. :func:`uniform` is written once and runs on numpy int64 arrays (the torchvision
-reference, tests) and on DALI DataNodes (the pipelines) alike, with identical results:
-all intermediates stay below 2**62, constants below 2**31, and the final float is exact in float32.
+parameters are computed inside the DALI pipeline from the sample id stored in the shard, by integer
+arithmetic (:func:`uniform`: all intermediates below 2**62, constants below 2**31, the final float
+exact in float32). :func:`view_params` turns them into every operator argument of a batch at once; the
+pipeline calls it from one ``python_function`` node per batch and the torchvision reference calls the
+very same function, so both apply identical parameters. (The hash also runs on DALI DataNodes, but
+on small images the ~30 arithmetic nodes it takes cost more than all the image operators together.)
 """
 
 from __future__ import annotations
@@ -98,8 +100,16 @@ def uniform(ids, seed: int, epoch: int, view: int, slot: int):
     :func:`to_float` (numpy) or a DALI cast (graph).
     """
     c = stream_constant(seed, epoch, view, slot)
+    return hash_streams(ids, c, c // 7 + 1)
+
+
+def hash_streams(ids, c, c2):
+    """The hash behind :func:`uniform` for stream constants ``c`` and ``c2 = c // 7 + 1``.
+
+    ``c``/``c2`` may be ints or arrays that broadcast against ``ids``.
+    """
     h = _mix((ids % PRIME + c) % PRIME)
-    h = _mix((h + c // 7 + 1) % PRIME)
+    h = _mix((h + c2) % PRIME)
     return h % TWO24
 
 
@@ -115,3 +125,82 @@ def sample_uniforms(seed: int, epoch: int, ids: np.ndarray, view: int, slot: int
 def reader_seed(seed: int, epoch: int) -> int:
     """Seed of DALI's reader shuffle for one epoch (the epoch's order is seeded too)."""
     return stream_constant(seed, epoch, -1, -1) % (2**31 - 1)
+
+
+def param_keys(views) -> list[tuple[int, int]]:
+    """The (view, slot) streams the given views use."""
+    keys = [(0, SLOT_FLIP)]
+    for view, name in enumerate(views):
+        keys += [(view, s) for s in SLOT_CROP]
+        if name == "rotation":
+            keys.append((view, SLOT_ROT))
+        if name == "color_distort":
+            keys += [(view, s) for s in SLOT_JITTER]
+    return keys
+
+
+def param_names(views, layout: str) -> list[str]:
+    """Names of the arrays :func:`view_params` returns, in order (one DALI node each)."""
+    names = ["flip"]
+    for view, name in enumerate(views):
+        if name == "crop_resize" or layout == "imagenet":
+            names += [f"v{view}.roi_start", f"v{view}.roi_end"]
+        else:
+            names.append(f"v{view}.start")
+        if name == "rotation":
+            names.append(f"v{view}.k")
+        if name == "color_distort":
+            names += [f"v{view}.M", f"v{view}.T"]
+    return names
+
+
+def view_params(ids: np.ndarray, shapes: np.ndarray, *, seed: int, epoch: int, views, layout: str) -> dict:
+    """Every operator argument of every view of a batch, from the sample ids.
+
+    Args:
+        ids: (n,) int64 sample ids.
+        shapes: (n, 2) decoded image heights and widths (before any flip or crop).
+        views: view names, view 0 = ``normal``.
+        layout: ``cifar`` (pad-4 crops) or ``imagenet`` (random-resized crops).
+    Returns:
+        ``{name: array}`` for the names of :func:`param_names`: ``flip`` (n,) int32;
+        ``v{i}.start`` (n, 2) int32 crop anchors (y, x); ``v{i}.roi_start`` / ``roi_end`` (n, 2) float32
+        windows (y, x) for random-resized crops; ``v{i}.k`` (n,) int32 quarter turns; ``v{i}.M`` (n, 3, 3)
+        and ``v{i}.T`` (n, 3) float32 colour matrices.
+    """
+    from pipelines.colors import jitter_matrices
+
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    keys = param_keys(views)
+    pos = {k: i for i, k in enumerate(keys)}
+    c = np.array([stream_constant(seed, epoch, v, s) for v, s in keys], dtype=np.int64)
+    u = to_float(hash_streams(ids[:, None], c[None], c[None] // 7 + 1))  # (n, streams)
+    f32 = np.float32
+    h_img, w_img = (np.asarray(shapes, dtype=f32)[:, i] for i in (0, 1))
+
+    def col(view, slot):
+        return u[:, pos[(view, slot)]]
+
+    out = {"flip": np.floor(col(0, SLOT_FLIP) * f32(2)).astype(np.int32)}
+    for view, name in enumerate(views):
+        if name == "crop_resize" or layout == "imagenet":
+            scale = CROP_RESIZE_SCALE[layout] if name == "crop_resize" else RRC_SCALE
+            area = h_img * w_img * (f32(scale[0]) + col(view, SLOT_CROP[0]) * f32(scale[1] - scale[0]))
+            lo, hi = f32(np.log(RRC_RATIO[0])), f32(np.log(RRC_RATIO[1]))
+            ratio = np.exp(lo + col(view, SLOT_CROP[1]) * (hi - lo))
+            w = np.minimum(np.sqrt(area * ratio), w_img)
+            h = np.minimum(np.sqrt(area / ratio), h_img)
+            x0, y0 = col(view, SLOT_CROP[2]) * (w_img - w), col(view, SLOT_CROP[3]) * (h_img - h)
+            out[f"v{view}.roi_start"] = np.stack([y0, x0], 1).astype(f32)
+            out[f"v{view}.roi_end"] = np.stack([y0 + h, x0 + w], 1).astype(f32)
+        else:
+            span = f32(2 * PAD + 1)
+            dy = np.floor(col(view, SLOT_CROP[0]) * span).astype(np.int32) - PAD
+            dx = np.floor(col(view, SLOT_CROP[1]) * span).astype(np.int32) - PAD
+            out[f"v{view}.start"] = np.stack([dy, dx], 1)
+        if name == "rotation":  # the paper's rotation: k in {1, 2, 3} quarter turns
+            out[f"v{view}.k"] = np.floor(col(view, SLOT_ROT) * f32(3)).astype(np.int32) + 1
+        if name == "color_distort":
+            m, t = jitter_matrices(*(col(view, s) for s in SLOT_JITTER))
+            out[f"v{view}.M"], out[f"v{view}.T"] = m, t
+    return out

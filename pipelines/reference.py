@@ -12,39 +12,18 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines import plan
-from pipelines.colors import GRAY_MATRIX, jitter_entries
+from pipelines.colors import GRAY_MATRIX
 
-F32 = np.float32
-
-
-def _u(sid: int, seed: int, epoch: int, view: int, slot: int) -> np.float32:
-    return plan.sample_uniforms(seed, epoch, np.array([sid]), view, slot)[0]
-
-
-def _affine(img: torch.Tensor, entries, offset) -> torch.Tensor:
-    m = torch.tensor(np.asarray(entries, dtype=F32).reshape(3, 3))
-    out = torch.einsum("ij,jhw->ihw", m, img.float()) + float(offset)
+def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
+    out = torch.einsum("ij,jhw->ihw", torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3)), img.float())
+    out = out + torch.as_tensor(np.asarray(t, dtype=np.float32)).view(3, 1, 1)
     return out.round().clamp(0, 255).to(torch.uint8)
-
-
-def _rrc_window(shape, sid, seed, epoch, view, scale):
-    """The (y0, x0, h, w) window the DALI graph computes, in float32 like the graph."""
-    h_img, w_img = F32(shape[0]), F32(shape[1])
-    u = [_u(sid, seed, epoch, view, s) for s in plan.SLOT_CROP]
-    area = h_img * w_img * (F32(scale[0]) + u[0] * F32(scale[1] - scale[0]))
-    lo, hi = F32(math.log(plan.RRC_RATIO[0])), F32(math.log(plan.RRC_RATIO[1]))
-    ratio = np.exp(lo + u[1] * (hi - lo), dtype=F32)
-    w = min(np.sqrt(area * ratio, dtype=F32), w_img)
-    h = min(np.sqrt(area / ratio, dtype=F32), h_img)
-    return float(u[3] * (h_img - h)), float(u[2] * (w_img - w)), float(h), float(w)
 
 
 def _crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, size: int) -> torch.Tensor:
@@ -66,43 +45,34 @@ def _crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, si
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def reference_view(img: torch.Tensor, sid: int, *, name: str, view: int, seed: int, epoch: int, size: int,
-                   layout: str) -> torch.Tensor:
-    """One uint8 view (3, size, size) of a decoded uint8 image ``img`` (3, H, W), as the DALI graph makes it."""
-    if name == "crop_resize" or layout == "imagenet":
-        scale = plan.CROP_RESIZE_SCALE[layout] if name == "crop_resize" else plan.RRC_SCALE
-        y0, x0, h, w = _rrc_window(img.shape[1:], sid, seed, epoch, view, scale)
-        v = _crop_resize(img, y0, x0, h, w, size)
-    else:
-        span = F32(2 * plan.PAD + 1)
-        dy = int(_u(sid, seed, epoch, view, plan.SLOT_CROP[0]) * span) - plan.PAD
-        dx = int(_u(sid, seed, epoch, view, plan.SLOT_CROP[1]) * span) - plan.PAD
+def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: int) -> torch.Tensor:
+    """One uint8 view (3, size, size) of a decoded uint8 image ``img`` (3, H, W) with the parameters of
+    :func:`pipelines.plan.view_params` for this sample (row 0 of each array)."""
+    if prm["flip"][0]:  # the shared flip, on the decoded image
+        img = TF.horizontal_flip(img)
+    if f"v{view}.start" in prm:
+        dy, dx = (int(a) for a in prm[f"v{view}.start"][0])
         padded = TF.pad(img, [plan.PAD] * 4, fill=0)
         v = padded[:, plan.PAD + dy: plan.PAD + dy + size, plan.PAD + dx: plan.PAD + dx + size]
-    if int(_u(sid, seed, epoch, 0, plan.SLOT_FLIP) * F32(2)):
-        v = TF.horizontal_flip(v)
+    else:
+        (y0, x0), (y1, x1) = prm[f"v{view}.roi_start"][0], prm[f"v{view}.roi_end"][0]
+        v = _crop_resize(img, float(y0), float(x0), float(y1 - y0), float(x1 - x0), size)
     if name in ("rot90", "rot180", "rot270", "rotation"):
-        k = {"rot90": 1, "rot180": 2, "rot270": 3}.get(name)
-        if k is None:
-            k = int(_u(sid, seed, epoch, view, plan.SLOT_ROT) * F32(3)) + 1
+        k = {"rot90": 1, "rot180": 2, "rot270": 3}.get(name) or int(prm[f"v{view}.k"][0])
         v = torch.rot90(v, k, dims=(1, 2))  # counter-clockwise, as np.rot90
     elif name == "color_drop":
-        v = _affine(v, GRAY_MATRIX, 0.0)
+        v = _affine(v, GRAY_MATRIX, np.zeros(3))
     elif name == "color_distort":
-        sb, sc, ss, sh = (F32(j) for j in plan.JITTER)
-        u = [_u(sid, seed, epoch, view, s) for s in plan.SLOT_JITTER]
-        b, c, s = (F32(1) - sb) + u[0] * (F32(2) * sb), (F32(1) - sc) + u[1] * (F32(2) * sc), (F32(1) - ss) + u[2] * (F32(2) * ss)
-        hue = (u[3] * F32(2) - F32(1)) * (sh * F32(360))
-        entries, offset = jitter_entries(b, c, s, hue, cos=lambda r: np.cos(F32(r)), sin=lambda r: np.sin(F32(r)))
-        v = _affine(v, [F32(e) for e in entries], F32(offset))
+        v = _affine(v, prm[f"v{view}.M"][0], prm[f"v{view}.T"][0])
     return v.contiguous()
 
 
 def reference_views(img: torch.Tensor, sid: int, *, names, seed: int, epoch: int, size: int, layout: str,
                     mean, std) -> torch.Tensor:
     """All views (V, 3, size, size) float32, normalised, of one decoded uint8 image (3, H, W)."""
-    views = [reference_view(img, sid, name=n, view=i, seed=seed, epoch=epoch, size=size, layout=layout)
-             for i, n in enumerate(names)]
+    prm = plan.view_params(np.array([sid]), np.array([img.shape[1:]]), seed=seed, epoch=epoch, views=names,
+                           layout=layout)
+    views = [reference_view(img, prm, name=n, view=i, size=size) for i, n in enumerate(names)]
     return normalize(torch.stack(views), mean, std)
 
 
@@ -122,7 +92,7 @@ class BaselineViews:
             base = [v2.RandomCrop(size, padding=plan.PAD), v2.RandomHorizontalFlip()]
         sb, sc, ss, sh = plan.JITTER
         extra = {
-            "normal": [], "color_drop": [v2.Grayscale(3)], "color_distort": [v2.ColorJitter(sb, sc, ss, sh)],
+            "normal": [], "crop_resize": [], "color_drop": [v2.Grayscale(3)], "color_distort": [v2.ColorJitter(sb, sc, ss, sh)],
             "rotation": [v2.Lambda(lambda x: torch.rot90(x, int(torch.randint(1, 4, ())), dims=(-2, -1)))],
             "rot90": [v2.Lambda(lambda x: torch.rot90(x, 1, dims=(-2, -1)))],
             "rot180": [v2.Lambda(lambda x: torch.rot90(x, 2, dims=(-2, -1)))],

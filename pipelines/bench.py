@@ -1,0 +1,148 @@
+"""``sskd bench pipeline``: decode, floor, DALI views and torchvision, measured side by side in one run.
+
+- decode: DALI reads and decodes only.
+- floor: DALI decodes and makes one crop (CIFAR layout) or crop-resize (ImageNet layout) per view — the
+  geometry no view can avoid — and nothing else.
+- dali: the full view pipeline through :class:`pipelines.ViewLoader` (torch tensors out).
+- torchvision: the straightforward implementation (:class:`pipelines.reference.BaselineViews`: webdataset,
+  ``torchvision.io.decode_image``, ``transforms.v2`` on uint8 tensors) in a DataLoader with as many
+  workers as DALI has threads.
+Warm-up batches are excluded; each variant measures the same number of images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+from pipelines.loader import DEFAULT_SIZE, ViewLoader
+from pipelines.plan import ViewConfig
+from shards.format import load_manifest, split_files
+from sskd.atomic import write_json
+
+
+def _timed(batches, images: int, warmup: int, label: str, progress: bool) -> float:
+    """images/s over ``images`` images after ``warmup`` batches of an endless batch iterator."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=images, desc=f"bench {label}", unit="img", disable=not progress, leave=False)
+    seen, t0 = 0, None
+    for i, n in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        elif i > warmup:
+            seen += n
+            bar.update(n)
+            if seen >= images:
+                break
+    bar.close()
+    return seen / (time.perf_counter() - t0)
+
+
+def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads, device):
+    """Endless batch sizes from a decode-only or floor DALI pipeline (pipe.run(), no torch copy)."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from pipelines import dali as D
+
+    layout = manifest["layout"]
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None if device == "cpu" else 0)
+    def pipe():
+        enc, sid, _ = D._read(tars, idxs, shard_id=0, num_shards=1, shuffle=True, seed=1, initial_fill=256)
+        img = D._decode(enc, device)
+        if kind == "decode":
+            return img
+        prm = D.params_node(sid, fn.peek_image_shape(enc), seed=0, epoch=0, views=names, layout=layout)
+        outs = [D.make_view(img, prm, name="normal" if n != "crop_resize" else n, view=v, size=size)
+                for v, n in enumerate(names)]
+        return tuple(outs)
+
+    p = pipe()
+    p.build()
+    while True:
+        out = p.run()
+        yield len(out[0])
+
+
+def _dali_views(shards, split, views, size, batch_size, threads, device):
+    loader = ViewLoader(shards, split, batch_size=batch_size, views=views, size=size, threads=threads, device=device)
+    epoch = 0
+    while True:
+        for b in loader.epoch(epoch):
+            yield b["views"].shape[0]
+        epoch += 1
+
+
+def _torchvision(tars, manifest, names, size, batch_size, workers):
+    import webdataset as wds
+    from torchvision.io import ImageReadMode, decode_image
+
+    from pipelines.reference import BaselineViews
+
+    transform = BaselineViews(names, size=size, layout=manifest["layout"], mean=manifest["mean"], std=manifest["std"])
+
+    def make(sample):
+        data = sample.get("jpg", sample.get("png"))
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        label = int(sample["cls"])
+        return transform(img), label
+
+    ds = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    ds = ds.repeat().shuffle(256).map(make)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    for views, _ in loader:
+        yield views.shape[0]
+
+
+def run_bench(args) -> dict:
+    manifest = load_manifest(args.shards)
+    tars, idxs = split_files(args.shards, manifest, args.split)
+    views = ViewConfig.parse(args.views)
+    size = args.size or DEFAULT_SIZE[manifest["layout"]]
+    common = dict(images=args.images, warmup=args.warmup, progress=not args.no_progress)
+    torch.set_num_threads(1)  # the work is in DALI threads / DataLoader workers, as in training
+    res = {
+        "decode": {"images_per_s": _timed(_dali_runs("decode", tars, idxs, manifest, views.names, size,
+                                                     args.batch_size, args.threads, args.device), label="decode", **common)},
+        "floor": {"images_per_s": _timed(_dali_runs("floor", tars, idxs, manifest, views.names, size,
+                                                    args.batch_size, args.threads, args.device), label="floor", **common)},
+        "dali": {"images_per_s": _timed(_dali_views(args.shards, args.split, views, size, args.batch_size, args.threads,
+                                                    args.device), label="dali", **common)},
+        "torchvision": {"images_per_s": _timed(_torchvision(tars, manifest, views.names, size, args.batch_size,
+                                                            args.threads), label="torchvision", **common)},
+    }
+    for k in res:
+        res[k]["images_per_s"] = round(res[k]["images_per_s"], 1)
+        if k != "decode":
+            res[k]["views_per_s"] = round(res[k]["images_per_s"] * views.num_views, 1)
+    res["ratios"] = {"dali_vs_torchvision": round(res["dali"]["images_per_s"] / res["torchvision"]["images_per_s"], 2),
+                     "dali_vs_floor": round(res["dali"]["images_per_s"] / res["floor"]["images_per_s"], 2)}
+    res["config"] = {"shards": str(args.shards), "dataset": manifest["dataset"], "views": list(views.names),
+                     "size": size, "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
+                     "images": args.images}
+    res["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                      "torch": torch.__version__}
+    print(format_table(res))
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    return res
+
+
+def format_table(res: dict) -> str:
+    dali = res["dali"]["images_per_s"]
+    lines = [f"views: {', '.join(res['config']['views'])} at {res['config']['size']} px, batch "
+             f"{res['config']['batch_size']}, {res['config']['threads']} threads/workers, {res['config']['device']}",
+             f"{'variant':<12} {'images/s':>10} {'views/s':>10} {'dali / this':>12}", "-" * 47]
+    for k in ("decode", "floor", "dali", "torchvision"):
+        r = res[k]
+        views = f"{r['views_per_s']:>10.1f}" if "views_per_s" in r else f"{'':>10}"
+        lines.append(f"{k:<12} {r['images_per_s']:>10.1f} {views} {dali / r['images_per_s']:>12.2f}")
+    return "\n".join(lines) + "\n" + json.dumps(res["ratios"])
