@@ -71,7 +71,8 @@ def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads
 
 
 def _dali_views(shards, split, views, size, batch_size, threads, device):
-    loader = ViewLoader(shards, split, batch_size=batch_size, views=views, size=size, threads=threads, device=device)
+    loader = ViewLoader(shards, split, batch_size=batch_size, views=views, size=size, threads=threads, device=device,
+                        reuse_buffers=True)  # as the training loop reads it
     epoch = 0
     while True:
         for b in loader.epoch(epoch):

@@ -47,12 +47,15 @@ class ViewLoader:
         dtype: float32, float16 or bfloat16 output.
         size: output size; default from the manifest's layout (32 CIFAR-like, 224 ImageNet-like).
         torch_device: where the yielded tensors go (default: where DALI made them).
+        reuse_buffers: yield DALI's output buffers without a copy; a batch is then only valid until the
+            next one is requested (the training loop's case). Saves a full copy of every batch.
     """
 
     def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 64,
                  views: ViewConfig | str | None = None, train: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: str = "cpu", threads: int = 2, dtype: torch.dtype = torch.float32,
-                 size: int | None = None, torch_device: torch.device | str | None = None, initial_fill: int = 1024):
+                 size: int | None = None, torch_device: torch.device | str | None = None, initial_fill: int = 1024,
+                 reuse_buffers: bool = False):
         if device not in ("cpu", "gpu"):
             raise SSKDError(f"device must be cpu or gpu, not {device!r}")
         if not 0 <= rank < world_size:
@@ -65,6 +68,7 @@ class ViewLoader:
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.rank, self.world_size, self.device, self.threads = rank, world_size, device, threads
         self.dtype, self.torch_device, self.initial_fill = dtype, torch_device, initial_fill
+        self.reuse_buffers = reuse_buffers
         self.layout = self.manifest["layout"]
         self.size = size or DEFAULT_SIZE[self.layout]
         self.views = ViewConfig.parse(views) if train else ViewConfig(())
@@ -112,10 +116,13 @@ class ViewLoader:
             pipe.build()
             it = DALIGenericIterator([pipe], ["views", "label", "id"], reader_name="reader",
                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-            for out in it:
+            for i, out in enumerate(it):
                 d = out[0]
-                # DALI reuses its output buffers on the next step: clone what we hand out (DALI#3239).
-                yield {"views": d["views"].clone(), "label": d["label"].clone().long(), "id": d["id"].clone().long()}
+                # DALI reuses its output buffers on the next step (DALI#3239): copy unless the consumer is
+                # done with a batch before asking for the next; the tail batch that may be merged is kept.
+                keep = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
+                views = d["views"].clone() if keep else d["views"]
+                yield {"views": views, "label": d["label"].long().clone(), "id": d["id"].long().clone()}
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
         finally:
@@ -127,16 +134,14 @@ class ViewLoader:
         Batches before ``start_batch`` are produced and dropped: exact, since the epoch is a pure
         function of its seed, at the cost of re-making them once.
         """
-        pending = None
+        held = None  # the last batch of a rank whose extra tail is merged into it (a copy, see _raw_batches)
         for i, batch in enumerate(self._raw_batches(epoch)):
-            if pending is not None and i == self._batches and self._merge_tail:
-                batch = {k: torch.cat([pending[k], batch[k]]) for k in batch}
-                pending = None
-            if pending is not None:
-                yield from self._emit(pending, i - 1, start_batch)
-            pending = batch
-        if pending is not None:
-            yield from self._emit(pending, self._batches - 1, start_batch)
+            if self._merge_tail and i == self._batches - 1:
+                held = batch
+                continue
+            if held is not None:
+                batch, i = {k: torch.cat([held[k], batch[k]]) for k in batch}, self._batches - 1
+            yield from self._emit(batch, i, start_batch)
 
     def _emit(self, batch, index, start_batch):
         if index < start_batch:

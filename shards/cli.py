@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXAMPLES = {
     "imagefolder": "sskd shard imagefolder /data/imagenet shards/imagenet --workers 32\n"
                    "  sskd shard imagefolder /data/imagenet shards/imagenet --val-labels LOC_val_labels.txt",
     "cifar100": "sskd shard cifar100 data/cifar-100-python shards/c100",
     "digits": "sskd shard digits shards/digits",
+    "photos": "sskd shard photos shards/photos --per-class 128",
     "verify": "sskd shard verify shards/digits",
 }
 
@@ -30,6 +32,15 @@ def _source(args):
         return sources.FolderSource(args.src, args.val_labels, skip_bad=args.skip_bad)
     if args.source == "cifar100":
         return sources.cifar100_source(args.src)
+    if args.source == "photos":
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="sskd-photos-")
+        tree = sources.sample_photo_tree(Path(tmp) / "src", classes=args.classes, per_class=args.per_class,
+                                         val_per_class=max(1, args.per_class // 4), seed=args.seed)
+        src = sources.FolderSource(tree)
+        src.dataset = "photos"
+        return src
     return sources.digits_source(seed=args.seed, val_fraction=args.val_fraction)
 
 
@@ -81,18 +92,23 @@ def register(sub, fmt) -> None:
     sources = shard.add_subparsers(dest="source", metavar="SOURCE")
     helps = {"imagefolder": "ImageNet layout: SRC/train/<wnid>/*.JPEG and SRC/val/<wnid>/* (or flat + --val-labels)",
              "cifar100": "the official cifar-100-python folder (train, test, meta pickles); test -> val",
-             "digits": "scikit-learn's 1,797 bundled handwritten digits as 32x32 RGB (no download)"}
+             "digits": "scikit-learn's 1,797 bundled handwritten digits as 32x32 RGB (no download)",
+             "photos": "ImageNet-layout JPEGs (~500x375, q90) cut from scikit-learn's two real sample photos, "
+                       "for profiling the ImageNet path without ImageNet"}
     for name, text in helps.items():
         p = sources.add_parser(name, help=text, description=text, formatter_class=fmt,
                                epilog="example:\n  " + EXAMPLES[name])
-        if name != "digits":
+        if name not in ("digits", "photos"):
             p.add_argument("src", help="source folder")
         p.add_argument("out", help="output folder (must be empty or absent, unless --resume)")
         if name == "imagefolder":
             p.add_argument("--val-labels", help="for a flat SRC/val/: one class index per line, sorted file order")
         if name == "digits":
             p.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out as val")
-        big = name == "imagefolder"
+        if name == "photos":
+            p.add_argument("--classes", type=int, default=8, help="number of (arbitrary) classes")
+            p.add_argument("--per-class", type=int, default=64, help="train images per class (val: a quarter)")
+        big = name in ("imagefolder", "photos")
         p.add_argument("--max-count", type=int, default=10_000 if big else 512, help="samples per shard at most")
         p.add_argument("--max-size", type=float, default=1000.0 if big else 100.0, help="MB per shard at most")
         p.add_argument("--workers", type=int, default=1, help="processes encoding/validating images")

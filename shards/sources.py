@@ -240,3 +240,31 @@ class FolderSource(Source):
 
     def estimated_bytes(self, split: str) -> int:
         return sum(Path(p).stat().st_size for p in self.splits[split].paths)
+
+
+def sample_photo_tree(root: str | Path, classes: int = 8, per_class: int = 64, val_per_class: int = 16,
+                      seed: int = 0) -> Path:
+    """An ImageNet-layout folder of real photographs: crops of scikit-learn's two bundled photos.
+
+    Writes ``root/train/n0000000k/*.JPEG`` and ``root/val/n0000000k/*.JPEG``: ~500x375 JPEG q90 (some at
+    their crop size), every class a mix of both photos (odd classes mirrored). For profiling and tests
+    of the ImageNet path where ImageNet itself cannot be had.
+    """
+    from sklearn.datasets import load_sample_images
+
+    root = Path(root)
+    photos = [np.asarray(p) for p in load_sample_images().images]  # two 427x640 RGB photographs
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                photo = photos[(c + i) % 2]
+                h, w = int(rng.integers(300, 400)), int(rng.integers(400, 520))
+                y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
+                crop = Image.fromarray(photo[y:y + h, x:x + w])
+                if c % 2:
+                    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                crop.resize((500, 375) if i % 3 else (w, h)).save(d / f"img_{c}_{i}.JPEG", quality=90)
+    return root

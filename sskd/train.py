@@ -67,8 +67,10 @@ def _loaders(job: Job, accelerator, views_needed: int | None):
         size=cfg.data.size,
         torch_device=accelerator.device,
     )
+    # The loop is done with a batch before it asks for the next: no copy of DALI's buffers needed.
     views = None if views_needed == 1 else ViewConfig.parse(cfg.data.views)
-    train = ViewLoader(cfg.data.shards, "train", batch_size=st.batch_size, views=views, train=True, **common)
+    train = ViewLoader(cfg.data.shards, "train", batch_size=st.batch_size, views=views, train=True,
+                       reuse_buffers=True, **common)
     val = None
     if "val" in train.manifest["splits"]:
         val = ViewLoader(cfg.data.shards, "val", batch_size=cfg.data.eval_batch_size, train=False, **common)
