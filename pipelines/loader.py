@@ -116,13 +116,17 @@ class ViewLoader:
             pipe.build()
             it = DALIGenericIterator([pipe], ["views", "label", "id"], reader_name="reader",
                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-            for i, out in enumerate(it):
+            i = 0
+            for out in it:
                 d = out[0]
+                if d["id"].numel() == 0:  # DALI sizes every shard's epoch by the largest: skip its empty tail
+                    continue
                 # DALI reuses its output buffers on the next step (DALI#3239): copy unless the consumer is
                 # done with a batch before asking for the next; the tail batch that may be merged is kept.
                 keep = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
                 views = d["views"].clone() if keep else d["views"]
                 yield {"views": views, "label": d["label"].long().clone(), "id": d["id"].long().clone()}
+                i += 1
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
         finally:
