@@ -98,7 +98,7 @@ def cmd_distill(args) -> int:
     info: dict = {}
     job = _job(args, "student", cfg, student_builder(cfg, args.teacher, info, cached=bool(args.cache)), info)
     if args.cache:
-        from sskd.cache import attach_cache
+        from sskd.cache_build import attach_cache
 
         attach_cache(job, args.cache, args.teacher)
     return _report(Path(args.out), train(job))

@@ -50,37 +50,38 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, info
 
 
-def load_teacher(source: str, manifest: dict[str, Any], *, need_head: bool) -> tuple[torch.nn.Module, dict]:
-    """A teacher from a run folder or ``torchvision:NAME`` (pretrained), checked against the shards."""
+def teacher_info(source: str, manifest: dict[str, Any], *, need_head: bool) -> dict[str, Any]:
+    """The teacher's ``model.json`` (or a torchvision stand-in), checked against the shards; no weights."""
     if source.startswith(TORCHVISION_PREFIX):
         if need_head:
             raise SSKDError(
                 f"--teacher {source}: a torchvision model has no SS head; "
                 f"run `sskd train-ss-head --teacher {source} ...` first and pass that run"
             )
-        model = new_model(source, manifest["num_classes"], pretrained=True)
-        info = {"arch": source, "num_classes": manifest["num_classes"], "has_head": False,
+        return {"arch": source, "num_classes": manifest["num_classes"], "has_head": False,
                 "weights_sha256": "torchvision-pretrained:" + source}
-    else:
-        info = runs.load_model_info(source)
-        if info.get("num_classes") != manifest["num_classes"]:
-            raise SSKDError(
-                f"--teacher {source}: teacher has {info.get('num_classes')} classes but the shards "
-                f"({manifest['dataset']}) have {manifest['num_classes']}"
-            )
-        model, info = load_run_model(source)
-        if need_head and not info["has_head"]:
-            raise SSKDError(
-                f"--teacher {source}: this teacher has no SS head (it is a `{info.get('stage')}` run); "
-                f"train one with `sskd train-ss-head --teacher {source} ...` and pass that run"
-            )
-    if info["num_classes"] != manifest["num_classes"]:
+    info = runs.load_model_info(source)
+    if info.get("num_classes") != manifest["num_classes"]:
         raise SSKDError(
-            f"--teacher {source}: teacher has {info['num_classes']} classes but the shards "
+            f"--teacher {source}: teacher has {info.get('num_classes')} classes but the shards "
             f"({manifest['dataset']}) have {manifest['num_classes']}"
         )
     if info.get("classes") and info["classes"] != manifest["classes"]:
         raise SSKDError(f"--teacher {source}: teacher's class names differ from the shards' ({manifest['dataset']})")
+    if need_head and not info.get("has_head"):
+        raise SSKDError(
+            f"--teacher {source}: this teacher has no SS head (it is a `{info.get('stage')}` run); "
+            f"train one with `sskd train-ss-head --teacher {source} ...` and pass that run"
+        )
+    return info
+
+
+def load_teacher(source: str, manifest: dict[str, Any], *, need_head: bool) -> tuple[torch.nn.Module, dict]:
+    """A teacher from a run folder or ``torchvision:NAME`` (pretrained), checked against the shards."""
+    info = teacher_info(source, manifest, need_head=need_head)
+    if source.startswith(TORCHVISION_PREFIX):
+        return new_model(source, manifest["num_classes"], pretrained=True), info
+    model, info = load_run_model(source)
     return model, info
 
 
@@ -127,12 +128,15 @@ def student_builder(cfg: Config, teacher: str | None, info_out: dict[str, Any], 
         if method in ("kd", "sskd") and teacher is None:
             raise SSKDError(f"--method {method} needs --teacher RUN")
         if teacher is not None and method != "ce":
-            t_model, t_info = load_teacher(teacher, manifest, need_head=(method == "sskd"))
+            if cached:  # the teacher's outputs come from the cache: check the run, build nothing
+                t_info = teacher_info(teacher, manifest, need_head=(method == "sskd"))
+            else:
+                t_model, t_info = load_teacher(teacher, manifest, need_head=(method == "sskd"))
+                freeze(t_model)
             info_out.update(teacher=str(teacher), teacher_arch=t_info["arch"])
-            freeze(t_model)
         student = new_model(cfg.student.arch, manifest["num_classes"], head=(method == "sskd"))
         info_out.update(arch=cfg.student.arch, method=method)
-        return create_method(method, student=student, teacher=None if cached else t_model,
+        return create_method(method, student=student, teacher=t_model,
                              num_classes=manifest["num_classes"], loss_cfg=loss_config(cfg.loss))
 
     return build

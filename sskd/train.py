@@ -36,6 +36,7 @@ class Job:
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for model.json
     resume: bool = False
     batch_hook: Callable[[dict[str, Any], int], dict[str, Any]] | None = None  # e.g. add cached teacher outputs
+    data_epoch: Callable[[int], int] | None = None  # augmentation epoch of a training epoch (cache: e mod E)
 
 
 def lr_factor(st: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -160,9 +161,10 @@ def train(job: Job) -> dict[str, Any]:
     method.train()
     while state["step"] < total_steps and state["epoch"] < st.epochs:
         epoch = state["epoch"]
-        for batch in train_loader.epoch(epoch, start_batch=state["batch"]):
+        views_epoch = job.data_epoch(epoch) if job.data_epoch else epoch
+        for batch in train_loader.epoch(views_epoch, start_batch=state["batch"]):
             if job.batch_hook is not None:
-                batch = job.batch_hook(batch, epoch)
+                batch = job.batch_hook(batch, views_epoch)
             with accelerator.accumulate(method):
                 out_d = method(batch)
                 accelerator.backward(out_d["loss"])

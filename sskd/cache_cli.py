@@ -1,0 +1,80 @@
+"""``sskd cache`` and ``sskd bench distill``."""
+
+from __future__ import annotations
+
+
+
+
+def cmd_cache(args) -> int:
+    from sskd.cache_build import build_cache
+    from sskd.commands import resolve_config
+
+    cfg = resolve_config(args, "student")
+    build_cache(cfg, args.teacher, args.out, args.epochs, topk=args.topk, split=args.split,
+                batch_size=args.batch_size, chunk_batches=args.chunk_batches, resume=args.resume,
+                progress=not args.no_progress)
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from sskd.bench_distill import run_bench
+
+    run_bench(args)
+    return 0
+
+
+def register(sub, fmt) -> None:
+    p = sub.add_parser(
+        "cache", help="run the frozen teacher once over E epochs of views; store its logits and SS embeddings",
+        formatter_class=fmt,
+        description="Stores, per (sample id, epoch, view), the SS teacher's logits (fp16, or top-K with --topk) "
+                    "and SS embeddings (fp16), for the exact views the training pipeline makes in epochs "
+                    "0..E-1. `sskd distill --cache` then never runs the teacher; student epochs beyond E reuse "
+                    "augmentation epoch e mod E. The cache is bound to the teacher weights, shards, plan seed, "
+                    "views, image size, pipeline version and device type, and refused if any differs.",
+        epilog="example:\n  sskd cache --teacher runs/t-ss --shards shards/digits --epochs 10 --out caches/t\n"
+               "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8 --method sskd "
+               "--shards shards/digits --out runs/s\n"
+               "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd cache ... --topk 10")
+    p.add_argument("--teacher", required=True, help="a train-ss-head run (the complete SSKD teacher)")
+    p.add_argument("--shards", required=True, help="shard folder")
+    p.add_argument("--epochs", type=int, required=True, help="augmentation epochs to cache (E)")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--topk", type=int, help="store only the top-K logits per view (+ log-sum-exp): for 1000 classes")
+    p.add_argument("--split", default="train", help="split to cache")
+    p.add_argument("--batch-size", type=int, default=256, help="images per process per teacher batch")
+    p.add_argument("--chunk-batches", type=int, default=20, help="batches per chunk file (the unit of resume)")
+    p.add_argument("--config", help="the run's YAML recipe (views, seed, size must match the student run)")
+    p.add_argument("--seed", type=int, help="plan seed (must match the student run)")
+    p.add_argument("--views", help="SS views (must match the student run)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where DALI makes the views")
+    p.add_argument("--threads", type=int, help="DALI threads per process")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="teacher autocast dtype")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config override")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted cache (complete chunks are kept)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache)
+
+
+def register_bench(bench_sub, fmt) -> None:
+    p = bench_sub.add_parser(
+        "distill", help="step time: CE student, SSKD with the live teacher, SSKD from the cache", formatter_class=fmt,
+        description="Measures in one run, on the same batches of views (pre-loaded, warm-up excluded), the "
+                    "training step time of the student alone with CE, SSKD with the live teacher and SSKD "
+                    "from a teacher cache, and prints the ratios. Models are freshly initialised: the step "
+                    "cost does not depend on the weights.",
+        epilog="example:\n  sskd bench distill --shards shards/digits --teacher-arch resnet32x4 "
+               "--student-arch resnet8x4 --json distill.json")
+    p.add_argument("--shards", required=True, help="shard folder")
+    p.add_argument("--teacher-arch", required=True, help="teacher architecture")
+    p.add_argument("--student-arch", required=True, help="student architecture")
+    p.add_argument("--views", default="rotation", help="SS views")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_bench)
+
+
+

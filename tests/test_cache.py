@@ -1,0 +1,177 @@
+"""The teacher cache: exact against the live teacher, bound to what made it, resumable, rank-split."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sskd.cache import CacheReader, dense_from_topk
+from sskd.cache_build import binding_for, build_cache
+from sskd.cli import main as sskd_main
+from sskd.config import load_config
+from sskd.errors import SSKDError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--no-progress", "--batch-size", "32", "--set", "data.eval_batch_size=128"]
+
+
+def run(*args):
+    return sskd_main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def ss_teacher(digits_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_teacher")
+    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", root / "t", "--max-steps", 3, *FAST) == 0
+    assert run("train-ss-head", "--teacher", root / "t", "--shards", digits_shards, "--out", root / "ss", "--max-steps", 2,
+               *FAST) == 0
+    return root / "ss"
+
+
+def cfg_for(shards, *extra):
+    return load_config(None, [f"data.shards={shards}", "run.progress=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def cache(ss_teacher, digits_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c"
+    build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4, progress=False)
+    return out
+
+
+def test_cached_terms_equal_live_terms(cache, ss_teacher, digits_shards):
+    from pipelines import ViewLoader
+    from sskd.heads import SSModel
+    from sskd.methods import create_method
+    from sskd.models import create_model
+    from sskd.stages import load_run_model
+
+    teacher, _ = load_run_model(ss_teacher)
+    reader = CacheReader(cache)
+    torch.manual_seed(0)
+    student = SSModel(create_model("resnet8", 10))
+    live = create_method("sskd", student=student, teacher=teacher, num_classes=10).eval()
+    cached = create_method("sskd", student=student, teacher=None, num_classes=10).eval()
+    loader = ViewLoader(digits_shards, "train", batch_size=50, views="rotation")
+    for epoch in (1, 3):  # epoch 3 of the student reuses augmentation epoch 3 mod 2 = 1
+        batch = next(iter(loader.epoch(epoch % 2)))
+        with torch.no_grad():
+            a = live(batch)
+            c = cached({**batch, **reader.lookup(batch["id"], epoch)})
+        for k in ("ce", "kd", "tf", "ss", "loss"):
+            assert c[k].item() == pytest.approx(a[k].item(), rel=5e-3, abs=2e-4), k
+
+
+def test_manifest_binds_the_cache(cache, ss_teacher, digits_shards):
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["complete"] and m["epochs"] == 2 and m["num_samples"] == 1437 and m["num_views"] == 4
+    info = json.loads((ss_teacher / "model.json").read_text())
+    good = binding_for(cfg_for(digits_shards), info)
+    CacheReader(cache, expected=good)  # accepted
+    for field, value in [("teacher_weights_sha256", "0" * 64), ("shards_manifest_sha256", "f" * 64), ("seed", 1),
+                         ("views", ["normal", "rot90"]), ("size", 64), ("pipeline_version", 0), ("device_type", "gpu")]:
+        with pytest.raises(SSKDError, match=f"{field}="):
+            CacheReader(cache, expected=dict(good, **{field: value}))
+
+
+def test_distill_from_cache_refuses_other_seed_and_runs(cache, ss_teacher, digits_shards, tmp_path, capsys):
+    common = ["distill", "--teacher", ss_teacher, "--cache", cache, "--student", "resnet8", "--method", "sskd",
+              "--shards", digits_shards, *FAST]
+    assert run(*common, "--out", tmp_path / "bad", "--seed", "5", "--max-steps", 1) == 2
+    assert "seed=0" in capsys.readouterr().err
+    assert run(*common, "--out", tmp_path / "s", "--max-steps", 3) == 0
+    info = json.loads((tmp_path / "s" / "model.json").read_text())
+    assert info["cache"] == str(cache) and info["steps"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "incomplete"])
+def test_damaged_cache_is_an_error_naming_the_file(cache, tmp_path, damage):
+    import shutil
+
+    c = tmp_path / "c"
+    shutil.copytree(cache, c)
+    chunk = sorted((c / "epoch-0001").glob("*.safetensors"))[1]
+    if damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:-100])
+        needle = f"{chunk}: truncated"
+    elif damage == "missing":
+        chunk.unlink()
+        needle = "samples missing from the cache"
+    else:
+        m = json.loads((c / "manifest.json").read_text())
+        m["complete"] = False
+        (c / "manifest.json").write_text(json.dumps(m))
+        needle = "incomplete"
+    with pytest.raises(SSKDError, match=needle):
+        CacheReader(c).lookup(torch.arange(4), 1)
+
+
+def test_interrupted_cache_resumes_to_the_same_files(ss_teacher, digits_shards, cache, tmp_path, monkeypatch):
+    import sskd.cache_build as cb
+
+    real, calls = cb.write_chunk, {"n": 0}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cb, "write_chunk", dying)
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4,
+                    progress=False)
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    with pytest.raises(SSKDError, match="incomplete"):
+        CacheReader(out)
+    monkeypatch.setattr(cb, "write_chunk", real)
+    with pytest.raises(SSKDError, match="--resume"):
+        build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4,
+                    progress=False)
+    build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4,
+                resume=True, progress=False)
+    for f in sorted(cache.glob("epoch-*/*.safetensors")):
+        assert (out / f.relative_to(cache)).read_bytes() == f.read_bytes(), f.name
+
+
+def test_topk_reconstruction_keeps_top_probabilities_and_rest_mass():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, 50, generator=g) * 3
+    top = logits.topk(5, dim=-1)
+    dense = dense_from_topk(top.values.numpy(), top.indices.numpy(), torch.logsumexp(logits, -1).numpy(), 50)
+    p, q = torch.softmax(logits, -1), torch.softmax(torch.from_numpy(dense), -1)
+    assert torch.allclose(q.gather(-1, top.indices), p.gather(-1, top.indices), atol=1e-5)
+    assert torch.allclose(q.sum(-1), torch.ones(6, 3), atol=1e-5)
+    assert torch.allclose(q.argmax(-1), p.argmax(-1))
+
+
+def test_topk_cache_round_trip(ss_teacher, digits_shards, tmp_path):
+    out = tmp_path / "k"
+    build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=1, topk=3, batch_size=256, progress=False)
+    reader = CacheReader(out)
+    got = reader.lookup(torch.tensor([5, 1000, 7]), 0)
+    assert got["t_logits"].shape == (3, 4, 10) and got["t_embed"].shape == (3, 4, 64)
+
+
+@pytest.mark.slow
+def test_two_process_cache_covers_every_sample_once(ss_teacher, digits_shards, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
+           "--main_process_port", "29588", "-m", "sskd", "cache", "--teacher", str(ss_teacher), "--shards",
+           str(digits_shards), "--epochs", "1", "--out", str(tmp_path / "c"), "--batch-size", "128", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["complete"]
+    from sskd.cache import map_chunk
+
+    per_rank = {r: np.concatenate([np.asarray(map_chunk(f)["ids"]) for f in sorted((tmp_path / "c" / "epoch-0000").glob(f"r{r:03d}-*"))])
+                for r in (0, 1)}
+    assert per_rank[0].size and per_rank[1].size and not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(np.concatenate(list(per_rank.values())).tolist()) == list(range(1437))
