@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from shards import format as fmt
+from sskd.atomic import sha256_file
 from sskd.errors import SSKDError
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _webdataset_samples(tar: Path) -> list[tuple[int, int, int]]:
@@ -66,7 +59,7 @@ def verify(folder: str | Path, *, dali: bool = True, log=print) -> list[str]:
             if not tar.is_file() or not idx.is_file():
                 problems.append(f"{tar if not tar.is_file() else idx}: missing")
                 continue
-            if _sha256(tar) != entry["sha256"]:
+            if sha256_file(tar) != entry["sha256"]:
                 problems.append(f"{tar}: sha256 differs from the manifest (corrupted or replaced)")
                 continue
             try:

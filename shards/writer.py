@@ -12,7 +12,6 @@ Guarantees (DESIGN.md, invariant 5):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ import numpy as np
 from shards import format as fmt
 from shards.sources import BadItem, Source
 from sskd import __version__, atomic
+from sskd.atomic import sha256_file
 from sskd.errors import SSKDError
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,6 @@ def _encode(job: tuple[str, int]) -> tuple[int, bytes | None, str]:
     except BadItem as exc:
         return index, None, str(exc)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
@@ -111,7 +104,7 @@ class ShardBuilder:
         atomic.write_bytes(idx, (f"v1.2 {self.count}\n" + "\n".join(self.lines) + "\n").encode())
         self.tar_tmp.replace(tar)
         return {"file": tar.name, "index": idx.name, "samples": self.count, "first_id": self.first_id,
-                "sha256": _sha256(tar)}
+                "sha256": sha256_file(tar)}
 
     def abort(self) -> None:
         self.tar.close()
@@ -229,7 +222,7 @@ def _opts_key(source: Source, opts: ShardOptions) -> dict:
 
 def _intact(out: Path, entry: dict) -> bool:
     tar, idx = out / entry["file"], out / entry["index"]
-    return tar.is_file() and idx.is_file() and _sha256(tar) == entry["sha256"]
+    return tar.is_file() and idx.is_file() and sha256_file(tar) == entry["sha256"]
 
 
 def _bar(opts: ShardOptions, split: str, total: int, initial: int):

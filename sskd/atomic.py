@@ -8,6 +8,7 @@ and are renamed into place only once complete and flushed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -61,3 +62,12 @@ def remove_stale_partials(folder: str | os.PathLike) -> int:
             p.unlink()
             n += 1
     return n
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -8,7 +8,6 @@ plainly or under ``accelerate launch ... -m sskd <command>``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 

@@ -15,7 +15,6 @@ interruption.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,18 +33,9 @@ MODEL_INFO = "model.json"
 CHECKPOINTS = "checkpoints"
 
 
-def file_sha256(path: str | Path, limit: int | None = None) -> str:
-    """Hex sha256 of a file (the first ``limit`` bytes when given)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        remaining = limit
-        while chunk := fh.read(1 << 20 if remaining is None else min(1 << 20, remaining)):
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
-    return h.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (see :func:`sskd.atomic.sha256_file`)."""
+    return atomic.sha256_file(path)
 
 
 def save_model(run: Path, module: torch.nn.Module, info: dict[str, Any]) -> None:
