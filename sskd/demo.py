@@ -27,9 +27,9 @@ STUDENT_METHODS = ("ce", "kd", "sskd")
 
 def demo_config(shards: Path, fast: bool = False, progress: bool = True) -> Config:
     cfg = load_config(DEMO_CONFIG, [f"data.shards={shards}", f"run.progress={str(progress).lower()}"])
-    if fast:  # a smoke-sized schedule: every stage still runs through the same code
+    if fast:  # half the schedule (tests, smoke runs): every stage still runs through the same code
         for stage in (cfg.teacher, cfg.ss_head, cfg.student):
-            stage.epochs = max(1, stage.epochs // 4)
+            stage.epochs = max(1, stage.epochs // 2)
     return cfg
 
 
