@@ -156,7 +156,7 @@ def train(job: Job) -> dict[str, Any]:
 
         bar = tqdm(total=total_steps, initial=state["step"], desc=f"{job.stage}", unit="step", dynamic_ncols=True)
     sums: dict[str, torch.Tensor] = {}
-    seen, t0 = 0, time.perf_counter()
+    seen, n_micro, t0 = 0, 0, time.perf_counter()
     last_eval: dict[str, Any] | None = None
     method.train()
     while state["step"] < total_steps and state["epoch"] < st.epochs:
@@ -173,6 +173,7 @@ def train(job: Job) -> dict[str, Any]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state["batch"] += 1
+            n_micro += 1
             seen += batch["label"].shape[0]
             for k, v in out_d.items():
                 if k != "logits" and torch.is_tensor(v) and v.ndim == 0:
@@ -186,7 +187,6 @@ def train(job: Job) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
             if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
-                n_micro = state["batch"] % (cfg.run.log_every * st.grad_accum) or cfg.run.log_every * st.grad_accum
                 rec = _reduce(sums, accelerator, n_micro, seen)
                 dt = time.perf_counter() - t0
                 rec.update(kind="train", step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0],
@@ -194,7 +194,7 @@ def train(job: Job) -> dict[str, Any]:
                 metrics.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-                sums, seen, t0 = {}, 0, time.perf_counter()
+                sums, seen, n_micro, t0 = {}, 0, 0, time.perf_counter()
             if cfg.run.ckpt_every and state["step"] % cfg.run.ckpt_every == 0:
                 checkpoint("last")
             if state["step"] >= total_steps:

@@ -147,3 +147,37 @@ def test_demo_reduced_budget(tmp_path):
     assert all(s["top1"] > 30 for s in results["students"].values())
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["teacher"]["top1"] == results["teacher"]["top1"]
+
+
+def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, tmp_path):
+    """Each logged loss averages exactly the steps since the previous line, epoch ends included."""
+    import torch
+
+    from sskd.config import load_config
+    from sskd.stages import teacher_builder
+    from sskd.train import Job, train
+
+    cfg = load_config(None, [f"data.shards={digits_shards}", "teacher.arch=resnet8", "teacher.epochs=2",
+                             "teacher.batch_size=256", "run.log_every=4", "run.eval_every=0", "run.progress=false"])
+    losses = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.views_needed = inner, inner.views_needed
+
+        def trainable_module(self):
+            return self.inner.trainable_module()
+
+        def forward(self, batch):
+            out = self.inner(batch)
+            losses.append(out["loss"].item())
+            return out
+
+    build = teacher_builder(cfg)
+    train(Job(stage="teacher", cfg=cfg, out=tmp_path / "t", build=lambda m: Recorder(build(m)), info={"arch": "resnet8"}))
+    recs = [r for r in read_metrics(tmp_path / "t") if r["kind"] == "train"]
+    # 1437 images / 256 = 6 batches per epoch, 12 steps; the line at step 8 straddles the epoch end
+    assert [r["step"] for r in recs] == [4, 8, 12] and len(losses) == 12
+    for r in recs:
+        assert r["loss"] == pytest.approx(sum(losses[r["step"] - 4:r["step"]]) / 4, rel=1e-4)
