@@ -6,8 +6,9 @@ where the view operators run. Every random parameter comes from the sample id st
 requires, also for GPU operators.
 
 Work order keeps resampling to one pass per view: one shared flip of the decoded image → per view a
-crop (or a random-resized-crop straight to the output size) → exact 90° rotations as transpose+flip
-→ one colour matrix (``coord_transform``) → the views stacked and normalised by a single
+crop (or a random-resized-crop straight to the output size) → exact 90° rotations (transpose+flip for
+the fixed ones, one nearest-neighbour warp for the per-sample k, which beats DALI conditionals) → one
+colour matrix (``coord_transform``) → the views stacked and normalised by a single
 ``crop_mirror_normalize`` to float.
 """
 
@@ -76,15 +77,9 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int):
                       roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
     if name in ("rot90", "rot180", "rot270"):
         return _rot(v, {"rot90": 1, "rot180": 2, "rot270": 3}[name])
-    if name == "rotation":
-        k = prm[f"v{view}.k"]
-        if k == 1:
-            v = _rot(v, 1)
-        elif k == 2:
-            v = _rot(v, 2)
-        else:
-            v = _rot(v, 3)
-        return v
+    if name == "rotation":  # k quarter turns per sample: one nearest-neighbour warp, exact on a square view
+        return fn.rotate(v, angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
+                         interp_type=types.INTERP_NN, keep_size=True)
     if name == "color_drop":
         return fn.coord_transform(v, M=GRAY_MATRIX, dtype=types.UINT8)
     if name == "color_distort":
@@ -98,7 +93,7 @@ def _normalize(views, mean, std, dtype):
                                     output_layout="FCHW")
 
 
-@pipeline_def(enable_conditionals=True)
+@pipeline_def
 def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, mean, std, device="cpu", shard_id=0,
                    num_shards=1, initial_fill=1024, dtype=types.FLOAT):
     """Training views of one epoch: ``(views (V, 3, size, size), label, id)`` per sample."""
