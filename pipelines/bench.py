@@ -7,7 +7,8 @@
 - torchvision: the straightforward implementation (:class:`pipelines.reference.BaselineViews`: webdataset,
   ``torchvision.io.decode_image``, ``transforms.v2`` on uint8 tensors) in a DataLoader with as many
   workers as DALI has threads.
-Warm-up batches are excluded; each variant measures the same number of images.
+Warm-up batches are excluded; each variant runs alone, twice, in the order A B C D D C B A (the mean of
+its two runs cancels a linear drift of the machine), over the same number of images.
 """
 
 from __future__ import annotations
@@ -25,22 +26,28 @@ from shards.format import load_manifest, split_files
 from sskd.atomic import write_json
 
 
-def _timed(batches, images: int, warmup: int, label: str, progress: bool) -> float:
-    """images/s over ``images`` images after ``warmup`` batches of an endless batch iterator."""
+def _rate(gen, images: int, warmup: int) -> float:
+    """images/s of an endless batch-size iterator over ``images`` images after ``warmup`` batches."""
+    for _ in range(warmup):
+        next(gen)
+    t0, seen = time.perf_counter(), 0
+    while seen < images:
+        seen += next(gen)
+    rate = seen / (time.perf_counter() - t0)
+    gen.close()  # stop its pipeline / DataLoader workers before the next variant runs
+    return rate
+
+
+def _measure(makers: dict, images: int, warmup: int, progress: bool) -> dict[str, float]:
+    """Each variant alone (background workers of one would load the others), in the order A B C D D C B A,
+    each run measuring half the images; the mean of its two runs cancels a linear drift of the machine."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=images, desc=f"bench {label}", unit="img", disable=not progress, leave=False)
-    seen, t0 = 0, None
-    for i, n in enumerate(batches):
-        if i == warmup:
-            t0 = time.perf_counter()
-        elif i > warmup:
-            seen += n
-            bar.update(n)
-            if seen >= images:
-                break
-    bar.close()
-    return seen / (time.perf_counter() - t0)
+    order = list(makers) + list(reversed(makers))
+    rates: dict[str, list[float]] = {name: [] for name in makers}
+    for name in tqdm(order, desc="bench", unit="run", disable=not progress, leave=False):
+        rates[name].append(_rate(makers[name](), max(1, images // 2), warmup))
+    return {name: sum(r) / len(r) for name, r in rates.items()}
 
 
 def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads, device):
@@ -107,18 +114,17 @@ def run_bench(args) -> dict:
     tars, idxs = split_files(args.shards, manifest, args.split)
     views = ViewConfig.parse(args.views)
     size = args.size or DEFAULT_SIZE[manifest["layout"]]
-    common = dict(images=args.images, warmup=args.warmup, progress=not args.no_progress)
     torch.set_num_threads(1)  # the work is in DALI threads / DataLoader workers, as in training
-    res = {
-        "decode": {"images_per_s": _timed(_dali_runs("decode", tars, idxs, manifest, views.names, size,
-                                                     args.batch_size, args.threads, args.device), label="decode", **common)},
-        "floor": {"images_per_s": _timed(_dali_runs("floor", tars, idxs, manifest, views.names, size,
-                                                    args.batch_size, args.threads, args.device), label="floor", **common)},
-        "dali": {"images_per_s": _timed(_dali_views(args.shards, args.split, views, size, args.batch_size, args.threads,
-                                                    args.device), label="dali", **common)},
-        "torchvision": {"images_per_s": _timed(_torchvision(tars, manifest, views.names, size, args.batch_size,
-                                                            args.threads), label="torchvision", **common)},
+    makers = {
+        "decode": lambda: _dali_runs("decode", tars, idxs, manifest, views.names, size, args.batch_size, args.threads,
+                                     args.device),
+        "floor": lambda: _dali_runs("floor", tars, idxs, manifest, views.names, size, args.batch_size, args.threads,
+                                    args.device),
+        "dali": lambda: _dali_views(args.shards, args.split, views, size, args.batch_size, args.threads, args.device),
+        "torchvision": lambda: _torchvision(tars, manifest, views.names, size, args.batch_size, args.threads),
     }
+    rates = _measure(makers, args.images, args.warmup, progress=not args.no_progress)
+    res = {k: {"images_per_s": v} for k, v in rates.items()}
     for k in res:
         res[k]["images_per_s"] = round(res[k]["images_per_s"], 1)
         if k != "decode":
