@@ -109,24 +109,23 @@ class ViewLoader:
         return eval_pipeline(self.tars, self.idxs, **common)
 
     def _raw_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        """This rank's batches of one epoch, straight from ``pipe.run()``.
 
+        The reader pads this rank's last batch (``pad_last_batch``); we run exactly
+        ceil(rank samples / batch size) iterations and trim the padding, so every sample comes once.
+        """
         pipe = self._pipeline(epoch)
+        n, bs = self.rank_num_samples, self.batch_size
         try:
             pipe.build()
-            it = DALIGenericIterator([pipe], ["views", "label", "id"], reader_name="reader",
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-            i = 0
-            for out in it:
-                d = out[0]
-                if d["id"].numel() == 0:  # DALI sizes every shard's epoch by the largest: skip its empty tail
-                    continue
-                # DALI reuses its output buffers on the next step (DALI#3239): copy unless the consumer is
+            for i in range(-(-n // bs)):
+                views, label, sid = pipe.run()
+                keep = min(bs, n - i * bs)
+                # DALI reuses its output buffers on the next run (DALI#3239): copy unless the consumer is
                 # done with a batch before asking for the next; the tail batch that may be merged is kept.
-                keep = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
-                views = d["views"].clone() if keep else d["views"]
-                yield {"views": views, "label": d["label"].long().clone(), "id": d["id"].long().clone()}
-                i += 1
+                copy = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
+                yield {"views": _to_torch(views, copy)[:keep], "label": _to_torch(label, True)[:keep].long(),
+                       "id": _to_torch(sid, True)[:keep].long()}
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
         finally:
@@ -158,6 +157,22 @@ class ViewLoader:
 
     def __iter__(self):
         return self.epoch(0)
+
+
+def _to_torch(tl, copy: bool) -> torch.Tensor:
+    """A DALI TensorList as one torch tensor: zero-copy on the CPU unless ``copy``; GPU batches are copied
+    into a new CUDA tensor with DALI's own ``feed_ndarray``."""
+    import numpy as np
+
+    if hasattr(tl, "as_cpu") and not hasattr(tl, "as_array"):  # TensorListGPU
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=torch.device("cuda", torch.cuda.current_device()))
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
+        return out
+    arr = torch.from_numpy(np.asarray(tl.as_tensor()))
+    return arr.clone() if copy else arr
 
 
 def check_shard(tar: str, idx: str) -> None:
