@@ -121,3 +121,31 @@ def test_sskd_without_ss_views_reduces_to_ce_plus_kd():
     out = method(batch(v=1))
     assert out["tf"].item() == 0.0 and out["ss"].item() == 0.0
     assert out["loss"].item() == pytest.approx((0.1 * out["ce"] + 0.9 * out["kd"]).item(), rel=1e-6)
+
+
+def test_global_ss_batch_uses_the_gathered_columns():
+    """With a gather (all ranks' normal-view embeddings), L_ss is Eq. 6 over the global columns."""
+    from sskd.losses import similarity_matrix, ss_kd_loss
+
+    teacher, student = ss(seed=1), ss(seed=2)
+    method = create_method("sskd", student=student, teacher=teacher, num_classes=10).eval()
+    b = batch(b=3, v=3)
+    g = torch.Generator().manual_seed(9)
+    other_s, other_t = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
+
+    def gather(z):  # as rank 1 of 2 whose peer holds 2 samples: peer rows first, offset 2
+        other = (other_s, other_t)[gather.calls % 2]  # the method gathers the student's columns, then the teacher's
+        gather.calls += 1
+        return torch.cat([other, z]), 2
+
+    gather.calls = 0
+    method.gather = gather
+    with torch.no_grad():
+        out = method(b)
+        s_out, t_out = student(b["views"].flatten(0, 1)), teacher(b["views"].flatten(0, 1))
+        zs, zt = s_out.embed.view(3, 3, -1), t_out.embed.view(3, 3, -1)
+        rows = lambda z: torch.cat([z[i, 1:] for i in range(3)])  # noqa: E731
+        target = torch.tensor([0, 0, 1, 1, 2, 2]) + 2
+        expected = ss_kd_loss(similarity_matrix(rows(zs), torch.cat([other_s, zs[:, 0]])),
+                              similarity_matrix(rows(zt), torch.cat([other_t, zt[:, 0]])), target, 0.5, 0.75)
+    assert out["ss"].item() == pytest.approx(expected.item(), rel=1e-5)

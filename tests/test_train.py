@@ -181,3 +181,34 @@ def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, 
     assert [r["step"] for r in recs] == [4, 8, 12] and len(losses) == 12
     for r in recs:
         assert r["loss"] == pytest.approx(sum(losses[r["step"] - 4:r["step"]]) / 4, rel=1e-4)
+
+
+def test_bf16_gradient_accumulation_and_clipping(digits_shards, tmp_path):
+    out = tmp_path / "t"
+    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 3,
+               "--mixed-precision", "bf16", "--set", "teacher.grad_accum=2", "--set", "teacher.clip_grad=1.0",
+               *FAST) == 0
+    recs = [r for r in read_metrics(out) if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == [1, 2, 3]  # an optimizer step every 2 micro-batches
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["run"]["mixed_precision"] == "bf16" and saved["teacher"]["grad_accum"] == 2
+    import torch
+
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["config"]["teacher"]["clip_grad"] == 1.0 and ckpt["step"] == 3 and ckpt["batch"] == 6
+
+
+@pytest.mark.slow
+def test_global_ss_batch_on_two_ranks(teacher_runs, digits_shards, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
+           "--main_process_port", "29599", "-m", "sskd", "distill", "--teacher", str(teacher_runs / "t-ss"),
+           "--student", "resnet8", "--method", "sskd", "--shards", str(digits_shards), "--out", str(tmp_path / "g"),
+           "--max-steps", "2", "--global-ss-batch", *map(str, FAST)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [r for r in read_metrics(tmp_path / "g") if r["kind"] == "train"]
+    assert recs[-1]["world_size"] == 2 and recs[-1]["ss"] >= 0
+    assert load_model_info(tmp_path / "g")["steps"] == 2
