@@ -34,7 +34,10 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: s
     """
     from accelerate import Accelerator
 
-    cpu = device == "cpu" or not torch.cuda.is_available()
+    # ``device`` is where DALI makes the views; the model trains on the GPU whenever there is one
+    # (DALI-on-CPU feeding GPU training is a standard mode on machines with many cores).
+    del device
+    cpu = not torch.cuda.is_available()
     if mixed_precision == "fp16" and cpu:
         raise SSKDError("run.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
     return Accelerator(
