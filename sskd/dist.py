@@ -1,6 +1,6 @@
 """Accelerate set-up in one place: device choice, mixed precision, the CPU multi-process trap.
 
-The library never calls ``.cuda()``: the device comes from the Accelerator (GPU when CUDA is present,
+Library code names no CUDA device itself: the device comes from the Accelerator (GPU when CUDA is present,
 CPU otherwise) and DALI's device from :func:`pipeline_device`.
 """
 

@@ -33,6 +33,15 @@ class Classifier(nn.Module):
         return Features(logits, feat, stages) if features else logits
 
 
+def run_stages(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """Apply ``layers`` in turn; returns every stage's output (the feature maps later methods tap)."""
+    stages = []
+    for layer in layers:
+        x = layer(x)
+        stages.append(x)
+    return stages
+
+
 def pool_flat(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 

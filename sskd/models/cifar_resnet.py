@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.base import Classifier, init_weights, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 
@@ -68,11 +68,8 @@ class CifarResNet(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        s1 = self.layer1(x)
-        s2 = self.layer2(s1)
-        s3 = self.layer3(s2)
-        return [s1, s2, s3], pool_flat(s3)
+        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
+        return stages, pool_flat(stages[-1])
 
 
 class CifarResNet50(Classifier):
@@ -94,12 +91,8 @@ class CifarResNet50(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        stages = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            stages.append(x)
-        return stages, pool_flat(x)
+        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4))
+        return stages, pool_flat(stages[-1])
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.base import Classifier, init_weights, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 
@@ -51,11 +51,8 @@ class ShuffleV1(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        s1 = self.layer1(x)
-        s2 = self.layer2(s1)
-        s3 = self.layer3(s2)
-        return [s1, s2, s3], pool_flat(s3)
+        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
+        return stages, pool_flat(stages[-1])
 
 
 class V2Block(nn.Module):
@@ -103,10 +100,7 @@ class ShuffleV2(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        s1 = self.layer1(x)
-        s2 = self.layer2(s1)
-        s3 = self.layer3(s2)
+        s1, s2, s3 = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
         out = F.relu(self.bn2(self.conv2(s3)))
         return [s1, s2, out], pool_flat(out)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sskd.errors import SSKDError
-from sskd.models.base import Classifier
+from sskd.models.base import Classifier, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -32,12 +32,8 @@ class TorchvisionResNet(Classifier):
         self.fc = net.fc if num_classes == net.fc.out_features else nn.Linear(self.feat_dim, num_classes)
 
     def stages_and_feat(self, x):
-        x = self.stem(x)
-        stages = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            stages.append(x)
-        return stages, torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        stages = run_stages(self.stem(x), (self.layer1, self.layer2, self.layer3, self.layer4))
+        return stages, pool_flat(stages[-1])
 
 
 def _pretrained_state(arch: str) -> dict:
