@@ -33,6 +33,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: s
     process, accelerate#2741) gets two real CPU ranks.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     # ``device`` is where DALI makes the views; the model trains on the GPU whenever there is one
     # (DALI-on-CPU feeding GPU training is a standard mode on machines with many cores).
@@ -40,6 +41,11 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: s
     cpu = not torch.cuda.is_available()
     if mixed_precision == "fp16" and cpu:
         raise SSKDError("run.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
+    # Accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    # precision. Several stages in one process (the demo, tests, notebooks) may differ in precision, so
+    # the per-run part of the state is dropped; the process group (PartialState) is kept.
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,

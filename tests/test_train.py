@@ -183,6 +183,15 @@ def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, 
         assert r["loss"] == pytest.approx(sum(losses[r["step"] - 4:r["step"]]) / 4, rel=1e-4)
 
 
+def test_precision_may_change_between_runs_in_one_process():
+    """Accelerate's process-wide state refuses a second precision; the demo and notebooks run several stages."""
+    from sskd.dist import make_accelerator
+
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16", grad_accum=2).mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+
+
 def test_bf16_gradient_accumulation_and_clipping(digits_shards, tmp_path):
     out = tmp_path / "t"
     assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 3,
