@@ -5,9 +5,10 @@ where the view operators run. Every random parameter comes from the sample id st
 (:func:`pipelines.plan.view_params`, one CPU node per batch); argument inputs stay on the CPU as DALI
 requires, also for GPU operators.
 
-Work order keeps resampling to one pass per view: one shared flip of the decoded image → per view a
-crop (or a random-resized-crop straight to the output size) → exact 90° rotations (transpose+flip for
-the fixed ones, one nearest-neighbour warp for the per-sample k, which beats DALI conditionals) → one
+Work order keeps resampling to one pass per view: one shared flip (of the small CIFAR image, or folded
+into each resize window) → per view a crop (or a random-resized-crop straight to the output size) →
+exact 90° rotations (transpose+flip for the fixed ones, one nearest-neighbour warp for the per-sample
+k, which beats DALI conditionals) → colour drop by DALI's luma conversion, colour distortion by one
 colour matrix (``coord_transform``) → the views stacked and normalised by a single
 ``crop_mirror_normalize`` to float.
 """
@@ -22,7 +23,6 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from pipelines import plan
-from pipelines.colors import GRAY_MATRIX
 from shards import format as sfmt
 
 READER = "reader"
@@ -42,10 +42,21 @@ def _decode(img, device):
 
 
 def _batch_params(ids, shapes, *, seed, epoch, views, layout):
-    """python_function body: lists of per-sample arrays in, a tuple of lists of per-sample arrays out."""
+    """python_function body: lists of per-sample arrays in, a tuple of lists of per-sample arrays out.
+
+    ImageNet layout: the shared flip is folded into the windows (a window whose x end lies left of its
+    start makes ``fn.resize`` mirror it), so the decoded image is never flipped as a whole.
+    """
     ids = np.array([np.asarray(i).reshape(()) for i in ids], dtype=np.int64)
     hw = np.stack([np.asarray(s)[:2] for s in shapes])
     params = plan.view_params(ids, hw, seed=seed, epoch=epoch, views=views, layout=layout)
+    if layout == "imagenet":
+        flip = params["flip"].astype(bool)
+        width = hw[:, 1].astype(np.float32)
+        for view in range(len(views)):
+            start, end = params[f"v{view}.roi_start"].copy(), params[f"v{view}.roi_end"].copy()
+            start[flip, 1], end[flip, 1] = width[flip] - start[flip, 1], width[flip] - end[flip, 1]
+            params[f"v{view}.roi_start"], params[f"v{view}.roi_end"] = start, end
     return tuple([np.array(a) for a in params[name]] for name in plan.param_names(views, layout))
 
 
@@ -80,8 +91,9 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int):
     if name == "rotation":  # k quarter turns per sample: one nearest-neighbour warp, exact on a square view
         return fn.rotate(v, angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
                          interp_type=types.INTERP_NN, keep_size=True)
-    if name == "color_drop":
-        return fn.coord_transform(v, M=GRAY_MATRIX, dtype=types.UINT8)
+    if name == "color_drop":  # DALI's own luma conversion: 20x faster on CPU than a 3x3 matrix
+        gray = fn.color_space_conversion(v, image_type=types.RGB, output_type=types.GRAY)
+        return fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
     if name == "color_distort":
         return fn.coord_transform(v, M=prm[f"v{view}.M"], T=prm[f"v{view}.T"], dtype=types.UINT8)
     return v
@@ -100,9 +112,12 @@ def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, mean, s
     enc, sid, lbl = _read(tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=True,
                           seed=plan.reader_seed(plan_seed, epoch), initial_fill=initial_fill)
     prm = params_node(sid, fn.peek_image_shape(enc), seed=plan_seed, epoch=epoch, views=views, layout=layout)
-    # One flip decision per sample, shared by all its views as in the official code, applied once to
-    # the decoded image (so before every crop and rotation).
-    img = fn.flip(_decode(enc, device), horizontal=prm["flip"])
+    # One flip decision per sample, shared by all its views as in the official code, as if applied to the
+    # decoded image (before every crop and rotation): CIFAR layout flips the small image once, ImageNet
+    # layout mirrors each resize window instead (see _batch_params).
+    img = _decode(enc, device)
+    if layout != "imagenet":
+        img = fn.flip(img, horizontal=prm["flip"])
     out = [make_view(img, prm, name=name, view=view, size=size) for view, name in enumerate(views)]
     stacked = fn.stack(*out) if len(out) > 1 else fn.expand_dims(out[0], axes=[0], new_axis_names="F")
     return _normalize(fn.reshape(stacked, layout="FHWC"), mean, std, dtype), lbl, sid

@@ -23,7 +23,7 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
-PIPELINE_VERSION = 1  # bump when any view's pixels change for the same plan parameters
+PIPELINE_VERSION = 2  # 2: colour drop by DALI's luma, flip folded into resize windows; bump when any view's pixels change for the same plan parameters
 
 
 def rank_counts(n: int, world_size: int) -> list[int]:

@@ -2,8 +2,8 @@
 
 - :func:`reference_views` takes its parameters from the same plan function as the DALI graph
   (:mod:`pipelines.plan`) and applies each transform with torch ops on uint8 tensors. Tests use it to
-  check DALI's output per transform: crops, flips, 90° rotations are exact; colour drop and colour
-  distortion (the same 3x3 matrix) agree to within one uint8 step; random-resized crops agree to a
+  check DALI's output per transform: crops, flips, 90° rotations and colour drop (DALI's fixed-point
+  luma) are exact; colour distortion (the same 3x3 matrix) agrees to within one uint8 step; random-resized crops agree to a
   tolerance, because torchvision crops an integer window (≤ 0.5 px shift) and its antialiasing
   kernel differs from DALI's.
 - :class:`BaselineViews` is how a user would write these views with torchvision's own random
@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines import plan
-from pipelines.colors import GRAY_MATRIX
+from pipelines.colors import gray_u8
 
 def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
     out = torch.einsum("ij,jhw->ihw", torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3)), img.float())
@@ -61,7 +61,7 @@ def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: 
         k = {"rot90": 1, "rot180": 2, "rot270": 3}.get(name) or int(prm[f"v{view}.k"][0])
         v = torch.rot90(v, k, dims=(1, 2))  # counter-clockwise, as np.rot90
     elif name == "color_drop":
-        v = _affine(v, GRAY_MATRIX, np.zeros(3))
+        v = torch.from_numpy(gray_u8(v.permute(1, 2, 0).numpy())).permute(2, 0, 1)
     elif name == "color_distort":
         v = _affine(v, prm[f"v{view}.M"][0], prm[f"v{view}.T"][0])
     return v.contiguous()

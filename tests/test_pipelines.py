@@ -95,6 +95,26 @@ def test_views_equal_the_torchvision_reference(digits_shards):
             assert err.max() <= 1e-3, (views, sid, err.tolist())
 
 
+def test_colour_drop_is_dalis_luma_bit_for_bit():
+    """The reference's fixed-point luma equals DALI's colour drop on every one of 262,144 random pixels."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from pipelines.colors import gray_u8
+    from pipelines.dali import make_view
+
+    rgb = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        img = fn.external_source(source=lambda: [rgb], batch=True, layout="HWC")
+        return make_view(img, {"v1.start": np.zeros(2, np.int32)}, name="color_drop", view=1, size=512)
+
+    p = pipe()
+    p.build()
+    np.testing.assert_array_equal(p.run()[0].as_array()[0], gray_u8(rgb))
+
+
 def test_rotation_views_are_exact_rotations_of_the_normal_geometry(digits_shards):
     loader = ViewLoader(digits_shards, "train", batch_size=64, views="rotation")
     b = next(iter(loader.epoch(0)))
