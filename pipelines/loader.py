@@ -16,14 +16,17 @@ from typing import Any
 
 import torch
 
-from pipelines.plan import ViewConfig
+from pipelines.finish import finish_views
+from pipelines.plan import ViewConfig, colour_views
 from shards.format import load_manifest, split_files
 from sskd.errors import SSKDError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
-PIPELINE_VERSION = 2  # 2: colour drop by DALI's luma, flip folded into resize windows; bump when any view's pixels change for the same plan parameters
+# Bump when any view's pixels change for the same plan parameters (caches record it). 3: colour distortion
+# in float before rounding (pipelines.finish); 2: DALI's luma for colour drop, flip folded into windows.
+PIPELINE_VERSION = 3
 
 
 def rank_counts(n: int, world_size: int) -> list[int]:
@@ -82,6 +85,13 @@ class ViewLoader:
         self._merge_tail = per_rank[rank] > self._batches
 
     @property
+    def _finish_device(self) -> torch.device:
+        """Where uint8 views become floats: the consumer's device if given, else where DALI made them."""
+        if self.torch_device is not None:
+            return torch.device(self.torch_device)
+        return torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
+
+    @property
     def num_views(self) -> int:
         return self.views.num_views
 
@@ -97,16 +107,16 @@ class ViewLoader:
 
         from pipelines.dali import eval_pipeline, train_pipeline
 
-        dali_dtype = types.FLOAT if self.dtype in (torch.float32, torch.bfloat16) else types.FLOAT16
         common = dict(batch_size=self.batch_size, num_threads=self.threads,
                       device_id=None if self.device == "cpu" else torch.cuda.current_device(),
-                      size=self.size, layout=self.layout, mean=self.manifest["mean"], std=self.manifest["std"],
-                      device=self.device, shard_id=self.rank, num_shards=self.world_size, dtype=dali_dtype,
-                      prefetch_queue_depth=2, seed=self.seed)  # DALI's own RNG is unused
+                      size=self.size, layout=self.layout, device=self.device, shard_id=self.rank,
+                      num_shards=self.world_size, prefetch_queue_depth=2, seed=self.seed)  # DALI's RNG is unused
         if self.train:
             return train_pipeline(self.tars, self.idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
                                   initial_fill=self.initial_fill, **common)
-        return eval_pipeline(self.tars, self.idxs, **common)
+        dali_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        return eval_pipeline(self.tars, self.idxs, mean=self.manifest["mean"], std=self.manifest["std"],
+                             dtype=dali_dtype, **common)
 
     def _raw_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of one epoch, straight from ``pipe.run()``.
@@ -115,17 +125,30 @@ class ViewLoader:
         ceil(rank samples / batch size) iterations and trim the padding, so every sample comes once.
         """
         pipe = self._pipeline(epoch)
-        n, bs = self.rank_num_samples, self.batch_size
+        n, bs, nv = self.rank_num_samples, self.batch_size, self.num_views
+        colour = colour_views(self.view_names) if self.train else []
+        out = None  # the training views' float buffer, reused across batches when allowed
         try:
             pipe.build()
             for i in range(-(-n // bs)):
-                views, label, sid = pipe.run()
+                outs = pipe.run()
                 keep = min(bs, n - i * bs)
-                # DALI reuses its output buffers on the next run (DALI#3239): copy unless the consumer is
-                # done with a batch before asking for the next; the tail batch that may be merged is kept.
+                # DALI reuses its output buffers on the next run (DALI#3239), and so does ``out``: copy
+                # unless the consumer is done with a batch before asking for the next; the tail batch that
+                # may be merged is kept.
                 copy = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
-                yield {"views": _to_torch(views, copy)[:keep], "label": _to_torch(label, True)[:keep].long(),
-                       "id": _to_torch(sid, True)[:keep].long()}
+                if self.train:  # uint8 views -> finish on the training device (pipelines.finish)
+                    u8 = [_to_torch(o, False)[:keep].to(self._finish_device, non_blocking=True) for o in outs[:nv]]
+                    params = [_to_torch(o, False)[:keep] for o in outs[nv + 2:]]
+                    mats = {v: (params[2 * j], params[2 * j + 1]) for j, v in enumerate(colour)}
+                    views = finish_views(u8, mats, self.manifest["mean"], self.manifest["std"], dtype=self.dtype,
+                                         out=None if copy else out)
+                    if not copy and views.dtype == torch.float32:
+                        out = views
+                else:
+                    views = _to_torch(outs[0], copy)[:keep]
+                yield {"views": views, "label": _to_torch(outs[nv], True)[:keep].long(),
+                       "id": _to_torch(outs[nv + 1], True)[:keep].long()}
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
         finally:
@@ -149,7 +172,7 @@ class ViewLoader:
     def _emit(self, batch, index, start_batch):
         if index < start_batch:
             return
-        if self.dtype == torch.bfloat16:
+        if self.dtype == torch.bfloat16 and not self.train:
             batch["views"] = batch["views"].to(torch.bfloat16)
         if self.torch_device is not None:
             batch = {k: v.to(self.torch_device, non_blocking=True) for k, v in batch.items()}

@@ -139,6 +139,11 @@ def param_keys(views) -> list[tuple[int, int]]:
     return keys
 
 
+def colour_views(views) -> list[int]:
+    """Views whose colour-distortion matrices (M, T) follow the label and id among the training outputs."""
+    return [i for i, n in enumerate(views) if n == "color_distort"]
+
+
 def param_names(views, layout: str) -> list[str]:
     """Names of the arrays :func:`view_params` returns, in order (one DALI node each)."""
     names = ["flip"]

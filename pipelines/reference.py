@@ -3,7 +3,7 @@
 - :func:`reference_views` takes its parameters from the same plan function as the DALI graph
   (:mod:`pipelines.plan`) and applies each transform with torch ops on uint8 tensors. Tests use it to
   check DALI's output per transform: crops, flips, 90° rotations and colour drop (DALI's fixed-point
-  luma) are exact; colour distortion (the same 3x3 matrix) agrees to within one uint8 step; random-resized crops agree to a
+  luma) are exact; colour distortion (the same 3x3 matrix in float32) to float rounding; random-resized crops agree to a
   tolerance, because torchvision crops an integer window (≤ 0.5 px shift) and its antialiasing
   kernel differs from DALI's.
 - :class:`BaselineViews` is how a user would write these views with torchvision's own random
@@ -21,9 +21,9 @@ from pipelines import plan
 from pipelines.colors import gray_u8
 
 def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
+    """Colour matrix on float 0-255 values, clamped, not rounded (as :mod:`pipelines.finish`)."""
     out = torch.einsum("ij,jhw->ihw", torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3)), img.float())
-    out = out + torch.as_tensor(np.asarray(t, dtype=np.float32)).view(3, 1, 1)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    return (out + torch.as_tensor(np.asarray(t, dtype=np.float32)).view(3, 1, 1)).clamp(0, 255)
 
 
 def _crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, size: int) -> torch.Tensor:
@@ -46,8 +46,9 @@ def _crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, si
 
 
 def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: int) -> torch.Tensor:
-    """One uint8 view (3, size, size) of a decoded uint8 image ``img`` (3, H, W) with the parameters of
-    :func:`pipelines.plan.view_params` for this sample (row 0 of each array)."""
+    """One view (3, size, size) of a decoded uint8 image ``img`` (3, H, W) with the parameters of
+    :func:`pipelines.plan.view_params` for this sample (row 0 of each array): uint8, or float 0-255 for
+    colour distortion."""
     if prm["flip"][0]:  # the shared flip, on the decoded image
         img = TF.horizontal_flip(img)
     if f"v{view}.start" in prm:
