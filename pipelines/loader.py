@@ -83,6 +83,9 @@ class ViewLoader:
         per_rank = [-(-c // batch_size) for c in counts]
         self._batches = min(per_rank)  # the extra tail batch of larger ranks is merged into their last one
         self._merge_tail = per_rank[rank] > self._batches
+        self._running: tuple[Any, int] | None = None  # (pipeline, epoch) while an epoch is being read
+        self._yielded = 0  # batches of the running epoch handed out
+        self.replayed = 0  # batches made and dropped to resume without a usable DALI checkpoint
 
     @property
     def _finish_device(self) -> torch.device:
@@ -102,7 +105,7 @@ class ViewLoader:
     def __len__(self) -> int:
         return self._batches
 
-    def _pipeline(self, epoch: int):
+    def _pipeline(self, epoch: int, checkpoint: bytes | None = None):
         from nvidia.dali import types
 
         from pipelines.dali import eval_pipeline, train_pipeline
@@ -111,27 +114,35 @@ class ViewLoader:
                       device_id=None if self.device == "cpu" else torch.cuda.current_device(),
                       size=self.size, layout=self.layout, device=self.device, shard_id=self.rank,
                       num_shards=self.world_size, prefetch_queue_depth=2, seed=self.seed)  # DALI's RNG is unused
-        if self.train:
+        if self.train:  # DALI's pipeline checkpointing: exact mid-epoch resume without re-making batches
             return train_pipeline(self.tars, self.idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
-                                  initial_fill=self.initial_fill, **common)
+                                  initial_fill=self.initial_fill, enable_checkpointing=True, checkpoint=checkpoint,
+                                  **common)
         dali_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
         return eval_pipeline(self.tars, self.idxs, mean=self.manifest["mean"], std=self.manifest["std"],
                              dtype=dali_dtype, **common)
 
-    def _raw_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's batches of one epoch, straight from ``pipe.run()``.
+    def _raw_batches(self, epoch: int, start: int = 0, checkpoint: bytes | None = None
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches of one epoch from batch ``start`` on, straight from ``pipe.run()``.
 
         The reader pads this rank's last batch (``pad_last_batch``); we run exactly
         ceil(rank samples / batch size) iterations and trim the padding, so every sample comes once.
+        With a DALI ``checkpoint`` taken after batch ``start`` - 1 the pipeline continues from there;
+        without one, the batches before ``start`` are made and dropped (counted in ``self.replayed``).
         """
-        pipe = self._pipeline(epoch)
+        pipe = self._pipeline(epoch, checkpoint)
         n, bs, nv = self.rank_num_samples, self.batch_size, self.num_views
         colour = colour_views(self.view_names) if self.train else []
         out = None  # the training views' float buffer, reused across batches when allowed
         try:
             pipe.build()
-            for i in range(-(-n // bs)):
+            self._running = (pipe, epoch)
+            for i in range(start if checkpoint is not None else 0, -(-n // bs)):
                 outs = pipe.run()
+                if i < start:
+                    self.replayed += 1
+                    continue
                 keep = min(bs, n - i * bs)
                 # DALI reuses its output buffers on the next run (DALI#3239), and so does ``out``: copy
                 # unless the consumer is done with a batch before asking for the next; the tail batch that
@@ -152,31 +163,56 @@ class ViewLoader:
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
         finally:
+            self._running = None
             del pipe
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0, resume_state: dict | None = None
+              ) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` on this rank, from batch ``start_batch`` on (exact resume).
 
-        Batches before ``start_batch`` are produced and dropped: exact, since the epoch is a pure
-        function of its seed, at the cost of re-making them once.
+        With ``resume_state`` (from :meth:`state` at that batch, by the same rank and set-up) DALI's
+        pipeline restarts from its checkpoint; otherwise (or if the state does not fit) the batches
+        before ``start_batch`` are made and dropped: exact either way, since the epoch is a pure
+        function of its seed.
         """
+        checkpoint = None
+        if resume_state is not None and start_batch > 0:
+            expect = self._state_key(epoch, start_batch)
+            if {k: resume_state.get(k) for k in expect} == expect:
+                checkpoint = resume_state["dali"]
+            else:
+                log.warning("data state does not fit this run (%s vs %s): re-making %d batches to resume",
+                            {k: resume_state.get(k) for k in expect}, expect, start_batch)
+        self._yielded = start_batch
         held = None  # the last batch of a rank whose extra tail is merged into it (a copy, see _raw_batches)
-        for i, batch in enumerate(self._raw_batches(epoch)):
+        for i, batch in enumerate(self._raw_batches(epoch, start_batch, checkpoint), start=start_batch):
             if self._merge_tail and i == self._batches - 1:
                 held = batch
                 continue
             if held is not None:
-                batch, i = {k: torch.cat([held[k], batch[k]]) for k in batch}, self._batches - 1
-            yield from self._emit(batch, i, start_batch)
+                batch = {k: torch.cat([held[k], batch[k]]) for k in batch}
+            self._yielded += 1
+            yield self._emit(batch)
 
-    def _emit(self, batch, index, start_batch):
-        if index < start_batch:
-            return
+    def _state_key(self, epoch: int, batch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "seed": self.seed, "views": list(self.view_names),
+                "num_samples": self.num_samples, "pipeline_version": PIPELINE_VERSION}
+
+    def state(self) -> dict[str, Any] | None:
+        """Where this rank's running training epoch stands: DALI's pipeline checkpoint after the last
+        batch yielded, with what it is valid for; None between epochs (or for evaluation loaders)."""
+        if self._running is None or not self.train:
+            return None
+        pipe, epoch = self._running
+        return {**self._state_key(epoch, self._yielded), "dali": pipe.checkpoint()}
+
+    def _emit(self, batch):
         if self.dtype == torch.bfloat16 and not self.train:
             batch["views"] = batch["views"].to(torch.bfloat16)
         if self.torch_device is not None:
             batch = {k: v.to(self.torch_device, non_blocking=True) for k, v in batch.items()}
-        yield batch
+        return batch
 
     def __iter__(self):
         return self.epoch(0)

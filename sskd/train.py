@@ -109,6 +109,7 @@ def train(job: Job) -> dict[str, Any]:
     core = accelerator.unwrap_model(method)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0}
+    resume_data = None  # this rank's DALI pipeline checkpoint at the resumed batch, if the run saved one
     if job.resume:
         ckpt = runs.load_checkpoint(out, "last")
         if ckpt is None:
@@ -120,11 +121,21 @@ def train(job: Job) -> dict[str, Any]:
             if accelerator.scaler is not None and ckpt.get("scaler"):
                 accelerator.scaler.load_state_dict(ckpt["scaler"])
             state.update({k: ckpt[k] for k in state})
+            data_states = ckpt.get("data_state") or []
+            if len(data_states) == accelerator.num_processes:
+                resume_data = data_states[accelerator.process_index]
             log.info("resumed %s at step %d (epoch %d, batch %d)", out, state["step"], state["epoch"], state["batch"])
     metrics = runs.MetricsLog(out, enabled=main)
 
     def checkpoint(name: str) -> None:
         accelerator.wait_for_everyone()
+        data = train_loader.state()  # where each rank's reader stands, to resume without re-making batches
+        if accelerator.num_processes == 1:
+            data_states = [data]
+        else:
+            from accelerate.utils import gather_object
+
+            data_states = gather_object([data])
         if main:
             runs.save_checkpoint(out, name, {
                 "model": core.state_dict(),
@@ -133,6 +144,7 @@ def train(job: Job) -> dict[str, Any]:
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "config": cfg.to_dict(),
                 "stage": job.stage,
+                "data_state": data_states,
                 **state,
             })
 
@@ -162,7 +174,9 @@ def train(job: Job) -> dict[str, Any]:
     while state["step"] < total_steps and state["epoch"] < st.epochs:
         epoch = state["epoch"]
         views_epoch = job.data_epoch(epoch) if job.data_epoch else epoch
-        for batch in train_loader.epoch(views_epoch, start_batch=state["batch"]):
+        batches = train_loader.epoch(views_epoch, start_batch=state["batch"], resume_state=resume_data)
+        resume_data = None
+        for batch in batches:
             if job.batch_hook is not None:
                 batch = job.batch_hook(batch, views_epoch)
             with accelerator.accumulate(method):

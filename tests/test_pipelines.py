@@ -157,10 +157,23 @@ def test_eval_is_deterministic_exact_once_across_ranks(digits_shards, photo_shar
 
 
 def test_resume_mid_epoch_gives_the_remaining_batches(digits_shards):
-    loader = ViewLoader(digits_shards, "train", batch_size=100, views="rotation")
-    _, whole = collect(loader, epoch=4)
-    _, tail = collect(loader, epoch=4, start_batch=6)
-    assert len(tail) == len(whole) - 6
+    loader = ViewLoader(digits_shards, "train", batch_size=100, views="paper")
+    whole, state = [], None
+    for i, b in enumerate(loader.epoch(4)):
+        whole.append({k: v.clone() for k, v in b.items()})
+        if i == 5:
+            state = loader.state()  # after 6 batches, as a training checkpoint takes it
+    assert state["batch"] == 6 and isinstance(state["dali"], bytes) and loader.state() is None
+    # from DALI's pipeline checkpoint: nothing re-made
+    fresh = ViewLoader(digits_shards, "train", batch_size=100, views="paper")
+    tail = [{k: v.clone() for k, v in b.items()} for b in fresh.epoch(4, start_batch=6, resume_state=state)]
+    assert fresh.replayed == 0 and len(tail) == len(whole) - 6
+    # without a checkpoint, or with one that does not fit (another epoch), the first batches are re-made
+    for resume in (None, {**state, "epoch": 3}):
+        other = ViewLoader(digits_shards, "train", batch_size=100, views="paper")
+        again = [{k: v.clone() for k, v in b.items()} for b in other.epoch(4, start_batch=6, resume_state=resume)]
+        assert other.replayed == 6
+        assert all(torch.equal(a["views"], b["views"]) for a, b in zip(tail, again))
     for a, b in zip(whole[6:], tail):
         assert torch.equal(a["id"], b["id"]) and torch.equal(a["views"], b["views"])
 

@@ -88,6 +88,10 @@ def test_resume_equals_uninterrupted(digits_shards, tmp_path):
     common = ["train-teacher", "--shards", digits_shards, "--arch", "resnet8", *FAST, "--set", "run.eval_every=0"]
     assert run(*common, "--out", tmp_path / "full", "--max-steps", 6) == 0
     assert run(*common, "--out", tmp_path / "cut", "--max-steps", 3) == 0
+    import torch
+
+    data = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)["data_state"]
+    assert len(data) == 1 and data[0]["batch"] == 3 and data[0]["dali"]  # resumes from DALI's checkpoint
     assert run(*common, "--out", tmp_path / "cut", "--max-steps", 6, "--resume") == 0
     assert load_model_info(tmp_path / "cut")["steps"] == 6
     assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
