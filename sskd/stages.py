@@ -127,6 +127,10 @@ def student_builder(cfg: Config, teacher: str | None, info_out: dict[str, Any], 
         t_model = None
         if method in ("kd", "sskd") and teacher is None:
             raise SSKDError(f"--method {method} needs --teacher RUN")
+        # The student first, from the run seed: building the live teacher draws random initial weights
+        # (then overwritten), which must not change the student's, so live and cached runs start alike.
+        torch.manual_seed(cfg.run.seed)
+        student = new_model(cfg.student.arch, manifest["num_classes"], head=(method == "sskd"))
         if teacher is not None and method != "ce":
             if cached:  # the teacher's outputs come from the cache: check the run, build nothing
                 t_info = teacher_info(teacher, manifest, need_head=(method == "sskd"))
@@ -134,7 +138,6 @@ def student_builder(cfg: Config, teacher: str | None, info_out: dict[str, Any], 
                 t_model, t_info = load_teacher(teacher, manifest, need_head=(method == "sskd"))
                 freeze(t_model)
             info_out.update(teacher=str(teacher), teacher_arch=t_info["arch"])
-        student = new_model(cfg.student.arch, manifest["num_classes"], head=(method == "sskd"))
         info_out.update(arch=cfg.student.arch, method=method)
         return create_method(method, student=student, teacher=t_model,
                              num_classes=manifest["num_classes"], loss_cfg=loss_config(cfg.loss))

@@ -15,6 +15,7 @@ from sskd.cache_build import binding_for, build_cache
 from sskd.cli import main as sskd_main
 from sskd.config import load_config
 from sskd.errors import SSKDError
+from sskd.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-progress", "--batch-size", "32", "--set", "data.eval_batch_size=128"]
@@ -84,9 +85,17 @@ def test_distill_from_cache_refuses_other_seed_and_runs(cache, ss_teacher, digit
               "--shards", digits_shards, *FAST]
     assert run(*common, "--out", tmp_path / "bad", "--seed", "5", "--max-steps", 1) == 2
     assert "seed=0" in capsys.readouterr().err
-    assert run(*common, "--out", tmp_path / "s", "--max-steps", 3) == 0
+    assert run(*common, "--out", tmp_path / "s", "--max-steps", 3, "--set", "run.log_every=1") == 0
     info = json.loads((tmp_path / "s" / "model.json").read_text())
     assert info["cache"] == str(cache) and info["steps"] == 3
+    # A live run with the same seed starts from the same student on the same batch: its first CE (which
+    # no teacher output enters) is identical, whether or not a teacher model was built.
+    i = common.index("--cache")
+    live = common[:i] + common[i + 2:]
+    assert run(*live, "--out", tmp_path / "live", "--max-steps", 1, "--set", "run.log_every=1") == 0
+    first = [next(r for r in read_metrics(tmp_path / d) if r["kind"] == "train") for d in ("s", "live")]
+    assert first[0]["step"] == first[1]["step"] == 1 and first[0]["ce"] == first[1]["ce"]
+    assert first[0]["kd"] == pytest.approx(first[1]["kd"], rel=5e-3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "incomplete"])
