@@ -40,9 +40,14 @@ def finish_views(views_u8: list[torch.Tensor], colour: dict[int, tuple[torch.Ten
     for v, x in enumerate(views_u8):
         x = x.permute(0, 3, 1, 2)
         if v in colour:
-            m, t = (a.to(device=device, dtype=torch.float32) for a in colour[v])
-            y = torch.einsum("bij,bjhw->bihw", m, x.float()).add_(t.view(b, 3, 1, 1)).clamp_(0, 255)
-            out[:, v].copy_(y)
+            m, t = (a.to(device=device, dtype=torch.float32).view(b, 3, -1, 1, 1) for a in colour[v])
+            xf = x.float()
+            # Element-wise in a fixed order (not a batched matmul, whose kernel and summation order may
+            # depend on the batch size): a sample's pixels never depend on its batch.
+            y = m[:, :, 0] * xf[:, 0:1]
+            y += m[:, :, 1] * xf[:, 1:2]
+            y += m[:, :, 2] * xf[:, 2:3]
+            out[:, v].copy_(y.add_(t[:, :, 0]).clamp_(0, 255))
         else:
             out[:, v].copy_(x)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1) * 255

@@ -22,7 +22,9 @@ from pipelines.colors import gray_u8
 
 def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
     """Colour matrix on float 0-255 values, clamped, not rounded (as :mod:`pipelines.finish`)."""
-    out = torch.einsum("ij,jhw->ihw", torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3)), img.float())
+    m = torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3))
+    x = img.float()
+    out = m[:, 0].view(3, 1, 1) * x[0] + m[:, 1].view(3, 1, 1) * x[1] + m[:, 2].view(3, 1, 1) * x[2]
     return (out + torch.as_tensor(np.asarray(t, dtype=np.float32)).view(3, 1, 1)).clamp(0, 255)
 
 

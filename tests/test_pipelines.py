@@ -49,6 +49,15 @@ def test_batches_shapes_and_coverage(digits_shards):
     assert b["label"].dtype == torch.int64 and b["id"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_views_are_the_float_views_rounded(digits_shards, dtype):
+    for train in (True, False):
+        full = next(iter(ViewLoader(digits_shards, "train", batch_size=16, views="paper", train=train)))
+        half = next(iter(ViewLoader(digits_shards, "train", batch_size=16, views="paper", train=train, dtype=dtype)))
+        assert half["views"].dtype == dtype and torch.equal(half["id"], full["id"])
+        assert torch.equal(half["views"], full["views"].to(dtype)), (dtype, train)
+
+
 def test_same_views_whatever_batch_size_threads_and_run(digits_shards):
     a, _ = collect(ViewLoader(digits_shards, "train", batch_size=64, views="paper", threads=1), epoch=1)
     b, _ = collect(ViewLoader(digits_shards, "train", batch_size=100, views="paper", threads=2), epoch=1)
@@ -58,8 +67,8 @@ def test_same_views_whatever_batch_size_threads_and_run(digits_shards):
 
 
 def test_two_ranks_are_disjoint_cover_all_and_match_one_rank(digits_shards):
-    one, _ = collect(ViewLoader(digits_shards, "train", batch_size=50, views="rotation"), epoch=2)
-    ranks = [ViewLoader(digits_shards, "train", batch_size=50, views="rotation", rank=r, world_size=2) for r in (0, 1)]
+    one, _ = collect(ViewLoader(digits_shards, "train", batch_size=50, views="paper"), epoch=2)
+    ranks = [ViewLoader(digits_shards, "train", batch_size=37, views="paper", rank=r, world_size=2) for r in (0, 1)]
     parts = [collect(r, epoch=2) for r in ranks]
     assert len(ranks[0]) == len(ranks[1])  # equal batch counts: DDP never waits on a rank
     assert [len(p[1]) for p in parts] == [len(ranks[0])] * 2
