@@ -52,8 +52,7 @@ def _measure(makers: dict, images: int, warmup: int, progress: bool) -> dict[str
 
 def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads, device):
     """Endless batch sizes from a decode-only or floor DALI pipeline (pipe.run(), no torch copy)."""
-    import nvidia.dali.fn as fn
-    from nvidia.dali import pipeline_def
+    from nvidia.dali import fn, pipeline_def
 
     from pipelines import dali as D
 

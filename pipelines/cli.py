@@ -38,9 +38,8 @@ def cmd_views(args) -> int:
                   manifest["std"], args.epoch)
         print(f"wrote {args.out}: {len(got)} samples x {views.shape[1]} views ({', '.join(loader.view_names)})")
     if args.npz:
-        with atomic_path(args.npz) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, ids=got, labels=labels, views=views, view_names=np.array(loader.view_names))
+        with atomic_path(args.npz) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=got, labels=labels, views=views, view_names=np.array(loader.view_names))
         print(f"wrote {args.npz}: ids {got.shape}, views {views.shape} float32")
     return 0
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import nvidia.dali.fn as fn
-import nvidia.dali.types as types
-from nvidia.dali import pipeline_def
+from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import plan
 from shards import format as sfmt

@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from pipelines import plan
 from pipelines.colors import gray_u8
 
+
 def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
     """Colour matrix on float 0-255 values, clamped, not rounded (as :mod:`pipelines.finish`)."""
     m = torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3))

@@ -9,7 +9,6 @@ from sskd.atomic import sha256_file
 from sskd.errors import SSKDError
 
 
-
 def _webdataset_samples(tar: Path) -> list[tuple[int, int, int]]:
     """(id, label from lbl, label from cls) of every sample of one tar, read with webdataset."""
     import webdataset as wds

@@ -18,9 +18,9 @@ import logging
 import multiprocessing as mp
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

@@ -77,7 +77,7 @@ def run_bench(args) -> dict:
         with torch.inference_mode():  # build the cache of exactly these batches once (not timed)
             outs = [teacher(b["views"].flatten(0, 1)) for b in batches]
         ids = np.concatenate([b["id"].numpy() for b in batches])
-        shape = lambda b, t: t.view(b["views"].shape[0], b["views"].shape[1], -1)  # noqa: E731
+        shape = lambda b, t: t.view(b["views"].shape[0], b["views"].shape[1], -1)
         write_chunk(chunk_path(cache, 0, 0, 0), ids, torch.cat([shape(b, o.logits) for b, o in zip(batches, outs)]),
                     torch.cat([shape(b, o.embed) for b, o in zip(batches, outs)]), None)
         manifest = {"format": "sskd-teacher-cache", "version": 1, "complete": True, "binding": {}, "epochs": 1,

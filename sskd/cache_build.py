@@ -10,8 +10,18 @@ from typing import Any
 import torch
 
 from sskd import atomic
-from sskd.cache import (FORMAT, MANIFEST, VERSION, CacheReader, bytes_per_sample, check_binding, chunk_path,
-                        map_chunk, read_manifest, write_chunk)
+from sskd.cache import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    CacheReader,
+    bytes_per_sample,
+    check_binding,
+    chunk_path,
+    map_chunk,
+    read_manifest,
+    write_chunk,
+)
 from sskd.config import Config
 from sskd.errors import SSKDError
 

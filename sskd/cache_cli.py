@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 
-
-
 def cmd_cache(args) -> int:
     from sskd.cache_build import build_cache
     from sskd.commands import resolve_config

@@ -19,8 +19,15 @@ from einops import rearrange, repeat
 from torch import nn
 
 from sskd.heads import SSModel
-from sskd.losses import (SSKDLossConfig, contrastive_loss, kd_loss, similarity_matrix, ss_kd_loss, sskd_total,
-                         transformed_kd_loss)
+from sskd.losses import (
+    SSKDLossConfig,
+    contrastive_loss,
+    kd_loss,
+    similarity_matrix,
+    ss_kd_loss,
+    sskd_total,
+    transformed_kd_loss,
+)
 from sskd.registry import Registry
 
 METHODS = Registry("method")
@@ -157,7 +164,7 @@ class SSKD(Method):
         t_logits, t_embed = self._teacher(batch, flat, b)
         terms = {"ce": F.cross_entropy(s_logits[:, 0], labels), "kd": kd_loss(s_logits[:, 0], t_logits[:, 0], self.cfg.kd_T)}
         if v > 1:
-            rows = lambda t: rearrange(t[:, 1:], "b v x -> (b v) x")  # noqa: E731
+            rows = lambda t: rearrange(t[:, 1:], "b v x -> (b v) x")
             terms["tf"] = transformed_kd_loss(rows(s_logits), rows(t_logits), repeat(labels, "b -> (b v)", v=v - 1),
                                               self.cfg.tf_T, self.cfg.tf_ratio)
             s_cols, t_cols, offset = s_embed[:, 0], t_embed[:, 0], 0

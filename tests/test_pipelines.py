@@ -106,8 +106,7 @@ def test_views_equal_the_torchvision_reference(digits_shards):
 
 def test_colour_drop_is_dalis_luma_bit_for_bit():
     """The reference's fixed-point luma equals DALI's colour drop on every one of 262,144 random pixels."""
-    import nvidia.dali.fn as fn
-    from nvidia.dali import pipeline_def
+    from nvidia.dali import fn, pipeline_def
 
     from pipelines.colors import gray_u8
     from pipelines.dali import make_view

@@ -64,7 +64,7 @@ def test_byte_identical_whatever_workers(tmp_path):
 
 
 def test_interrupted_run_leaves_nothing_complete_looking_and_resumes(tmp_path, monkeypatch):
-    import shards.writer as writer
+    from shards import writer
 
     src = digits_source(seed=0)
     opts = ShardOptions(max_count=300, progress=False)

@@ -26,4 +26,4 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
-__all__ = ["Classifier", "Features", "MODELS", "create_model", "list_models"]
+__all__ = ["MODELS", "Classifier", "Features", "create_model", "list_models"]
