@@ -8,7 +8,8 @@ requires, also for GPU operators.
 Work order keeps resampling to one pass per view: one shared flip (of the small CIFAR image, or folded
 into each resize window) → per view a crop (or a random-resized-crop straight to the output size) →
 exact 90° rotations (transpose+flip for the fixed ones, one nearest-neighbour warp for the per-sample
-k, which beats DALI conditionals) → colour drop by DALI's luma conversion. The training graph ends in
+k, which beats DALI conditionals); colour drop takes DALI's luma of the whole image once and crops and
+resamples that one channel. The training graph ends in
 uint8 HWC views plus the colour-distortion matrices; :mod:`pipelines.finish` applies those matrices,
 the CHW layout and the normalisation in torch on the training device (measured cheaper than DALI's CPU
 colour-matrix, stack and normalise operators, and a quarter of the bytes to move to a GPU).
@@ -77,8 +78,19 @@ def _rot(img, k: int):
     return fn.flip(fn.transpose(img, perm=[1, 0, 2], output_layout="HWC"), horizontal=1)
 
 
-def make_view(img, prm: dict, *, name: str, view: int, size: int):
-    """One uint8 HWC view of the (already flipped) decoded image."""
+def _luma(img):
+    return fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
+
+
+def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None):
+    """One uint8 HWC view of the (already flipped) decoded image.
+
+    ``gray``: the image's luma (1 channel), if the caller made it once; colour drop then crops and
+    resamples one channel instead of three (luma and resampling are both linear, so they commute up to
+    rounding; for CIFAR-layout crops exactly).
+    """
+    if name == "color_drop" and gray is not None:
+        img = gray
     if f"v{view}.start" in prm:  # CIFAR layout: a window of the image zero-padded by PAD
         v = fn.slice(img, start=prm[f"v{view}.start"], shape=[size, size], axis_names="HW",
                      out_of_bounds_policy="pad", fill_values=0)
@@ -91,8 +103,9 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int):
         return fn.rotate(v, angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
                          interp_type=types.INTERP_NN, keep_size=True)
     if name == "color_drop":  # DALI's own luma conversion: 20x faster on CPU than a 3x3 matrix
-        gray = fn.color_space_conversion(v, image_type=types.RGB, output_type=types.GRAY)
-        return fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
+        if gray is None:
+            v = _luma(v)
+        return fn.color_space_conversion(v, image_type=types.GRAY, output_type=types.RGB)
     return v  # normal, crop_resize; colour distortion's matrix is applied by pipelines.finish
 
 
@@ -110,7 +123,8 @@ def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, device=
     img = _decode(enc, device)
     if layout != "imagenet":
         img = fn.flip(img, horizontal=prm["flip"])
-    out = [make_view(img, prm, name=name, view=view, size=size) for view, name in enumerate(views)]
+    gray = _luma(img) if "color_drop" in views else None  # once per image, see make_view
+    out = [make_view(img, prm, name=name, view=view, size=size, gray=gray) for view, name in enumerate(views)]
     colour = [prm[f"v{v}.{a}"] for v in plan.colour_views(views) for a in ("M", "T")]
     return (*out, lbl, sid, *colour)
 

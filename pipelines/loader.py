@@ -24,9 +24,10 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
-# Bump when any view's pixels change for the same plan parameters (caches record it). 3: colour distortion
-# in float before rounding (pipelines.finish); 2: DALI's luma for colour drop, flip folded into windows.
-PIPELINE_VERSION = 3
+# Bump when any view's pixels change for the same plan parameters (caches record it). 4: colour drop
+# resamples the luma; 3: colour distortion in float before rounding (pipelines.finish); 2: DALI's luma
+# for colour drop, flip folded into windows.
+PIPELINE_VERSION = 4
 
 
 def rank_counts(n: int, world_size: int) -> list[int]:

@@ -54,6 +54,8 @@ def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: 
     colour distortion."""
     if prm["flip"][0]:  # the shared flip, on the decoded image
         img = TF.horizontal_flip(img)
+    if name == "color_drop":  # the luma of the whole image, then one channel cropped and resampled
+        img = torch.from_numpy(gray_u8(img.permute(1, 2, 0).numpy())[..., :1]).permute(2, 0, 1)
     if f"v{view}.start" in prm:
         dy, dx = (int(a) for a in prm[f"v{view}.start"][0])
         padded = TF.pad(img, [plan.PAD] * 4, fill=0)
@@ -65,7 +67,7 @@ def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: 
         k = {"rot90": 1, "rot180": 2, "rot270": 3}.get(name) or int(prm[f"v{view}.k"][0])
         v = torch.rot90(v, k, dims=(1, 2))  # counter-clockwise, as np.rot90
     elif name == "color_drop":
-        v = torch.from_numpy(gray_u8(v.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+        v = v.expand(3, -1, -1)
     elif name == "color_distort":
         v = _affine(v, prm[f"v{view}.M"][0], prm[f"v{view}.T"][0])
     return v.contiguous()
