@@ -21,16 +21,15 @@ import numpy as np
 LUMA = (0.299, 0.587, 0.114)
 CONTRAST_CENTER = 128.0
 
-_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
+_YIQ = np.array([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
 _YIQ_INV = np.linalg.inv(_YIQ)
 # M_hs = A + (s cos h) B + (s sin h) C, precomputed in float64 and rounded once to float32 constants.
 _A = (_YIQ_INV @ np.diag([1.0, 0.0, 0.0]) @ _YIQ).astype(np.float32)
 _B = (_YIQ_INV @ np.diag([0.0, 1.0, 1.0]) @ _YIQ).astype(np.float32)
 _C = (_YIQ_INV @ np.array([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]) @ _YIQ).astype(np.float32)
 
-GRAY_MATRIX = list(LUMA) * 3  # row-major 3x3: every output channel is the luma
-# DALI's CPU RGB->GRAY conversion: the luma in 15-bit fixed point, rounded half up (checked bit-exact
-# against DALI on 262,144 random pixels in tests/test_pipelines.py).
+# DALI's CPU RGB->GRAY conversion: LUMA in 15-bit fixed point (summing to 2**15), rounded half up
+# (checked bit-exact against DALI on 262,144 random pixels in tests/test_pipelines.py).
 LUMA_Q15 = (9798, 19235, 3735)
 
 
