@@ -9,10 +9,10 @@ Work order keeps resampling to one pass per view: one shared flip (of the small 
 into each resize window) → per view a crop (or a random-resized-crop straight to the output size) →
 exact 90° rotations (transpose+flip for the fixed ones, one nearest-neighbour warp for the per-sample
 k, which beats DALI conditionals); colour drop takes DALI's luma of the whole image once and crops and
-resamples that one channel. The training graph ends in
-uint8 HWC views plus the colour-distortion matrices; :mod:`pipelines.finish` applies those matrices,
-the CHW layout and the normalisation in torch on the training device (measured cheaper than DALI's CPU
-colour-matrix, stack and normalise operators, and a quarter of the bytes to move to a GPU).
+resamples that one channel. The training graph ends in uint8 HWC views plus the colour-distortion
+matrices; :mod:`pipelines.finish` applies those matrices, the CHW layout and the normalisation in torch
+on the training device (measured cheaper than DALI's CPU colour-matrix, stack and normalise operators,
+and a quarter of the bytes to move to a GPU).
 """
 
 from __future__ import annotations

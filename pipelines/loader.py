@@ -136,6 +136,7 @@ class ViewLoader:
         n, bs, nv = self.rank_num_samples, self.batch_size, self.num_views
         colour = colour_views(self.view_names) if self.train else []
         out = None  # the training views' float buffer, reused across batches when allowed
+        finish_device = self._finish_device
         try:
             pipe.build()
             self._running = (pipe, epoch)
@@ -150,7 +151,7 @@ class ViewLoader:
                 # may be merged is kept.
                 copy = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
                 if self.train:  # uint8 views -> finish on the training device (pipelines.finish)
-                    u8 = [_to_torch(o, False)[:keep].to(self._finish_device, non_blocking=True) for o in outs[:nv]]
+                    u8 = [_to_torch(o, False)[:keep].to(finish_device, non_blocking=True) for o in outs[:nv]]
                     params = [_to_torch(o, False)[:keep] for o in outs[nv + 2:]]
                     mats = {v: (params[2 * j], params[2 * j + 1]) for j, v in enumerate(colour)}
                     views = finish_views(u8, mats, self.manifest["mean"], self.manifest["std"], dtype=self.dtype,

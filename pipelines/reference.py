@@ -3,9 +3,9 @@
 - :func:`reference_views` takes its parameters from the same plan function as the DALI graph
   (:mod:`pipelines.plan`) and applies each transform with torch ops on uint8 tensors. Tests use it to
   check DALI's output per transform: crops, flips, 90° rotations and colour drop (DALI's fixed-point
-  luma) are exact; colour distortion (the same 3x3 matrix in float32) to float rounding; random-resized crops agree to a
-  tolerance, because torchvision crops an integer window (≤ 0.5 px shift) and its antialiasing
-  kernel differs from DALI's.
+  luma) are exact; colour distortion (the same 3x3 matrix in float32) agrees to float rounding;
+  random-resized crops agree to a tolerance, because torchvision crops an integer window (≤ 0.5 px
+  shift) and its antialiasing kernel differs from DALI's.
 - :class:`BaselineViews` is how a user would write these views with torchvision's own random
   transforms (``transforms.v2`` on uint8 tensors): the honest baseline of ``sskd bench pipeline``.
 """
