@@ -9,8 +9,9 @@ Work order keeps resampling to one pass per view: one shared flip (of the small 
 into each resize window) → per view a crop (or a random-resized-crop straight to the output size) →
 exact 90° rotations (transpose+flip for the fixed ones, one nearest-neighbour warp for the per-sample
 k, which beats DALI conditionals); colour drop takes DALI's luma of the whole image once and crops and
-resamples that one channel. The training graph ends in uint8 HWC views plus the colour-distortion
-matrices; :mod:`pipelines.finish` applies those matrices, the CHW layout and the normalisation in torch
+resamples that one channel. The training graph ends in uint8 HWC views (colour drop: one channel) plus
+the colour-distortion matrices; :mod:`pipelines.finish` applies those matrices, replicates the grey
+channel, and makes the CHW layout and the normalisation in torch
 on the training device (measured cheaper than DALI's CPU colour-matrix, stack and normalise operators,
 and a quarter of the bytes to move to a GPU).
 """
@@ -83,7 +84,7 @@ def _luma(img):
 
 
 def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None):
-    """One uint8 HWC view of the (already flipped) decoded image.
+    """One uint8 HWC view of the (already flipped) decoded image; colour drop has one channel (its luma).
 
     ``gray``: the image's luma (1 channel), if the caller made it once; colour drop then crops and
     resamples one channel instead of three (luma and resampling are both linear, so they commute up to
@@ -102,11 +103,10 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None):
     if name == "rotation":  # k quarter turns per sample: one nearest-neighbour warp, exact on a square view
         return fn.rotate(v, angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
                          interp_type=types.INTERP_NN, keep_size=True)
-    if name == "color_drop":  # DALI's own luma conversion: 20x faster on CPU than a 3x3 matrix
-        if gray is None:
-            v = _luma(v)
-        return fn.color_space_conversion(v, image_type=types.GRAY, output_type=types.RGB)
-    return v  # normal, crop_resize; colour distortion's matrix is applied by pipelines.finish
+    if name == "color_drop" and gray is None:  # DALI's own luma: 20x faster on CPU than a 3x3 matrix
+        v = _luma(v)
+    return v  # normal, crop_resize; colour drop stays one channel and colour distortion's matrix is applied
+    # by pipelines.finish, which replicates the grey channel while it normalises (no DALI copy to 3 channels)  # normal, crop_resize; colour distortion's matrix is applied by pipelines.finish
 
 
 @pipeline_def

@@ -2,15 +2,19 @@
 normalisation and dtype.
 
 DALI makes every view's geometry and its cheap integer operations (decode, crops, random-resized
-crops, 90° rotations, colour drop) and hands over uint8 HWC views; this module turns them into the
-batch the model sees, ``(b, V, 3, H, W)`` normalised floats, in one pass per view. Doing the float
-part here rather than in DALI's CPU operators is measured (``sskd bench pipeline``): DALI's CPU colour
-matrix, stack and normalise kernels cost about 3 ms per 224-px image more than these few batched
-torch operations, and on a GPU both are negligible while moving uint8 instead of float to the device
-carries a quarter of the bytes.
+crops, 90° rotations, colour drop) and hands over uint8 HWC views (colour drop as its one luma
+channel); this module turns them into the batch the model sees, ``(b, V, 3, H, W)`` normalised floats.
+Doing the float part here rather than in DALI's CPU operators is measured (``sskd bench pipeline``):
+DALI's CPU colour matrix, stack and normalise kernels cost about 3 ms per 224-px image more than these
+few batched torch operations, and on a GPU both are negligible while moving uint8 instead of float to
+the device carries a quarter of the bytes.
 
-Colour distortion (:func:`pipelines.colors.jitter_matrices`) is applied to the float values before any
-rounding and clamped to [0, 255]; the reference (:mod:`pipelines.reference`) does the same.
+Every operation writes into buffers kept across batches (the output and a scratch buffer), and no
+operation mixes uint8 and float inputs (torch then casts through a temporary): a fresh 20 MB float
+temporary per batch costs the kernel's page faults on every batch, which on the CPU cost as much as
+the arithmetic itself. Colour distortion (:func:`pipelines.colors.jitter_matrices`) is
+applied to the float values before any rounding and clamped to [0, 255]; the reference
+(:mod:`pipelines.reference`) does the same.
 """
 
 from __future__ import annotations
@@ -18,39 +22,73 @@ from __future__ import annotations
 import torch
 
 
-def finish_views(views_u8: list[torch.Tensor], colour: dict[int, tuple[torch.Tensor, torch.Tensor]], mean, std,
-                 *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised float views from uint8 ones.
+class Finisher:
+    """Turns uint8 views into normalised float views, reusing its buffers across batches.
 
     Args:
-        views_u8: V tensors (b, H, W, 3) uint8, one per view, all on one device.
-        colour: ``{view: (M (b, 3, 3), T (b, 3))}`` float32 colour matrices of the colour-distortion
-            views (``out = clamp(M @ rgb + T, 0, 255)`` on 0-255 values).
         mean, std: per-channel normalisation on the 0-1 scale (the manifest's).
         dtype: output dtype (the arithmetic is float32).
-        out: a float32 (b, V, 3, H, W) tensor to write into (reused across batches), or None.
-    Returns:
-        (b, V, 3, H, W) normalised views.
     """
-    b, h, w, _ = views_u8[0].shape
-    device = views_u8[0].device
-    shape = (b, len(views_u8), 3, h, w)
-    if out is None or tuple(out.shape) != shape or out.device != device:
-        out = torch.empty(shape, dtype=torch.float32, device=device)
-    for v, x in enumerate(views_u8):
-        x = x.permute(0, 3, 1, 2)
-        if v in colour:
-            m, t = (a.to(device=device, dtype=torch.float32).view(b, 3, -1, 1, 1) for a in colour[v])
-            xf = x.float()
-            # Element-wise in a fixed order (not a batched matmul, whose kernel and summation order may
-            # depend on the batch size): a sample's pixels never depend on its batch.
-            y = m[:, :, 0] * xf[:, 0:1]
-            y += m[:, :, 1] * xf[:, 1:2]
-            y += m[:, :, 2] * xf[:, 2:3]
-            out[:, v].copy_(y.add_(t[:, :, 0]).clamp_(0, 255))
-        else:
-            out[:, v].copy_(x)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1) * 255
-    inv = 1 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1) * 255)
-    out.sub_(m).mul_(inv)
-    return out if dtype == torch.float32 else out.to(dtype)
+
+    def __init__(self, mean, std, *, dtype: torch.dtype = torch.float32):
+        self.mean, self.std, self.dtype = list(mean), list(std), dtype
+        self._out: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _buffer(self, name: str, shape, device) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.device != device:
+            buf = torch.empty(shape, dtype=torch.float32, device=device)
+            setattr(self, name, buf)
+        return buf
+
+    def _scale_bias(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x * scale + bias`` normalises 0-255 values: scale = 1 / (255 std), bias = -mean / std."""
+        if device not in self._norm:
+            m = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            s = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            self._norm[device] = (1 / (255 * s), -m / s)
+        return self._norm[device]
+
+    def __call__(self, views_u8: list[torch.Tensor], colour: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 *, reuse: bool = False) -> torch.Tensor:
+        """Normalised float views from uint8 ones.
+
+        Args:
+            views_u8: V tensors (b, H, W, C) uint8, one per view, all on one device; C is 3, or 1 for a
+                grey view (replicated to three channels).
+            colour: ``{view: (M (b, 3, 3), T (b, 3))}`` float32 colour matrices of the colour-distortion
+                views (``out = clamp(M @ rgb + T, 0, 255)`` on 0-255 values).
+            reuse: write into the output buffer of the previous ``reuse`` call (the caller is done with
+                that batch); otherwise the result is a new tensor of its own.
+        Returns:
+            (b, V, 3, H, W) normalised views.
+        """
+        b, h, w, _ = views_u8[0].shape
+        device = views_u8[0].device
+        shape = (b, len(views_u8), 3, h, w)
+        out = self._buffer("_out", shape, device) if reuse else torch.empty(shape, device=device)
+        scale, bias = self._scale_bias(device)
+        for v, x in enumerate(views_u8):
+            x = x.permute(0, 3, 1, 2)  # (b, C, H, W) view of the HWC bytes
+            o = out[:, v]
+            if v in colour:
+                m, t = (a.to(device=device, dtype=torch.float32).view(b, 3, -1, 1, 1) for a in colour[v])
+                xf = self._buffer("_scratch", (b, 3, h, w), device)
+                xf.copy_(x)
+                # Element-wise in a fixed order (not a batched matmul, whose kernel and summation order
+                # may depend on the batch size): a sample's pixels never depend on its batch.
+                torch.mul(m[:, :, 0], xf[:, 0:1], out=o)
+                o.addcmul_(m[:, :, 1], xf[:, 1:2]).addcmul_(m[:, :, 2], xf[:, 2:3])
+                o.add_(t[:, :, 0]).clamp_(0, 255).mul_(scale).add_(bias)
+            else:  # cast (a grey channel broadcast to three), then scale and shift in place. (addcmul
+                # straight from uint8 casts through a fresh temporary: 3x slower with the page faults.)
+                o.copy_(x.expand(b, 3, h, w)).mul_(scale).add_(bias)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
+def finish_views(views_u8: list[torch.Tensor], colour: dict[int, tuple[torch.Tensor, torch.Tensor]], mean, std,
+                 *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One batch through a fresh :class:`Finisher` (tests and one-off use)."""
+    return Finisher(mean, std, dtype=dtype)(views_u8, colour)

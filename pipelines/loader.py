@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipelines.finish import finish_views
+from pipelines.finish import Finisher
 from pipelines.plan import ViewConfig, colour_views
 from shards.format import load_manifest, split_files
 from sskd.errors import SSKDError
@@ -24,10 +24,10 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
-# Bump when any view's pixels change for the same plan parameters (caches record it). 4: colour drop
-# resamples the luma; 3: colour distortion in float before rounding (pipelines.finish); 2: DALI's luma
+# Bump when any view's pixels change for the same plan parameters (caches record it). 5: normalisation
+# as x * (1 / 255 std) - mean / std (float rounding); 4: colour drop resamples the luma; 3: colour distortion in float before rounding (pipelines.finish); 2: DALI's luma
 # for colour drop, flip folded into windows.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 
 
 def rank_counts(n: int, world_size: int) -> list[int]:
@@ -135,7 +135,7 @@ class ViewLoader:
         pipe = self._pipeline(epoch, checkpoint)
         n, bs, nv = self.rank_num_samples, self.batch_size, self.num_views
         colour = colour_views(self.view_names) if self.train else []
-        out = None  # the training views' float buffer, reused across batches when allowed
+        finish = Finisher(self.manifest["mean"], self.manifest["std"], dtype=self.dtype)  # buffers kept per epoch
         finish_device = self._finish_device
         try:
             pipe.build()
@@ -146,7 +146,7 @@ class ViewLoader:
                     self.replayed += 1
                     continue
                 keep = min(bs, n - i * bs)
-                # DALI reuses its output buffers on the next run (DALI#3239), and so does ``out``: copy
+                # DALI reuses its output buffers on the next run (DALI#3239), and so does ``finish``: copy
                 # unless the consumer is done with a batch before asking for the next; the tail batch that
                 # may be merged is kept.
                 copy = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
@@ -154,10 +154,7 @@ class ViewLoader:
                     u8 = [_to_torch(o, False)[:keep].to(finish_device, non_blocking=True) for o in outs[:nv]]
                     params = [_to_torch(o, False)[:keep] for o in outs[nv + 2:]]
                     mats = {v: (params[2 * j], params[2 * j + 1]) for j, v in enumerate(colour)}
-                    views = finish_views(u8, mats, self.manifest["mean"], self.manifest["std"], dtype=self.dtype,
-                                         out=None if copy else out)
-                    if not copy and views.dtype == torch.float32:
-                        out = views
+                    views = finish(u8, mats, reuse=not copy)
                 else:
                     views = _to_torch(outs[0], copy)[:keep]
                 yield {"views": views, "label": _to_torch(outs[nv], True)[:keep].long(),
