@@ -7,8 +7,11 @@
 - torchvision: the straightforward implementation (:class:`pipelines.reference.BaselineViews`: webdataset,
   ``torchvision.io.decode_image``, ``transforms.v2`` on uint8 tensors) in a DataLoader with as many
   workers as DALI has threads.
-Warm-up batches are excluded; each variant runs alone, twice, in the order A B C D D C B A (the mean of
-its two runs cancels a linear drift of the machine), over the same number of images.
+Warm-up batches are excluded (``--warmup`` per thread or worker, the same images for every variant:
+a DataLoader worker's first batches are slower, its allocator still growing, and DataLoader workers
+deliver batches in rounds, one from each); each variant runs alone, twice, in the order A B C D D C B A
+(the mean of its two runs cancels a linear drift of the machine), over the same number of images. ``--rounds R``
+repeats that R times and reports every round's ratios beside the means: the spread is the noise.
 """
 
 from __future__ import annotations
@@ -38,16 +41,17 @@ def _rate(gen, images: int, warmup: int) -> float:
     return rate
 
 
-def _measure(makers: dict, images: int, warmup: int, progress: bool) -> dict[str, float]:
-    """Each variant alone (background workers of one would load the others), in the order A B C D D C B A,
-    each run measuring half the images; the mean of its two runs cancels a linear drift of the machine."""
+def _measure(makers: dict, images: int, warmup: int, rounds: int, progress: bool) -> dict[str, list[float]]:
+    """Per round, each variant alone (background workers of one would load the others), in the order
+    A B C D D C B A, each run measuring half the images; the mean of its two runs cancels a linear drift
+    of the machine. Returns each variant's images/s per round."""
     from tqdm.auto import tqdm
 
-    order = list(makers) + list(reversed(makers))
-    rates: dict[str, list[float]] = {name: [] for name in makers}
+    order = (list(makers) + list(reversed(makers))) * rounds
+    runs: dict[str, list[float]] = {name: [] for name in makers}
     for name in tqdm(order, desc="bench", unit="run", disable=not progress, leave=False):
-        rates[name].append(_rate(makers[name](), max(1, images // 2), warmup))
-    return {name: sum(r) / len(r) for name, r in rates.items()}
+        runs[name].append(_rate(makers[name](), max(1, images // 2), warmup))
+    return {name: [(r[i] + r[i + 1]) / 2 for i in range(0, len(r), 2)] for name, r in runs.items()}
 
 
 def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads, device):
@@ -122,17 +126,22 @@ def run_bench(args) -> dict:
         "dali": lambda: _dali_views(args.shards, args.split, views, size, args.batch_size, args.threads, args.device),
         "torchvision": lambda: _torchvision(tars, manifest, views.names, size, args.batch_size, args.threads),
     }
-    rates = _measure(makers, args.images, args.warmup, progress=not args.no_progress)
-    res = {k: {"images_per_s": v} for k, v in rates.items()}
-    for k in res:
-        res[k]["images_per_s"] = round(res[k]["images_per_s"], 1)
+    warmup = args.warmup * max(1, args.threads)
+    per_round = _measure(makers, args.images, warmup, args.rounds, progress=not args.no_progress)
+    res: dict = {}
+    for k, rates in per_round.items():
+        res[k] = {"images_per_s": round(sum(rates) / len(rates), 1)}
         if k != "decode":
             res[k]["views_per_s"] = round(res[k]["images_per_s"] * views.num_views, 1)
     res["ratios"] = {"dali_vs_torchvision": round(res["dali"]["images_per_s"] / res["torchvision"]["images_per_s"], 2),
                      "dali_vs_floor": round(res["dali"]["images_per_s"] / res["floor"]["images_per_s"], 2)}
+    res["rounds"] = [{"images_per_s": {k: round(r[i], 1) for k, r in per_round.items()},
+                      "dali_vs_torchvision": round(per_round["dali"][i] / per_round["torchvision"][i], 2),
+                      "dali_vs_floor": round(per_round["dali"][i] / per_round["floor"][i], 2)}
+                     for i in range(args.rounds)]
     res["config"] = {"shards": str(args.shards), "dataset": manifest["dataset"], "views": list(views.names),
                      "size": size, "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
-                     "images": args.images}
+                     "images": args.images, "warmup_batches": warmup, "rounds": args.rounds}
     res["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                       "torch": torch.__version__}
     print(format_table(res))
@@ -151,4 +160,9 @@ def format_table(res: dict) -> str:
         r = res[k]
         views = f"{r['views_per_s']:>10.1f}" if "views_per_s" in r else f"{'':>10}"
         lines.append(f"{k:<12} {r['images_per_s']:>10.1f} {views} {dali / r['images_per_s']:>12.2f}")
+    if len(res["rounds"]) > 1:
+        for key in ("dali_vs_torchvision", "dali_vs_floor"):
+            each = [r[key] for r in res["rounds"]]
+            lines.append(f"{key} per round: {', '.join(f'{x:.2f}' for x in each)} (min {min(each):.2f}, "
+                         f"max {max(each):.2f})")
     return "\n".join(lines) + "\n" + json.dumps(res["ratios"])

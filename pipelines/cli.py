@@ -46,7 +46,13 @@ def cmd_views(args) -> int:
 
 def cmd_bench(args) -> int:
     from pipelines.bench import run_bench
+    from sskd.errors import SSKDError
 
+    for flag in ("images", "rounds", "batch_size", "threads"):
+        if getattr(args, flag) < 1:
+            raise SSKDError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise SSKDError(f"--warmup must be 0 or more, not {args.warmup}")
     run_bench(args)
     return 0
 
@@ -93,7 +99,11 @@ def register_bench(bench_sub, fmt) -> None:
     p.add_argument("--split", default="train", help="split to read")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="DALI device")
     p.add_argument("--images", type=int, default=2048, help="images measured per variant (after warm-up)")
-    p.add_argument("--warmup", type=int, default=2, help="batches of warm-up per variant")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="warm-up batches per DALI thread / DataLoader worker, not measured (the same for every "
+                        "variant)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole A B C D D C B A measurement; prints every round's ratios (the noise)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _view_args(p)
