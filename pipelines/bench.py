@@ -112,6 +112,51 @@ def _torchvision(tars, manifest, names, size, batch_size, workers):
         yield views.shape[0]
 
 
+def _resize_kernels(tars, size: int, reps: int = 64) -> dict:
+    """One thread each, the same uint8 window (the centre 80 % of the split's first image) resized to
+    size x size with antialiasing: DALI's CPU ``fn.resize`` vs torchvision's ``resized_crop``. The
+    resampling every view pays, kernel against kernel: it explains the floor."""
+    import webdataset as wds
+    from nvidia.dali import fn, pipeline_def, types
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+
+    sample = next(iter(wds.WebDataset(tars[:1], shardshuffle=False, empty_check=False)))
+    img = decode_image(torch.frombuffer(bytearray(sample.get("jpg", sample.get("png"))), dtype=torch.uint8),
+                       mode=ImageReadMode.RGB)
+    h, w = img.shape[1:]
+    y0, x0, wh, ww = h // 10, w // 10, h - 2 * (h // 10), w - 2 * (w // 10)
+    TF.resized_crop(img, y0, x0, wh, ww, [size, size], antialias=True)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        TF.resized_crop(img, y0, x0, wh, ww, [size, size], antialias=True)
+    tv_ms = (time.perf_counter() - t0) / reps * 1e3
+    hwc = img.permute(1, 2, 0).contiguous().numpy()
+    batch = 16
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False,
+                  prefetch_queue_depth=1)
+    def pipe(resize: bool):
+        x = fn.external_source(source=lambda: [hwc] * batch, batch=True, layout="HWC")
+        if resize:
+            x = fn.resize(x, size=[size, size], roi_start=[y0, x0], roi_end=[y0 + wh, x0 + ww], roi_relative=False,
+                          interp_type=types.INTERP_LINEAR, antialias=True)
+        return x
+
+    per_image = []
+    for resize in (False, True):  # the resize alone: minus the same pipeline without it
+        p = pipe(resize)
+        p.build()
+        p.run()
+        t0 = time.perf_counter()
+        for _ in range(max(1, reps // batch)):
+            p.run()
+        per_image.append((time.perf_counter() - t0) / (max(1, reps // batch) * batch) * 1e3)
+        del p
+    return {"window_hw": [int(wh), int(ww)], "size": size, "dali_ms": round(per_image[1] - per_image[0], 3),
+            "torchvision_ms": round(tv_ms, 3)}
+
+
 def run_bench(args) -> dict:
     manifest = load_manifest(args.shards)
     tars, idxs = split_files(args.shards, manifest, args.split)
@@ -139,6 +184,7 @@ def run_bench(args) -> dict:
                       "dali_vs_torchvision": round(per_round["dali"][i] / per_round["torchvision"][i], 2),
                       "dali_vs_floor": round(per_round["dali"][i] / per_round["floor"][i], 2)}
                      for i in range(args.rounds)]
+    res["resize_kernel"] = _resize_kernels(tars, size)
     res["config"] = {"shards": str(args.shards), "dataset": manifest["dataset"], "views": list(views.names),
                      "size": size, "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
                      "images": args.images, "warmup_batches": warmup, "rounds": args.rounds}
@@ -165,4 +211,7 @@ def format_table(res: dict) -> str:
             each = [r[key] for r in res["rounds"]]
             lines.append(f"{key} per round: {', '.join(f'{x:.2f}' for x in each)} (min {min(each):.2f}, "
                          f"max {max(each):.2f})")
+    k = res["resize_kernel"]
+    lines.append(f"one antialiased resize, {k['window_hw'][0]}x{k['window_hw'][1]} -> {k['size']}x{k['size']} uint8, one "
+                 f"thread: DALI {k['dali_ms']:.3f} ms, torchvision {k['torchvision_ms']:.3f} ms")
     return "\n".join(lines) + "\n" + json.dumps(res["ratios"])

@@ -29,6 +29,8 @@ def test_bench_pipeline_reports_every_variant(request, tmp_path, capsys, shards,
         assert r["dali_vs_floor"] == pytest.approx(r["images_per_s"]["dali"] / r["images_per_s"]["floor"], abs=0.006)
     assert res["dali"]["images_per_s"] == pytest.approx(
         sum(r["images_per_s"]["dali"] for r in res["rounds"]) / 2, abs=0.11)
+    kernel = res["resize_kernel"]
+    assert kernel["dali_ms"] > 0 and kernel["torchvision_ms"] > 0 and kernel["size"] == res["config"]["size"]
     printed = capsys.readouterr().out
     assert "dali_vs_torchvision per round" in printed and "torchvision" in printed
 
