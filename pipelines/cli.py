@@ -94,7 +94,7 @@ def register_bench(bench_sub, fmt) -> None:
                     "implementation of the same views through a DataLoader with as many workers as DALI "
                     "threads. Prints images/s and ratios.",
         epilog="example:\n  sskd bench pipeline --shards shards/digits --json bench.json\n"
-               "  sskd bench pipeline --shards shards/photos --device cpu --threads 2 --batch-size 32")
+               "  sskd bench pipeline --shards shards/photos --batch-size 32 --images 2048 --rounds 3")
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--split", default="train", help="split to read")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="DALI device")
