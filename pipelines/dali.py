@@ -11,9 +11,9 @@ exact 90° rotations (transpose+flip for the fixed ones, one nearest-neighbour w
 k, which beats DALI conditionals); colour drop takes DALI's luma of the whole image once and crops and
 resamples that one channel. The training graph ends in uint8 HWC views (colour drop: one channel) plus
 the colour-distortion matrices; :mod:`pipelines.finish` applies those matrices, replicates the grey
-channel, and makes the CHW layout and the normalisation in torch
-on the training device (measured cheaper than DALI's CPU colour-matrix, stack and normalise operators,
-and a quarter of the bytes to move to a GPU).
+channel, and makes the CHW layout and the normalisation in torch on the training device (measured
+cheaper than DALI's CPU colour-matrix, stack and normalise operators, and a quarter of the bytes to
+move to a GPU).
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None):
                          interp_type=types.INTERP_NN, keep_size=True)
     if name == "color_drop" and gray is None:  # DALI's own luma: 20x faster on CPU than a 3x3 matrix
         v = _luma(v)
-    return v  # normal, crop_resize; colour drop stays one channel and colour distortion's matrix is applied
-    # by pipelines.finish, which replicates the grey channel while it normalises (no DALI copy to 3 channels)  # normal, crop_resize; colour distortion's matrix is applied by pipelines.finish
+    # normal, crop_resize; colour drop stays one channel (pipelines.finish replicates it while it
+    # normalises: no DALI copy to three channels) and colour distortion's matrix is applied there too
+    return v
 
 
 @pipeline_def

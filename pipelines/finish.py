@@ -9,10 +9,10 @@ DALI's CPU colour matrix, stack and normalise kernels cost about 3 ms per 224-px
 few batched torch operations, and on a GPU both are negligible while moving uint8 instead of float to
 the device carries a quarter of the bytes.
 
-Every operation writes into buffers kept across batches (the output and a scratch buffer), and no
-operation mixes uint8 and float inputs (torch then casts through a temporary): a fresh 20 MB float
-temporary per batch costs the kernel's page faults on every batch, which on the CPU cost as much as
-the arithmetic itself. Colour distortion (:func:`pipelines.colors.jitter_matrices`) is
+Every operation writes into buffers kept across batches (a scratch buffer, and the output whenever
+the caller is done with a batch before asking for the next), and no operation mixes uint8 and float
+inputs (torch then casts through a temporary): a fresh 20 MB float temporary per batch costs the
+kernel's page faults on every batch, which on the CPU cost as much as the arithmetic itself. Colour distortion (:func:`pipelines.colors.jitter_matrices`) is
 applied to the float values before any rounding and clamped to [0, 255]; the reference
 (:mod:`pipelines.reference`) does the same.
 """
@@ -86,9 +86,3 @@ class Finisher:
                 # straight from uint8 casts through a fresh temporary: 3x slower with the page faults.)
                 o.copy_(x.expand(b, 3, h, w)).mul_(scale).add_(bias)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
-
-
-def finish_views(views_u8: list[torch.Tensor], colour: dict[int, tuple[torch.Tensor, torch.Tensor]], mean, std,
-                 *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One batch through a fresh :class:`Finisher` (tests and one-off use)."""
-    return Finisher(mean, std, dtype=dtype)(views_u8, colour)

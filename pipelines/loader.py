@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
 # Bump when any view's pixels change for the same plan parameters (caches record it). 5: normalisation
-# as x * (1 / 255 std) - mean / std (float rounding); 4: colour drop resamples the luma; 3: colour distortion in float before rounding (pipelines.finish); 2: DALI's luma
-# for colour drop, flip folded into windows.
+# as x * (1 / 255 std) - mean / std (float rounding); 4: colour drop resamples the luma; 3: colour
+# distortion in float before rounding (pipelines.finish); 2: DALI's luma for colour drop, flip folded
+# into windows.
 PIPELINE_VERSION = 5
 
 
