@@ -90,19 +90,23 @@ def _dali_views(shards, split, views, size, batch_size, threads, device):
         epoch += 1
 
 
+def _decode(sample: dict) -> torch.Tensor:
+    """A webdataset sample's image as torchvision decodes it: uint8 (3, H, W)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    data = sample.get("jpg", sample.get("png"))
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
 def _torchvision(tars, manifest, names, size, batch_size, workers):
     import webdataset as wds
-    from torchvision.io import ImageReadMode, decode_image
 
     from pipelines.reference import BaselineViews
 
     transform = BaselineViews(names, size=size, layout=manifest["layout"], mean=manifest["mean"], std=manifest["std"])
 
     def make(sample):
-        data = sample.get("jpg", sample.get("png"))
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        label = int(sample["cls"])
-        return transform(img), label
+        return transform(_decode(sample)), int(sample["cls"])
 
     ds = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
     ds = ds.repeat().shuffle(256).map(make)
@@ -118,12 +122,9 @@ def _resize_kernels(tars, size: int, reps: int = 64) -> dict:
     resampling every view pays, kernel against kernel: it explains the floor."""
     import webdataset as wds
     from nvidia.dali import fn, pipeline_def, types
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2 import functional as TF
 
-    sample = next(iter(wds.WebDataset(tars[:1], shardshuffle=False, empty_check=False)))
-    img = decode_image(torch.frombuffer(bytearray(sample.get("jpg", sample.get("png"))), dtype=torch.uint8),
-                       mode=ImageReadMode.RGB)
+    img = _decode(next(iter(wds.WebDataset(tars[:1], shardshuffle=False, empty_check=False))))
     h, w = img.shape[1:]
     y0, x0, wh, ww = h // 10, w // 10, h - 2 * (h // 10), w - 2 * (w // 10)
     TF.resized_crop(img, y0, x0, wh, ww, [size, size], antialias=True)
