@@ -10,6 +10,7 @@ ranks yield the same number of batches so DDP never waits on a rank that ran out
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from pipelines.finish import Finisher
 from pipelines.plan import ViewConfig, colour_views
 from shards.format import load_manifest, split_files
+from shards.index import check_shard
 from sskd.errors import SSKDError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
 # distortion in float before rounding (pipelines.finish); 2: DALI's luma for colour drop, flip folded
 # into windows.
 PIPELINE_VERSION = 5
+SOURCE_INFO = re.compile(r"^(.*):(\d+):(\w+)\.(\w+)$")  # DALI's webdataset source info: <tar>:<offset>:<key>.<ext>
 
 
 def rank_counts(n: int, world_size: int) -> list[int]:
@@ -68,8 +71,7 @@ class ViewLoader:
         self.shards = Path(shards)
         self.manifest = load_manifest(self.shards)
         self.tars, self.idxs = split_files(self.shards, self.manifest, split)
-        for tar, idx in zip(self.tars, self.idxs):
-            check_shard(tar, idx)
+        check_split(self.shards, self.manifest, split)
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.rank, self.world_size, self.device, self.threads = rank, world_size, device, threads
         self.dtype, self.torch_device, self.initial_fill = dtype, torch_device, initial_fill
@@ -78,6 +80,8 @@ class ViewLoader:
         self.size = size or DEFAULT_SIZE[self.layout]
         self.views = ViewConfig.parse(views) if train else ViewConfig(())
         self.num_samples = int(self.manifest["splits"][split]["num_samples"])
+        self.num_classes = int(self.manifest["num_classes"])
+        self.id_count = int(self.manifest["splits"][split].get("id_count", self.num_samples))  # ids lie in 0..id_count-1
         counts = rank_counts(self.num_samples, world_size)
         if min(counts) == 0:
             raise SSKDError(f"{self.shards}: split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
@@ -158,8 +162,9 @@ class ViewLoader:
                     views = finish(u8, mats, reuse=not copy)
                 else:
                     views = _to_torch(outs[0], copy)[:keep]
-                yield {"views": views, "label": _to_torch(outs[nv], True)[:keep].long(),
-                       "id": _to_torch(outs[nv + 1], True)[:keep].long()}
+                label, ids = _to_torch(outs[nv], True)[:keep].long(), _to_torch(outs[nv + 1], True)[:keep].long()
+                check_batch(outs[nv], outs[nv + 1], label, ids, self.num_classes, self.id_count)
+                yield {"views": views, "label": label, "id": ids}
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
         finally:
@@ -175,6 +180,8 @@ class ViewLoader:
         before ``start_batch`` are made and dropped: exact either way, since the epoch is a pure
         function of its seed.
         """
+        if start_batch >= self._batches:  # resumed exactly at the end of the epoch: nothing left
+            return
         checkpoint = None
         if resume_state is not None and start_batch > 0:
             expect = self._state_key(epoch, start_batch)
@@ -234,41 +241,53 @@ def _to_torch(tl, copy: bool) -> torch.Tensor:
     return arr.clone() if copy else arr
 
 
-def check_shard(tar: str, idx: str) -> None:
-    """Cheap structural check of a shard against its index: catches truncated or replaced files.
-
-    Reads the index header and its last line only (DALI's own error for these names no file).
-    """
-    tar_p, idx_p = Path(tar), Path(idx)
-    try:
-        with open(idx_p, "rb") as fh:
-            header = fh.readline().split()
-            fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - 4096))
-            last = fh.read().splitlines()[-1].split()
-    except (OSError, IndexError) as exc:
-        raise SSKDError(f"{idx_p}: unreadable shard index ({exc})") from exc
-    if len(header) != 2 or not header[0].startswith(b"v1") or not header[1].isdigit() or len(last) % 4:
-        raise SSKDError(f"{idx_p}: not a DALI webdataset index")
-    end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last), 4))
-    size = tar_p.stat().st_size
-    if size < end:
-        raise SSKDError(f"{tar_p}: truncated shard ({size} bytes, its index needs at least {end})")
+def check_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
+    """The manifest's counts against the shards' indexes, and each index against its tar, before DALI
+    reads anything (:func:`shards.index.check_shard`): a bad shard is an error naming it, not a crash."""
+    info = manifest["splits"][split]
+    held = sum(int(e.get("samples", -1)) for e in info["shards"])
+    if held != info.get("num_samples"):
+        raise SSKDError(f"{shards / 'manifest.json'}: splits.{split}.num_samples is {info.get('num_samples')} but "
+                        f"its shards hold {held} samples (edited manifest?)")
+    for entry in info["shards"]:
+        check_shard(shards / entry["file"], shards / entry["index"], entry)
 
 
 def _explain(exc: Exception, tars: list[str]) -> str:
-    """A one-line message naming the shard or sample behind a DALI error."""
+    """A one-line message naming the shard and sample behind a DALI error.
+
+    DALI names a sample by its source info, ``<tar>:<offset>:<key>.<ext>``; that becomes
+    ``<tar>: sample <key> (<ext> at byte <offset>): <reason>``.
+    """
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    reason = lines[0]
+    reason = lines[0] if lines else type(exc).__name__
     if "encountered:" in lines:  # DALI puts the actual cause after this marker
         after = lines[lines.index("encountered:") + 1:]
         reason = next((ln for ln in after if not ln.startswith("C++ context")), reason)
     for tar in tars:
-        stem = Path(tar).with_suffix("")
-        if stem.name in text:
+        found = re.search(re.escape(tar) + r":(\d+):(\w+)\.(\w+)", text)
+        if found:
+            offset, key, ext = found.groups()
+            reason = reason.replace(found.group(0), "").rstrip(" :")
+            return f"{tar}: sample {key} ({ext} at byte {offset}) cannot be read ({reason[:300]})"
+    for tar in tars:
+        if Path(tar).with_suffix("").name in text:
             return f"{tar}: DALI could not read this shard ({reason[:300]})"
     return f"DALI pipeline failed on {Path(tars[0]).parent} ({reason[:300]})"
+
+
+def check_batch(label_tl, id_tl, label: torch.Tensor, ids: torch.Tensor, num_classes: int, num_samples: int) -> None:
+    """Labels in 0..K-1 and ids in 0..N-1, or an error naming the shard and sample (a corrupt ``lbl`` or
+    ``sid`` would otherwise be a traceback deep in the loss, or a silently wrong cache lookup)."""
+    bad = (label < 0) | (label >= num_classes) | (ids < 0) | (ids >= num_samples)
+    if not bool(bad.any()):
+        return
+    j = int(bad.nonzero()[0, 0])
+    found = SOURCE_INFO.match(label_tl[j].source_info() or id_tl[j].source_info() or "")
+    where = f"{found.group(1)}: sample {found.group(3)}" if found else "a shard"
+    raise SSKDError(f"{where}: label {int(label[j])} / id {int(ids[j])} outside 0..{num_classes - 1} / "
+                    f"0..{num_samples - 1} (corrupt shard; `sskd shard verify` checks it)")
 
 
 def manifest_info(loader: ViewLoader) -> dict[str, Any]:

@@ -13,6 +13,7 @@ EXAMPLES = {
     "digits": "sskd shard digits shards/digits",
     "photos": "sskd shard photos shards/photos --per-class 128",
     "verify": "sskd shard verify shards/digits",
+    "reindex": "sskd shard reindex shards/imagenet",
 }
 
 
@@ -81,6 +82,16 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_reindex(args) -> int:
+    from shards.index import reindex
+
+    done = reindex(args.out, log_line=print if args.verbose_list else (lambda *_: None))
+    rebuilt = [name for name, status in done.items() if status != "ok"]
+    print(f"{args.out}: {len(done)} indexes checked against their tars, {len(rebuilt)} rebuilt"
+          + (f" ({', '.join(rebuilt[:5])}{' ...' if len(rebuilt) > 5 else ''})" if rebuilt else ""))
+    return 0
+
+
 def register(sub, fmt) -> None:
     shard = sub.add_parser(
         "shard", help="write webdataset shards (+ DALI indexes) from a dataset; verify them", formatter_class=fmt,
@@ -128,4 +139,13 @@ def register(sub, fmt) -> None:
     p.add_argument("--no-dali", action="store_true", help="skip the DALI read (webdataset only)")
     p.add_argument("--list", dest="verbose_list", action="store_true", help="print every shard checked")
     p.set_defaults(func=cmd_verify)
+    p = sources.add_parser("reindex", help="rebuild missing or stale DALI index files from the tars (no re-sharding)",
+                           formatter_class=fmt, epilog="example:\n  " + EXAMPLES["reindex"],
+                           description="Reads every tar of the folder, builds its DALI index from the tar's own "
+                                       "headers and rewrites the index file where it is missing or differs. The "
+                                       "tars are not touched; a tar whose sample count differs from the "
+                                       "manifest is an error (re-shard it).")
+    p.add_argument("out", help="shard folder")
+    p.add_argument("--list", dest="verbose_list", action="store_true", help="print every index checked")
+    p.set_defaults(func=cmd_reindex)
     shard.set_defaults(func=lambda a: shard.print_help() or 2)

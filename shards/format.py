@@ -28,8 +28,12 @@ list with a fixed seed before assigning ids, because DALI's reader shuffles only
      "mean": [r, g, b], "std": [r, g, b]  (0-1 scale, used for normalisation),
      "seed": int, "created_by": "sskd X.Y.Z",
      "splits": {split: {"num_samples": int,
-                        "shards": [{"file", "index", "samples", "first_id", "sha256"}],
+                        "shards": [{"file", "index", "samples", "first_id", "bytes", "sha256"}],
                         "skipped": [{"path", "reason"}]}}}
+
+(A subset folder made by ``sskd views`` holds chosen samples: its shard lists them in ``"ids"`` and its
+split gives ``"id_count"``, the size of the split they come from.) Readers check the counts, ids and
+sizes against the index files before DALI reads them (:mod:`shards.index`).
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def split_files(folder: str | Path, manifest: dict[str, Any], split: str) -> tup
         if not tar.is_file():
             raise SSKDError(f"{tar}: shard listed in the manifest is missing")
         if not idx.is_file():
-            raise SSKDError(f"{idx}: index of shard {entry['file']} is missing (rebuild with `sskd shard`)")
+            raise SSKDError(f"{idx}: index of shard {entry['file']} is missing (rebuild it with "
+                            f"`sskd shard reindex {folder}`)")
         tars.append(str(tar))
         idxs.append(str(idx))
     return tars, idxs

@@ -104,7 +104,7 @@ class ShardBuilder:
         atomic.write_bytes(idx, (f"v1.2 {self.count}\n" + "\n".join(self.lines) + "\n").encode())
         self.tar_tmp.replace(tar)
         return {"file": tar.name, "index": idx.name, "samples": self.count, "first_id": self.first_id,
-                "sha256": sha256_file(tar)}
+                "bytes": tar.stat().st_size, "sha256": sha256_file(tar)}
 
     def abort(self) -> None:
         self.tar.close()
@@ -202,7 +202,8 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
         total_samples += next_id
         manifest_splits[split] = {
             "num_samples": next_id,
-            "shards": [{k: e[k] for k in ("file", "index", "samples", "first_id", "sha256")} for e in entries],
+            "shards": [{k: e[k] for k in ("file", "index", "samples", "first_id", "bytes", "sha256") if k in e}
+                       for e in entries],
             "skipped": skipped,
         }
     manifest = _manifest(source, opts, manifest_splits)

@@ -205,3 +205,74 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
 def test_folder_source_errors(tmp_path):
     with pytest.raises(SSKDError, match="train: not found"):
         FolderSource(tmp_path)
+
+
+def _loader_error(folder, capsys=None):
+    from pipelines import ViewLoader
+
+    with pytest.raises(SSKDError) as err:
+        loader = ViewLoader(folder, "train", batch_size=64, views="rotation")
+        for _ in loader.epoch(0):
+            pass
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("source", ["train-000003.idx", "val-000000.idx", "train-000005.idx"])
+def test_stale_index_is_caught_before_dali_reads_it(digits_shards, tmp_path, source):
+    """An index copied from another shard made DALI read at wrong offsets (exit 139, nothing named)."""
+    folder = tmp_path / "s"
+    shutil.copytree(digits_shards, folder)
+    shutil.copy(folder / source, folder / "train-000001.idx")
+    msg = _loader_error(folder)
+    assert msg.startswith(f"{folder / 'train-000001.idx'}:") and "sskd shard reindex" in msg
+
+
+def test_edited_manifest_count_is_caught(digits_shards, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(digits_shards, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["splits"]["train"]["num_samples"] += 100
+    (folder / "manifest.json").write_text(json.dumps(m))
+    assert "splits.train.num_samples is 1537 but its shards hold 1437" in _loader_error(folder)
+    m["splits"]["train"]["num_samples"] -= 100
+    m["splits"]["train"]["shards"][2]["samples"] -= 1
+    m["splits"]["train"]["shards"][3]["samples"] += 1
+    (folder / "manifest.json").write_text(json.dumps(m))
+    assert "train-000002.idx: 256 samples, the manifest says 255" in _loader_error(folder)
+
+
+def _member(folder, shard, line, ext):
+    tok = (folder / f"{shard}.idx").read_text().splitlines()[line + 1].split()
+    i = tok.index(ext)
+    return int(tok[i + 1]), int(tok[i + 2]), tok[i + 3].split(".")[0]
+
+
+def test_corrupt_label_and_image_name_the_shard_and_sample(digits_shards, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(digits_shards, folder)
+    tar = folder / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    off, _, key = _member(folder, "train-000001", 10, "lbl")
+    data[off + 7] ^= 0x7F  # the label's high byte: a label far outside 0..9
+    tar.write_bytes(bytes(data))
+    msg = _loader_error(folder)
+    assert msg.startswith(f"{tar}: sample {key}: label ") and "outside 0..9" in msg
+    data[off + 7] ^= 0x7F
+    off, size, key = _member(folder, "train-000001", 20, "png")
+    data[off + 40:off + size - 20] = bytes(size - 60)  # the image's compressed data zeroed
+    tar.write_bytes(bytes(data))
+    msg = _loader_error(folder)
+    assert msg.startswith(f"{tar}: sample {key} (png at byte {off}) cannot be read"), msg
+
+
+def test_reindex_rebuilds_missing_and_stale_indexes_byte_identical(digits_shards, tmp_path, capsys):
+    folder = tmp_path / "s"
+    shutil.copytree(digits_shards, folder)
+    shutil.copy(folder / "train-000003.idx", folder / "train-000001.idx")
+    (folder / "val-000000.idx").unlink()
+    assert main(["shard", "reindex", str(folder)]) == 0
+    assert "2 rebuilt (train-000001.idx, val-000000.idx)" in capsys.readouterr().out
+    assert tar_bytes(folder) == tar_bytes(digits_shards)
+    assert verify(folder, log=lambda *_: None) == []
+    assert main(["shard", "reindex", str(folder)]) == 0 and "0 rebuilt" in capsys.readouterr().out
