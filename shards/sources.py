@@ -7,7 +7,9 @@ validation of one item at a time); workers inherit it through ``fork``, so items
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +50,21 @@ class Source:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    root: str | None = None  # the folder the items come from, if any (named when a resume finds it changed)
+
     def encode(self, split: str, index: int) -> tuple[bytes, str]:
         """Encoded image bytes and their extension (``png``/``jpg``) of item ``index`` of ``split``."""
         raise NotImplementedError
 
     def estimated_bytes(self, split: str) -> int:
+        raise NotImplementedError
+
+    def listing(self, split: str) -> list[tuple[str, int, int]]:
+        """What the split is made of, cheaply: ``(name, label, size or checksum)`` per item, in item order.
+
+        A resumed ``sskd shard`` compares it with the interrupted run's, so a source that gained, lost or
+        changed items since is refused instead of being mixed into one dataset.
+        """
         raise NotImplementedError
 
 
@@ -80,6 +92,10 @@ class ArraySource(Source):
     def estimated_bytes(self, split: str) -> int:
         a = self.arrays[split]
         return int(a[0].nbytes * 0.8 * len(a)) if len(a) else 0
+
+    def listing(self, split: str) -> list[tuple[str, int, int]]:
+        sp = self.splits[split]
+        return [(name, label, zlib.crc32(img.tobytes())) for name, label, img in zip(sp.paths, sp.labels, self.arrays[split])]
 
 
 def digits_source(seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> ArraySource:
@@ -149,7 +165,9 @@ def cifar100_source(src: str | Path) -> ArraySource:
         files = [f.decode() if isinstance(f, bytes) else str(f) for f in d.get(b"filenames", d.get("filenames", []))]
         files = files if len(files) == len(data) else [f"{fname}[{i}]" for i in range(len(data))]
         arrays[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, [f"{fname}/{f}" for f in files])
-    return ArraySource("cifar100", names, arrays, CIFAR100_MEAN, CIFAR100_STD)
+    source = ArraySource("cifar100", names, arrays, CIFAR100_MEAN, CIFAR100_STD)
+    source.root = str(src.resolve())
+    return source
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -173,6 +191,7 @@ class FolderSource(Source):
 
     def __init__(self, src: str | Path, val_labels: str | Path | None = None, skip_bad: bool = False):
         src = Path(src)
+        self.root = str(src.resolve())
         train = src / "train"
         if not train.is_dir():
             raise SSKDError(f"{train}: not found (expected SRC/train/<class>/*.JPEG)")
@@ -240,6 +259,16 @@ class FolderSource(Source):
 
     def estimated_bytes(self, split: str) -> int:
         return sum(Path(p).stat().st_size for p in self.splits[split].paths)
+
+    def listing(self, split: str) -> list[tuple[str, int, int]]:
+        out = []
+        for path, label in zip(self.splits[split].paths, self.splits[split].labels):
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1  # unreadable: encode() reports it (or --skip-bad skips it)
+            out.append((os.path.relpath(os.path.abspath(path), self.root), label, size))
+        return out
 
 
 def sample_photo_tree(root: str | Path, classes: int = 8, per_class: int = 64, val_per_class: int = 16,

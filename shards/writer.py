@@ -12,6 +12,8 @@ Guarantees (DESIGN.md, invariant 5):
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import logging
@@ -29,9 +31,11 @@ from shards.sources import BadItem, Source
 from sskd import __version__, atomic
 from sskd.atomic import sha256_file
 from sskd.errors import SSKDError
+from sskd.lock import LOCK_NAME, FolderLock
 
 log = logging.getLogger(__name__)
 PROGRESS = ".progress.json"
+LISTING = ".source-listing.json.gz"  # what an unfinished run is made from (see _source_changes)
 SPLITS = ("train", "val")
 
 
@@ -128,23 +132,39 @@ def _items(source: Source, split: str, order: np.ndarray, start: int, workers: i
 
 
 def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = None) -> dict:
-    """Write ``source`` into ``out``; returns the manifest (also written to ``out/manifest.json``)."""
-    global _SOURCE
+    """Write ``source`` into ``out``; returns the manifest (also written to ``out/manifest.json``).
+
+    The folder is locked for the run (one writer at a time)."""
     opts = opts or ShardOptions()
     out = Path(out)
     if opts.max_count < 1 or opts.max_size < 1:
         raise SSKDError("--max-count and --max-size must be positive")
     progress_path = out / PROGRESS
-    if out.exists() and any(out.iterdir()) and not opts.resume:
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not opts.resume:
         raise SSKDError(f"{out}: output folder is not empty (use --resume to continue an interrupted run, "
                         "or choose a new folder)")
-    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "shard folder").acquire()
+    try:
+        return _write(source, out, opts, progress_path)
+    finally:
+        lock.release()
+
+
+def _write(source: Source, out: Path, opts: ShardOptions, progress_path: Path) -> dict:
+    global _SOURCE
     atomic.remove_stale_partials(out)
     done = json.loads(progress_path.read_text()) if opts.resume and progress_path.is_file() else {}
     if done and done.get("options") != _opts_key(source, opts):
         raise SSKDError(f"{progress_path}: the interrupted run used other options ({done.get('options')}); "
                         "rerun with the same ones or write to a new folder")
-    done = {"options": _opts_key(source, opts), "splits": done.get("splits", {})}
+    listings = {split: source.listing(split) for split in SPLITS if split in source.splits}
+    fingerprint = {split: {"count": len(items), "sha256": _listing_sha256(items)} for split, items in listings.items()}
+    if done.get("source") and done["source"]["splits"] != fingerprint:
+        raise SSKDError(_source_changes(out, done["source"], listings, source.root))
+    if not done:  # a new run records what it is made from, for a later --resume to compare
+        atomic.write_bytes(out / LISTING, gzip.compress(json.dumps(listings).encode(), mtime=0))
+    done = {"options": _opts_key(source, opts), "source": {"root": source.root, "splits": fingerprint},
+            "splits": done.get("splits", {})}
     _SOURCE = source
     t0, total_bytes, total_samples = time.perf_counter(), 0, 0
     manifest_splits = {}
@@ -209,6 +229,7 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
     manifest = _manifest(source, opts, manifest_splits)
     atomic.write_json(out / fmt.MANIFEST, manifest)
     progress_path.unlink(missing_ok=True)
+    (out / LISTING).unlink(missing_ok=True)
     dt = time.perf_counter() - t0
     log.info("%s: %d samples in %d shards, %.1f MB, %.1f s (%.0f images/s, %.1f MB/s)", out, total_samples,
              sum(len(s["shards"]) for s in manifest_splits.values()), total_bytes / 1e6, dt,
@@ -219,6 +240,36 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
 def _opts_key(source: Source, opts: ShardOptions) -> dict:
     return {"dataset": source.dataset, "seed": opts.seed, "max_count": opts.max_count, "max_size": opts.max_size,
             "skip_bad": opts.skip_bad}
+
+
+def _listing_sha256(items: list) -> str:
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def _source_changes(out: Path, old: dict, listings: dict[str, list], root: str | None) -> str:
+    """One line saying how the source differs from the one the interrupted run started from."""
+    try:
+        before = json.loads(gzip.decompress((out / LISTING).read_bytes()))
+    except (OSError, ValueError):
+        before = {}
+    parts = []
+    for split, items in listings.items():
+        was = old["splits"].get(split)
+        if was and was["sha256"] == _listing_sha256(items):
+            continue
+        if split not in before:
+            parts.append(f"{split}: {len(items)} items now, {was['count'] if was else 0} then")
+            continue
+        a = {name: (label, size) for name, label, size in before[split]}
+        b = {name: (label, size) for name, label, size in items}
+        added, removed = sorted(b.keys() - a.keys()), sorted(a.keys() - b.keys())
+        changed = sorted(n for n in a.keys() & b.keys() if a[n] != b[n])
+        what = [f"{len(x)} {word} (e.g. {x[0]})" for x, word in ((added, "added"), (removed, "removed"),
+                                                                   (changed, "changed")) if x]
+        parts.append(f"{split}: " + (", ".join(what) or "the order of its items changed"))
+    moved = f"; the source was {old.get('root')}, now {root}" if old.get("root") != root else ""
+    return (f"{out}: the source changed since the interrupted run started ({'; '.join(parts)}{moved}); resuming would "
+            "mix two datasets: shard into a new folder, or restore the source")
 
 
 def _intact(out: Path, entry: dict) -> bool:

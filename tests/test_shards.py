@@ -276,3 +276,60 @@ def test_reindex_rebuilds_missing_and_stale_indexes_byte_identical(digits_shards
     assert tar_bytes(folder) == tar_bytes(digits_shards)
     assert verify(folder, log=lambda *_: None) == []
     assert main(["shard", "reindex", str(folder)]) == 0 and "0 rebuilt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "changed", "other_folder"])
+def test_resume_refuses_a_source_that_changed(photo_tree, tmp_path, monkeypatch, change):
+    """--resume mixed old and new samples after the source folder was edited, and verify still passed."""
+    from shards import writer
+
+    src = tmp_path / "src"
+    shutil.copytree(photo_tree, src)
+    real_finish, calls = writer.ShardBuilder.finish, {"n": 0}
+
+    def dying_finish(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_finish(self)
+
+    monkeypatch.setattr(writer.ShardBuilder, "finish", dying_finish)
+    opts = ShardOptions(max_count=10, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(FolderSource(src), tmp_path / "out", opts)
+    monkeypatch.setattr(writer.ShardBuilder, "finish", real_finish)
+    victim = sorted((src / "train" / "n00000001").glob("*.JPEG"))[3]
+    if change == "added":
+        shutil.copy(victim, victim.with_name("extra.JPEG"))
+        needle = "train: 1 added (e.g. train/n00000001/extra.JPEG)"
+    elif change == "removed":
+        victim.unlink()
+        needle = f"train: 1 removed (e.g. train/n00000001/{victim.name})"
+    elif change == "changed":
+        victim.write_bytes(victim.read_bytes()[:-10] + b"\xff\xd9")
+        needle = f"train: 1 changed (e.g. train/n00000001/{victim.name})"
+    else:
+        shutil.rmtree(src / "val" / "n00000000")
+        shutil.move(str(src), str(tmp_path / "moved"))
+        src = tmp_path / "moved"
+        needle = "val: 4 removed"
+    resumed = ShardOptions(max_count=10, progress=False, resume=True)
+    with pytest.raises(SSKDError) as err:
+        write_shards(FolderSource(src), tmp_path / "out", resumed)
+    assert needle in str(err.value) and "new folder" in str(err.value), str(err.value)
+    if change == "other_folder":
+        assert f"now {src.resolve()}" in str(err.value)
+    # the same source resumes, and a copy of it elsewhere too (same files, same bytes)
+    if change != "other_folder":
+        return
+    shutil.rmtree(src)
+    shutil.copytree(photo_tree, tmp_path / "copy")
+    write_shards(FolderSource(tmp_path / "copy"), tmp_path / "out", resumed)
+    assert verify(tmp_path / "out", log=lambda *_: None) == []
+
+
+def test_two_shard_jobs_on_one_folder(tmp_path):
+    from sskd.lock import FolderLock
+
+    with FolderLock(tmp_path / "out", "shard folder"), pytest.raises(SSKDError, match="in use by pid"):
+        write_shards(digits_source(), tmp_path / "out", ShardOptions(progress=False, resume=True))
