@@ -163,7 +163,15 @@ def run_bench(args) -> dict:
     tars, idxs = split_files(args.shards, manifest, args.split)
     views = ViewConfig.parse(args.views)
     size = args.size or DEFAULT_SIZE[manifest["layout"]]
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # the work is in DALI threads / DataLoader workers, as in training
+    try:
+        return _run_bench(args, manifest, tars, idxs, views, size)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process (tests, notebooks) keeps its own
+
+
+def _run_bench(args, manifest, tars, idxs, views, size) -> dict:
     makers = {
         "decode": lambda: _dali_runs("decode", tars, idxs, manifest, views.names, size, args.batch_size, args.threads,
                                      args.device),

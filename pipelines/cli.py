@@ -22,12 +22,21 @@ def cmd_views(args) -> int:
 
     from pipelines.views import render_views, save_grid
     from shards.format import load_manifest
-    from sskd.atomic import atomic_path
+    from sskd.atomic import atomic_path, check_writable
+    from sskd.errors import SSKDError
 
+    for flag in ("n", "batch_size", "threads"):
+        if getattr(args, flag) < 1:
+            raise SSKDError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if args.epoch < 0:
+        raise SSKDError(f"--epoch must be 0 or more, not {args.epoch}")
+    if not (args.out or args.npz):
+        raise SSKDError("nothing to write: give --out FILE.png and/or --npz FILE.npz")
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path:
+            check_writable(path, flag)  # before the views are made, not after
     manifest = load_manifest(args.shards)
     if args.split not in manifest["splits"]:
-        from sskd.errors import SSKDError
-
         raise SSKDError(f"{args.shards}: no split {args.split!r}")
     ids = _ids(args, manifest["splits"][args.split]["num_samples"])
     got, labels, views, loader = render_views(args.shards, args.epoch, ids, views=args.views, seed=args.seed,
@@ -71,8 +80,8 @@ def register(sub, fmt) -> None:
                        description="Renders the exact training views of the chosen samples in one epoch: a row "
                                    "per sample, a column per view. The tensors are identical to those the "
                                    "samples get inside a full training epoch (views are keyed by sample id).",
-                       epilog="example:\n  sskd views --shards shards/digits --epoch 0 --n 6 --out views.png "
-                              "--npz views.npz\n  sskd views --shards shards/digits --epoch 3 --ids 3,17,42 "
+                       epilog="example:\n  sskd views --shards data/shards/digits --epoch 0 --n 6 --out views.png "
+                              "--npz views.npz\n  sskd views --shards data/shards/digits --epoch 3 --ids 3,17,42 "
                               "--views rotation --out rot.png")
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--epoch", type=int, default=0, help="epoch whose views to show")
@@ -93,8 +102,8 @@ def register_bench(bench_sub, fmt) -> None:
                     "crop-resize per view, (c) the full DALI view pipeline, (d) a straightforward torchvision "
                     "implementation of the same views through a DataLoader with as many workers as DALI "
                     "threads. Prints images/s and ratios.",
-        epilog="example:\n  sskd bench pipeline --shards shards/digits --json bench.json\n"
-               "  sskd bench pipeline --shards shards/photos --batch-size 32 --images 2048 --rounds 3")
+        epilog="example:\n  sskd bench pipeline --shards data/shards/digits --json bench.json\n"
+               "  sskd bench pipeline --shards data/shards/photos --batch-size 32 --images 2048 --rounds 3")
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--split", default="train", help="split to read")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="DALI device")

@@ -108,6 +108,9 @@ def digits_source(seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> A
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if not 0 < val_fraction < 1:
+        raise SSKDError(f"--val-fraction must be between 0 and 1 (exclusive), not {val_fraction}")
+
     digits = load_digits()
     gray = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
     up = np.stack([np.asarray(Image.fromarray(g, "L").resize((size, size), Image.BICUBIC)) for g in gray])

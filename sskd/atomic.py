@@ -18,6 +18,28 @@ from typing import Any
 TMP_SUFFIX = ".partial"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (no thread of ours creates files meanwhile)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0666 less the umask.
+
+    Some writers (safetensors, ``tempfile``) create files 0600 whatever the umask, which leaves a
+    teammate unable to read a shared model or cache; every file written here gets this mode instead.
+    """
+    return 0o666 & ~_umask()
+
+
 def tmp_name(path: str | os.PathLike) -> Path:
     """The temporary name used while ``path`` is being written (same folder, so rename is atomic)."""
     p = Path(path)
@@ -37,11 +59,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), file_mode())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail before any work if ``path`` could not be written: make its folder and a scratch file in it.
+
+    (A permission check alone is not enough: root passes every check, yet not on a read-only mount.)
+    """
+    import tempfile
+
+    from sskd.errors import SSKDError
+
+    p = Path(path)
+    if p.is_dir():
+        raise SSKDError(f"{p}: is a folder, expected a file name for the {what}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p.parent):
+            pass
+    except OSError as exc:
+        raise SSKDError(f"{p}: cannot write the {what} here ({exc.strerror or exc})") from None
+    return p
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -55,10 +99,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def remove_stale_partials(folder: str | os.PathLike) -> int:
-    """Delete temporary files an interrupted writer left in ``folder``; returns how many."""
+def remove_stale_partials(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete temporary files an interrupted writer left in ``folder`` (and below); returns how many.
+
+    Only call this while holding the folder (:mod:`sskd.lock`): a live writer's partial file is
+    indistinguishable from a dead one's.
+    """
     n = 0
-    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in (folder.rglob if recursive else folder.glob)(f".*{TMP_SUFFIX}"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             n += 1

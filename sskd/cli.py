@@ -14,6 +14,7 @@ import sys
 
 from sskd import __version__
 from sskd.errors import SSKDError
+from sskd.stop import Interrupted
 
 # (module, description) in the order a user meets them; each module registers one or more commands.
 COMMAND_MODULES = [
@@ -25,8 +26,8 @@ COMMAND_MODULES = [
 
 EPILOG = """\
 typical session:
-  sskd shard digits shards/digits                  # the embedded default dataset, no download
-  sskd views --shards shards/digits --epoch 0 --n 4 --out views.png
+  sskd shard digits data/shards/digits                  # the embedded default dataset, no download
+  sskd views --shards data/shards/digits --epoch 0 --n 4 --out views.png
   sskd demo --out demo-out                         # teacher, SS head, CE/KD/SSKD students, results table
 multi-GPU / multi-node: accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd distill ...
 """
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="side-by-side throughput benchmarks (pipeline, distill)",
         description="Benchmarks that measure several variants in one run and print their ratios.",
-        epilog="example:\n  sskd bench pipeline --shards shards/digits --json bench.json",
+        epilog="example:\n  sskd bench pipeline --shards data/shards/digits --json bench.json",
         formatter_class=_Formatter,
     )
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except SSKDError as exc:
         print(f"sskd: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        if not exc.quiet:
+            print(f"sskd: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("sskd: interrupted (completed work is kept; rerun with --resume to continue)", file=sys.stderr)
         return 130

@@ -33,11 +33,15 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set student.milestones=[30,60] (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (without --resume or this, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
-def resolve_config(args: argparse.Namespace, stage: str):
-    """Defaults, the YAML file, then this command's flags for section ``stage``, then ``--set``."""
+def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = ()):
+    """Defaults, the YAML file, then this command's flags for section ``stage``, then ``--set``.
+
+    ``own``: flags the command uses for itself, not for the config (``sskd cache --epochs``)."""
     from sskd.config import load_config
 
     sets = []
@@ -47,27 +51,38 @@ def resolve_config(args: argparse.Namespace, stage: str):
                 "arch": f"{stage}.arch", "student": "student.arch", "method": "student.method",
                 "global_ss_batch": "run.global_ss_batch"}
     for flag, dotted in flag_map.items():
-        value = getattr(args, flag, None)
-        if value not in (None, False):
-            sets.append(f"{dotted}={value}")
+        value = None if flag in own else getattr(args, flag, None)
+        # Only an absent flag is skipped: 0 and 0.0 are values (``value not in (None, False)`` dropped them,
+        # since 0 == False); a store_true flag that is off says nothing.
+        if value is None or value is False:
+            continue
+        sets.append(f"{dotted}={value}")
     if getattr(args, "no_progress", False):
         sets.append("run.progress=false")
     return load_config(args.config, sets + list(args.set))
 
 
 def _job(args, stage, cfg, build, info):
+    from shards.format import load_manifest
     from sskd.stages import manifest_sha256
     from sskd.train import Job
 
+    load_manifest(cfg.data.shards)  # a missing or wrong --shards folder: one line, before anything else
     info.setdefault("shards_sha256", manifest_sha256(cfg.data.shards))
     info.setdefault("seed", cfg.run.seed)
     info.setdefault("views", cfg.data.views)
-    return Job(stage=stage, cfg=cfg, out=Path(args.out), build=build, info=info, resume=args.resume)
+    return Job(stage=stage, cfg=cfg, out=Path(args.out), build=build, info=info, resume=args.resume,
+               overwrite=args.overwrite)
 
 
 def _report(out: Path, result: dict) -> int:
-    if result:
+    """The final line, printed once (by the main process)."""
+    if result.get("rank", 0) != 0:
+        return 0
+    if "top1" in result:
         log.info("%s: top-1 %.2f%%  top-5 %.2f%%  (%d val samples)", out, result["top1"], result["top5"], result["count"])
+    else:
+        log.info("%s: finished (the shards have no val split: not evaluated)", out)
     return 0
 
 
@@ -109,14 +124,20 @@ def cmd_evaluate(args) -> int:
     from sskd.evaluate import evaluate
     from sskd.stages import load_run_model
 
+    from sskd.errors import SSKDError
+
+    if args.batch_size < 1 or args.threads < 1:
+        raise SSKDError(f"--batch-size and --threads must be at least 1 (got {args.batch_size}, {args.threads})")
+    if args.json:
+        from sskd.atomic import check_writable
+
+        check_writable(args.json, "--json result")
     model, info = load_run_model(args.model)
     accelerator = make_accelerator(device=args.device)
     loader = ViewLoader(args.shards, args.split, batch_size=args.batch_size, views=None, train=False,
                         rank=accelerator.process_index, world_size=accelerator.num_processes,
                         device=pipeline_device(args.device), threads=args.threads, torch_device=accelerator.device)
     if loader.manifest["num_classes"] != info["num_classes"]:
-        from sskd.errors import SSKDError
-
         raise SSKDError(f"--model {args.model}: {info['num_classes']} classes, shards have {loader.manifest['num_classes']}")
     result = evaluate(model.to(accelerator.device), loader, accelerator)
     result.update(model=str(args.model), arch=info["arch"], split=args.split)
@@ -140,7 +161,7 @@ def cmd_demo(args) -> int:
 def register(sub, fmt) -> None:
     p = sub.add_parser("train-teacher", help="stage 1: train the teacher with cross-entropy", formatter_class=fmt,
                        description="Stage 1 of SSKD: train the teacher classifier with CE on the normal view.",
-                       epilog="example:\n  sskd train-teacher --shards shards/c100 --arch resnet32x4 --out runs/t \\\n"
+                       epilog="example:\n  sskd train-teacher --shards data/shards/c100 --arch resnet32x4 --out runs/t \\\n"
                               "      --config sskd/configs/cifar100/resnet32x4-resnet8x4.yaml\n"
                               "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd train-teacher ...")
     _common(p)
@@ -151,8 +172,8 @@ def register(sub, fmt) -> None:
                        description="Stage 2 of SSKD (Eq. 5): a 2-layer MLP head on the frozen teacher's pooled "
                                    "feature learns the contrastive task over the SS views. Its run holds the "
                                    "complete SSKD teacher.",
-                       epilog="example:\n  sskd train-ss-head --teacher runs/t --shards shards/c100 --out runs/t-ss\n"
-                              "  sskd train-ss-head --teacher torchvision:resnet34 --shards shards/imagenet --out runs/r34-ss")
+                       epilog="example:\n  sskd train-ss-head --teacher runs/t --shards data/shards/c100 --out runs/t-ss\n"
+                              "  sskd train-ss-head --teacher torchvision:resnet34 --shards data/shards/imagenet --out runs/r34-ss")
     p.add_argument("--teacher", required=True, help="a train-teacher run folder, or torchvision:NAME (pretrained)")
     _common(p)
     p.set_defaults(func=cmd_train_ss_head)
@@ -161,7 +182,7 @@ def register(sub, fmt) -> None:
                        description="Train a student from a frozen teacher. sskd = CE + KD + transformed-view KD + "
                                    "SS similarity KD (Eq. 8); kd = Hinton KD; ce = no teacher.",
                        epilog="example:\n  sskd distill --teacher runs/t-ss --student resnet8x4 --method sskd "
-                              "--shards shards/c100 --out runs/s\n"
+                              "--shards data/shards/c100 --out runs/s\n"
                               "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8x4 ... (teacher not run)")
     p.add_argument("--teacher", help="teacher run (a train-ss-head run for sskd; any run or torchvision:NAME for kd)")
     p.add_argument("--student", help="student architecture")
@@ -174,7 +195,7 @@ def register(sub, fmt) -> None:
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 of a trained model", formatter_class=fmt,
                        description="Evaluate a run's model on a split (each sample exactly once, across ranks too).",
-                       epilog="example:\n  sskd evaluate --model runs/s --shards shards/c100 --json eval.json")
+                       epilog="example:\n  sskd evaluate --model runs/s --shards data/shards/c100 --json eval.json")
     p.add_argument("--model", required=True, help="run folder with model.safetensors")
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--split", default="val", help="split to evaluate")

@@ -11,7 +11,7 @@ batch 64, lr 0.05, x0.1 at epochs 150/180/210 over 240 epochs; SS head 60 epochs
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -20,16 +20,25 @@ import yaml
 from sskd.errors import SSKDError
 
 
+def bound(default: Any = MISSING, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          choices: tuple[str, ...] | None = None, factory: Any = MISSING) -> Any:
+    """A dataclass field with the range or choices :func:`validate` checks (None always passes)."""
+    meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("choices", choices)) if v is not None}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how the views are made."""
 
     shards: str = ""  # shard folder written by `sskd shard`
     views: str = "rotation"  # SS views: a preset (`rotation` = official code, `paper` = four transforms) or a comma list
-    size: int | None = None  # output size; None = from the shard manifest (32 for CIFAR/digits, 224 ImageNet)
-    device: str = "auto"  # DALI device: auto (gpu when CUDA is present) | cpu | gpu
-    threads: int = 2  # DALI worker threads per process
-    eval_batch_size: int = 256
+    size: int | None = bound(None, ge=8)  # output size; None = from the shard manifest (32 CIFAR/digits, 224 ImageNet)
+    device: str = bound("auto", choices=("auto", "cpu", "gpu"))  # DALI device: auto = gpu when CUDA is present
+    threads: int = bound(2, ge=1)  # DALI worker threads per process
+    eval_batch_size: int = bound(256, ge=1)
 
 
 @dataclass
@@ -38,46 +47,46 @@ class StageConfig:
 
     arch: str = ""
     method: str = ""
-    epochs: int = 240
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, benchmarks)
-    batch_size: int = 64  # images per process per step (each image carries all its views)
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = bound(240, ge=1)
+    max_steps: int | None = bound(None, ge=1)  # stop after this many optimizer steps (smoke runs, benchmarks)
+    batch_size: int = bound(64, ge=1)  # images per process per step (each image carries all its views)
+    lr: float = bound(0.05, ge=0)
+    momentum: float = bound(0.9, ge=0, le=1)
+    weight_decay: float = bound(5e-4, ge=0)
     nesterov: bool = False
-    schedule: str = "step"  # step | cosine
-    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    grad_accum: int = 1
-    clip_grad: float | None = None  # max gradient norm; None = no clipping
+    schedule: str = bound("step", choices=("step", "cosine"))
+    milestones: list[int] = bound(factory=lambda: [150, 180, 210], ge=0)
+    gamma: float = bound(0.1, gt=0)
+    warmup_epochs: float = bound(0.0, ge=0)
+    grad_accum: int = bound(1, ge=1)
+    clip_grad: float | None = bound(None, gt=0)  # max gradient norm; None = no clipping
 
 
 @dataclass
 class LossConfig:
     """Eq. 8 weights and temperatures; defaults are the official code's (student.py)."""
 
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
-    tf_weight: float = 2.7
-    ss_weight: float = 10.0
-    kd_T: float = 4.0
-    tf_T: float = 4.0
-    ss_T: float = 0.5
-    ss_ratio: float = 0.75
-    tf_ratio: float = 1.0
-    head_tau: float = 1.0  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
+    ce_weight: float = bound(0.1, ge=0)
+    kd_weight: float = bound(0.9, ge=0)
+    tf_weight: float = bound(2.7, ge=0)
+    ss_weight: float = bound(10.0, ge=0)
+    kd_T: float = bound(4.0, gt=0)
+    tf_T: float = bound(4.0, gt=0)
+    ss_T: float = bound(0.5, gt=0)
+    ss_ratio: float = bound(0.75, gt=0, le=1)
+    tf_ratio: float = bound(1.0, gt=0, le=1)
+    head_tau: float = bound(1.0, gt=0)  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
 
 
 @dataclass
 class RunConfig:
     """Everything about running, not about the maths."""
 
-    seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
-    log_every: int = 50  # optimizer steps between metric lines
-    ckpt_every: int = 500  # optimizer steps between mid-epoch checkpoints (0 = only at epoch ends)
-    eval_every: int = 1  # epochs between evaluations (0 = only at the end)
+    seed: int = bound(0, ge=0)
+    mixed_precision: str = bound("no", choices=("no", "bf16", "fp16"))  # fp16 needs a GPU
+    log_every: int = bound(50, ge=1)  # optimizer steps between metric lines
+    ckpt_every: int = bound(500, ge=0)  # optimizer steps between mid-epoch checkpoints (0 = only at epoch ends)
+    eval_every: int = bound(1, ge=0)  # epochs between evaluations (0 = only at the end)
     global_ss_batch: bool = False  # all-gather SS embeddings across ranks for one global similarity matrix
     progress: bool = True
 
@@ -173,20 +182,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _check_bounds(name: str, section: Any) -> None:
+    for f in fields(section):
+        value, meta = getattr(section, f.name), f.metadata
+        where = f"config: {name}.{f.name}"
+        if "choices" in meta and value not in meta["choices"]:
+            raise SSKDError(f"{where} must be one of {', '.join(meta['choices'])}, not {value!r}")
+        for v in value if isinstance(value, list) else [value]:
+            if v is None or isinstance(v, str):
+                continue
+            if ("ge" in meta and v < meta["ge"]) or ("gt" in meta and v <= meta["gt"]) or ("le" in meta and v > meta["le"]):
+                rule = " and ".join(f"{op} {meta[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
+                                    if key in meta)
+                raise SSKDError(f"{where} must be {rule}, not {v!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Check values that the types alone cannot (before any work starts)."""
-    for name in ("teacher", "ss_head", "student"):
-        st: StageConfig = getattr(cfg, name)
-        if st.schedule not in ("step", "cosine"):
-            raise SSKDError(f"config: {name}.schedule must be 'step' or 'cosine', not {st.schedule!r}")
-        if st.batch_size < 1 or st.grad_accum < 1 or st.epochs < 1:
-            raise SSKDError(f"config: {name}.batch_size, grad_accum and epochs must be >= 1")
-        if st.max_steps is not None and st.max_steps < 1:
-            raise SSKDError(f"config: {name}.max_steps must be >= 1")
-    if cfg.run.mixed_precision not in ("no", "bf16", "fp16"):
-        raise SSKDError(f"config: run.mixed_precision must be no, bf16 or fp16, not {cfg.run.mixed_precision!r}")
-    if cfg.data.device not in ("auto", "cpu", "gpu"):
-        raise SSKDError(f"config: data.device must be auto, cpu or gpu, not {cfg.data.device!r}")
+    """Check values that the types alone cannot (before any work starts): ranges, choices, view names."""
+    for f in fields(cfg):
+        _check_bounds(f.name, getattr(cfg, f.name))
+    from pipelines.plan import ViewConfig
+
+    try:  # unknown view names are refused even by the stages that train on view 0 only
+        ViewConfig.parse(cfg.data.views)
+    except SSKDError as exc:
+        raise SSKDError(f"config: data.views: {exc}") from None
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every value that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_configs(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 def from_dict(values: dict[str, Any]) -> Config:

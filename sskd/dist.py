@@ -88,3 +88,12 @@ def sync_buffers(module: torch.nn.Module, accelerator) -> None:
 
     for buf in module.buffers():
         dist.broadcast(buf.data, src=0)
+
+
+def agree_on_error(accelerator, error: str | None) -> str | None:
+    """The main process's verdict (an error message or None) on every rank, so all of them stop or go on."""
+    if accelerator.num_processes < 2:
+        return error
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([error], from_process=0)[0]

@@ -10,13 +10,15 @@ A run folder ``RUN/`` holds::
     RUN/metrics.jsonl          one JSON object per logged interval and per evaluation
 
 Checkpoints are written under a temporary name and renamed, so the last good one survives any
-interruption.
+interruption. A run folder has one writer at a time (:func:`claim_run` holds ``RUN/.lock`` for the
+run's life) and earlier work in it is never overwritten unless asked (``--resume``, ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,54 @@ import torch
 
 from sskd import atomic
 from sskd.errors import SSKDError
+from sskd.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INFO = "model.json"
 CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+RUN_ENTRIES = (CONFIG, METRICS, MODEL_WEIGHTS, MODEL_INFO, CHECKPOINTS, "tb")  # what a run writes
+
+
+def earlier_work(run: Path) -> list[str]:
+    """The entries of an earlier run in ``run`` (empty for a new or empty folder)."""
+    return [name for name in RUN_ENTRIES if (run / name).exists()]
+
+
+def claim_run(run: Path, *, resume: bool, overwrite: bool) -> FolderLock:
+    """Lock ``run`` for this process and check it may be written; returns the held lock.
+
+    A folder that holds an earlier run is refused unless ``resume`` (continue it) or ``overwrite``
+    (delete that run first). Temporary files a killed writer left are removed (safe: we hold the lock).
+    """
+    if resume and overwrite:
+        raise SSKDError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if run.exists() and not run.is_dir():
+        raise SSKDError(f"{run}: exists and is not a folder")
+    try:
+        lock = FolderLock(run, "run folder").acquire()
+    except OSError as exc:
+        raise SSKDError(f"{run}: cannot write the run folder here ({exc.strerror or exc})") from None
+    try:
+        found = earlier_work(run)
+        if found and not (resume or overwrite):
+            raise SSKDError(f"{run}: holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
+                            "--overwrite to replace it (or choose another --out)")
+        if found and overwrite:
+            log.info("%s: --overwrite: removing the earlier run (%s)", run, ", ".join(found))
+            for name in found:
+                path = run / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        n = atomic.remove_stale_partials(run, recursive=True)
+        if n:
+            log.info("%s: removed %d temporary file(s) left by an interrupted writer", run, n)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def file_sha256(path: str | Path) -> str:
@@ -102,13 +146,26 @@ def load_checkpoint(run: Path, name: str = "last") -> dict[str, Any] | None:
 
 
 class MetricsLog:
-    """Appends one JSON line per record to ``RUN/metrics.jsonl`` (and TensorBoard when installed)."""
+    """Appends one JSON line per record to ``RUN/metrics.jsonl`` (and TensorBoard when installed).
 
-    def __init__(self, run: Path, enabled: bool = True, tensorboard: bool = True):
-        self.path = run / "metrics.jsonl"
+    ``keep_until_step``: on resume, records past the checkpoint's step are dropped first (they are
+    made again), so no step is logged twice; a torn last line of a killed writer is dropped too.
+    """
+
+    def __init__(self, run: Path, enabled: bool = True, tensorboard: bool = True, keep_until_step: int | None = None):
+        self.path = run / METRICS
         self.enabled = enabled
         self.tb = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        if self.path.is_file():
+            records = read_metrics(run)
+            if keep_until_step is not None:
+                records = [r for r in records if r.get("step", 0) <= keep_until_step]
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            if text.encode() != self.path.read_bytes():
+                atomic.write_bytes(self.path, text.encode())
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -134,7 +191,20 @@ class MetricsLog:
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    path = Path(run) / "metrics.jsonl"
+    """The records of ``RUN/metrics.jsonl``; a torn last line (a writer killed mid-line) is skipped."""
+    path = Path(run) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                log.debug("%s: torn last line skipped", path)
+                continue
+            raise SSKDError(f"{path}:{n}: not a JSON record (damaged metrics log)") from None
+    return records

@@ -111,7 +111,7 @@ def ss_head_builder(cfg: Config, teacher: str, info_out: dict[str, Any]):
         backbone, info = load_teacher(teacher, manifest, need_head=False)
         if isinstance(backbone, SSModel):  # re-training the head of an SS teacher: keep its backbone
             backbone = backbone.backbone
-        info_out.update(arch=info["arch"], teacher_source=str(teacher))
+        info_out.update(arch=info["arch"], teacher_source=str(teacher), teacher_weights_sha256=info.get("weights_sha256"))
         model = SSModel(backbone, SSHead(backbone.feat_dim))
         return create_method("ss_head", student=model, num_classes=manifest["num_classes"],
                              loss_cfg=loss_config(cfg.loss))
@@ -137,7 +137,8 @@ def student_builder(cfg: Config, teacher: str | None, info_out: dict[str, Any], 
             else:
                 t_model, t_info = load_teacher(teacher, manifest, need_head=(method == "sskd"))
                 freeze(t_model)
-            info_out.update(teacher=str(teacher), teacher_arch=t_info["arch"])
+            info_out.update(teacher=str(teacher), teacher_arch=t_info["arch"],
+                            teacher_weights_sha256=t_info.get("weights_sha256"))
         info_out.update(arch=cfg.student.arch, method=method)
         return create_method(method, student=student, teacher=t_model,
                              num_classes=manifest["num_classes"], loss_cfg=loss_config(cfg.loss))

@@ -3,6 +3,9 @@
 The loop knows no method. A method is a module that takes a batch and returns ``{"loss", "logits",
 <named terms>}``; Accelerate owns devices, DDP, mixed precision and gradient accumulation. Metrics are
 synchronised only every ``run.log_every`` steps (no ``.item()`` in the hot path).
+
+:func:`train` reads top to bottom: claim the run folder, set up, restore a checkpoint, run epochs,
+export. Each part is a function of :class:`Run`, the state one stage holds while it trains.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import Any
 
 import torch
 
-from sskd import runs
-from sskd.config import Config, StageConfig, dump_yaml
-from sskd.dist import make_accelerator, make_gather, pipeline_device, sync_buffers
+from sskd import atomic, runs
+from sskd.config import Config, StageConfig, diff_configs, dump_yaml
+from sskd.dist import agree_on_error, make_accelerator, make_gather, pipeline_device, sync_buffers
+from sskd.errors import SSKDError
 from sskd.evaluate import evaluate
+from sskd.stop import Interrupted, StopFlag, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class Job:
     build: Callable[[dict[str, Any]], torch.nn.Module]  # shard manifest -> method
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for model.json
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run in ``out`` (else it is refused unless resuming)
     batch_hook: Callable[[dict[str, Any], int], dict[str, Any]] | None = None  # e.g. add cached teacher outputs
     data_epoch: Callable[[int], int] | None = None  # augmentation epoch of a training epoch (cache: e mod E)
 
@@ -75,172 +81,298 @@ def _loaders(job: Job, accelerator, views_needed: int | None):
     val = None
     if "val" in train.manifest["splits"]:
         val = ViewLoader(cfg.data.shards, "val", batch_size=cfg.data.eval_batch_size, train=False, **common)
+    else:
+        log.info("%s: no val split: the run trains without evaluation", cfg.data.shards)
     return train, val
 
 
-def train(job: Job) -> dict[str, Any]:
-    """Run ``job`` to the end (or to ``max_steps``); returns the final evaluation."""
-    cfg, st, out = job.cfg, getattr(job.cfg, job.stage), job.out
-    accelerator = make_accelerator(cfg.run.mixed_precision, st.grad_accum, cfg.data.device)
-    main = accelerator.is_main_process
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-    # Built before the loaders so a bad teacher or architecture fails before any data is touched.
-    from shards.format import load_manifest
+class Run:
+    """One stage while it trains: the method, its optimizer and loaders, the counters, the outputs."""
 
-    manifest = load_manifest(cfg.data.shards)
-    method = job.build(manifest)
-    train_loader, val_loader = _loaders(job, accelerator, getattr(method, "views_needed", None))
+    def __init__(self, job: Job, accelerator):
+        from shards.format import load_manifest
 
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay, nesterov=st.nesterov
-    )
-    steps_per_epoch = max(1, len(train_loader) // st.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(st, steps_per_epoch))
-    total_steps = st.epochs * steps_per_epoch
-    if st.max_steps:
-        total_steps = min(total_steps, st.max_steps)
-    if cfg.run.global_ss_batch and accelerator.num_processes > 1:
-        method.gather = make_gather(accelerator)
-    method, optimizer = accelerator.prepare(method, optimizer)
-    core = accelerator.unwrap_model(method)
+        self.job, self.cfg, self.out = job, job.cfg, job.out
+        self.st: StageConfig = getattr(job.cfg, job.stage)
+        self.accelerator, self.main, self.world = accelerator, accelerator.is_main_process, accelerator.num_processes
+        # Built before the loaders so a bad teacher or architecture fails before any data is touched.
+        method = job.build(load_manifest(self.cfg.data.shards))
+        self.train_loader, self.val_loader = _loaders(job, accelerator, getattr(method, "views_needed", None))
+        self.params = [p for p in method.parameters() if p.requires_grad]
+        st = self.st
+        optimizer = torch.optim.SGD(self.params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
+                                    nesterov=st.nesterov)
+        self.steps_per_epoch = max(1, len(self.train_loader) // st.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(st, self.steps_per_epoch))
+        self.total_steps = min(st.epochs * self.steps_per_epoch, st.max_steps or math.inf)
+        if self.cfg.run.global_ss_batch and self.world > 1:
+            method.gather = make_gather(accelerator)
+        self.method, self.optimizer = accelerator.prepare(method, optimizer)
+        self.core = accelerator.unwrap_model(self.method)
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0}
+        self.resume_data: dict | None = None  # this rank's DALI pipeline checkpoint at the resumed batch
+        self.last_eval: dict[str, Any] | None = None
+        self.metrics: runs.MetricsLog | None = None
+        self.bar = None
+        self.batches = None  # the running epoch's batch iterator
+        self._sums: dict[str, torch.Tensor] = {}
+        self._seen, self._micro, self._t0 = 0, 0, time.perf_counter()
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0}
-    resume_data = None  # this rank's DALI pipeline checkpoint at the resumed batch, if the run saved one
-    if job.resume:
-        ckpt = runs.load_checkpoint(out, "last")
-        if ckpt is None:
-            log.debug("no checkpoint in %s: starting from scratch", out)
-        else:
-            core.load_state_dict(ckpt["model"])
-            optimizer.optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if accelerator.scaler is not None and ckpt.get("scaler"):
-                accelerator.scaler.load_state_dict(ckpt["scaler"])
-            state.update({k: ckpt[k] for k in state})
-            data_states = ckpt.get("data_state") or []
-            if len(data_states) == accelerator.num_processes:
-                resume_data = data_states[accelerator.process_index]
-            log.info("resumed %s at step %d (epoch %d, batch %d)", out, state["step"], state["epoch"], state["batch"])
-    metrics = runs.MetricsLog(out, enabled=main)
+    @property
+    def finished(self) -> bool:
+        return self.state["step"] >= self.total_steps or self.state["epoch"] >= self.st.epochs
 
-    def checkpoint(name: str) -> None:
-        accelerator.wait_for_everyone()
-        data = train_loader.state()  # where each rank's reader stands, to resume without re-making batches
-        if accelerator.num_processes == 1:
+    def checkpoint(self, name: str) -> None:
+        """Write ``checkpoints/<name>.pt`` with every rank's reader position (a collective: all ranks call)."""
+        self.accelerator.wait_for_everyone()
+        data = self.train_loader.state()  # where each rank's reader stands, to resume without re-making batches
+        if self.world == 1:
             data_states = [data]
         else:
             from accelerate.utils import gather_object
 
             data_states = gather_object([data])
-        if main:
-            runs.save_checkpoint(out, name, {
-                "model": core.state_dict(),
-                "optimizer": optimizer.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "config": cfg.to_dict(),
-                "stage": job.stage,
+        if self.main:
+            scaler = self.accelerator.scaler
+            runs.save_checkpoint(self.out, name, {
+                "model": self.core.state_dict(),
+                "optimizer": self.optimizer.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "config": self.cfg.to_dict(),
+                "stage": self.job.stage,
+                "info": self.job.info,
+                "world_size": self.world,
                 "data_state": data_states,
-                **state,
+                **self.state,
             })
 
-    def run_eval(epoch: int) -> dict[str, Any] | None:
-        sync_buffers(core, accelerator)
-        if val_loader is None:
+    def evaluate(self, epoch: int) -> dict[str, Any] | None:
+        """Validation top-1/top-5 (every sample once across ranks); keeps ``best.pt``."""
+        sync_buffers(self.core, self.accelerator)
+        if self.val_loader is None:
             return None
-        result = evaluate(core.trainable_module(), val_loader, accelerator)
-        method.train()
-        result["step"] = state["step"]
-        metrics.write({"kind": "eval", "epoch": epoch, **result})
-        if result["top1"] > state["best_top1"]:
-            state["best_top1"] = result["top1"]
-            checkpoint("best")
+        result = evaluate(self.core.trainable_module(), self.val_loader, self.accelerator)
+        self.method.train()
+        result["step"] = self.state["step"]
+        self.metrics.write({"kind": "eval", "epoch": epoch, **result})
+        if result["top1"] > self.state["best_top1"]:
+            self.state["best_top1"] = result["top1"]
+            self.checkpoint("best")
+        self.last_eval = result
         return result
 
-    world = accelerator.num_processes
-    bar = None
-    if main and cfg.run.progress:
+    def log_interval(self, epoch: int) -> None:
+        """One metrics line: each term averaged over the interval's micro-batches and all ranks."""
+        rec = _reduce(self._sums, self.accelerator, self._micro, self._seen)
+        dt = time.perf_counter() - self._t0
+        rec.update(kind="train", step=self.state["step"], epoch=epoch, lr=self.scheduler.get_last_lr()[0],
+                   images_per_s=round(self._seen * self.world / dt, 1), world_size=self.world)
+        self.metrics.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
+        self._sums, self._seen, self._micro, self._t0 = {}, 0, 0, time.perf_counter()
+
+
+def claim_folder(job: Job, accelerator):
+    """The main process locks the run folder and checks it may write there; every rank learns the verdict."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = runs.claim_run(job.out, resume=job.resume, overwrite=job.overwrite)
+        except SSKDError as exc:
+            error = str(exc)
+    error = agree_on_error(accelerator, error)
+    if error:
+        raise SSKDError(error)
+    return lock
+
+
+# What a resumed run may not change: they decide the model's shape or the data it learns from.
+FIXED_FOR_RESUME = ("{stage}.arch", "{stage}.method", "data.views", "data.size")
+IGNORED_FOR_RESUME = ("run.progress", "data.shards")  # the shards are compared by their manifest's hash
+
+
+def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
+    """Refuse a resume whose settings cannot continue the checkpoint; say plainly what else changed."""
+    stage, path = run.job.stage, run.out / runs.CHECKPOINTS / "last.pt"
+    if ckpt.get("stage") not in (None, stage):
+        raise SSKDError(f"{path}: is a {ckpt['stage']!r} checkpoint, this command trains {stage!r}")
+    fixed = {k.format(stage=stage) for k in FIXED_FOR_RESUME}
+    sections = {stage, "data", "run", "loss"}  # the other stages' sections do not act on this one
+    diffs = [d for d in diff_configs(ckpt.get("config", {}), run.cfg.to_dict())
+             if d[0].split(".")[0] in sections and d[0] not in IGNORED_FOR_RESUME]
+    saved_info = ckpt.get("info") or {}
+    for key in ("shards_sha256", "teacher_weights_sha256"):
+        if saved_info.get(key) and run.job.info.get(key) and saved_info[key] != run.job.info[key]:
+            diffs.append((key, saved_info[key][:12], run.job.info[key][:12]))
+            fixed.add(key)
+    refused = [f"{k} was {a!r}, now {b!r}" for k, a, b in diffs if k in fixed]
+    if refused:
+        raise SSKDError(f"{run.out}: cannot resume: {'; '.join(refused)} (start a new --out, or --overwrite this run)")
+    if diffs:
+        log.warning("%s: resuming with changed settings: %s", run.out, ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs))
+
+
+def restore(run: Run) -> None:
+    """Continue from ``checkpoints/last.pt`` when there is one (``--resume``)."""
+    ckpt = runs.load_checkpoint(run.out, "last")
+    if ckpt is None:
+        log.info("%s: no checkpoint yet: starting from the beginning", run.out)
+        return
+    check_resumable(run, ckpt)
+    path = run.out / runs.CHECKPOINTS / "last.pt"
+    try:
+        run.core.load_state_dict(ckpt["model"])
+        run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise SSKDError(f"{path}: does not fit this run ({str(exc).strip().splitlines()[-1][:200]})") from exc
+    if run.accelerator.scaler is not None and ckpt.get("scaler"):
+        run.accelerator.scaler.load_state_dict(ckpt["scaler"])
+    run.state.update({k: ckpt[k] for k in run.state})
+    data_states = ckpt.get("data_state") or []
+    old_world = ckpt.get("world_size", len(data_states) or 1)
+    old_batch = (ckpt.get("config", {}).get(run.job.stage) or {}).get("batch_size", run.st.batch_size)
+    if run.state["batch"] and (old_world, old_batch) != (run.world, run.st.batch_size):
+        # A rank's position in an epoch means other samples under another rank count or batch size.
+        log.warning("%s: the checkpoint stopped in epoch %d at batch %d with %d rank(s) x batch %d; with %d x %d "
+                    "that position means other samples, so epoch %d restarts from its first batch (its first "
+                    "%d batches are seen twice)", run.out, run.state["epoch"], run.state["batch"], old_world, old_batch,
+                    run.world, run.st.batch_size, run.state["epoch"], run.state["batch"])
+        run.state["batch"] = 0
+    elif len(data_states) == run.world:
+        run.resume_data = data_states[run.accelerator.process_index]
+    log.info("resumed %s at step %d (epoch %d, batch %d)", run.out, run.state["step"], run.state["epoch"],
+             run.state["batch"])
+
+
+def open_outputs(run: Run) -> None:
+    """After every check passed: the resolved config (atomically), the metrics log, the progress bar."""
+    if run.main:
+        atomic.write_bytes(run.out / runs.CONFIG, dump_yaml(run.cfg).encode())
+    run.metrics = runs.MetricsLog(run.out, enabled=run.main,
+                                  keep_until_step=run.state["step"] if run.job.resume else None)
+    if run.main and run.cfg.run.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc=f"{job.stage}", unit="step", dynamic_ncols=True)
-    sums: dict[str, torch.Tensor] = {}
-    seen, n_micro, t0 = 0, 0, time.perf_counter()
-    last_eval: dict[str, Any] | None = None
-    method.train()
-    while state["step"] < total_steps and state["epoch"] < st.epochs:
-        epoch = state["epoch"]
-        views_epoch = job.data_epoch(epoch) if job.data_epoch else epoch
-        batches = train_loader.epoch(views_epoch, start_batch=state["batch"], resume_state=resume_data)
-        resume_data = None
-        for batch in batches:
-            if job.batch_hook is not None:
-                batch = job.batch_hook(batch, views_epoch)
-            with accelerator.accumulate(method):
-                out_d = method(batch)
-                accelerator.backward(out_d["loss"])
-                if st.clip_grad and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, st.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batch"] += 1
-            n_micro += 1
-            seen += batch["label"].shape[0]
-            for k, v in out_d.items():
-                if k != "logits" and torch.is_tensor(v) and v.ndim == 0:
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-            sums["correct"] = sums.get("correct", 0) + (
-                out_d["logits"].argmax(1) == batch["label"]).sum().float()
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            if bar is not None:
-                bar.update(1)
-            if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
-                rec = _reduce(sums, accelerator, n_micro, seen)
-                dt = time.perf_counter() - t0
-                rec.update(kind="train", step=state["step"], epoch=epoch, lr=scheduler.get_last_lr()[0],
-                           images_per_s=round(seen * world / dt, 1), world_size=world)
-                metrics.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-                sums, seen, n_micro, t0 = {}, 0, 0, time.perf_counter()
-            if cfg.run.ckpt_every and state["step"] % cfg.run.ckpt_every == 0:
-                checkpoint("last")
-            if state["step"] >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            state["epoch"], state["batch"] = epoch + 1, 0
-            if cfg.run.eval_every and state["epoch"] % cfg.run.eval_every == 0:
-                last_eval = run_eval(epoch)
-            checkpoint("last")
+        run.bar = tqdm(total=run.total_steps, initial=run.state["step"], desc=run.job.stage, unit="step",
+                       dynamic_ncols=True)
+
+
+def train_step(run: Run, batch: dict[str, Any]) -> None:
+    """Forward, backward and (every ``grad_accum`` micro-batches) an optimizer step; sums the terms."""
+    accelerator, st = run.accelerator, run.st
+    with accelerator.accumulate(run.method):
+        out = run.method(batch)
+        accelerator.backward(out["loss"])
+        if st.clip_grad and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.params, st.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.state["batch"] += 1
+    run._micro += 1
+    run._seen += batch["label"].shape[0]
+    for k, v in out.items():
+        if k != "logits" and torch.is_tensor(v) and v.ndim == 0:
+            run._sums[k] = run._sums.get(k, 0) + v.detach().float()
+    run._sums["correct"] = run._sums.get("correct", 0) + (out["logits"].argmax(1) == batch["label"]).sum().float()
+
+
+def run_epoch(run: Run, stop: StopFlag) -> None:
+    """The current epoch from where it stands, to its end, to ``max_steps``, or to an agreed stop."""
+    st, state = run.st, run.state
+    epoch = state["epoch"]
+    views_epoch = run.job.data_epoch(epoch) if run.job.data_epoch else epoch
+    # Kept on the run: a reader stopped mid-epoch (max_steps) stays open, so the final checkpoint holds
+    # its DALI position and a later --resume continues it instead of re-making the batches.
+    run.batches = batches = run.train_loader.epoch(views_epoch, start_batch=state["batch"],
+                                                   resume_state=run.resume_data)
+    run.resume_data = None
+    for batch in batches:
+        if run.job.batch_hook is not None:
+            batch = run.job.batch_hook(batch, views_epoch)
+        train_step(run, batch)
+        if not run.accelerator.sync_gradients:
             continue
-        break
-    if bar is not None:
-        bar.close()
-    checkpoint("last")
-    sync_buffers(core, accelerator)
-    fresh = last_eval is not None and last_eval.get("step") == state["step"]
-    final = last_eval if fresh else run_eval(state["epoch"])
-    if main:
-        module = core.trainable_module()
-        info = {"stage": job.stage, "steps": state["step"], "epochs_done": state["epoch"],
+        run.scheduler.step()
+        state["step"] += 1
+        if run.bar is not None:
+            run.bar.update(1)
+        if state["step"] % run.cfg.run.log_every == 0 or state["step"] == run.total_steps:
+            run.log_interval(epoch)
+        if run.cfg.run.ckpt_every and state["step"] % run.cfg.run.ckpt_every == 0:
+            run.checkpoint("last")
+        if state["step"] >= run.total_steps:
+            break
+        signum = stop.should_stop()
+        if signum:
+            run.checkpoint("last")
+            raise Interrupted(f"stopped by {stop.request.describe(signum)} after step {state['step']} (epoch {epoch}, "
+                              f"batch {state['batch']}); {run.out}/checkpoints/last.pt holds it: rerun the same "
+                              "command with --resume to continue", signum, quiet=not run.main)
+    if state["batch"] >= len(run.train_loader):  # the epoch ran to its end
+        state["epoch"], state["batch"] = epoch + 1, 0
+        if run.cfg.run.eval_every and state["epoch"] % run.cfg.run.eval_every == 0:
+            run.evaluate(epoch)
+        run.checkpoint("last")
+
+
+def export(run: Run) -> dict[str, Any]:
+    """Last checkpoint, a final evaluation unless one is fresh, ``model.safetensors`` + ``model.json``."""
+    state = run.state
+    run.checkpoint("last")
+    sync_buffers(run.core, run.accelerator)
+    fresh = run.last_eval is not None and run.last_eval.get("step") == state["step"]
+    epoch = state["epoch"] - 1 if state["batch"] == 0 and state["epoch"] > 0 else state["epoch"]
+    final = run.last_eval if fresh else run.evaluate(epoch)
+    if run.main:
+        module = run.core.trainable_module()
+        manifest = run.train_loader.manifest
+        info = {"stage": run.job.stage, "steps": state["step"], "epochs_done": state["epoch"],
                 "has_head": getattr(module, "head", None) is not None,
-                "num_classes": train_loader.manifest["num_classes"], "classes": train_loader.manifest["classes"],
-                **job.info}
+                "num_classes": manifest["num_classes"], "classes": manifest["classes"], **run.job.info}
         if final is not None:
             info.update(top1=final["top1"], top5=final["top5"], best_top1=state["best_top1"])
-        runs.save_model(out, module, info)
-    metrics.close()
-    accelerator.wait_for_everyone()
+        runs.save_model(run.out, module, info)
+    run.accelerator.wait_for_everyone()
     # Each rank's own weights: DDP keeps them identical, and tests check that it did.
-    result = dict(final or {}, world_size=world, rank=accelerator.process_index,
-                  rank_weights_sha256=_weights_digest(core))
-    return result
+    return dict(final or {}, world_size=run.world, rank=run.accelerator.process_index,
+                rank_weights_sha256=_weights_digest(run.core))
+
+
+def train(job: Job) -> dict[str, Any]:
+    """Run ``job`` to the end (or to ``max_steps``); returns the final evaluation.
+
+    On SIGTERM or SIGINT the step in flight finishes, ``last.pt`` is written and :class:`Interrupted`
+    is raised; ``--resume`` then continues exactly.
+    """
+    st = getattr(job.cfg, job.stage)
+    accelerator = make_accelerator(job.cfg.run.mixed_precision, st.grad_accum, job.cfg.data.device)
+    torch.manual_seed(job.cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    lock = claim_folder(job, accelerator)
+    try:
+        with StopRequest() as request:
+            run = Run(job, accelerator)
+            if job.resume:
+                restore(run)
+            open_outputs(run)
+            stop = StopFlag(request, run.world)
+            run.method.train()
+            try:
+                while not run.finished:
+                    run_epoch(run, stop)
+                stop.close()
+                if run.bar is not None:
+                    run.bar.close()
+                return export(run)
+            finally:
+                if run.bar is not None:
+                    run.bar.close()
+                run.metrics.close()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _weights_digest(module: torch.nn.Module) -> str:

@@ -18,5 +18,6 @@ def test_fixed_seed_runs_give_the_pinned_weights(digits_shards, tmp_path):
         assert have["numel"] == want["numel"], name
         if have["sha256"] == want["sha256"]:
             continue  # bit for bit, as on the machine that pinned them
-        # Another CPU may round differently (kernel choice); a behaviour change moves the weights far more.
-        assert have["proj"] == pytest.approx(want["proj"], rel=1e-4, abs=1e-3), name
+        # Another CPU may round differently (kernel choice, measured: up to 0.04 after these few steps with
+        # 1 instead of 2 threads); a change of behaviour moves them far more (CE vs KD students: 1.08).
+        assert have["proj"] == pytest.approx(want["proj"], rel=0, abs=0.1), name

@@ -225,3 +225,181 @@ def test_global_ss_batch_on_two_ranks(teacher_runs, digits_shards, tmp_path):
     recs = [r for r in read_metrics(tmp_path / "g") if r["kind"] == "train"]
     assert recs[-1]["world_size"] == 2 and recs[-1]["ss"] >= 0
     assert load_model_info(tmp_path / "g")["steps"] == 2
+
+
+# ---- run folders, signals, resume checks (issue 15) ----------------------------------------------------
+
+def teacher_args(shards, out, *extra):
+    return ["train-teacher", "--shards", shards, "--arch", "resnet8", "--out", out, *FAST, *extra]
+
+
+def test_a_finished_run_is_not_overwritten_without_resume_or_overwrite(digits_shards, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert run(*teacher_args(digits_shards, out, "--max-steps", 2)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    assert run(*teacher_args(digits_shards, out, "--max-steps", 3, "--lr", "0.2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"sskd: error: {out}: holds an earlier run (config.yaml, metrics.jsonl, model.safetensors, "
+                   "model.json, checkpoints); pass --resume to continue it or --overwrite to replace it (or choose "
+                   "another --out)")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before  # config too
+    assert run(*teacher_args(digits_shards, out, "--max-steps", 3, "--overwrite")) == 0
+    assert load_model_info(out)["steps"] == 3
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2, 3]  # not appended
+    assert run(*teacher_args(digits_shards, out, "--resume", "--overwrite")) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_one_run_per_folder_and_a_stale_lock_is_taken_over(digits_shards, tmp_path, capsys):
+    from sskd.lock import FolderLock
+
+    out = tmp_path / "t"
+    with FolderLock(out):  # another live run holds the folder
+        assert run(*teacher_args(digits_shards, out, "--max-steps", 1)) == 2
+        assert "this run folder is in use by pid" in capsys.readouterr().err
+        assert not (out / "config.yaml").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "here", "time": 0}))
+    (out / ".config.yaml.123.partial").write_text("left by a killed writer")
+    assert run(*teacher_args(digits_shards, out, "--max-steps", 1)) == 0  # the dead holder's lock is stale
+    assert not list(out.glob(".*.partial"))
+
+
+def _signal_at_step(monkeypatch, step, signum):
+    import signal as _signal
+
+    import sskd.train as tr
+
+    real, seen = tr.train_step, {"n": 0}
+
+    def step_then_signal(run_, batch):
+        real(run_, batch)
+        seen["n"] += 1
+        if seen["n"] == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(tr, "train_step", step_then_signal)
+    return _signal
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_resume_is_exact(digits_shards, tmp_path, monkeypatch, capsys, signame):
+    """SIGTERM (SLURM's time limit) used to exit silently with no checkpoint."""
+    import signal
+
+    common = teacher_args(digits_shards, None, "--set", "run.eval_every=0", "--set", "run.ckpt_every=0")
+    common = [a for a in common if a is not None]
+    i = common.index("--out")
+    full, cut = common[:i + 1] + [tmp_path / "full"] + common[i + 1:], common[:i + 1] + [tmp_path / "cut"] + common[i + 1:]
+    assert run(*full, "--max-steps", 7) == 0
+    _signal_at_step(monkeypatch, 3, getattr(signal, signame))
+    assert run(*cut, "--max-steps", 7) == 128 + getattr(signal, signame)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"sskd: stopped by {signame} after step 3 (epoch 0, batch 3)") and "--resume" in err
+    import torch
+
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and not (tmp_path / "cut" / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert run(*cut, "--max-steps", 7, "--resume") == 0
+    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
+    assert [r["step"] for r in read_metrics(tmp_path / "cut") if r["kind"] == "train"] == list(range(1, 8))
+
+
+def test_resume_refuses_what_cannot_continue_and_names_what_changed(digits_shards, tmp_path, capsys, caplog):
+    out = tmp_path / "t"
+    assert run(*teacher_args(digits_shards, out, "--max-steps", 2, "--set", "teacher.epochs=3")) == 0
+    config = (out / "config.yaml").read_bytes()
+    for extra, needle in [(["--arch", "resnet14"], "teacher.arch was 'resnet8', now 'resnet14'"),
+                          (["--views", "paper"], "data.views was 'rotation', now 'paper'")]:
+        assert run(*teacher_args(digits_shards, out, "--resume", "--max-steps", 3, "--set", "teacher.epochs=3",
+                                 *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"sskd: error: {out}: cannot resume: {needle}"), err
+        assert (out / "config.yaml").read_bytes() == config  # not rewritten before the check
+    with caplog.at_level("WARNING"):
+        assert run(*teacher_args(digits_shards, out, "--resume", "--max-steps", 3, "--set", "teacher.epochs=3",
+                                 "--lr", "0.2", "--seed", "4")) == 0
+    assert "resuming with changed settings: run.seed 0 -> 4, teacher.lr 0.05 -> 0.2, teacher.max_steps 2 -> 3" in caplog.text
+
+
+def test_resume_mid_epoch_with_another_batch_size_restarts_the_epoch_and_says_so(digits_shards, tmp_path, caplog):
+    out = tmp_path / "t"
+    assert run(*teacher_args(digits_shards, out, "--max-steps", 3, "--set", "run.eval_every=0")) == 0
+    with caplog.at_level("WARNING"):
+        assert run(*teacher_args(digits_shards, out, "--resume", "--max-steps", 4, "--batch-size", "64",
+                                 "--set", "run.eval_every=0")) == 0
+    assert "stopped in epoch 0 at batch 3 with 1 rank(s) x batch 32; with 1 x 64" in caplog.text
+    assert "epoch 0 restarts from its first batch" in caplog.text
+
+
+def test_metrics_after_a_resume_have_each_step_once_and_survive_a_torn_line(digits_shards, tmp_path):
+    out = tmp_path / "t"
+    common = teacher_args(digits_shards, out, "--set", "run.eval_every=0", "--set", "run.ckpt_every=2")
+    assert run(*common, "--max-steps", 3) == 0
+    import torch
+
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    ckpt["step"], ckpt["batch"] = 2, 2  # as if killed after logging step 3 but before its checkpoint
+    ckpt["data_state"] = [None]
+    torch.save(ckpt, out / "checkpoints" / "last.pt")
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "step": 4, "lo')  # a writer killed mid-line
+    assert read_metrics(out)[-1]["step"] == 3  # the torn line is skipped, not a crash (the demo's plot)
+    assert run(*common, "--max-steps", 5, "--resume") == 0
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_a_full_run_counts_its_epochs_and_files_follow_the_umask(digits_shards, tmp_path):
+    import stat
+
+    out = tmp_path / "t"
+    assert run(*teacher_args(digits_shards, out, "--batch-size", "256", "--set", "teacher.epochs=2")) == 0
+    info = load_model_info(out)
+    assert info["epochs_done"] == 2 and info["steps"] == 12  # ceil(1437 / 256) = 6 batches per epoch (was 1: the
+    # last step of the last epoch ended the loop before the epoch was counted)
+    from sskd.atomic import _umask
+
+    for name in ("model.safetensors", "model.json", "config.yaml", "checkpoints/last.pt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~_umask(), name
+
+
+def test_shards_without_val_train_and_finish_cleanly(digits_shards, tmp_path, caplog):
+    folder = tmp_path / "noval"
+    shutil.copytree(digits_shards, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    del m["splits"]["val"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with caplog.at_level("INFO"):
+        assert run(*teacher_args(folder, tmp_path / "t", "--max-steps", 2)) == 0
+    assert "finished (the shards have no val split: not evaluated)" in caplog.text
+    assert "top1" not in load_model_info(tmp_path / "t")
+
+
+def test_mistakes_are_one_line_errors_before_any_work(digits_shards, teacher_runs, tmp_path, capsys):
+    readonly = Path("/sys/sskd-test") if os.geteuid() == 0 else tmp_path / "ro"
+    if os.geteuid() != 0:
+        readonly.mkdir()
+        readonly.chmod(0o555)
+    cases = [
+        (teacher_args(tmp_path / "no-shards", tmp_path / "a", "--max-steps", 1), "no-shards/manifest.json: no shard manifest"),
+        (teacher_args(digits_shards, readonly / "run", "--max-steps", 1), "cannot write the run folder here"),
+        (["evaluate", "--model", teacher_runs / "t", "--shards", digits_shards, "--batch-size", 0],
+         "--batch-size and --threads must be at least 1"),
+        (["evaluate", "--model", teacher_runs / "t", "--shards", digits_shards, "--json", readonly / "e.json"],
+         "cannot write the --json result here"),
+        (["cache", "--teacher", teacher_runs / "t-ss", "--shards", digits_shards, "--epochs", 1, "--out",
+          tmp_path / "c", "--batch-size", 0], "--batch-size must be >= 1, not 0"),
+        (["views", "--shards", digits_shards, "--n", 0, "--out", tmp_path / "v.png"], "--n must be at least 1, not 0"),
+        (["views", "--shards", digits_shards, "--out", readonly / "v.png"], "cannot write the --out here"),
+        (["shard", "digits", tmp_path / "d", "--val-fraction", 1.5], "--val-fraction must be between 0 and 1"),
+        (["train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", tmp_path / "v", "--views", "spin"],
+         "data.views: unknown view 'spin'"),
+        (["distill", "--student", "resnet8", "--method", "ce", "--shards", digits_shards, "--out", tmp_path / "w",
+          "--views", "rot90,spin"], "data.views: unknown view 'spin'"),
+    ]
+    for args, needle in cases:
+        assert run(*args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("sskd: error:") and needle in err[-1], (args, err)
+        assert "Traceback" not in "\n".join(err)
