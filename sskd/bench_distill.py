@@ -31,7 +31,7 @@ def _interleaved(steps: dict, batches, warmup: int) -> dict[str, float]:
 
 def run_bench(args) -> dict:
     from pipelines import ViewLoader
-    from sskd.cache import CacheReader, bytes_per_sample, chunk_path, write_chunk
+    from sskd.cache import FORMAT, VERSION, CacheReader, bytes_per_sample, chunk_path, teacher_arrays, write_chunk
     from sskd.heads import SSModel
     from sskd.methods import create_method
     from sskd.models import create_model
@@ -78,9 +78,10 @@ def run_bench(args) -> dict:
             outs = [teacher(b["views"].flatten(0, 1)) for b in batches]
         ids = np.concatenate([b["id"].numpy() for b in batches])
         shape = lambda b, t: t.view(b["views"].shape[0], b["views"].shape[1], -1)
-        write_chunk(chunk_path(cache, 0, 0, 0), ids, torch.cat([shape(b, o.logits) for b, o in zip(batches, outs)]),
-                    torch.cat([shape(b, o.embed) for b, o in zip(batches, outs)]), None)
-        manifest = {"format": "sskd-teacher-cache", "version": 1, "complete": True, "binding": {}, "epochs": 1,
+        arrays = teacher_arrays(ids, torch.cat([shape(b, o.logits) for b, o in zip(batches, outs)]),
+                                torch.cat([shape(b, o.embed) for b, o in zip(batches, outs)]), None)
+        write_chunk(chunk_path(cache, 0, 0, 0), arrays, 0, len(batches))
+        manifest = {"format": FORMAT, "version": VERSION, "complete": True, "binding": {}, "epochs": 1,
                     "num_samples": loader.num_samples, "num_classes": k, "topk": None}
         (cache / "manifest.json").write_text(json.dumps(manifest))
         reader = CacheReader(cache)
@@ -114,8 +115,9 @@ def _partial_index(reader, n: int):
     """Index of a cache that holds only the benchmark's batches (not every sample of the epoch)."""
     from sskd.cache import epoch_dir, map_chunk
 
-    arrays = map_chunk(sorted(epoch_dir(reader.path, 0).glob("*.safetensors"))[0])
+    path = sorted(epoch_dir(reader.path, 0).glob("*.safetensors"))[0]
+    arrays = map_chunk(path)
     which, row = np.full(n, -1, np.int64), np.zeros(n, np.int64)
     ids = np.asarray(arrays["ids"])
     which[ids], row[ids] = 0, np.arange(len(ids))
-    return [arrays], which, row
+    return [dict(arrays, __path__=path)], which, row

@@ -3,14 +3,19 @@
 Layout (keyed by sample identity, never by batch position: DESIGN.md, invariant 3)::
 
     CACHE/manifest.json                               binding + shape; "complete": true only at the end
-    CACHE/epoch-{e:04d}/r{rank:03d}-c{chunk:05d}.safetensors
+    CACHE/epoch-{e:04d}/r{rank:03d}-b{first batch:06d}.safetensors
 
-Each chunk holds, for the samples one rank saw in a run of consecutive batches: ``ids`` int64 (n,),
-``embed`` fp16 (n, V, d) — the teacher's SS projections — and either ``logits`` fp16 (n, V, K) or,
-with ``--topk k``, ``topv`` fp16 / ``topi`` int32 (n, V, k) plus ``lse`` fp32 (n, V), the log-sum-exp
-of all K logits. Embeddings are stored, not batch similarity matrices, so the matrix is recomputed for
-whatever batch size and rank layout the student run has. Chunks are written under a temporary name
-and renamed; readers memory-map them (safetensors header → numpy memmap).
+Each chunk holds, for the samples one rank saw in a run of consecutive batches (the first one and
+how many are in its metadata): ``ids`` int64 (n,), ``embed`` fp16 (n, V, d) — the teacher's SS
+projections — and either ``logits`` fp16 (n, V, K) or, with ``--topk k``, ``topv`` fp16 / ``topi``
+int32 (n, V, k) plus ``lse`` fp32 (n, V), the log-sum-exp of all K logits. Embeddings are stored, not
+batch similarity matrices, so the matrix is recomputed for whatever batch size and rank layout the
+student run has. Chunks are written under a temporary name and renamed; readers memory-map them
+(safetensors header → numpy memmap).
+
+Integrity: every chunk carries a CRC-32 of its arrays in its metadata. A reader checks every chunk's
+header and size when it opens the cache (a damaged or truncated file fails at the start, not hours
+in), and each chunk's checksum the first time it reads from it; ``sskd cache --verify`` checks all.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +36,25 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 FORMAT = "sskd-teacher-cache"
-VERSION = 1
+VERSION = 2  # 2: chunks named by their first batch, CRC-32 per chunk
 MANIFEST = "manifest.json"
 BINDING_FIELDS = ("teacher_weights_sha256", "shards_manifest_sha256", "seed", "views", "size", "pipeline_version",
                   "device_type", "split")
 _DT = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
+_NP_DT = {np.dtype(v): k for k, v in _DT.items()}
 
 
 def epoch_dir(cache: Path, epoch: int) -> Path:
     return cache / f"epoch-{epoch:04d}"
 
 
-def chunk_path(cache: Path, epoch: int, rank: int, chunk: int) -> Path:
-    return epoch_dir(cache, epoch) / f"r{rank:03d}-c{chunk:05d}.safetensors"
+def chunk_path(cache: Path, epoch: int, rank: int, first_batch: int) -> Path:
+    return epoch_dir(cache, epoch) / f"r{rank:03d}-b{first_batch:06d}.safetensors"
+
+
+def rank_chunks(cache: Path, epoch: int, rank: int) -> list[Path]:
+    """One rank's chunk files of one epoch, in batch order."""
+    return sorted(epoch_dir(cache, epoch).glob(f"r{rank:03d}-b*.safetensors"))
 
 
 def bytes_per_sample(num_views: int, num_classes: int, embed_dim: int, topk: int | None) -> int:
@@ -51,12 +63,18 @@ def bytes_per_sample(num_views: int, num_classes: int, embed_dim: int, topk: int
     return 8 + logits + num_views * embed_dim * 2
 
 
-def write_chunk(path: Path, ids: np.ndarray, logits: torch.Tensor, embed: torch.Tensor, topk: int | None) -> None:
-    """One chunk, atomically: ids (n,), logits (n, V, K) float, embed (n, V, d) float."""
-    from safetensors.numpy import save_file
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """CRC-32 over the arrays' names and bytes in name order (fast: a bit flip anywhere changes it)."""
+    crc = 0
+    for name in sorted(arrays):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(arrays[name])).cast("B"), crc)
+    return f"{crc:08x}"
 
-    arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64),
-              "embed": embed.float().cpu().numpy().astype(np.float16)}
+
+def teacher_arrays(ids: np.ndarray, logits: torch.Tensor, embed: torch.Tensor, topk: int | None) -> dict[str, np.ndarray]:
+    """The stored form of a run of batches: ids (n,), logits (n, V, K) float, embed (n, V, d) float."""
+    arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64), "embed": embed.float().cpu().numpy().astype(np.float16)}
     logits = logits.float().cpu()
     if topk:
         top = logits.topk(topk, dim=-1)
@@ -65,31 +83,70 @@ def write_chunk(path: Path, ids: np.ndarray, logits: torch.Tensor, embed: torch.
         arrays["lse"] = torch.logsumexp(logits, dim=-1).numpy().astype(np.float32)
     else:
         arrays["logits"] = logits.numpy().astype(np.float16)
+    return arrays
+
+
+def write_chunk(path: Path, arrays: dict[str, np.ndarray], first_batch: int, batches: int) -> None:
+    """One chunk, atomically, with its batch range and checksum in the metadata."""
+    from safetensors.numpy import save_file
+
+    # One metadata key: safetensors writes several in a random order, and chunks are byte-deterministic.
+    meta = {"sskd": json.dumps({"first_batch": first_batch, "batches": batches, "crc32": checksum(arrays)},
+                               sort_keys=True)}
     with atomic.atomic_path(path) as tmp:
-        save_file(arrays, str(tmp))
+        save_file(arrays, str(tmp), metadata=meta)
 
 
-def map_chunk(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a chunk; a truncated or damaged file is an error naming it."""
+def _header(path: Path) -> tuple[int, dict[str, Any], int]:
+    """(header length, header, file size) of a chunk, checked against the file's size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             n = struct.unpack("<Q", fh.read(8))[0]
+            if n > size:
+                raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(fh.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
         raise SSKDError(f"{path}: unreadable cache chunk ({exc})") from exc
-    out = {}
-    for name, meta in header.items():
+    try:
+        meta = json.loads((header.get("__metadata__") or {})["sskd"])
+        meta = {"first_batch": int(meta["first_batch"]), "batches": int(meta["batches"]), "crc32": str(meta["crc32"])}
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise SSKDError(f"{path}: cache chunk without its batch range and checksum (made by an older sskd? "
+                        "rebuild the cache)") from None
+    header["__metadata__"] = meta
+    for name, t in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
-        if 8 + n + end > size:
-            raise SSKDError(f"{path}: truncated cache chunk ({size} bytes, header needs {8 + n + end})")
-        out[name] = np.memmap(path, dtype=_DT[meta["dtype"]], mode="r", offset=8 + n + begin, shape=tuple(meta["shape"]))
+        if t.get("dtype") not in _DT or 8 + n + t["data_offsets"][1] > size:
+            raise SSKDError(f"{path}: truncated cache chunk ({size} bytes, header needs {8 + n + t['data_offsets'][1]})"
+                            if t.get("dtype") in _DT else f"{path}: unknown dtype in cache chunk")
     for field in ("ids", "embed"):
-        if field not in out:
+        if field not in header:
             raise SSKDError(f"{path}: cache chunk has no {field!r}")
-    return out
+    return n, header, size
+
+
+def chunk_meta(path: Path) -> dict[str, int | str]:
+    """A chunk's ``first_batch``, ``batches`` and ``crc32`` (header checked, data not read)."""
+    return _header(path)[1]["__metadata__"]
+
+
+def map_chunk(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a chunk; a truncated or damaged file is an error naming it."""
+    n, header, _ = _header(path)
+    return {name: np.memmap(path, dtype=_DT[t["dtype"]], mode="r", offset=8 + n + t["data_offsets"][0],
+                            shape=tuple(t["shape"]))
+            for name, t in header.items() if name != "__metadata__"}
+
+
+def verify_chunk(path: Path, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Recompute a chunk's checksum (reads all of it); a mismatch is an error naming the file."""
+    arrays = map_chunk(path) if arrays is None else arrays
+    want = chunk_meta(path)["crc32"]
+    if checksum(arrays) != want:
+        raise SSKDError(f"{path}: checksum mismatch (the chunk is damaged); rebuild its epoch: delete the file and "
+                        "run `sskd cache ... --resume`")
 
 
 def read_manifest(cache: Path) -> dict[str, Any]:
@@ -126,14 +183,24 @@ class CacheReader:
         self.num_samples = int(self.manifest["num_samples"])
         self.topk = self.manifest.get("topk")
         self.num_classes = int(self.manifest["num_classes"])
+        self.files = {e: self._files(e) for e in range(self.epochs)} if require_complete else {}
         self._index: dict[int, tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray]] = {}
+        self._verified: set[Path] = set()
+
+    def _files(self, epoch: int) -> list[Path]:
+        """The chunk files of an epoch, each header and size checked (cheap: no data is read)."""
+        folder = epoch_dir(self.path, epoch)
+        files = sorted(folder.glob("r*-b*.safetensors"))
+        if not files:
+            raise SSKDError(f"{folder}: no cache chunks for epoch {epoch}")
+        for f in files:
+            _header(f)
+        return files
 
     def _epoch(self, epoch: int):
         if epoch not in self._index:
-            folder = epoch_dir(self.path, epoch)
-            files = sorted(folder.glob("r*-c*.safetensors"))
-            if not files:
-                raise SSKDError(f"{folder}: no cache chunks for epoch {epoch}")
+            self._index.clear()  # one epoch's maps at a time: memory maps are a per-process budget
+            files = self.files.get(epoch) or self._files(epoch)
             chunks, which, row = [], np.full(self.num_samples, -1, np.int64), np.zeros(self.num_samples, np.int64)
             for c, f in enumerate(files):
                 arrays = map_chunk(f)
@@ -143,10 +210,11 @@ class CacheReader:
                 if (which[ids] >= 0).any():
                     raise SSKDError(f"{f}: sample {int(ids[(which[ids] >= 0).argmax()])} is cached twice in epoch {epoch}")
                 which[ids], row[ids] = c, np.arange(len(ids))
-                chunks.append(arrays)
+                chunks.append(dict(arrays, __path__=f))
             missing = np.flatnonzero(which < 0)
             if len(missing):
-                raise SSKDError(f"{folder}: {len(missing)} samples missing from the cache (e.g. id {int(missing[0])})")
+                raise SSKDError(f"{epoch_dir(self.path, epoch)}: {len(missing)} samples missing from the cache "
+                                f"(e.g. id {int(missing[0])})")
             self._index[epoch] = (chunks, which, row)
         return self._index[epoch]
 
@@ -161,6 +229,9 @@ class CacheReader:
             sel = np.flatnonzero(which[idx] == c)
             rows = row[idx[sel]]
             arr = chunks[c]
+            if arr["__path__"] not in self._verified:  # the first read of a chunk checks all of it
+                verify_chunk(arr["__path__"], {k: v for k, v in arr.items() if k != "__path__"})
+                self._verified.add(arr["__path__"])
             parts["embed"].append(np.asarray(arr["embed"][rows], dtype=np.float32))
             parts["logits"].append(self._dense(arr, rows))
             order[sel] = np.arange(pos, pos + len(sel))
@@ -174,6 +245,25 @@ class CacheReader:
             return np.asarray(arr["logits"][rows], dtype=np.float32)
         return dense_from_topk(np.asarray(arr["topv"][rows], np.float32), np.asarray(arr["topi"][rows]),
                                np.asarray(arr["lse"][rows], np.float32), self.num_classes)
+
+    def verify(self, log_line=None) -> list[str]:
+        """Every epoch's coverage and every chunk's checksum; returns the problems (empty = all good)."""
+        problems = []
+        for epoch in range(self.epochs):
+            try:
+                chunks, _, _ = self._epoch(epoch)
+            except SSKDError as exc:
+                problems.append(str(exc))
+                continue
+            before = len(problems)
+            for arr in chunks:
+                try:
+                    verify_chunk(arr["__path__"], {k: v for k, v in arr.items() if k != "__path__"})
+                except SSKDError as exc:
+                    problems.append(str(exc))
+            if log_line and len(problems) == before:
+                log_line(f"ok   epoch {epoch}: {len(chunks)} chunks, every sample once, checksums match")
+        return problems
 
 
 def dense_from_topk(topv: np.ndarray, topi: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:

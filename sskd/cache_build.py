@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sskd import atomic
@@ -17,9 +18,12 @@ from sskd.cache import (
     CacheReader,
     bytes_per_sample,
     check_binding,
+    chunk_meta,
     chunk_path,
-    map_chunk,
+    rank_chunks,
     read_manifest,
+    teacher_arrays,
+    verify_chunk,
     write_chunk,
 )
 from sskd.config import Config
@@ -63,33 +67,72 @@ def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
     return reader
 
 
-def _first_missing(cache: Path, epoch: int, rank: int, n_chunks: int) -> int:
-    for c in range(n_chunks):
-        path = chunk_path(cache, epoch, rank, c)
-        if not path.is_file():
-            return c
+def resume_point(cache: Path, epoch: int, rank: int) -> int:
+    """Batches of this rank's epoch already cached: the intact chunks that follow on from batch 0.
+
+    A damaged chunk, or one that does not start where the previous one ended, is removed with every
+    chunk after it (they are made again).
+    """
+    done = 0
+    files = rank_chunks(cache, epoch, rank)
+    for i, path in enumerate(files):
         try:
-            map_chunk(path)
-        except SSKDError:
-            log.warning("%s: damaged, writing it again", path)
-            return c
-    return n_chunks
+            meta = chunk_meta(path)
+            if meta["first_batch"] != done:
+                raise SSKDError(f"{path}: starts at batch {meta['first_batch']}, expected {done}")
+            verify_chunk(path)
+        except SSKDError as exc:
+            log.warning("%s; writing it and the %d chunk(s) after it again", exc, len(files) - i - 1)
+            for later in files[i:]:
+                later.unlink(missing_ok=True)
+            break
+        done += meta["batches"]
+    return done
 
 
 def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk: int | None = None,
                 split: str = "train", batch_size: int = 256, chunk_batches: int = 20, resume: bool = False,
                 progress: bool = True) -> Path:
-    """Run the frozen teacher over epochs 0..E-1 of the training views and store its outputs."""
+    """Run the frozen teacher over epochs 0..E-1 of the training views and store its outputs.
+
+    The main process holds the cache folder's lock for the build. On SIGTERM or SIGINT each rank
+    writes what it has made as a chunk and stops (:class:`sskd.stop.Interrupted`); ``resume=True``
+    continues after the last intact chunk of every rank and epoch.
+    """
+    from sskd.dist import make_accelerator
+    from sskd.lock import FolderLock
+
+    out = Path(out)
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--chunk-batches", chunk_batches)):
+        if value < 1:
+            raise SSKDError(f"{name} must be >= 1, not {value}")
+    accelerator = make_accelerator(cfg.run.mixed_precision, 1, cfg.data.device)
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = FolderLock(out, "cache folder").acquire()
+        except (SSKDError, OSError) as exc:
+            error = str(exc) if isinstance(exc, SSKDError) else f"{out}: cannot write the cache here ({exc.strerror})"
+    from sskd.dist import agree_on_error
+
+    error = agree_on_error(accelerator, error)
+    if error:
+        raise SSKDError(error)
+    try:
+        return _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator) -> Path:
     from pipelines import PIPELINE_VERSION, ViewConfig, ViewLoader
     from shards.format import load_manifest
     from sskd import __version__
-    from sskd.dist import make_accelerator, pipeline_device
+    from sskd.dist import pipeline_device
     from sskd.stages import freeze, load_teacher
+    from sskd.stop import Interrupted, StopRequest
 
-    out = Path(out)
-    if epochs < 1:
-        raise SSKDError("--epochs must be >= 1")
-    accelerator = make_accelerator(cfg.run.mixed_precision, 1, cfg.data.device)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     shards_manifest = load_manifest(cfg.data.shards)
     model, info = load_teacher(teacher, shards_manifest, need_head=True)
@@ -115,7 +158,7 @@ def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk
         if not resume:
             raise SSKDError(f"{out}: a cache is already here (use --resume to finish an interrupted one)")
         check_binding(old, manifest["binding"], str(out))
-        for field in ("epochs", "topk", "world_size", "chunk_batches", "batch_size"):
+        for field in ("epochs", "topk", "world_size", "batch_size"):
             if old.get(field) != manifest[field]:
                 raise SSKDError(f"{out}: the cache was started with {field}={old.get(field)!r}, not {manifest[field]!r}; "
                                 "resume with the same settings")
@@ -129,32 +172,45 @@ def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk
         if need > free:
             raise SSKDError(f"{out}: the cache needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free")
         atomic.write_json(out / MANIFEST, manifest)
+    if main:  # under the lock: partial files of a killed writer are garbage
+        atomic.remove_stale_partials(out, recursive=True)
     accelerator.wait_for_everyone()
     n_batches = len(loader)
-    n_chunks = -(-n_batches // chunk_batches)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=epochs * n_batches, desc="cache", unit="batch", disable=not (main and progress), dynamic_ncols=True)
-    for epoch in range(epochs):
-        first = _first_missing(out, epoch, rank, n_chunks)
-        bar.update(first * chunk_batches if first < n_chunks else n_batches)
-        if first == n_chunks:
-            continue
-        ids, logits, embeds = [], [], []
-        for i, batch in enumerate(loader.epoch(epoch, start_batch=first * chunk_batches), start=first * chunk_batches):
-            views = batch["views"]
-            with torch.inference_mode(), accelerator.autocast():
-                o = model(views.flatten(0, 1))
-            ids.append(batch["id"].cpu().numpy())
-            logits.append(o.logits.float().view(views.shape[0], views.shape[1], -1).cpu())
-            embeds.append(o.embed.float().view(views.shape[0], views.shape[1], -1).cpu())
-            if (i + 1) % chunk_batches == 0 or i == n_batches - 1:
-                import numpy as np
+    with StopRequest() as request:
+        for epoch in range(epochs):
+            first = resume_point(out, epoch, rank)
+            bar.update(min(first, n_batches))
+            if first >= n_batches:
+                continue
+            pending: list = []  # (ids, logits, embed) of the batches since the last chunk
 
-                write_chunk(chunk_path(out, epoch, rank, i // chunk_batches), np.concatenate(ids), torch.cat(logits),
-                            torch.cat(embeds), topk)
-                ids, logits, embeds = [], [], []
-            bar.update(1)
+            def flush(start: int) -> None:
+                ids, logits, embeds = zip(*pending)
+                write_chunk(chunk_path(out, epoch, rank, start), teacher_arrays(
+                    np.concatenate(ids), torch.cat(logits), torch.cat(embeds), topk), start, len(pending))
+                pending.clear()
+
+            start = first
+            for i, batch in enumerate(loader.epoch(epoch, start_batch=first), start=first):
+                views = batch["views"]
+                with torch.inference_mode(), accelerator.autocast():
+                    o = model(views.flatten(0, 1))
+                b, v = views.shape[:2]
+                pending.append((batch["id"].cpu().numpy(), o.logits.float().view(b, v, -1).cpu(),
+                                o.embed.float().view(b, v, -1).cpu()))
+                bar.update(1)
+                signum = request.poll()
+                if len(pending) == chunk_batches or i == n_batches - 1 or signum:
+                    flush(start)
+                    start = i + 1
+                if signum and (i < n_batches - 1 or epoch < epochs - 1):
+                    bar.close()
+                    raise Interrupted(f"stopped by {request.describe(signum)} in epoch {epoch} after batch {i} "
+                                      f"(rank {rank}); the batches made so far are saved: rerun the same command with "
+                                      "--resume to finish the cache", signum, quiet=not main)
     bar.close()
     accelerator.wait_for_everyone()
     if main:

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 
 def cmd_cache(args) -> int:
+    import sys
+
     from sskd.cache_build import build_cache
     from sskd.commands import resolve_config
+    from sskd.errors import SSKDError
 
-    cfg = resolve_config(args, "student")
+    if args.verify:
+        from sskd.cache import CacheReader
+
+        problems = CacheReader(args.out, require_complete=False).verify(log_line=print)
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        if problems:
+            print(f"sskd: error: {args.out}: {len(problems)} problem(s) found", file=sys.stderr)
+            return 1
+        print(f"{args.out}: every epoch holds every sample once and every chunk's checksum matches")
+        return 0
+    missing = [flag for flag, v in (("--teacher", args.teacher), ("--shards", args.shards), ("--epochs", args.epochs))
+               if v is None]
+    if missing:
+        raise SSKDError(f"the following arguments are required to build a cache: {', '.join(missing)}")
+    for flag in ("batch_size", "chunk_batches", "epochs"):
+        if getattr(args, flag) < 1:
+            raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
+    cfg = resolve_config(args, "student", own=("epochs", "batch_size"))
     build_cache(cfg, args.teacher, args.out, args.epochs, topk=args.topk, split=args.split,
                 batch_size=args.batch_size, chunk_batches=args.chunk_batches, resume=args.resume,
                 progress=not args.no_progress)
@@ -31,14 +52,17 @@ def register(sub, fmt) -> None:
                     "0..E-1. `sskd distill --cache` then never runs the teacher; student epochs beyond E reuse "
                     "augmentation epoch e mod E. The cache is bound to the teacher weights, shards, plan seed, "
                     "views, image size, pipeline version and device type, and refused if any differs.",
-        epilog="example:\n  sskd cache --teacher runs/t-ss --shards shards/digits --epochs 10 --out caches/t\n"
+        epilog="example:\n  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --out caches/t\n"
+               "  sskd cache --verify --out caches/t\n"
                "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8 --method sskd "
-               "--shards shards/digits --out runs/s\n"
+               "--shards data/shards/digits --out runs/s\n"
                "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd cache ... --topk 10")
-    p.add_argument("--teacher", required=True, help="a train-ss-head run (the complete SSKD teacher)")
-    p.add_argument("--shards", required=True, help="shard folder")
-    p.add_argument("--epochs", type=int, required=True, help="augmentation epochs to cache (E)")
+    p.add_argument("--teacher", help="a train-ss-head run (the complete SSKD teacher); required to build")
+    p.add_argument("--shards", help="shard folder; required to build")
+    p.add_argument("--epochs", type=int, help="augmentation epochs to cache (E); required to build")
     p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--verify", action="store_true",
+                   help="check an existing cache in --out: every sample once per epoch, every chunk's checksum")
     p.add_argument("--topk", type=int, help="store only the top-K logits per view (+ log-sum-exp): for 1000 classes")
     p.add_argument("--split", default="train", help="split to cache")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per teacher batch")
@@ -62,7 +86,7 @@ def register_bench(bench_sub, fmt) -> None:
                     "training step time of the student alone with CE, SSKD with the live teacher and SSKD "
                     "from a teacher cache, and prints the ratios. Models are freshly initialised: the step "
                     "cost does not depend on the weights.",
-        epilog="example:\n  sskd bench distill --shards shards/digits --teacher-arch resnet32x4 "
+        epilog="example:\n  sskd bench distill --shards data/shards/digits --teacher-arch resnet32x4 "
                "--student-arch resnet8x4 --json distill.json")
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--teacher-arch", required=True, help="teacher architecture")

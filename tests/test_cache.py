@@ -184,3 +184,86 @@ def test_two_process_cache_covers_every_sample_once(ss_teacher, digits_shards, t
                 for r in (0, 1)}
     assert per_rank[0].size and per_rank[1].size and not set(per_rank[0]) & set(per_rank[1])
     assert sorted(np.concatenate(list(per_rank.values())).tolist()) == list(range(1437))
+
+
+def test_a_bit_flip_is_caught_when_the_chunk_is_first_read_and_by_verify(cache, tmp_path, capsys):
+    """Chunks had no checksum: a flipped bit was never caught."""
+    import shutil
+
+    c = tmp_path / "c"
+    shutil.copytree(cache, c)
+    chunk = sorted((c / "epoch-0001").glob("*.safetensors"))[1]
+    data = bytearray(chunk.read_bytes())
+    data[-300] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    from sskd.cache import map_chunk
+
+    reader = CacheReader(c)  # headers and sizes are intact: it opens
+    first = sorted((c / "epoch-0001").glob("*.safetensors"))[0]
+    reader.lookup(torch.from_numpy(np.array(map_chunk(first)["ids"][:4])), 1)  # an intact chunk reads fine
+    with pytest.raises(SSKDError, match=f"{chunk}: checksum mismatch"):
+        reader.lookup(torch.from_numpy(np.array(map_chunk(chunk)["ids"][:4])), 1)
+    assert run("cache", "--verify", "--out", c) == 1
+    err = capsys.readouterr().err
+    assert f"FAIL {chunk}: checksum mismatch" in err and "1 problem(s)" in err
+    assert run("cache", "--verify", "--out", cache) == 0
+    assert "every chunk's checksum matches" in capsys.readouterr().out
+
+
+def test_a_damaged_chunk_of_a_later_epoch_fails_when_the_run_starts(cache, tmp_path):
+    """Chunks were checked only when their epoch came up (hours in, on ImageNet)."""
+    import shutil
+
+    c = tmp_path / "c"
+    shutil.copytree(cache, c)
+    chunk = sorted((c / "epoch-0001").glob("*.safetensors"))[2]
+    chunk.write_bytes(chunk.read_bytes()[:-50])
+    with pytest.raises(SSKDError, match=f"{chunk}: truncated cache chunk"):
+        CacheReader(c)
+
+
+def test_sigterm_saves_the_batches_made_and_resume_finishes_identically(ss_teacher, digits_shards, cache, tmp_path,
+                                                                       monkeypatch, capsys):
+    import signal
+
+    import sskd.cache_build as cb
+
+    real, calls = cb.write_chunk, {"n": 0}
+
+    def write_then_signal(*a, **kw):
+        real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:  # SLURM's time limit, right after the first chunk: the next batch is in flight
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cb, "write_chunk", write_then_signal)
+    out = tmp_path / "c"
+    args = ["cache", "--teacher", ss_teacher, "--shards", digits_shards, "--epochs", 2, "--out", out,
+            "--batch-size", 128, "--chunk-batches", 4, "--no-progress"]
+    assert run(*args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sskd: stopped by SIGTERM in epoch 0 after batch 4") and "--resume" in err
+    # the batch in flight when the signal came was saved as its own chunk
+    assert [p.name for p in sorted((out / "epoch-0000").glob("*.safetensors"))] == ["r000-b000000.safetensors",
+                                                                                     "r000-b000004.safetensors"]
+    monkeypatch.setattr(cb, "write_chunk", real)
+    assert run(*args, "--resume") == 0
+    reader, ref = CacheReader(out), CacheReader(cache)
+    for epoch in (0, 1):
+        ids = torch.arange(1437)
+        a, b = reader.lookup(ids, epoch), ref.lookup(ids, epoch)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_chunks_readable_by_the_group(cache):
+    """safetensors wrote 0600 files whatever the umask: teammates could not read a shared cache."""
+    import stat
+
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in cache.rglob("*.safetensors")}
+    assert modes == {0o666 & ~_umask()}
+
+
+def _umask():
+    from sskd.atomic import _umask
+
+    return _umask()
