@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# Multi-node SSKD on SLURM: one `accelerate launch` per node, 8 GPUs each.
-#   sbatch --nodes=4 launch/slurm.sh distill --teacher runs/r34-ss --student torchvision:resnet18 \
-#          --method sskd --shards /data/imagenet-wds --config sskd/configs/imagenet/r34_r18.yaml --out runs/r18
+# Multi-node sskd on SLURM: one `accelerate launch` per node, 8 GPUs each. Submit from the sskd checkout:
+#   sbatch --nodes=4 launch/slurm.sh distill --config sskd/configs/imagenet/resnet34-resnet18.yaml \
+#          --teacher runs/r34-ss --shards /data/shards/imagenet --out runs/r18-sskd
+# Resubmitting the same line with --resume continues after a time limit or preemption: SLURM's SIGTERM
+# makes every rank finish its step and write checkpoints/last.pt before it exits.
 #SBATCH --job-name=sskd
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
+#SBATCH --signal=TERM@120
 #SBATCH --output=sskd-%j.out
 set -euo pipefail
+# sbatch runs a copy of this file from its spool folder, so its own path says nothing about where the
+# checkout is: use the folder sbatch was called from (or SSKD_ROOT).
+root="${SSKD_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+config="$root/launch/accelerate/multi_node.yaml"
+if [ ! -f "$config" ]; then
+  echo "slurm.sh: $config not found; submit from the sskd checkout or set SSKD_ROOT" >&2
+  exit 2
+fi
+if [ $# -eq 0 ]; then
+  echo "usage: sbatch --nodes=N launch/slurm.sh COMMAND [ARGS...]   (COMMAND: distill, train-teacher, ...)" >&2
+  exit 2
+fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-29500}
 NNODES=$SLURM_NNODES
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+args=$(printf ' %q' "$@")  # each argument quoted once more for the shell srun starts (spaces survive)
+cd "$root"
 # srun starts this block once per node; SLURM_NODEID is the node's machine_rank.
-srun --kill-on-bad-exit=1 bash -c "accelerate launch \
-  --config_file $here/accelerate/multi_node.yaml \
+srun --kill-on-bad-exit=1 bash -c "exec accelerate launch \
+  --config_file $(printf %q "$config") \
   --num_machines $NNODES --num_processes $((NNODES * GPUS_PER_NODE)) \
   --machine_rank \$SLURM_NODEID --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \
-  -m sskd $*"
+  -m sskd$args"
