@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 EXAMPLES = {
-    "imagefolder": "sskd shard imagefolder /data/imagenet shards/imagenet --workers 32\n"
-                   "  sskd shard imagefolder /data/imagenet shards/imagenet --val-labels LOC_val_labels.txt",
-    "cifar100": "sskd shard cifar100 data/cifar-100-python shards/c100",
-    "digits": "sskd shard digits shards/digits",
-    "photos": "sskd shard photos shards/photos --per-class 128",
-    "verify": "sskd shard verify shards/digits",
-    "reindex": "sskd shard reindex shards/imagenet",
+    "imagefolder": "sskd shard imagefolder /data/imagenet data/shards/imagenet --workers 32\n"
+                   "  sskd shard imagefolder /data/imagenet data/shards/imagenet --val-labels LOC_val_labels.txt",
+    "cifar100": "sskd shard cifar100 data/cifar-100-python data/shards/c100",
+    "digits": "sskd shard digits data/shards/digits",
+    "photos": "sskd shard photos data/shards/photos --per-class 128",
+    "verify": "sskd shard verify data/shards/digits",
+    "reindex": "sskd shard reindex data/shards/imagenet",
 }
 
 
@@ -71,15 +70,11 @@ def cmd_write(args) -> int:
 
 def cmd_verify(args) -> int:
     from shards.verify import verify
+    from sskd.errors import report_problems
 
     problems = verify(args.out, dali=not args.no_dali, log=print if args.verbose_list else (lambda *_: None))
-    for p in problems:
-        print(f"FAIL {p}", file=sys.stderr)
-    if problems:
-        print(f"sskd: error: {args.out}: {len(problems)} problem(s) found", file=sys.stderr)
-        return 1
-    print(f"{args.out}: every shard matches the manifest (webdataset{' and DALI' if not args.no_dali else ''})")
-    return 0
+    return report_problems(args.out, problems, f"{args.out}: every shard matches the manifest "
+                                               f"(webdataset{' and DALI' if not args.no_dali else ''})")
 
 
 def cmd_reindex(args) -> int:

@@ -31,7 +31,15 @@ def _interleaved(steps: dict, batches, warmup: int) -> dict[str, float]:
 
 def run_bench(args) -> dict:
     from pipelines import ViewLoader
-    from sskd.cache import FORMAT, VERSION, CacheReader, bytes_per_sample, chunk_path, teacher_arrays, write_chunk
+    from sskd.cache import (
+        FORMAT,
+        VERSION,
+        CacheReader,
+        bytes_per_sample,
+        chunk_path,
+        teacher_arrays,
+        write_chunk,
+    )
     from sskd.heads import SSModel
     from sskd.methods import create_method
     from sskd.models import create_model

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 
 def cmd_cache(args) -> int:
-    import sys
-
     from sskd.cache_build import build_cache
     from sskd.commands import resolve_config
-    from sskd.errors import SSKDError
+    from sskd.errors import SSKDError, report_problems
 
     if args.verify:
         from sskd.cache import CacheReader
 
         problems = CacheReader(args.out, require_complete=False).verify(log_line=print)
-        for p in problems:
-            print(f"FAIL {p}", file=sys.stderr)
-        if problems:
-            print(f"sskd: error: {args.out}: {len(problems)} problem(s) found", file=sys.stderr)
-            return 1
-        print(f"{args.out}: every epoch holds every sample once and every chunk's checksum matches")
-        return 0
+        return report_problems(args.out, problems, f"{args.out}: every epoch holds every sample once and every "
+                                                   "chunk's checksum matches")
     missing = [flag for flag, v in (("--teacher", args.teacher), ("--shards", args.shards), ("--epochs", args.epochs))
                if v is None]
     if missing:

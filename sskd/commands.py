@@ -121,10 +121,9 @@ def cmd_distill(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipelines import ViewLoader
     from sskd.dist import make_accelerator, pipeline_device
+    from sskd.errors import SSKDError
     from sskd.evaluate import evaluate
     from sskd.stages import load_run_model
-
-    from sskd.errors import SSKDError
 
     if args.batch_size < 1 or args.threads < 1:
         raise SSKDError(f"--batch-size and --threads must be at least 1 (got {args.batch_size}, {args.threads})")

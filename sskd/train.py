@@ -281,7 +281,7 @@ def train_step(run: Run, batch: dict[str, Any]) -> None:
 
 def run_epoch(run: Run, stop: StopFlag) -> None:
     """The current epoch from where it stands, to its end, to ``max_steps``, or to an agreed stop."""
-    st, state = run.st, run.state
+    state = run.state
     epoch = state["epoch"]
     views_epoch = run.job.data_epoch(epoch) if run.job.data_epoch else epoch
     # Kept on the run: a reader stopped mid-epoch (max_steps) stays open, so the final checkpoint holds

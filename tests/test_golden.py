@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from golden import golden_runs
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_weights.json").read_text())
