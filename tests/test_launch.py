@@ -112,6 +112,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_and_resume_is_exac
     resumed = _launch(digits_shards, tmp_path / "cut", 29613, "--max-steps", 30, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_model_info(tmp_path / "cut")["steps"] == 30
+    assert resumed.stderr.count("top-1") == 1  # the final line once, not once per rank
     assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
 
 
