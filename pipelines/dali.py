@@ -55,6 +55,8 @@ def _batch_params(ids, shapes, *, seed, epoch, views, layout):
         flip = params["flip"].astype(bool)
         width = hw[:, 1].astype(np.float32)
         for view in range(len(views)):
+            if views[view] in plan.SHARED_ROTATIONS:
+                continue
             start, end = params[f"v{view}.roi_start"].copy(), params[f"v{view}.roi_end"].copy()
             start[flip, 1], end[flip, 1] = width[flip] - start[flip, 1], width[flip] - end[flip, 1]
             params[f"v{view}.roi_start"], params[f"v{view}.roi_end"] = start, end
@@ -125,7 +127,12 @@ def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, device=
     if layout != "imagenet":
         img = fn.flip(img, horizontal=prm["flip"])
     gray = _luma(img) if "color_drop" in views else None  # once per image, see make_view
-    out = [make_view(img, prm, name=name, view=view, size=size, gray=gray) for view, name in enumerate(views)]
+    out = []
+    for view, name in enumerate(views):
+        if name in plan.SHARED_ROTATIONS:  # exact quarter turns of view 0 (HSSAKD: one crop for all four)
+            out.append(_rot(out[0], plan.SHARED_ROTATIONS[name]))
+        else:
+            out.append(make_view(img, prm, name=name, view=view, size=size, gray=gray))
     colour = [prm[f"v{v}.{a}"] for v in plan.colour_views(views) for a in ("M", "T")]
     return (*out, lbl, sid, *colour)
 

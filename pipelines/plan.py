@@ -29,10 +29,14 @@ SLOT_ROT = 5
 SLOT_JITTER = (6, 7, 8, 9)  # brightness, contrast, saturation, hue
 SLOT_JITTER_ORDER = 10
 
-VIEW_NAMES = ("normal", "color_drop", "rotation", "crop_resize", "color_distort", "rot90", "rot180", "rot270")
+# Rotations of view 0 itself, exact (same crop and flip), counter-clockwise as np.rot90: HSSAKD's views.
+SHARED_ROTATIONS = {"shared_rot90": 1, "shared_rot180": 2, "shared_rot270": 3}
+VIEW_NAMES = ("normal", "color_drop", "rotation", "crop_resize", "color_distort", "rot90", "rot180", "rot270",
+              *SHARED_ROTATIONS)
 PRESETS = {
     "paper": ("color_drop", "rotation", "crop_resize", "color_distort"),  # SSKD paper, Sec. 3.1
-    "rotation": ("rot90", "rot180", "rot270"),  # the official code's views
+    "rotation": ("rot90", "rot180", "rot270"),  # the official SSKD code's views: each its own crop
+    "shared_rotation": tuple(SHARED_ROTATIONS),  # the official HSSAKD code's: four rotations of one crop
     "none": (),
 }
 
@@ -131,6 +135,8 @@ def param_keys(views) -> list[tuple[int, int]]:
     """The (view, slot) streams the given views use."""
     keys = [(0, SLOT_FLIP)]
     for view, name in enumerate(views):
+        if name in SHARED_ROTATIONS:  # no parameters of its own: view 0's pixels, turned
+            continue
         keys += [(view, s) for s in SLOT_CROP]
         if name == "rotation":
             keys.append((view, SLOT_ROT))
@@ -148,6 +154,8 @@ def param_names(views, layout: str) -> list[str]:
     """Names of the arrays :func:`view_params` returns, in order (one DALI node each)."""
     names = ["flip"]
     for view, name in enumerate(views):
+        if name in SHARED_ROTATIONS:
+            continue
         if name == "crop_resize" or layout == "imagenet":
             names += [f"v{view}.roi_start", f"v{view}.roi_end"]
         else:
@@ -188,6 +196,8 @@ def view_params(ids: np.ndarray, shapes: np.ndarray, *, seed: int, epoch: int, v
 
     out = {"flip": np.floor(col(0, SLOT_FLIP) * f32(2)).astype(np.int32)}
     for view, name in enumerate(views):
+        if name in SHARED_ROTATIONS:
+            continue
         if name == "crop_resize" or layout == "imagenet":
             scale = CROP_RESIZE_SCALE[layout] if name == "crop_resize" else RRC_SCALE
             area = h_img * w_img * (f32(scale[0]) + col(view, SLOT_CROP[0]) * f32(scale[1] - scale[0]))

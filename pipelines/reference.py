@@ -78,7 +78,12 @@ def reference_views(img: torch.Tensor, sid: int, *, names, seed: int, epoch: int
     """All views (V, 3, size, size) float32, normalised, of one decoded uint8 image (3, H, W)."""
     prm = plan.view_params(np.array([sid]), np.array([img.shape[1:]]), seed=seed, epoch=epoch, views=names,
                            layout=layout)
-    views = [reference_view(img, prm, name=n, view=i, size=size) for i, n in enumerate(names)]
+    views = []
+    for i, n in enumerate(names):
+        if n in plan.SHARED_ROTATIONS:  # view 0, turned counter-clockwise (np.rot90)
+            views.append(torch.rot90(views[0], plan.SHARED_ROTATIONS[n], dims=(1, 2)).contiguous())
+        else:
+            views.append(reference_view(img, prm, name=n, view=i, size=size))
     return normalize(torch.stack(views), mean, std)
 
 
@@ -105,6 +110,7 @@ class BaselineViews:
             "rot270": [v2.Lambda(lambda x: torch.rot90(x, 3, dims=(-2, -1)))],
         }
         tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        self.names = list(names)
         self.transforms = []
         for n in names:
             if n == "crop_resize":
@@ -112,7 +118,11 @@ class BaselineViews:
                        v2.RandomHorizontalFlip()]
             else:
                 geo = base
-            self.transforms.append(v2.Compose([*geo, *extra[n], *tail]))
+            self.transforms.append(None if n in plan.SHARED_ROTATIONS else v2.Compose([*geo, *extra[n], *tail]))
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return torch.stack([t(img) for t in self.transforms])
+        views = []
+        for n, t in zip(self.names, self.transforms):
+            views.append(torch.rot90(views[0], plan.SHARED_ROTATIONS[n], dims=(-2, -1)) if n in plan.SHARED_ROTATIONS
+                         else t(img))
+        return torch.stack(views)

@@ -257,3 +257,24 @@ def test_reused_buffers_and_merged_tail_give_the_same_batches(digits_shards):
         assert sum(len(ids) for ids, _ in b) == safe.rank_num_samples
         for (ia, sa), (ib, sb) in zip(a, b):
             assert torch.equal(ia, ib) and torch.equal(sa, sb)
+
+
+@pytest.mark.parametrize("shards", ["digits_shards", "photo_shards"])
+def test_shared_rotations_are_exact_quarter_turns_of_view_0(shards, request):
+    """HSSAKD's views: the normal view (one crop and flip) and its rotations by k x 90 deg counter-clockwise,
+    out[i, j] = in[j, W-1-i] as np.rot90 — not four crops, and no interpolation."""
+    folder = request.getfixturevalue(shards)
+    loader = ViewLoader(folder, "train", batch_size=8, views="shared_rotation", size=32 if shards == "photo_shards" else None)
+    assert loader.view_names == ("normal", "shared_rot90", "shared_rot180", "shared_rot270")
+    v = next(iter(loader.epoch(2)))["views"].numpy()  # (b, 4, 3, h, w)
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(v[:, k], np.rot90(v[:, 0], k, axes=(2, 3)))
+    img = v[0, 0, 0]
+    assert v[0, 1, 0][0, 0] == img[0, -1] and v[0, 1, 0][-1, 0] == img[0, 0]  # k=1: out[i, j] = in[j, W-1-i]
+    if shards == "digits_shards":  # and view 0 is the reference's normal view, bit for bit
+        imgs, m = decoded_images(folder)
+        batch = next(iter(loader.epoch(2)))
+        for i, sid in enumerate(batch["id"].tolist()[:4]):
+            ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=2, size=32, layout="cifar",
+                                  mean=m["mean"], std=m["std"])
+            assert torch.allclose(batch["views"][i], ref, atol=1e-5)

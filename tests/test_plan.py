@@ -48,4 +48,5 @@ def test_view_config_presets_and_errors():
     assert ViewConfig.parse(None).num_views == 1
     with pytest.raises(SSKDError, match="unknown view 'blur'"):
         ViewConfig.parse("blur")
-    assert set(plan.PRESETS["paper"]) | set(plan.PRESETS["rotation"]) == set(plan.VIEW_NAMES[1:])
+    presets = set(plan.PRESETS["paper"]) | set(plan.PRESETS["rotation"]) | set(plan.PRESETS["shared_rotation"])
+    assert presets == set(plan.VIEW_NAMES[1:])
