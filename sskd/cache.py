@@ -6,12 +6,14 @@ Layout (keyed by sample identity, never by batch position: DESIGN.md, invariant 
     CACHE/epoch-{e:04d}/r{rank:03d}-b{first batch:06d}.safetensors
 
 Each chunk holds, for the samples one rank saw in a run of consecutive batches (the first one and
-how many are in its metadata): ``ids`` int64 (n,), ``embed`` fp16 (n, V, d) — the teacher's SS
-projections — and either ``logits`` fp16 (n, V, K) or, with ``--topk k``, ``topv`` fp16 / ``topi``
-int32 (n, V, k) plus ``lse`` fp32 (n, V), the log-sum-exp of all K logits. Embeddings are stored, not
-batch similarity matrices, so the matrix is recomputed for whatever batch size and rank layout the
-student run has. Chunks are written under a temporary name and renamed; readers memory-map them
-(safetensors header → numpy memmap).
+how many are in its metadata): ``ids`` int64 (n,) and every teacher output the method declares
+(:attr:`sskd.methods.Method.outputs`), per view: SSKD's ``logits`` (n, V, K) and ``embed`` (n, V, d) —
+the SS projections —, HSSAKD's ``logits`` and ``aux`` (n, V, L, 4K), KD's ``logits`` (n, 1, K); fp16.
+With ``--topk k`` an output the method allows it for is stored as ``<name>.topv`` fp16 / ``<name>.topi``
+int32 (..., k) plus ``<name>.lse`` fp32 (...), the log-sum-exp of all its logits. Embeddings are
+stored, not batch similarity matrices, so the matrix is recomputed for whatever batch size and rank
+layout the student run has. Chunks are written under a temporary name and renamed; readers
+memory-map them (safetensors header → numpy memmap).
 
 Integrity: every chunk carries a CRC-32 of its arrays in its metadata. A reader checks every chunk's
 header and size when it opens the cache (a damaged or truncated file fails at the start, not hours
@@ -36,10 +38,10 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 FORMAT = "sskd-teacher-cache"
-VERSION = 2  # 2: chunks named by their first batch, CRC-32 per chunk
+VERSION = 3  # 3: the method's named outputs; 2: chunks named by their first batch, CRC-32 per chunk
 MANIFEST = "manifest.json"
-BINDING_FIELDS = ("teacher_weights_sha256", "shards_manifest_sha256", "seed", "views", "size", "pipeline_version",
-                  "device_type", "split")
+BINDING_FIELDS = ("method", "teacher_weights_sha256", "shards_manifest_sha256", "seed", "views", "size",
+                  "pipeline_version", "device_type", "split")
 _DT = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
 _NP_DT = {np.dtype(v): k for k, v in _DT.items()}
 
@@ -57,10 +59,16 @@ def rank_chunks(cache: Path, epoch: int, rank: int) -> list[Path]:
     return sorted(epoch_dir(cache, epoch).glob(f"r{rank:03d}-b*.safetensors"))
 
 
-def bytes_per_sample(num_views: int, num_classes: int, embed_dim: int, topk: int | None) -> int:
-    """Disk per sample per epoch: logits (or top-K + lse) and embeddings of every view, plus the id."""
-    logits = num_views * (topk * (2 + 4) + 4 if topk else num_classes * 2)
-    return 8 + logits + num_views * embed_dim * 2
+def bytes_per_sample(num_views: int, outputs: list[dict[str, Any]], topk: int | None) -> int:
+    """Disk per sample per epoch: every output of every view (fp16, or top-K + lse), plus the id.
+
+    ``outputs``: ``[{"name", "shape" (per view), "topk": bool}]`` as in the cache manifest.
+    """
+    total = 8
+    for o in outputs:
+        rows = num_views * int(np.prod(o["shape"][:-1], dtype=np.int64))
+        total += rows * (topk * (2 + 4) + 4 if topk and o["topk"] else o["shape"][-1] * 2)
+    return total
 
 
 def checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -72,17 +80,19 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
     return f"{crc:08x}"
 
 
-def teacher_arrays(ids: np.ndarray, logits: torch.Tensor, embed: torch.Tensor, topk: int | None) -> dict[str, np.ndarray]:
-    """The stored form of a run of batches: ids (n,), logits (n, V, K) float, embed (n, V, d) float."""
-    arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64), "embed": embed.float().cpu().numpy().astype(np.float16)}
-    logits = logits.float().cpu()
-    if topk:
-        top = logits.topk(topk, dim=-1)
-        arrays["topv"] = top.values.numpy().astype(np.float16)
-        arrays["topi"] = top.indices.numpy().astype(np.int32)
-        arrays["lse"] = torch.logsumexp(logits, dim=-1).numpy().astype(np.float32)
-    else:
-        arrays["logits"] = logits.numpy().astype(np.float16)
+def teacher_arrays(ids: np.ndarray, outputs: dict[str, torch.Tensor], topk: int | None,
+                   topk_names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The stored form of a run of batches: ids (n,) and each output (n, V, ...) in fp16, or as top-K."""
+    arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64)}
+    for name, value in outputs.items():
+        value = value.float().cpu()
+        if topk and name in topk_names:
+            top = value.topk(topk, dim=-1)
+            arrays[f"{name}.topv"] = top.values.numpy().astype(np.float16)
+            arrays[f"{name}.topi"] = top.indices.numpy().astype(np.int32)
+            arrays[f"{name}.lse"] = torch.logsumexp(value, dim=-1).numpy().astype(np.float32)
+        else:
+            arrays[name] = value.numpy().astype(np.float16)
     return arrays
 
 
@@ -121,9 +131,8 @@ def _header(path: Path) -> tuple[int, dict[str, Any], int]:
         if t.get("dtype") not in _DT or 8 + n + t["data_offsets"][1] > size:
             raise SSKDError(f"{path}: truncated cache chunk ({size} bytes, header needs {8 + n + t['data_offsets'][1]})"
                             if t.get("dtype") in _DT else f"{path}: unknown dtype in cache chunk")
-    for field in ("ids", "embed"):
-        if field not in header:
-            raise SSKDError(f"{path}: cache chunk has no {field!r}")
+    if "ids" not in header:
+        raise SSKDError(f"{path}: cache chunk has no 'ids'")
     return n, header, size
 
 
@@ -154,8 +163,11 @@ def read_manifest(cache: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SSKDError(f"{path}: no cache manifest (is {cache} a folder written by `sskd cache`?)")
     m = json.loads(path.read_text())
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise SSKDError(f"{path}: not an sskd teacher cache of version {VERSION}")
+    if m.get("format") != FORMAT:
+        raise SSKDError(f"{path}: not an sskd teacher cache")
+    if m.get("version") != VERSION:
+        raise SSKDError(f"{path}: a cache of format version {m.get('version')}; this sskd reads version {VERSION}: "
+                        "rebuild it with `sskd cache`")
     return m
 
 
@@ -169,7 +181,7 @@ def check_binding(manifest: dict[str, Any], expected: dict[str, Any], where: str
 
 
 class CacheReader:
-    """Cached teacher outputs by (sample id, epoch), for :class:`sskd.methods.SSKD` and ``kd``."""
+    """Cached teacher outputs by (sample id, epoch), for any method that declares them."""
 
     def __init__(self, cache: str | Path, expected: dict[str, Any] | None = None, require_complete: bool = True):
         self.path = Path(cache)
@@ -182,7 +194,7 @@ class CacheReader:
         self.epochs = int(self.manifest["epochs"])
         self.num_samples = int(self.manifest["num_samples"])
         self.topk = self.manifest.get("topk")
-        self.num_classes = int(self.manifest["num_classes"])
+        self.outputs = self.manifest["outputs"]  # [{"name", "shape", "topk"}]
         self.files = {e: self._files(e) for e in range(self.epochs)} if require_complete else {}
         self._index: dict[int, tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray]] = {}
         self._verified: set[Path] = set()
@@ -219,10 +231,10 @@ class CacheReader:
         return self._index[epoch]
 
     def lookup(self, ids: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        """``{"t_logits": (b, V, K), "t_embed": (b, V, d)}`` float32 for ``ids`` (b,) in ``epoch % E``."""
+        """``{"t_<name>": (b, V, ...)}`` float32 for ``ids`` (b,) in ``epoch % E``, one per output."""
         chunks, which, row = self._epoch(epoch % self.epochs)
         idx = ids.cpu().numpy()
-        parts: dict[str, list] = {"logits": [], "embed": []}
+        parts: dict[str, list] = {o["name"]: [] for o in self.outputs}
         order = np.empty(len(idx), np.int64)
         pos = 0
         for c in np.unique(which[idx]):
@@ -232,19 +244,18 @@ class CacheReader:
             if arr["__path__"] not in self._verified:  # the first read of a chunk checks all of it
                 verify_chunk(arr["__path__"], {k: v for k, v in arr.items() if k != "__path__"})
                 self._verified.add(arr["__path__"])
-            parts["embed"].append(np.asarray(arr["embed"][rows], dtype=np.float32))
-            parts["logits"].append(self._dense(arr, rows))
+            for o in self.outputs:
+                parts[o["name"]].append(self._dense(arr, o, rows))
             order[sel] = np.arange(pos, pos + len(sel))
             pos += len(sel)
-        logits = np.concatenate(parts["logits"])[order]
-        embed = np.concatenate(parts["embed"])[order]
-        return {"t_logits": torch.from_numpy(logits), "t_embed": torch.from_numpy(embed)}
+        return {f"t_{name}": torch.from_numpy(np.concatenate(p)[order]) for name, p in parts.items()}
 
-    def _dense(self, arr: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        if not self.topk:
-            return np.asarray(arr["logits"][rows], dtype=np.float32)
-        return dense_from_topk(np.asarray(arr["topv"][rows], np.float32), np.asarray(arr["topi"][rows]),
-                               np.asarray(arr["lse"][rows], np.float32), self.num_classes)
+    def _dense(self, arr: dict[str, np.ndarray], output: dict[str, Any], rows: np.ndarray) -> np.ndarray:
+        name = output["name"]
+        if name in arr:
+            return np.asarray(arr[name][rows], dtype=np.float32)
+        return dense_from_topk(np.asarray(arr[f"{name}.topv"][rows], np.float32), np.asarray(arr[f"{name}.topi"][rows]),
+                               np.asarray(arr[f"{name}.lse"][rows], np.float32), int(output["shape"][-1]))
 
     def verify(self, log_line=None) -> list[str]:
         """Every epoch's coverage and every chunk's checksum; returns the problems (empty = all good)."""

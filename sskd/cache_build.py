@@ -32,30 +32,50 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 
+def cache_method(cfg: Config):
+    """The student method whose teacher outputs a cache holds (``student.method``); it must declare some."""
+    from sskd.methods import stage_method
+
+    cls = stage_method(cfg, "student")
+    if not cls.outputs:
+        raise SSKDError(f"--method {cls.name} uses no teacher outputs: there is nothing to cache for it")
+    return cls
+
+
 def binding_for(cfg: Config, teacher: dict[str, Any], split: str = "train") -> dict[str, Any]:
-    """What a cache must have been made from to serve this run: teacher, shards, plan, views, device."""
-    from pipelines import PIPELINE_VERSION, ViewConfig
+    """What a cache must have been made from to serve this run: method, teacher, shards, plan, views, device."""
+    from pipelines import PIPELINE_VERSION
     from pipelines.loader import DEFAULT_SIZE
     from shards.format import load_manifest
     from sskd.dist import pipeline_device
+    from sskd.methods import resolve_views
     from sskd.stages import manifest_sha256
 
+    cls = cache_method(cfg)
+    views = resolve_views(cfg, cls)
     layout = load_manifest(cfg.data.shards)["layout"]
-    return {"teacher_weights_sha256": teacher.get("weights_sha256"),
+    return {"method": cls.name, "teacher_weights_sha256": teacher.get("weights_sha256"),
             "shards_manifest_sha256": manifest_sha256(cfg.data.shards), "seed": cfg.run.seed,
-            "views": list(ViewConfig.parse(cfg.data.views).names), "size": cfg.data.size or DEFAULT_SIZE[layout],
+            "views": list(views.names) if views is not None else ["normal"], "size": cfg.data.size or DEFAULT_SIZE[layout],
             "pipeline_version": PIPELINE_VERSION, "device_type": pipeline_device(cfg.data.device), "split": split}
 
 
 def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
     """Feed a student job the cached teacher outputs; epochs beyond E reuse augmentation epoch e mod E."""
     from shards.format import load_manifest
+    from sskd.methods.base import check_part
     from sskd.stages import teacher_info
 
+    cls = cache_method(job.cfg)
     if teacher is None:
         raise SSKDError("--cache needs --teacher RUN (the run the cache was made from, to check it)")
-    info = teacher_info(teacher, load_manifest(job.cfg.data.shards), need_head=job.cfg.student.method == "sskd")
+    info = teacher_info(teacher, load_manifest(job.cfg.data.shards))
+    check_part(info, cls.teacher_part, teacher, cls.name)
     reader = CacheReader(cache, expected=binding_for(job.cfg, info))
+    missing = [n for n in cls.outputs if n not in {o["name"] for o in reader.outputs}]
+    if missing:
+        raise SSKDError(f"{cache}: holds no {', '.join(missing)} for --method {cls.name}; rebuild it with "
+                        f"`sskd cache --method {cls.name}`")
 
     def hook(batch, epoch):
         out = reader.lookup(batch["id"], epoch)
@@ -125,31 +145,49 @@ def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk
             lock.release()
 
 
+def output_specs(cls, model, loader) -> list[dict[str, Any]]:
+    """Name, per-view shape and top-K allowance of each output, read off the teacher on one blank image."""
+    param = next(model.parameters())
+    views = torch.zeros(1, loader.num_views, 3, loader.size, loader.size, device=param.device)
+    with torch.inference_mode():
+        outs = cls.teacher_outputs(model, views)
+    return [{"name": n, "shape": list(outs[n].shape[2:]), "topk": n in cls.topk_outputs} for n in cls.outputs]
+
+
 def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator) -> Path:
-    from pipelines import PIPELINE_VERSION, ViewConfig, ViewLoader
+    from pipelines import PIPELINE_VERSION, ViewLoader
     from shards.format import load_manifest
     from sskd import __version__
     from sskd.dist import pipeline_device
+    from sskd.methods import resolve_views
+    from sskd.methods.base import check_part
     from sskd.stages import freeze, load_teacher
     from sskd.stop import Interrupted, StopRequest
 
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    cls = cache_method(cfg)
     shards_manifest = load_manifest(cfg.data.shards)
-    model, info = load_teacher(teacher, shards_manifest, need_head=True)
+    model, info = load_teacher(teacher, shards_manifest)
+    check_part(info, cls.teacher_part, teacher, cls.name)
     model = freeze(model).to(accelerator.device)
-    loader = ViewLoader(cfg.data.shards, split, batch_size=batch_size, views=ViewConfig.parse(cfg.data.views),
+    loader = ViewLoader(cfg.data.shards, split, batch_size=batch_size, views=resolve_views(cfg, cls),
                         seed=cfg.run.seed, rank=rank, world_size=world, device=pipeline_device(cfg.data.device),
                         threads=cfg.data.threads, size=cfg.data.size, torch_device=accelerator.device,
                         reuse_buffers=True)
-    k = shards_manifest["num_classes"]
-    if topk is not None and not 0 < topk < k:
-        raise SSKDError(f"--topk {topk}: must be between 1 and {k - 1} (or leave it out for all logits)")
+    outputs = output_specs(cls, model, loader)
+    if topk is not None:
+        sizes = [o["shape"][-1] for o in outputs if o["topk"]]
+        if not sizes:
+            raise SSKDError(f"--topk: method {cls.name} stores no output as top-K (leave --topk out)")
+        if not 0 < topk < min(sizes):
+            raise SSKDError(f"--topk {topk}: must be between 1 and {min(sizes) - 1} (or leave it out for all logits)")
     manifest = {"format": FORMAT, "version": VERSION, "complete": False, "binding": binding_for(cfg, info, split),
-                "epochs": epochs, "num_samples": loader.num_samples, "views": list(loader.view_names),
-                "num_views": loader.num_views, "num_classes": k, "embed_dim": model.feat_dim, "topk": topk,
-                "world_size": world, "chunk_batches": chunk_batches, "batch_size": batch_size,
-                "teacher": str(teacher), "created_by": f"sskd {__version__}", "pipeline_version": PIPELINE_VERSION}
-    per = bytes_per_sample(loader.num_views, k, model.feat_dim, topk)
+                "method": cls.name, "outputs": outputs, "epochs": epochs, "num_samples": loader.num_samples,
+                "views": list(loader.view_names), "num_views": loader.num_views,
+                "num_classes": shards_manifest["num_classes"], "topk": topk, "world_size": world,
+                "chunk_batches": chunk_batches, "batch_size": batch_size, "teacher": str(teacher),
+                "created_by": f"sskd {__version__}", "pipeline_version": PIPELINE_VERSION}
+    per = bytes_per_sample(loader.num_views, outputs, topk)
     need = per * loader.num_samples * epochs
     existing = (out / MANIFEST).is_file()
     accelerator.wait_for_everyone()  # every rank looks before the main one writes the manifest
@@ -185,22 +223,20 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
             bar.update(min(first, n_batches))
             if first >= n_batches:
                 continue
-            pending: list = []  # (ids, logits, embed) of the batches since the last chunk
+            pending: list = []  # (ids, {output: (b, V, ...)}) of the batches since the last chunk
 
             def flush(start: int) -> None:
-                ids, logits, embeds = zip(*pending)
-                write_chunk(chunk_path(out, epoch, rank, start), teacher_arrays(
-                    np.concatenate(ids), torch.cat(logits), torch.cat(embeds), topk), start, len(pending))
+                ids = np.concatenate([p[0] for p in pending])
+                outs = {n: torch.cat([p[1][n] for p in pending]) for n in cls.outputs}
+                write_chunk(chunk_path(out, epoch, rank, start), teacher_arrays(ids, outs, topk, cls.topk_outputs),
+                            start, len(pending))
                 pending.clear()
 
             start = first
             for i, batch in enumerate(loader.epoch(epoch, start_batch=first), start=first):
-                views = batch["views"]
                 with torch.inference_mode(), accelerator.autocast():
-                    o = model(views.flatten(0, 1))
-                b, v = views.shape[:2]
-                pending.append((batch["id"].cpu().numpy(), o.logits.float().view(b, v, -1).cpu(),
-                                o.embed.float().view(b, v, -1).cpu()))
+                    o = cls.teacher_outputs(model, batch["views"])
+                pending.append((batch["id"].cpu().numpy(), {n: o[n].float().cpu() for n in cls.outputs}))
                 bar.update(1)
                 signum = request.poll()
                 if len(pending) == chunk_batches or i == n_batches - 1 or signum:

@@ -38,19 +38,27 @@ def cmd_bench(args) -> int:
 
 def register(sub, fmt) -> None:
     p = sub.add_parser(
-        "cache", help="run the frozen teacher once over E epochs of views; store its logits and SS embeddings",
+        "cache", help="run the frozen teacher once over E epochs of views; store the outputs a student method uses",
         formatter_class=fmt,
-        description="Stores, per (sample id, epoch, view), the SS teacher's logits (fp16, or top-K with --topk) "
-                    "and SS embeddings (fp16), for the exact views the training pipeline makes in epochs "
-                    "0..E-1. `sskd distill --cache` then never runs the teacher; student epochs beyond E reuse "
-                    "augmentation epoch e mod E. The cache is bound to the teacher weights, shards, plan seed, "
-                    "views, image size, pipeline version and device type, and refused if any differs.",
+        description="Runs the frozen teacher once over the exact views the training pipeline makes in epochs "
+                    "0..E-1 and stores, per (sample id, epoch, view), the outputs the student method consumes "
+                    "(sskd: logits and SS embeddings; hssakd: logits and every branch's class x rotation logits; "
+                    "kd: the normal view's logits), in fp16 or, with --topk, as the top K + log-sum-exp. "
+                    "`sskd distill --cache` then never runs the teacher; student epochs beyond E reuse "
+                    "augmentation epoch e mod E. The cache is bound to the method, teacher weights, shards, plan "
+                    "seed, views, image size, pipeline version and device type, and refused if any differs.",
         epilog="example:\n  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --out caches/t\n"
                "  sskd cache --verify --out caches/t\n"
                "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8 --method sskd "
                "--shards data/shards/digits --out runs/s\n"
+               "  sskd cache --method hssakd --teacher runs/t-hs --shards data/shards/digits --epochs 10 --out caches/h\n"
                "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd cache ... --topk 10")
-    p.add_argument("--teacher", help="a train-ss-head run (the complete SSKD teacher); required to build")
+    from sskd.methods import METHODS
+
+    names = [n for n in METHODS["student"].names() if METHODS["student"].get(n).outputs]
+    p.add_argument("--method", choices=names, help="the student method whose teacher outputs to store (default: sskd; "
+                                                   "the same as the student run's --method)")
+    p.add_argument("--teacher", help="the teacher run the student will use (for sskd a train-ss-head run); required to build")
     p.add_argument("--shards", help="shard folder; required to build")
     p.add_argument("--epochs", type=int, help="augmentation epochs to cache (E); required to build")
     p.add_argument("--out", required=True, help="cache folder")
@@ -74,17 +82,25 @@ def register(sub, fmt) -> None:
 
 def register_bench(bench_sub, fmt) -> None:
     p = bench_sub.add_parser(
-        "distill", help="step time: CE student, SSKD with the live teacher, SSKD from the cache", formatter_class=fmt,
-        description="Measures in one run, on the same batches of views (pre-loaded, warm-up excluded), the "
-                    "training step time of the student alone with CE, SSKD with the live teacher and SSKD "
-                    "from a teacher cache, and prints the ratios. Models are freshly initialised: the step "
-                    "cost does not depend on the weights.",
+        "distill", help="step time: CE-only student, a method with its live teacher and from the cache",
+        formatter_class=fmt,
+        description="Measures in one run, on the same batches of views (pre-loaded, warm-up excluded, the three "
+                    "variants taking turns on every batch), the training step time of the method's student "
+                    "model alone with CE only, the method with the live teacher and the method from a teacher "
+                    "cache, and prints the ratios. Models are freshly initialised: the step cost does not "
+                    "depend on the weights.",
         epilog="example:\n  sskd bench distill --shards data/shards/digits --teacher-arch resnet32x4 "
-               "--student-arch resnet8x4 --json distill.json")
+               "--student-arch resnet8x4 --json distill.json\n"
+               "  sskd bench distill --method hssakd --shards data/shards/digits --teacher-arch resnet32x4 "
+               "--student-arch resnet8x4 --json hssakd.json")
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--teacher-arch", required=True, help="teacher architecture")
     p.add_argument("--student-arch", required=True, help="student architecture")
-    p.add_argument("--views", default="rotation", help="SS views")
+    from sskd.methods import METHODS
+
+    names = [n for n in METHODS["student"].names() if METHODS["student"].get(n).outputs]
+    p.add_argument("--method", choices=names, default="sskd", help="the method to time (any with teacher outputs)")
+    p.add_argument("--views", default="auto", help="SS views (auto: the method's own)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")

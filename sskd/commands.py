@@ -48,7 +48,7 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
     flag_map = {"epochs": f"{stage}.epochs", "max_steps": f"{stage}.max_steps", "batch_size": f"{stage}.batch_size",
                 "lr": f"{stage}.lr", "seed": "run.seed", "views": "data.views", "device": "data.device",
                 "threads": "data.threads", "mixed_precision": "run.mixed_precision", "shards": "data.shards",
-                "arch": f"{stage}.arch", "student": "student.arch", "method": "student.method",
+                "arch": f"{stage}.arch", "student": "student.arch", "method": f"{stage}.method",
                 "global_ss_batch": "run.global_ss_batch"}
     for flag, dotted in flag_map.items():
         value = None if flag in own else getattr(args, flag, None)
@@ -68,9 +68,12 @@ def _job(args, stage, cfg, build, info):
     from sskd.train import Job
 
     load_manifest(cfg.data.shards)  # a missing or wrong --shards folder: one line, before anything else
+    from sskd.methods import resolve_views, stage_method
+
+    views = resolve_views(cfg, stage_method(cfg, stage))  # a method's fixed views refuse another --views here
     info.setdefault("shards_sha256", manifest_sha256(cfg.data.shards))
     info.setdefault("seed", cfg.run.seed)
-    info.setdefault("views", cfg.data.views)
+    info.setdefault("views", ",".join(views.ss_views) if views is not None and views.ss_views else "none")
     return Job(stage=stage, cfg=cfg, out=Path(args.out), build=build, info=info, resume=args.resume,
                overwrite=args.overwrite)
 
@@ -86,36 +89,61 @@ def _report(out: Path, result: dict) -> int:
     return 0
 
 
-def cmd_train_teacher(args) -> int:
-    from sskd.stages import teacher_builder
+def _train_stage(args, stage: str, *, teacher: str | None = None, cached: bool = False) -> int:
+    from sskd.stages import builder
     from sskd.train import train
 
-    cfg = resolve_config(args, "teacher")
-    info = {"arch": cfg.teacher.arch}
-    return _report(Path(args.out), train(_job(args, "teacher", cfg, teacher_builder(cfg), info)))
+    cfg = resolve_config(args, stage)
+    info: dict = {}
+    job = _job(args, stage, cfg, builder(cfg, stage, info, teacher=teacher, cached=cached), info)
+    if cached:
+        from sskd.cache_build import attach_cache
+
+        attach_cache(job, args.cache, teacher)
+    return _report(Path(args.out), train(job))
+
+
+def cmd_train_teacher(args) -> int:
+    return _train_stage(args, "teacher")
 
 
 def cmd_train_ss_head(args) -> int:
-    from sskd.stages import ss_head_builder
-    from sskd.train import train
-
-    cfg = resolve_config(args, "ss_head")
-    info: dict = {}
-    return _report(Path(args.out), train(_job(args, "ss_head", cfg, ss_head_builder(cfg, args.teacher, info), info)))
+    return _train_stage(args, "ss_head", teacher=args.teacher)
 
 
 def cmd_distill(args) -> int:
-    from sskd.stages import student_builder
-    from sskd.train import train
+    return _train_stage(args, "student", teacher=args.teacher, cached=bool(args.cache))
 
-    cfg = resolve_config(args, "student")
-    info: dict = {}
-    job = _job(args, "student", cfg, student_builder(cfg, args.teacher, info, cached=bool(args.cache)), info)
-    if args.cache:
-        from sskd.cache_build import attach_cache
 
-        attach_cache(job, args.cache, args.teacher)
-    return _report(Path(args.out), train(job))
+def cmd_methods(args) -> int:
+    import json
+
+    from sskd.methods import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for role, command in (("student", "distill"), ("teacher", "train-teacher"), ("head", "train-ss-head")):
+        print(f"sskd {command} --method NAME")
+        for r in (r for r in rows if r["role"] == role):
+            cache = "  [cacheable: sskd cache --method " + r["name"] + "]" if r["cache"] else ""
+            print(f"  {r['name']:<14} {r['summary']}{cache}")
+            details = [f"views: {r['views']}"] + ([f"teacher: {r['teacher']}"] if r["teacher"] else [])
+            details += [f"config section: {r['section']}"] if r["section"] else []
+            print(f"  {'':<14}   {'; '.join(details)}")
+            if r["paper"] != "-":
+                print(f"  {'':<14}   {r['paper']}")
+        print()
+    return 0
+
+
+def method_help(role: str) -> tuple[list[str], str]:
+    """``--method`` choices and help from the registry (a plug-in method appears without touching this file)."""
+    from sskd.methods import METHODS
+
+    names = METHODS[role].names()
+    return names, "; ".join(f"{n}: {METHODS[role].get(n).summary}" for n in names)
 
 
 def cmd_evaluate(args) -> int:
@@ -158,39 +186,65 @@ def cmd_demo(args) -> int:
 
 
 def register(sub, fmt) -> None:
-    p = sub.add_parser("train-teacher", help="stage 1: train the teacher with cross-entropy", formatter_class=fmt,
-                       description="Stage 1 of SSKD: train the teacher classifier with CE on the normal view.",
+    p = sub.add_parser("train-teacher", help="stage 1: train the teacher (CE; or HSSAKD's joint teacher)",
+                       formatter_class=fmt,
+                       description="Stage 1: train the teacher classifier with CE on the normal view (--method ce, "
+                                   "the default), or with a method's teacher task from scratch (--method hssakd: "
+                                   "backbone and branches together on classes and class x rotation).",
                        epilog="example:\n  sskd train-teacher --shards data/shards/c100 --arch resnet32x4 --out runs/t \\\n"
                               "      --config sskd/configs/cifar100/resnet32x4-resnet8x4.yaml\n"
+                              "  sskd train-teacher --method hssakd --arch resnet32x4 --shards data/shards/c100 --out runs/t-hs\n"
                               "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd train-teacher ...")
     _common(p)
     p.add_argument("--arch", help="teacher architecture (registry name, e.g. wrn_40_2 or torchvision:resnet34)")
+    names, text = method_help("teacher")
+    p.add_argument("--method", choices=names, help=f"what the teacher learns (default: ce). {text}")
     p.set_defaults(func=cmd_train_teacher)
 
-    p = sub.add_parser("train-ss-head", help="stage 2: train the teacher's SS head (backbone frozen)", formatter_class=fmt,
-                       description="Stage 2 of SSKD (Eq. 5): a 2-layer MLP head on the frozen teacher's pooled "
-                                   "feature learns the contrastive task over the SS views. Its run holds the "
-                                   "complete SSKD teacher.",
+    p = sub.add_parser("train-ss-head", help="stage 2: the teacher's method-specific part on its frozen backbone",
+                       formatter_class=fmt,
+                       description="Stage 2: the teacher's backbone and classifier stay frozen (eval mode, "
+                                   "bit-identical) and only the method's part trains: the SS head of SSKD (Eq. 5: "
+                                   "a 2-layer MLP learns the contrastive task over the SS views; --method sskd, the "
+                                   "default) or HSSAKD's branches (--method hssakd, the frozen-teacher mode). Its "
+                                   "run holds the complete teacher.",
                        epilog="example:\n  sskd train-ss-head --teacher runs/t --shards data/shards/c100 --out runs/t-ss\n"
+                              "  sskd train-ss-head --method hssakd --teacher runs/t --shards data/shards/c100 --out runs/t-hs\n"
                               "  sskd train-ss-head --teacher torchvision:resnet34 --shards data/shards/imagenet --out runs/r34-ss")
     p.add_argument("--teacher", required=True, help="a train-teacher run folder, or torchvision:NAME (pretrained)")
+    names, text = method_help("head")
+    p.add_argument("--method", choices=names, help=f"the teacher's method-specific part (default: sskd). {text}")
     _common(p)
     p.set_defaults(func=cmd_train_ss_head)
 
-    p = sub.add_parser("distill", help="train a student: sskd (Eq. 8), kd or ce", formatter_class=fmt,
-                       description="Train a student from a frozen teacher. sskd = CE + KD + transformed-view KD + "
-                                   "SS similarity KD (Eq. 8); kd = Hinton KD; ce = no teacher.",
+    p = sub.add_parser("distill", help="train a student with a method (sskd, kd, ce, hssakd, ...; `sskd methods`)",
+                       formatter_class=fmt,
+                       description="Train a student from a frozen teacher (or, for ce and hssakd_online, without "
+                                   "one). `sskd methods` lists every method with the teacher run it needs.",
                        epilog="example:\n  sskd distill --teacher runs/t-ss --student resnet8x4 --method sskd "
                               "--shards data/shards/c100 --out runs/s\n"
+                              "  sskd distill --method hssakd --teacher runs/t-hs --student resnet8x4 --shards data/shards/c100 --out runs/h\n"
+                              "  sskd distill --method hssakd_online --student resnet8x4 --shards data/shards/c100 --out runs/o\n"
                               "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8x4 ... (teacher not run)")
-    p.add_argument("--teacher", help="teacher run (a train-ss-head run for sskd; any run or torchvision:NAME for kd)")
+    p.add_argument("--teacher", help="teacher run: a train-ss-head run for sskd (SS head) and hssakd (branches; or "
+                                     "a train-teacher --method hssakd run); any run or torchvision:NAME for kd")
     p.add_argument("--student", help="student architecture")
-    p.add_argument("--method", choices=["sskd", "kd", "ce"], help="distillation method")
+    names, text = method_help("student")
+    p.add_argument("--method", choices=names, help=f"distillation method (default: sskd; `sskd methods` lists them). {text}")
     p.add_argument("--cache", help="teacher-output cache from `sskd cache`: the teacher is not run")
     p.add_argument("--global-ss-batch", action="store_true",
                    help="all-gather SS embeddings across ranks: one similarity matrix over the global batch")
     _common(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("methods", help="list the registered methods: what each is, its paper, teacher and cache",
+                       formatter_class=fmt,
+                       description="Every method the three training commands accept, by command: a line on what it "
+                                   "is, the views it trains on, the teacher run it needs, its config section, "
+                                   "whether `sskd cache` can store its teacher outputs, and its paper.",
+                       epilog="example:\n  sskd methods\n  sskd methods --json")
+    p.add_argument("--json", action="store_true", help="machine-readable: one record per method and role")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 of a trained model", formatter_class=fmt,
                        description="Evaluate a run's model on a split (each sample exactly once, across ranks too).",

@@ -11,6 +11,7 @@ batch 64, lr 0.05, x0.1 at epochs 150/180/210 over 240 epochs; SS head 60 epochs
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -18,6 +19,8 @@ from typing import Any, get_type_hints
 import yaml
 
 from sskd.errors import SSKDError
+
+log = logging.getLogger(__name__)
 
 
 def bound(default: Any = MISSING, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -34,7 +37,9 @@ class DataConfig:
     """Where the images come from and how the views are made."""
 
     shards: str = ""  # shard folder written by `sskd shard`
-    views: str = "rotation"  # SS views: a preset (`rotation` = official code, `paper` = four transforms) or a comma list
+    # SS views: auto (the method's own: `rotation` for SSKD, `shared_rotation` for HSSAKD), a preset
+    # (`rotation` = the official SSKD code, `paper` = the paper's four transforms) or a comma list
+    views: str = "auto"
     size: int | None = bound(None, ge=8)  # output size; None = from the shard manifest (32 CIFAR/digits, 224 ImageNet)
     device: str = bound("auto", choices=("auto", "cpu", "gpu"))  # DALI device: auto = gpu when CUDA is present
     threads: int = bound(2, ge=1)  # DALI worker threads per process
@@ -63,22 +68,6 @@ class StageConfig:
 
 
 @dataclass
-class LossConfig:
-    """Eq. 8 weights and temperatures; defaults are the official code's (student.py)."""
-
-    ce_weight: float = bound(0.1, ge=0)
-    kd_weight: float = bound(0.9, ge=0)
-    tf_weight: float = bound(2.7, ge=0)
-    ss_weight: float = bound(10.0, ge=0)
-    kd_T: float = bound(4.0, gt=0)
-    tf_T: float = bound(4.0, gt=0)
-    ss_T: float = bound(0.5, gt=0)
-    ss_ratio: float = bound(0.75, gt=0, le=1)
-    tf_ratio: float = bound(1.0, gt=0, le=1)
-    head_tau: float = bound(1.0, gt=0)  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
-
-
-@dataclass
 class RunConfig:
     """Everything about running, not about the maths."""
 
@@ -93,17 +82,40 @@ class RunConfig:
 
 @dataclass
 class Config:
+    """The fixed sections, and one section per method in use (``sskd:``, ``kd:``, ``hssakd:``, ...), whose
+    dataclasses the methods declare (:mod:`sskd.methods`)."""
+
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: StageConfig = field(default_factory=lambda: StageConfig(arch="resnet32x4", method="teacher"))
+    teacher: StageConfig = field(default_factory=lambda: StageConfig(arch="resnet32x4", method="ce"))
     ss_head: StageConfig = field(
-        default_factory=lambda: StageConfig(method="ss_head", epochs=60, milestones=[30, 45])
+        default_factory=lambda: StageConfig(method="sskd", epochs=60, milestones=[30, 45])
     )
     student: StageConfig = field(default_factory=lambda: StageConfig(arch="resnet8x4", method="sskd"))
-    loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    methods: dict[str, Any] = field(default_factory=dict)  # method section name -> its dataclass instance
+
+    def section(self, name: str) -> Any:
+        """A method's config section (its defaults until something sets it)."""
+        if name not in self.methods:
+            types = method_sections()
+            if name not in types:
+                raise SSKDError(f"config: no method section {name!r}{_suggest(name, sorted(types))}")
+            self.methods[name] = types[name]()
+        return self.methods[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: asdict(getattr(self, f.name)) for f in fields(self) if f.name != "methods"}
+        return {**out, **{name: asdict(sec) for name, sec in sorted(self.methods.items())}}
+
+
+FIXED_SECTIONS = ("data", "teacher", "ss_head", "student", "run")
+OLD_METHOD_NAMES = {("teacher", "teacher"): "ce", ("ss_head", "ss_head"): "sskd"}  # before the method registry
+
+
+def method_sections() -> dict[str, type]:
+    from sskd.methods import section_types
+
+    return section_types()
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -141,22 +153,34 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise SSKDError(f"{where}: {value!r} is not a valid {text}") from exc
 
 
+def _key_elsewhere(key: str, section: str) -> str:
+    """Where an unknown key does exist: the hint for a method's key put in another method's section."""
+    owners = [name for name, t in method_sections().items() if name != section and key in get_type_hints(t)]
+    return f" ({key!r} is a key of section {', '.join(repr(o) for o in owners)})" if owners else ""
+
+
 def apply_values(cfg: Config, values: dict[str, Any], source: str) -> Config:
     """Set nested ``values`` (``{"student": {"lr": 0.1}}``) on ``cfg``; unknown keys are errors."""
     if not isinstance(values, dict):
         raise SSKDError(f"{source}: expected a mapping of config sections, got {type(values).__name__}")
     for section, body in values.items():
-        sections = [f.name for f in fields(cfg)]
-        if section not in sections:
-            raise SSKDError(f"{source}: unknown config section {section!r}{_suggest(section, sections)}")
-        target = getattr(cfg, section)
+        if section == "loss":  # before the method seam the SSKD weights lived in `loss:`
+            log.warning("%s: the `loss:` section is now `sskd:` (KD's own weights are in `kd:`); reading it as `sskd:`",
+                        source)
+            section = "sskd"
+        known = [*FIXED_SECTIONS, *sorted(method_sections())]
+        if section not in known:
+            raise SSKDError(f"{source}: unknown config section {section!r}{_suggest(section, known)}")
+        target = getattr(cfg, section) if section in FIXED_SECTIONS else cfg.section(section)
         if not isinstance(body, dict):
             raise SSKDError(f"{source}: section {section!r} must be a mapping")
         hints = get_type_hints(type(target))
         for key, value in body.items():
             if key not in hints:
-                raise SSKDError(f"{source}: unknown config key '{section}.{key}'{_suggest(key, list(hints))}")
-            setattr(target, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+                hint = _key_elsewhere(key, section) or _suggest(key, list(hints))
+                raise SSKDError(f"{source}: unknown config key '{section}.{key}'{hint}")
+            value = _coerce(value, hints[key], f"{source}: {section}.{key}")
+            setattr(target, key, OLD_METHOD_NAMES.get((section, value), value) if key == "method" else value)
     return cfg
 
 
@@ -198,10 +222,25 @@ def _check_bounds(name: str, section: Any) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Check values that the types alone cannot (before any work starts): ranges, choices, view names."""
-    for f in fields(cfg):
-        _check_bounds(f.name, getattr(cfg, f.name))
+    """Check values that the types alone cannot (before any work starts): ranges, choices, view names,
+    the stages' methods; every method in use gets its section (so the saved config shows its values)."""
+    from sskd.methods import STAGE_ROLE, method_class
+
+    for stage, role in STAGE_ROLE.items():
+        try:
+            cls = method_class(role, getattr(cfg, stage).method)
+        except SSKDError as exc:
+            raise SSKDError(f"config: {stage}.method: {exc}") from None
+        if cls.section:
+            cfg.section(cls.section)
+    for name in FIXED_SECTIONS:
+        _check_bounds(name, getattr(cfg, name))
+    for name, section in cfg.methods.items():
+        _check_bounds(name, section)
     from pipelines.plan import ViewConfig
+
+    if cfg.data.views == "auto":
+        return
 
     try:  # unknown view names are refused even by the stages that train on view 0 only
         ViewConfig.parse(cfg.data.views)
@@ -223,7 +262,9 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 def from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (a saved run or checkpoint)."""
-    return apply_values(Config(), values, "saved config")
+    cfg = apply_values(Config(), values, "saved config")
+    validate(cfg)
+    return cfg
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from sskd import runs
 from sskd.atomic import atomic_path, write_json
 from sskd.config import Config, load_config
-from sskd.stages import manifest_sha256, ss_head_builder, student_builder, teacher_builder
+from sskd.stages import builder, manifest_sha256
 from sskd.train import Job, train
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,16 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True) -> dict[str, 
         info.update(base)
         return Job(stage=stage, cfg=cfg, out=out / name, build=build, info=info, resume=True)
 
-    teacher = _stage(job("teacher", "teacher", teacher_builder(cfg), {"arch": cfg.teacher.arch}))
-    info: dict = {}
-    ss = _stage(job("ss_head", "teacher-ss", ss_head_builder(cfg, str(out / "teacher"), info), info))
+    def stage(kind: str, name: str, teacher: str | None = None) -> dict[str, Any]:
+        info: dict = {}
+        return _stage(job(kind, name, builder(cfg, kind, info, teacher=teacher), info))
+
+    teacher = stage("teacher", "teacher")
+    ss = stage("ss_head", "teacher-ss", str(out / "teacher"))
     students = {}
     for method in STUDENT_METHODS:
         cfg.student.method = method
-        info = {}
-        build = student_builder(cfg, str(out / "teacher-ss"), info)
-        students[method] = _stage(job("student", f"student-{method}", build, info))
+        students[method] = stage("student", f"student-{method}", str(out / "teacher-ss"))
     results = {
         "dataset": "sklearn digits (1,797 real 8x8 images as 32x32 RGB)",
         "teacher": {"arch": teacher["arch"], "top1": teacher["top1"], "top5": teacher["top5"]},

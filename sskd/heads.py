@@ -30,6 +30,11 @@ class SSOutput(NamedTuple):
 class SSModel(nn.Module):
     """Backbone (with its classifier) plus the SS head; ``forward(x) -> SSOutput``."""
 
+    wrapper = "ss_head"  # how model.json names this part (sskd.stages.new_model rebuilds it)
+
+    def wrapper_args(self) -> dict:
+        return {}
+
     def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone

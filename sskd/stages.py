@@ -1,7 +1,9 @@
-"""What each command trains: model construction, teacher loading and the checks that run first.
+"""Models of run folders and teachers, and the one builder every stage command uses.
 
 Every check here runs before any training starts, so a wrong teacher, architecture or shard folder
-fails in a second with a one-line error instead of after an epoch.
+fails in a second with a one-line error instead of after an epoch. Which model a stage trains is the
+method's business (:meth:`sskd.methods.Method.build`); rebuilding a saved model only needs its
+``model.json`` (architecture, classes and the wrapper that adds its parts: SS head, branches).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from sskd import runs
-from sskd.config import Config, LossConfig
+from sskd.config import Config
 from sskd.errors import SSKDError
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -24,42 +26,56 @@ def manifest_sha256(shards: str | Path) -> str:
     return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
 
 
-def loss_config(cfg: LossConfig) -> LossConfig:
-    """The losses use the run config's ``loss`` section as it is (``sskd.losses.SSKDLossConfig``)."""
-    return cfg
+def _wrappers() -> dict[str, Any]:
+    from sskd.heads import SSModel
+    from sskd.models.branches import BranchedModel
+
+    return {"ss_head": lambda backbone, num_classes: SSModel(backbone),
+            "branches": lambda backbone, num_classes, rotations=4, num_branches=None: BranchedModel(
+                backbone, num_classes, rotations)}
 
 
-def new_model(arch: str, num_classes: int, *, head: bool = False, pretrained: bool = False) -> torch.nn.Module:
-    """A fresh model by registry name, optionally wrapped with a new SS head."""
-    from sskd.heads import SSHead, SSModel
+def new_model(arch: str, num_classes: int, *, wrapper: str | None = None, wrapper_args: dict | None = None,
+              pretrained: bool = False) -> torch.nn.Module:
+    """A fresh model by registry name, optionally wrapped with its parts (``ss_head``, ``branches``)."""
     from sskd.models import create_model
 
     kw = {"pretrained": True} if pretrained else {}
     backbone = create_model(arch, num_classes=num_classes, **kw)
-    return SSModel(backbone, SSHead(backbone.feat_dim)) if head else backbone
+    if wrapper is None:
+        return backbone
+    makers = _wrappers()
+    if wrapper not in makers:
+        raise SSKDError(f"unknown model wrapper {wrapper!r} (known: {', '.join(makers)})")
+    return makers[wrapper](backbone, num_classes, **(wrapper_args or {}))
+
+
+def describe_model(module: torch.nn.Module) -> dict[str, Any]:
+    """What ``model.json`` says so the model can be rebuilt: its wrapper and the wrapper's arguments."""
+    wrapper = getattr(module, "wrapper", None)
+    args = dict(module.wrapper_args()) if wrapper and hasattr(module, "wrapper_args") else {}
+    if wrapper == "branches":
+        args["num_branches"] = module.num_branches
+    return {"wrapper": wrapper, "wrapper_args": args, "has_head": wrapper == "ss_head", "feat_dim": module.feat_dim}
 
 
 def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model of a run folder (backbone, or backbone + SS head) and its ``model.json``."""
+    """The trained model of a run folder (with its parts) and its ``model.json``."""
     info = runs.load_model_info(run)
-    for field in ("arch", "num_classes", "has_head"):
+    for field in ("arch", "num_classes"):
         if field not in info:
             raise SSKDError(f"{Path(run) / runs.MODEL_INFO}: field {field!r} is missing")
-    model = new_model(info["arch"], info["num_classes"], head=info["has_head"])
+    wrapper = info.get("wrapper", "ss_head" if info.get("has_head") else None)
+    model = new_model(info["arch"], info["num_classes"], wrapper=wrapper, wrapper_args=info.get("wrapper_args"))
     runs.load_weights(run, model)
     return model, info
 
 
-def teacher_info(source: str, manifest: dict[str, Any], *, need_head: bool) -> dict[str, Any]:
+def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The teacher's ``model.json`` (or a torchvision stand-in), checked against the shards; no weights."""
     if source.startswith(TORCHVISION_PREFIX):
-        if need_head:
-            raise SSKDError(
-                f"--teacher {source}: a torchvision model has no SS head; "
-                f"run `sskd train-ss-head --teacher {source} ...` first and pass that run"
-            )
-        return {"arch": source, "num_classes": manifest["num_classes"], "has_head": False,
-                "weights_sha256": "torchvision-pretrained:" + source}
+        return {"arch": source, "num_classes": manifest["num_classes"], "has_head": False, "wrapper": None,
+                "stage": "torchvision-pretrained", "weights_sha256": "torchvision-pretrained:" + source}
     info = runs.load_model_info(source)
     if info.get("num_classes") != manifest["num_classes"]:
         raise SSKDError(
@@ -68,17 +84,12 @@ def teacher_info(source: str, manifest: dict[str, Any], *, need_head: bool) -> d
         )
     if info.get("classes") and info["classes"] != manifest["classes"]:
         raise SSKDError(f"--teacher {source}: teacher's class names differ from the shards' ({manifest['dataset']})")
-    if need_head and not info.get("has_head"):
-        raise SSKDError(
-            f"--teacher {source}: this teacher has no SS head (it is a `{info.get('stage')}` run); "
-            f"train one with `sskd train-ss-head --teacher {source} ...` and pass that run"
-        )
     return info
 
 
-def load_teacher(source: str, manifest: dict[str, Any], *, need_head: bool) -> tuple[torch.nn.Module, dict]:
+def load_teacher(source: str, manifest: dict[str, Any]) -> tuple[torch.nn.Module, dict]:
     """A teacher from a run folder or ``torchvision:NAME`` (pretrained), checked against the shards."""
-    info = teacher_info(source, manifest, need_head=need_head)
+    info = teacher_info(source, manifest)
     if source.startswith(TORCHVISION_PREFIX):
         return new_model(source, manifest["num_classes"], pretrained=True), info
     model, info = load_run_model(source)
@@ -92,55 +103,34 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def teacher_builder(cfg: Config):
+def teacher_backbone(ctx) -> torch.nn.Module:
+    """For the ``train-ss-head`` stage: the teacher's backbone with its classifier, without the parts of
+    any earlier head stage (they are made anew), recorded in the run's info."""
+    if ctx.teacher is None:
+        raise SSKDError("train-ss-head needs --teacher RUN (a train-teacher run or torchvision:NAME)")
+    model, info = load_teacher(ctx.teacher, ctx.manifest)
+    backbone = getattr(model, "backbone", model)
+    ctx.info.update(arch=info["arch"], teacher_source=str(ctx.teacher), teacher_weights_sha256=info.get("weights_sha256"))
+    return backbone
+
+
+def builder(cfg: Config, stage: str, info_out: dict[str, Any], *, teacher: str | None = None, cached: bool = False):
+    """``build(manifest) -> Method`` for ``stage``: the method the config names, made by its own ``build``."""
+
     def build(manifest):
-        from sskd.methods import create_method
+        from sskd.methods import BuildContext, stage_method
 
-        model = new_model(cfg.teacher.arch, manifest["num_classes"])
-        return create_method("teacher", student=model, num_classes=manifest["num_classes"],
-                             loss_cfg=loss_config(cfg.loss))
+        cls = stage_method(cfg, stage)
+        if stage == "student" and not cls.needs_teacher and teacher is not None:
+            import logging
 
-    return build
-
-
-def ss_head_builder(cfg: Config, teacher: str, info_out: dict[str, Any]):
-    def build(manifest):
-        from sskd.heads import SSHead, SSModel
-        from sskd.methods import create_method
-
-        backbone, info = load_teacher(teacher, manifest, need_head=False)
-        if isinstance(backbone, SSModel):  # re-training the head of an SS teacher: keep its backbone
-            backbone = backbone.backbone
-        info_out.update(arch=info["arch"], teacher_source=str(teacher), teacher_weights_sha256=info.get("weights_sha256"))
-        model = SSModel(backbone, SSHead(backbone.feat_dim))
-        return create_method("ss_head", student=model, num_classes=manifest["num_classes"],
-                             loss_cfg=loss_config(cfg.loss))
-
-    return build
-
-
-def student_builder(cfg: Config, teacher: str | None, info_out: dict[str, Any], *, cached: bool = False):
-    def build(manifest):
-        from sskd.methods import create_method
-
-        method = cfg.student.method
-        t_model = None
-        if method in ("kd", "sskd") and teacher is None:
-            raise SSKDError(f"--method {method} needs --teacher RUN")
-        # The student first, from the run seed: building the live teacher draws random initial weights
+            logging.getLogger(__name__).info("--method %s uses no teacher: --teacher %s is ignored", cls.name, teacher)
+        # The student first, from the run seed: building a live teacher draws random initial weights
         # (then overwritten), which must not change the student's, so live and cached runs start alike.
         torch.manual_seed(cfg.run.seed)
-        student = new_model(cfg.student.arch, manifest["num_classes"], head=(method == "sskd"))
-        if teacher is not None and method != "ce":
-            if cached:  # the teacher's outputs come from the cache: check the run, build nothing
-                t_info = teacher_info(teacher, manifest, need_head=(method == "sskd"))
-            else:
-                t_model, t_info = load_teacher(teacher, manifest, need_head=(method == "sskd"))
-                freeze(t_model)
-            info_out.update(teacher=str(teacher), teacher_arch=t_info["arch"],
-                            teacher_weights_sha256=t_info.get("weights_sha256"))
-        info_out.update(arch=cfg.student.arch, method=method)
-        return create_method(method, student=student, teacher=t_model,
-                             num_classes=manifest["num_classes"], loss_cfg=loss_config(cfg.loss))
+        ctx = BuildContext(cfg=cfg, stage=stage, manifest=manifest, teacher=teacher, cached=cached, info=info_out)
+        info_out.setdefault("arch", ctx.arch)
+        info_out["method"] = cls.name
+        return cls.build(ctx)
 
     return build

@@ -24,7 +24,8 @@ from sskd import atomic, runs
 from sskd.config import Config, StageConfig, diff_configs, dump_yaml
 from sskd.dist import agree_on_error, make_accelerator, make_gather, pipeline_device, sync_buffers
 from sskd.errors import SSKDError
-from sskd.evaluate import evaluate
+from sskd.methods import resolve_views, stage_method
+from sskd.stages import describe_model
 from sskd.stop import Interrupted, StopFlag, StopRequest
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ def lr_factor(st: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def _loaders(job: Job, accelerator, views_needed: int | None):
-    from pipelines import ViewConfig, ViewLoader
+def _loaders(job: Job, accelerator, views):
+    from pipelines import ViewLoader
 
     cfg, st = job.cfg, getattr(job.cfg, job.stage)
     common = dict(
@@ -75,7 +76,6 @@ def _loaders(job: Job, accelerator, views_needed: int | None):
         torch_device=accelerator.device,
     )
     # The loop is done with a batch before it asks for the next: no copy of DALI's buffers needed.
-    views = None if views_needed == 1 else ViewConfig.parse(cfg.data.views)
     train = ViewLoader(cfg.data.shards, "train", batch_size=st.batch_size, views=views, train=True,
                        reuse_buffers=True, **common)
     val = None
@@ -97,7 +97,8 @@ class Run:
         self.accelerator, self.main, self.world = accelerator, accelerator.is_main_process, accelerator.num_processes
         # Built before the loaders so a bad teacher or architecture fails before any data is touched.
         method = job.build(load_manifest(self.cfg.data.shards))
-        self.train_loader, self.val_loader = _loaders(job, accelerator, getattr(method, "views_needed", None))
+        self.method_cls = stage_method(self.cfg, job.stage)
+        self.train_loader, self.val_loader = _loaders(job, accelerator, resolve_views(self.cfg, self.method_cls))
         self.params = [p for p in method.parameters() if p.requires_grad]
         st = self.st
         optimizer = torch.optim.SGD(self.params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
@@ -152,7 +153,7 @@ class Run:
         sync_buffers(self.core, self.accelerator)
         if self.val_loader is None:
             return None
-        result = evaluate(self.core.trainable_module(), self.val_loader, self.accelerator)
+        result = self.core.validate(self.val_loader, self.accelerator)
         self.method.train()
         result["step"] = self.state["step"]
         self.metrics.write({"kind": "eval", "epoch": epoch, **result})
@@ -189,8 +190,9 @@ def claim_folder(job: Job, accelerator):
 
 
 # What a resumed run may not change: they decide the model's shape or the data it learns from.
-FIXED_FOR_RESUME = ("{stage}.arch", "{stage}.method", "data.views", "data.size")
-IGNORED_FOR_RESUME = ("run.progress", "data.shards")  # the shards are compared by their manifest's hash
+FIXED_FOR_RESUME = ("{stage}.arch", "{stage}.method", "data.size")
+# The shards are compared by their manifest's hash and the views as resolved (auto = the method's own).
+IGNORED_FOR_RESUME = ("run.progress", "data.shards", "data.views")
 
 
 def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
@@ -199,13 +201,14 @@ def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
     if ckpt.get("stage") not in (None, stage):
         raise SSKDError(f"{path}: is a {ckpt['stage']!r} checkpoint, this command trains {stage!r}")
     fixed = {k.format(stage=stage) for k in FIXED_FOR_RESUME}
-    sections = {stage, "data", "run", "loss"}  # the other stages' sections do not act on this one
+    sections = {stage, "data", "run", run.method_cls.section}  # other stages' and methods' sections do not act here
     diffs = [d for d in diff_configs(ckpt.get("config", {}), run.cfg.to_dict())
              if d[0].split(".")[0] in sections and d[0] not in IGNORED_FOR_RESUME]
     saved_info = ckpt.get("info") or {}
-    for key in ("shards_sha256", "teacher_weights_sha256"):
+    for key in ("shards_sha256", "teacher_weights_sha256", "views"):
         if saved_info.get(key) and run.job.info.get(key) and saved_info[key] != run.job.info[key]:
-            diffs.append((key, saved_info[key][:12], run.job.info[key][:12]))
+            short = 12 if key.endswith("sha256") else None
+            diffs.append((key, saved_info[key][:short], run.job.info[key][:short]))
             fixed.add(key)
     refused = [f"{k} was {a!r}, now {b!r}" for k, a, b in diffs if k in fixed]
     if refused:
@@ -329,9 +332,9 @@ def export(run: Run) -> dict[str, Any]:
     if run.main:
         module = run.core.trainable_module()
         manifest = run.train_loader.manifest
-        info = {"stage": run.job.stage, "steps": state["step"], "epochs_done": state["epoch"],
-                "has_head": getattr(module, "head", None) is not None,
-                "num_classes": manifest["num_classes"], "classes": manifest["classes"], **run.job.info}
+        info = {"stage": run.job.stage, "steps": state["step"], "epochs_done": state["epoch"], **describe_model(module),
+                "num_classes": manifest["num_classes"], "classes": manifest["classes"], **run.job.info,
+                **run.core.export_info()}
         if final is not None:
             info.update(top1=final["top1"], top5=final["top5"], best_top1=state["best_top1"])
         runs.save_model(run.out, module, info)

@@ -11,7 +11,7 @@ def test_defaults_are_the_official_sskd_recipe():
     assert (cfg.student.lr, cfg.student.momentum, cfg.student.weight_decay, cfg.student.batch_size) == (0.05, 0.9, 5e-4, 64)
     assert cfg.student.milestones == [150, 180, 210] and cfg.student.epochs == 240
     assert (cfg.ss_head.epochs, cfg.ss_head.milestones) == (60, [30, 45])
-    loss = cfg.loss
+    loss = cfg.section("sskd")
     assert (loss.ce_weight, loss.kd_weight, loss.tf_weight, loss.ss_weight) == (0.1, 0.9, 2.7, 10.0)
     assert (loss.kd_T, loss.tf_T, loss.ss_T, loss.ss_ratio, loss.tf_ratio) == (4.0, 4.0, 0.5, 0.75, 1.0)
 
@@ -89,7 +89,9 @@ def test_zero_valued_flags_reach_the_config():
                          (["--lr", "-1"], "teacher.lr must be >= 0, not -1.0"),
                          (["--threads", "0"], "data.threads must be >= 1, not 0"),
                          (["--views", "rotation,spin"], "data.views: unknown view 'spin'"),
-                         (["--set", "loss.ss_ratio=1.5"], "loss.ss_ratio must be > 0 and <= 1, not 1.5")]:
+                         (["--set", "sskd.ss_ratio=1.5"], "sskd.ss_ratio must be > 0 and <= 1, not 1.5"),
+                         (["--set", "kd.ss_T=1"], "unknown config key 'kd.ss_T' ('ss_T' is a key of section 'sskd')"),
+                         (["--method", "hssakd", "--set", "student.method=nope"], "student.method: unknown distill method 'nope'")]:
         with pytest.raises(SSKDError) as err:
             _resolved(*argv)
         assert needle in str(err.value) and "\n" not in str(err.value), argv

@@ -24,8 +24,10 @@ def snapshot(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_registry_names():
-    assert {"teacher", "ss_head", "ce", "kd", "sskd"} <= set(METHODS.names())
+def test_registry_names_by_role():
+    assert {"ce", "kd", "sskd", "hssakd", "hssakd_online"} <= set(METHODS["student"].names())
+    assert {"ce", "hssakd"} <= set(METHODS["teacher"].names())
+    assert {"sskd", "hssakd"} <= set(METHODS["head"].names())
 
 
 def test_sskd_terms_and_frozen_teacher():
@@ -61,7 +63,7 @@ def test_to_device_moves_the_unregistered_teacher():
 
 def test_ss_head_stage_trains_only_the_head():
     model = ss()
-    method = create_method("ss_head", student=model, num_classes=10)
+    method = create_method("sskd", role="head", student=model, num_classes=10)
     method.train()
     assert not model.backbone.training and model.head.training
     before = snapshot(model.backbone)
@@ -83,7 +85,7 @@ def test_contrastive_target_layout_matches_eq5():
     from sskd.losses import contrastive_loss, similarity_matrix
 
     model = ss().eval()
-    method = create_method("ss_head", student=model, num_classes=10)
+    method = create_method("sskd", role="head", student=model, num_classes=10)
     b = batch(b=3, v=3)
     out = method(b)
     with torch.no_grad():
@@ -94,11 +96,12 @@ def test_contrastive_target_layout_matches_eq5():
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, terms", [("ce", {"ce"}), ("kd", {"ce", "kd"}), ("teacher", {"ce"})])
-def test_normal_view_methods(name, terms):
+@pytest.mark.parametrize("name, role, terms", [("ce", "student", {"ce"}), ("kd", "student", {"ce", "kd"}),
+                                               ("ce", "teacher", {"ce"})])
+def test_normal_view_methods(name, role, terms):
     teacher = create_model("resnet8", 10).eval() if name == "kd" else None
-    method = create_method(name, student=create_model("resnet8", 10), teacher=teacher, num_classes=10)
-    assert method.views_needed == 1
+    method = create_method(name, role=role, student=create_model("resnet8", 10), teacher=teacher, num_classes=10)
+    assert method.views is None  # the normal view only
     out = method(batch(v=1))
     assert terms <= out.keys() and out["loss"].ndim == 0
 

@@ -100,7 +100,7 @@ def test_resume_equals_uninterrupted(digits_shards, tmp_path):
 def test_bad_inputs_fail_before_training(teacher_runs, digits_shards, tmp_path, capsys):
     cases = [
         (["distill", "--teacher", tmp_path / "nope", "--student", "resnet8", "--method", "kd"], "run folder not found"),
-        (["distill", "--teacher", teacher_runs / "t", "--student", "resnet8", "--method", "sskd"], "has no SS head"),
+        (["distill", "--teacher", teacher_runs / "t", "--student", "resnet8", "--method", "sskd"], "needs a teacher with ss head (it is a `teacher` run without one)"),
         (["distill", "--teacher", teacher_runs / "t-ss", "--student", "resnet9000", "--method", "sskd"], "resnet9000"),
         (["train-teacher", "--arch", "resnet8", "--set", "student.lrr=1"], "unknown config key 'student.lrr'"),
         (["distill", "--student", "resnet8", "--method", "kd"], "needs --teacher"),
@@ -158,28 +158,24 @@ def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, 
     import torch
 
     from sskd.config import load_config
-    from sskd.stages import teacher_builder
+    from sskd.stages import builder
     from sskd.train import Job, train
 
     cfg = load_config(None, [f"data.shards={digits_shards}", "teacher.arch=resnet8", "teacher.epochs=2",
                              "teacher.batch_size=256", "run.log_every=4", "run.eval_every=0", "run.progress=false"])
     losses = []
 
-    class Recorder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.views_needed = inner, inner.views_needed
+    from sskd.methods.ce import TeacherCE
 
-        def trainable_module(self):
-            return self.inner.trainable_module()
-
+    class Recorder(TeacherCE):
         def forward(self, batch):
-            out = self.inner(batch)
+            out = super().forward(batch)
             losses.append(out["loss"].item())
             return out
 
-    build = teacher_builder(cfg)
-    train(Job(stage="teacher", cfg=cfg, out=tmp_path / "t", build=lambda m: Recorder(build(m)), info={"arch": "resnet8"}))
+    build = builder(cfg, "teacher", {})
+    train(Job(stage="teacher", cfg=cfg, out=tmp_path / "t", build=lambda m: Recorder(build(m).student, num_classes=10),
+              info={"arch": "resnet8"}))
     recs = [r for r in read_metrics(tmp_path / "t") if r["kind"] == "train"]
     # 1437 images / 256 = 6 batches per epoch, 12 steps; the line at step 8 straddles the epoch end
     assert [r["step"] for r in recs] == [4, 8, 12] and len(losses) == 12
@@ -310,13 +306,19 @@ def test_resume_refuses_what_cannot_continue_and_names_what_changed(digits_shard
     out = tmp_path / "t"
     assert run(*teacher_args(digits_shards, out, "--max-steps", 2, "--set", "teacher.epochs=3")) == 0
     config = (out / "config.yaml").read_bytes()
-    for extra, needle in [(["--arch", "resnet14"], "teacher.arch was 'resnet8', now 'resnet14'"),
-                          (["--views", "paper"], "data.views was 'rotation', now 'paper'")]:
-        assert run(*teacher_args(digits_shards, out, "--resume", "--max-steps", 3, "--set", "teacher.epochs=3",
-                                 *extra)) == 2
+    ss = ["train-ss-head", "--teacher", out, "--shards", digits_shards, "--out", tmp_path / "ss", *FAST, "--max-steps"]
+    assert run(*ss, 1) == 0
+    for args, needle in [(teacher_args(digits_shards, out, "--arch", "resnet14"), "teacher.arch was 'resnet8', now 'resnet14'"),
+                         (ss[:-1] + ["--views", "paper"], "views was 'rot90,rot180,rot270', now "
+                                                          "'color_drop,rotation,crop_resize,color_distort'"),
+                         (teacher_args(digits_shards, out, "--method", "hssakd"), "teacher.method was 'ce', now 'hssakd'")]:
+        folder = args[args.index("--out") + 1]
+        before = (folder / "config.yaml").read_bytes()
+        assert run(*args, "--resume", "--max-steps", 3, "--set", "teacher.epochs=3") == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"sskd: error: {out}: cannot resume: {needle}"), err
-        assert (out / "config.yaml").read_bytes() == config  # not rewritten before the check
+        assert len(err) == 1 and err[0].startswith(f"sskd: error: {folder}: cannot resume: {needle}"), err
+        assert (folder / "config.yaml").read_bytes() == before  # not rewritten before the check
+    assert (out / "config.yaml").read_bytes() == config
     with caplog.at_level("WARNING"):
         assert run(*teacher_args(digits_shards, out, "--resume", "--max-steps", 3, "--set", "teacher.epochs=3",
                                  "--lr", "0.2", "--seed", "4")) == 0

@@ -7,6 +7,7 @@ hooks see them. ``model.feat_dim`` is ``d`` (the SS head's width).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,21 @@ class Features(NamedTuple):
     stages: list[torch.Tensor]  # stage outputs, shallow to deep
 
 
+class BranchSpec(NamedTuple):
+    """Where HSSAKD's auxiliary branches attach and what they are made of (:mod:`sskd.models.branches`).
+
+    Branch l reads ``stages[taps[l]]``, runs fresh copies of ``bodies[l + 1:]`` (``bodies[j]`` maps the
+    output of tap j - 1 to that of tap j; ``bodies[0]`` is unused) — the last branch runs ``last()``
+    instead, the last stage again at stride 1 — then ``tail()`` if given, pooling and the joint head.
+    """
+
+    taps: list[int]
+    bodies: list[nn.Module | None]
+    last: Callable[[], nn.Module]
+    tail: Callable[[], nn.Module] | None
+    out_dim: int
+
+
 class Classifier(nn.Module):
     """Base: subclasses implement ``stages_and_feat(x) -> (stages, feat)`` and own ``self.fc``."""
 
@@ -26,6 +42,10 @@ class Classifier(nn.Module):
 
     def stages_and_feat(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
+
+    def branch_spec(self) -> BranchSpec:
+        """HSSAKD's branch layout for this architecture (as the official code builds it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary-branch layout")
 
     def forward(self, x: torch.Tensor, features: bool = False):
         stages, feat = self.stages_and_feat(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat, run_stages
+from sskd.models.base import BranchSpec, Classifier, init_weights, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 
@@ -71,6 +71,11 @@ class CifarResNet(Classifier):
         stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
         return stages, pool_flat(stages[-1])
 
+    def branch_spec(self) -> BranchSpec:
+        n, c = len(self.layer3), self.feat_dim
+        return BranchSpec([0, 1, 2], [None, self.layer2, self.layer3],
+                          lambda: nn.Sequential(*[BasicBlock(c, c, 1) for _ in range(n)]), None, c)
+
 
 class CifarResNet50(Classifier):
     """Bottleneck ResNet-50 for 32x32 inputs: 3x3 stem, no max-pool (CRD's resnetv2.py)."""
@@ -93,6 +98,11 @@ class CifarResNet50(Classifier):
     def stages_and_feat(self, x):
         stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4))
         return stages, pool_flat(stages[-1])
+
+    def branch_spec(self) -> BranchSpec:
+        n, c = len(self.layer4), self.feat_dim
+        return BranchSpec([0, 1, 2, 3], [None, self.layer2, self.layer3, self.layer4],
+                          lambda: nn.Sequential(*[Bottleneck(c, c // 4, 1) for _ in range(n)]), None, c)
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.base import BranchSpec, Classifier, init_weights, pool_flat
 from sskd.models.registry import MODELS
 
 
@@ -17,6 +17,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int):
         super().__init__()
         mid = cin * expand
+        self.cout, self.expand = cout, expand
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(*_conv_bn(cin, mid, 1), *_conv_bn(mid, mid, 3, stride, groups=mid),
                                   *_conv_bn(mid, cout, 1, relu=False))
@@ -57,6 +58,23 @@ class MobileNetV2(Classifier):
         x = self.conv2(x)
         stages.append(x)
         return stages, pool_flat(x)
+
+    def branch_spec(self) -> BranchSpec:
+        # Official mobilenetV2 aux: taps after blocks 1, 2, 4, 6; the last branch is blocks 5-6 at stride
+        # 1 (from the 160-channel output); each branch ends in the 1x1 conv to 1280.
+        b = self.blocks
+        bodies = [None, b[2], nn.Sequential(b[3], b[4]), nn.Sequential(b[5], b[6])]
+        c_last = b[6][-1].cout
+
+        def last():
+            layers, cin = [], c_last
+            for block in (*b[5], *b[6]):
+                layers.append(InvertedResidual(cin, block.cout, 1, block.expand))
+                cin = block.cout
+            return nn.Sequential(*layers)
+
+        return BranchSpec([0, 1, 2, 3], bodies, last, lambda: nn.Sequential(*_conv_bn(c_last, self.feat_dim, 1)),
+                          self.feat_dim)
 
 
 MODELS.register("MobileNetV2")(lambda num_classes: MobileNetV2(num_classes))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat, run_stages
+from sskd.models.base import BranchSpec, Classifier, init_weights, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 
@@ -46,6 +46,7 @@ class ShuffleV1(Classifier):
                 cin = w
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3 = layers
+        self.groups = groups
         self.feat_dim = widths[-1]
         self.fc = nn.Linear(self.feat_dim, num_classes)
         init_weights(self)
@@ -53,6 +54,11 @@ class ShuffleV1(Classifier):
     def stages_and_feat(self, x):
         stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
         return stages, pool_flat(stages[-1])
+
+    def branch_spec(self) -> BranchSpec:
+        n, c, g = len(self.layer3), self.feat_dim, self.groups
+        return BranchSpec([0, 1, 2], [None, self.layer2, self.layer3],
+                          lambda: nn.Sequential(*[V1Block(c, c, 1, g) for _ in range(n)]), None, c)
 
 
 class V2Block(nn.Module):
@@ -94,15 +100,25 @@ class ShuffleV2(Classifier):
             layers.append(nn.Sequential(V2Down(cin, w), *[V2Block(w) for _ in range(n)]))
             cin = w
         self.layer1, self.layer2, self.layer3 = layers
+        self.widths = widths
         self.conv2, self.bn2 = nn.Conv2d(cin, widths[3], 1, bias=False), nn.BatchNorm2d(widths[3])
         self.feat_dim = widths[3]
         self.fc = nn.Linear(widths[3], num_classes)
         init_weights(self)
 
     def stages_and_feat(self, x):
-        s1, s2, s3 = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
-        out = F.relu(self.bn2(self.conv2(s3)))
-        return [s1, s2, out], pool_flat(out)
+        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
+        out = F.relu(self.bn2(self.conv2(stages[-1])))
+        return [*stages, out], pool_flat(out)
+
+    def branch_spec(self) -> BranchSpec:
+        # Taps after the three stages (not the final 1x1 conv); each branch ends in that conv to 1024.
+        # at stride 1 the down block becomes a plain block: as many blocks as the stage has
+        c, n, w = self.widths[2], len(self.layer3), self.feat_dim
+        return BranchSpec([0, 1, 2], [None, self.layer2, self.layer3],
+                          lambda: nn.Sequential(*[V2Block(c) for _ in range(n)]),
+                          lambda: nn.Sequential(nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)),
+                          w)
 
 
 MODELS.register("ShuffleV1")(lambda num_classes: ShuffleV1(num_classes))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sskd.errors import SSKDError
-from sskd.models.base import Classifier, pool_flat, run_stages
+from sskd.models.base import BranchSpec, Classifier, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -34,6 +34,12 @@ class TorchvisionResNet(Classifier):
     def stages_and_feat(self, x):
         stages = run_stages(self.stem(x), (self.layer1, self.layer2, self.layer3, self.layer4))
         return stages, pool_flat(stages[-1])
+
+    def branch_spec(self) -> BranchSpec:
+        block, n, c = type(self.layer4[0]), len(self.layer4), self.feat_dim
+        planes = c // block.expansion
+        return BranchSpec([0, 1, 2, 3], [None, self.layer2, self.layer3, self.layer4],
+                          lambda: nn.Sequential(*[block(c, planes) for _ in range(n)]), None, c)
 
 
 def _pretrained_state(arch: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.base import BranchSpec, Classifier, init_weights, pool_flat
 from sskd.models.registry import MODELS
 
 CFG = {
@@ -43,6 +43,21 @@ class VGG(Classifier):
             if i < 3 or (i == 3 and h == 64):  # CRD pools after blocks 0-2 (and 3 for 64 px inputs)
                 x = F.max_pool2d(x, 2, 2)
         return stages, pool_flat(x)
+
+    def branch_spec(self) -> BranchSpec:
+        # Official vgg aux (32 px): taps after blocks 0, 1, 2 and 4; the last branch is block 3 again
+        # (512 channels in) and block 4.
+        b = self.blocks
+
+        def stage(*parts):
+            return nn.Sequential(*[m for p in parts for m in (p, nn.ReLU(inplace=True))])
+
+        pool = nn.MaxPool2d(2, 2)
+        bodies = [None, nn.Sequential(pool, stage(b[1])), nn.Sequential(pool, stage(b[2])),
+                  nn.Sequential(pool, stage(b[3], b[4]))]
+        c3 = [m.out_channels for m in b[3] if isinstance(m, nn.Conv2d)]
+        c4 = [m.out_channels for m in b[4] if isinstance(m, nn.Conv2d)]
+        return BranchSpec([0, 1, 2, 4], bodies, lambda: stage(_block(c3, 512), _block(c4, c3[-1])), None, 512)
 
 
 for _name, _cfg in CFG.items():

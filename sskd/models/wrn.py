@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from sskd.models.base import Classifier, init_weights, pool_flat
+from sskd.models.base import BranchSpec, Classifier, init_weights, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
 
@@ -42,11 +42,17 @@ class WideResNet(Classifier):
         nn.init.zeros_(self.fc.bias)
 
     def stages_and_feat(self, x):
-        x = self.conv1(x)
-        s1 = self.block1(x)
-        s2 = self.block2(s1)
-        s3 = F.relu(self.bn1(self.block3(s2)))
-        return [s1, s2, s3], pool_flat(s3)
+        # Stage maps are the blocks' pre-activation sums (WRN's blocks normalise their input first); the
+        # pooled feature follows the final BN + ReLU.
+        stages = run_stages(self.conv1(x), (self.block1, self.block2, self.block3))
+        return stages, pool_flat(F.relu(self.bn1(stages[-1])))
+
+    def branch_spec(self) -> BranchSpec:
+        # As the official wrn aux: taps are the pre-activation sums, each branch ends in its own BN + ReLU.
+        n, c = len(self.block3), self.feat_dim
+        return BranchSpec([0, 1, 2], [None, self.block2, self.block3],
+                          lambda: nn.Sequential(*[WideBlock(c, c, 1) for _ in range(n)]),
+                          lambda: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)), c)
 
 
 for _d, _w in ((16, 1), (16, 2), (40, 1), (40, 2)):

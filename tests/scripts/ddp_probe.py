@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sskd.config import load_config
-from sskd.stages import teacher_builder
+from sskd.stages import builder
 from sskd.train import Job, train
 
 
@@ -23,7 +23,7 @@ def main(shards: str, out: str) -> None:
         seen.extend(batch["id"].tolist())
         return batch
 
-    job = Job(stage="teacher", cfg=cfg, out=Path(out), build=teacher_builder(cfg), info={"arch": "resnet8"},
+    job = Job(stage="teacher", cfg=cfg, out=Path(out), build=builder(cfg, "teacher", {}), info={"arch": "resnet8"},
               batch_hook=hook)
     result = train(job)
     record = {"rank": result["rank"], "world": result["world_size"], "ids": seen,

@@ -1,0 +1,93 @@
+"""Methods as self-describing plug-ins: one module per method under ``sskd/methods/``.
+
+Every module in this package is imported here and registers its classes (:func:`register`); a method
+defined anywhere else (a user's file, a test) registers the same way once imported. The loop, the CLI
+(``--method`` choices and help), the stage commands, config loading and the cache ask the registry and
+the class attributes of :class:`Method`; none of them names a method.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from torch import nn
+
+from sskd.errors import SSKDError
+from sskd.methods.base import METHODS, PART_MAKERS, ROLES, STAGE_ROLE, BuildContext, Method, method_class, register
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_") and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+
+def create_method(name: str, *, student: nn.Module, teacher: nn.Module | None = None, num_classes: int,
+                  cfg: Any = None, role: str = "student") -> Method:
+    """A method from models already made (tests, benchmarks): ``create_method("sskd", student=, teacher=)``.
+
+    Without a teacher the teacher's outputs must come in every batch (from a cache).
+    """
+    return method_class(role, name)(student, teacher, num_classes=num_classes, cfg=cfg)
+
+
+def section_types() -> dict[str, type]:
+    """Config section name -> its dataclass, over every registered method."""
+    out: dict[str, type] = {}
+    for registry in METHODS.values():
+        for name in registry.names():
+            cls = registry.get(name)
+            if cls.section and cls.Config is not None:
+                if out.get(cls.section, cls.Config) is not cls.Config:
+                    raise ValueError(f"config section {cls.section!r} declared with two dataclasses")
+                out[cls.section] = cls.Config
+    return out
+
+
+def stage_method(cfg, stage: str) -> type[Method]:
+    """The method class a config's stage section names (``student.method``, ...)."""
+    return method_class(STAGE_ROLE[stage], getattr(cfg, stage).method)
+
+
+def resolve_views(cfg, cls: type[Method]):
+    """The views ``cls`` trains on under ``cfg``: a :class:`pipelines.ViewConfig`, or None for view 0 only.
+
+    ``data.views: auto`` means the method's default; a method with fixed views refuses any other set.
+    """
+    from pipelines import PRESETS, ViewConfig
+
+    asked = cfg.data.views
+    if cls.views is None:
+        return None
+    if cls.views == "ss":
+        return ViewConfig.parse(cls.default_views if asked == "auto" else asked)
+    if asked not in ("auto", cls.views) and ViewConfig.parse(asked).ss_views != PRESETS[cls.views]:
+        raise SSKDError(f"config: data.views: method {cls.name!r} trains on its own views ({cls.views}); "
+                        f"leave --views out (or auto), not {asked!r}")
+    return ViewConfig.parse(cls.views)
+
+
+def describe(role: str | None = None) -> list[dict[str, Any]]:
+    """One record per registered method (``sskd methods``)."""
+    rows = []
+    for r, registry in METHODS.items():
+        if role and r != role:
+            continue
+        for name in registry.names():
+            cls = registry.get(name)
+            teacher = None
+            if r == "student" and cls.needs_teacher:
+                teacher = (f"a run with {cls.teacher_part.replace('_', ' ')} (sskd {PART_MAKERS[cls.teacher_part]})"
+                           if cls.teacher_part else "any trained classifier run (or torchvision:NAME)")
+            elif r == "head":
+                teacher = "a train-teacher run (or torchvision:NAME) as the frozen backbone"
+            views = {None: "the normal view only", "ss": f"--views (default {cls.default_views})"}.get(
+                cls.views, f"{cls.views} (fixed)")
+            rows.append({"name": name, "role": r, "command": ROLES[r], "summary": cls.summary, "paper": cls.paper,
+                         "views": views, "teacher": teacher, "section": cls.section,
+                         "cache": bool(cls.outputs)})
+    return rows
+
+
+__all__ = ["METHODS", "ROLES", "BuildContext", "Method", "create_method", "describe", "method_class", "register",
+           "resolve_views", "section_types", "stage_method"]

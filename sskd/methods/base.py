@@ -1,0 +1,206 @@
+"""The method seam: what a method declares, so that the loop, the CLI, config and cache never name one.
+
+A method is a class in its own module under ``sskd/methods/``, registered for a *role* and a name:
+
+- ``teacher``: what ``sskd train-teacher --method NAME`` trains (``ce``: the plain classifier; ``hssakd``:
+  backbone and branches together);
+- ``head``: what ``sskd train-ss-head --method NAME`` trains on a frozen teacher backbone (``sskd``: the SS
+  head; ``hssakd``: the branches);
+- ``student``: what ``sskd distill --method NAME`` trains.
+
+Beside ``forward(batch) -> {"loss", "logits", <named terms>}`` a method declares (class attributes):
+its config section (a dataclass, ``Config``, under the section name ``section``), the views it trains
+on (``views``), the teacher part it needs (``teacher_part``) and the teacher outputs it consumes
+(``outputs``, computed by :meth:`Method.teacher_outputs`, the one function that serves both a live
+teacher and ``sskd cache``). :meth:`Method.build` makes the method from a :class:`BuildContext`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sskd.errors import SSKDError
+from sskd.registry import Registry
+
+ROLES = {"teacher": "train-teacher", "head": "train-ss-head", "student": "distill"}
+STAGE_ROLE = {"teacher": "teacher", "ss_head": "head", "student": "student"}  # config section -> role
+METHODS = {role: Registry(f"{command} method") for role, command in ROLES.items()}
+
+
+def register(role: str, name: str) -> Callable[[type], type]:
+    """Class decorator: ``@register("student", "kd")``."""
+    def deco(cls: type) -> type:
+        cls.name, cls.role = name, role
+        return METHODS[role].register(name)(cls)
+
+    return deco
+
+
+def method_class(role: str, name: str) -> type[Method]:
+    return METHODS[role].get(name)
+
+
+@dataclass
+class BuildContext:
+    """What a method may use to build itself: the run config, its section, the shards, the teacher."""
+
+    cfg: Any  # sskd.config.Config
+    stage: str  # teacher | ss_head | student
+    manifest: dict[str, Any]
+    teacher: str | None = None  # a run folder or torchvision:NAME
+    cached: bool = False  # the teacher's outputs come from a cache: do not build it
+    info: dict[str, Any] = field(default_factory=dict)  # what model.json will say about the run
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def arch(self) -> str:
+        return getattr(self.cfg, self.stage).arch
+
+    def section(self, cls: type[Method]) -> Any:
+        return self.cfg.section(cls.section) if cls.section else None
+
+    def backbone(self, arch: str | None = None) -> nn.Module:
+        from sskd.models import create_model
+
+        return create_model(arch or self.arch, num_classes=self.num_classes)
+
+    def teacher_model(self, part: str | None, *, method: str) -> tuple[nn.Module | None, dict[str, Any]]:
+        """The frozen teacher (None when ``cached``) and its ``model.json``, checked to have ``part``."""
+        from sskd.stages import freeze, load_teacher, teacher_info
+
+        if self.teacher is None:
+            raise SSKDError(f"--method {method} needs --teacher RUN")
+        if self.cached:
+            model, info = None, teacher_info(self.teacher, self.manifest)
+        else:
+            model, info = load_teacher(self.teacher, self.manifest)
+            freeze(model)
+        check_part(info, part, self.teacher, method)
+        self.info.update(teacher=str(self.teacher), teacher_arch=info["arch"],
+                         teacher_weights_sha256=info.get("weights_sha256"))
+        return model, info
+
+
+PART_MAKERS = {"ss_head": "train-ss-head --method sskd", "branches": "train-ss-head --method hssakd (or "
+               "train-teacher --method hssakd)"}
+
+
+def check_part(info: dict[str, Any], part: str | None, source: str, method: str) -> None:
+    """A teacher run must carry the part (``ss_head``, ``branches``) the method reads; one line otherwise."""
+    have = info.get("wrapper") or ("ss_head" if info.get("has_head") else None)
+    if part is not None and have != part:
+        how = PART_MAKERS.get(part, f"a run with {part}")
+        what = f"it is a `{info.get('stage')}` run" + (f" with {have}" if have else " without one")
+        raise SSKDError(f"--teacher {source}: --method {method} needs a teacher with {part.replace('_', ' ')} ({what}); "
+                        f"make one with `sskd {how} --teacher {source} ...` and pass that run")
+
+
+class Method(nn.Module):
+    """Base of every method: holds the trained model as ``student`` and an optional frozen ``teacher``.
+
+    The teacher is frozen by construction: eval mode, no gradients, run under ``no_grad`` and *not a
+    registered submodule* — it is in no ``parameters()`` or ``state_dict()`` and DDP never sees it;
+    ``method.to(device)`` still moves it (see ``_apply``).
+    """
+
+    name: ClassVar[str] = ""
+    role: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `sskd methods`
+    paper: ClassVar[str] = ""
+    section: ClassVar[str | None] = None  # config section name; its dataclass is ``Config``
+    Config: ClassVar[type | None] = None
+    # None: the normal view only; "ss": the run's data.views (default ``default_views``); a preset name: fixed
+    views: ClassVar[str | None] = None
+    default_views: ClassVar[str] = "rotation"
+    teacher_part: ClassVar[str | None] = None  # student methods: the part their teacher run must carry
+    needs_teacher: ClassVar[bool] = False
+    outputs: ClassVar[tuple[str, ...]] = ()  # teacher outputs consumed (batch keys "t_<name>", (b, v, ...))
+    topk_outputs: ClassVar[tuple[str, ...]] = ()  # which of them may be cached as top-K + log-sum-exp
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int, cfg: Any = None):
+        super().__init__()
+        self.student = student
+        self.num_classes = num_classes
+        self.cfg = cfg if cfg is not None else (self.Config() if self.Config else None)
+        # Not a submodule on purpose: no parameters, no state_dict entries, never wrapped by DDP.
+        self.__dict__["teacher"] = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        # Optional all-gather of rows across ranks: gather(z) -> (z_all, offset) (``--global-ss-batch``).
+        self.gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+
+    # -- what the rest of the system asks -------------------------------------------------------------
+
+    @classmethod
+    def student_model(cls, backbone: nn.Module, num_classes: int) -> nn.Module:
+        """How this method wraps a registry backbone into the model it trains (default: as it is)."""
+        return backbone
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> Method:
+        """The method for a run: models made or loaded through ``ctx``. Default: a fresh backbone, wrapped;
+        then the frozen teacher if the method needs one (after the student: see :func:`sskd.stages.builder`)."""
+        student = cls.student_model(ctx.backbone(), ctx.num_classes)
+        teacher = ctx.teacher_model(cls.teacher_part, method=cls.name)[0] if cls.needs_teacher else None
+        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
+
+    @staticmethod
+    def teacher_outputs(teacher: nn.Module, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's outputs on ``views`` (b, v, c, h, w): ``{name: (b, v, ...)}`` for ``outputs``."""
+        return {}
+
+    def teacher_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``outputs`` for this batch as float32: from the cache when the batch carries them, else live."""
+        if self.outputs and all(f"t_{n}" in batch for n in self.outputs):
+            return {n: batch[f"t_{n}"].float() for n in self.outputs}
+        if self.teacher is None:
+            raise SSKDError(f"method {self.name!r}: no teacher and no cached teacher outputs in the batch")
+        with torch.no_grad():
+            return {k: v.float() for k, v in self.teacher_outputs(self.teacher, batch["views"]).items()}
+
+    def trainable_module(self) -> nn.Module:
+        """The model whose weights a run exports (``model.safetensors``)."""
+        return self.student
+
+    def validate(self, loader, accelerator) -> dict[str, Any]:
+        """Validation top-1 / top-5 of the exported model (every sample once across ranks)."""
+        from sskd.evaluate import evaluate
+
+        return evaluate(self.trainable_module(), loader, accelerator)
+
+    def export_info(self) -> dict[str, Any]:
+        """Extra fields for ``model.json``."""
+        return {}
+
+    # -- the frozen teacher travels with the method but is none of its parameters ---------------------
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # BN running statistics of the teacher never move
+        return self
+
+
+def normal(batch: dict[str, Any]) -> torch.Tensor:
+    """View 0 of every image: (b, c, h, w)."""
+    return batch["views"][:, 0]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from a model output: a tensor, or a NamedTuple whose first field is the logits."""
+    return output if torch.is_tensor(output) else output[0]

@@ -1,0 +1,43 @@
+"""Hinton KD on the normal view (Hinton et al., 2015): ``ce_weight · CE + kd_weight · T² KL``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from sskd.config import bound
+from sskd.losses import kd_loss
+from sskd.methods.base import Method, logits_of, normal, register
+
+
+@dataclass
+class KDConfig:
+    """RepDistiller's KD: -r 0.1 -a 0.9, T 4 (the SSKD paper's KD baseline)."""
+
+    ce_weight: float = bound(0.1, ge=0)
+    kd_weight: float = bound(0.9, ge=0)
+    T: float = bound(4.0, gt=0)
+
+
+@register("student", "kd")
+class StudentKD(Method):
+    """Hinton KD on the normal view; the teacher is any trained classifier run (or ``torchvision:NAME``)."""
+
+    summary = "Hinton KD: the teacher's softened class scores on the normal view"
+    paper = "Hinton et al., Distilling the Knowledge in a Neural Network (2015)"
+    section, Config = "kd", KDConfig
+    needs_teacher = True
+    outputs = ("logits",)
+    topk_outputs = ("logits",)
+
+    @staticmethod
+    def teacher_outputs(teacher, views):
+        return {"logits": logits_of(teacher(views[:, 0]))[:, None]}
+
+    def forward(self, batch):
+        logits = self.student(normal(batch))
+        t_logits = self.teacher_batch(batch)["logits"][:, 0]
+        ce = F.cross_entropy(logits, batch["label"])
+        kd = kd_loss(logits, t_logits, self.cfg.T)
+        return {"loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd, "logits": logits, "ce": ce, "kd": kd}
