@@ -47,7 +47,15 @@ def _ce_loss(out, labels: torch.Tensor, views: int) -> torch.Tensor:
 
 def run_bench(args) -> dict:
     from pipelines import ViewLoader
-    from sskd.cache import FORMAT, VERSION, CacheReader, bytes_per_sample, chunk_path, teacher_arrays, write_chunk
+    from sskd.cache import (
+        FORMAT,
+        VERSION,
+        CacheReader,
+        bytes_per_sample,
+        chunk_path,
+        teacher_arrays,
+        write_chunk,
+    )
     from sskd.cache_build import output_specs
     from sskd.config import load_config
     from sskd.errors import SSKDError

@@ -64,16 +64,12 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
 
 def _job(args, stage, cfg, build, info):
     from shards.format import load_manifest
-    from sskd.stages import manifest_sha256
+    from sskd.stages import run_info
     from sskd.train import Job
 
     load_manifest(cfg.data.shards)  # a missing or wrong --shards folder: one line, before anything else
-    from sskd.methods import resolve_views, stage_method
-
-    views = resolve_views(cfg, stage_method(cfg, stage))  # a method's fixed views refuse another --views here
-    info.setdefault("shards_sha256", manifest_sha256(cfg.data.shards))
-    info.setdefault("seed", cfg.run.seed)
-    info.setdefault("views", ",".join(views.ss_views) if views is not None and views.ss_views else "none")
+    for key, value in run_info(cfg, stage).items():
+        info.setdefault(key, value)
     return Job(stage=stage, cfg=cfg, out=Path(args.out), build=build, info=info, resume=args.resume,
                overwrite=args.overwrite)
 
@@ -258,11 +254,11 @@ def register(sub, fmt) -> None:
     p.add_argument("--threads", type=int, default=2, help="DALI threads per process")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the whole SSKD recipe on scikit-learn's digits, in minutes on a CPU",
+    p = sub.add_parser("demo", help="SSKD and HSSAKD on scikit-learn's digits, in minutes on a CPU",
                        formatter_class=fmt,
-                       description="Shards the bundled digits, trains a teacher and its SS head, distills CE, KD "
-                                   "and SSKD students, evaluates all, prints a table and writes results.json and "
-                                   "curves.png.",
+                       description="Shards the bundled digits, trains a teacher, its SS head and its HSSAKD "
+                                   "branches, distills CE, KD, SSKD and HSSAKD students, evaluates all, prints a "
+                                   "table and writes results.json and curves.png.",
                        epilog="example:\n  sskd demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="folder for shards, runs, results.json, curves.png")
     p.add_argument("--fast", action="store_true", help="a much shorter schedule (smoke test; lower accuracy)")

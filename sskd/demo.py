@@ -1,7 +1,8 @@
-"""``sskd demo``: the whole SSKD recipe on the bundled digits, through the real code path.
+"""``sskd demo``: SSKD and HSSAKD on the bundled digits, through the real code path.
 
-Shards scikit-learn's digits, trains a teacher (stage 1) and its SS head (stage 2), distills CE, KD and
-SSKD students from it, evaluates all, prints a table and writes ``results.json`` and ``curves.png``.
+Shards scikit-learn's digits, trains a teacher (stage 1), its SS head and its HSSAKD branches (stage 2,
+both on the frozen teacher), distills CE, KD, SSKD and HSSAKD students, evaluates all, prints a table
+and writes ``results.json`` and ``curves.png``.
 Every stage is a normal run folder; rerunning the demo skips finished stages and resumes an interrupted
 one.
 """
@@ -16,13 +17,15 @@ from typing import Any
 from sskd import runs
 from sskd.atomic import atomic_path, write_json
 from sskd.config import Config, load_config
-from sskd.stages import builder, manifest_sha256
+from sskd.stages import builder, run_info
 from sskd.train import Job, train
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-STUDENT_METHODS = ("ce", "kd", "sskd")
+STUDENT_METHODS = ("ce", "kd", "sskd", "hssakd")
+TEACHER_PARTS = {"sskd": "teacher-ss", "hssakd": "teacher-hssakd"}  # train-ss-head --method: run folder
+STUDENT_TEACHER = {"ce": None, "kd": "teacher", "sskd": "teacher-ss", "hssakd": "teacher-hssakd"}
 
 
 def demo_config(shards: Path, fast: bool = False, progress: bool = True) -> Config:
@@ -55,32 +58,32 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True) -> dict[str, 
     if not (shards / MANIFEST).is_file():
         write_digits(shards, seed=0, progress=progress)
     cfg = demo_config(shards, fast, progress)
-    base = {"shards_sha256": manifest_sha256(shards), "seed": cfg.run.seed, "views": cfg.data.views}
 
-    def job(stage: str, name: str, build, info: dict) -> Job:
-        info.update(base)
-        return Job(stage=stage, cfg=cfg, out=out / name, build=build, info=info, resume=True)
+    def stage(kind: str, name: str, method: str, teacher: str | None = None) -> dict[str, Any]:
+        setattr(getattr(cfg, kind), "method", method)
+        info = run_info(cfg, kind)
+        job = Job(stage=kind, cfg=cfg, out=out / name, build=builder(cfg, kind, info, teacher=teacher), info=info,
+                  resume=True)
+        return _stage(job)
 
-    def stage(kind: str, name: str, teacher: str | None = None) -> dict[str, Any]:
-        info: dict = {}
-        return _stage(job(kind, name, builder(cfg, kind, info, teacher=teacher), info))
-
-    teacher = stage("teacher", "teacher")
-    ss = stage("ss_head", "teacher-ss", str(out / "teacher"))
+    teacher = stage("teacher", "teacher", "ce")
+    heads = {method: stage("ss_head", name, method, str(out / "teacher")) for method, name in TEACHER_PARTS.items()}
     students = {}
     for method in STUDENT_METHODS:
-        cfg.student.method = method
-        students[method] = stage("student", f"student-{method}", str(out / "teacher-ss"))
+        teacher_run = STUDENT_TEACHER[method] and str(out / STUDENT_TEACHER[method])
+        students[method] = stage("student", f"student-{method}", method, teacher_run)
     results = {
         "dataset": "sklearn digits (1,797 real 8x8 images as 32x32 RGB)",
         "teacher": {"arch": teacher["arch"], "top1": teacher["top1"], "top5": teacher["top5"]},
-        "teacher_ss_head": {"arch": ss["arch"], "top1": ss["top1"]},
+        "teacher_ss_head": {"arch": heads["sskd"]["arch"], "top1": heads["sskd"]["top1"]},
+        "teacher_branches": {"arch": heads["hssakd"]["arch"], "top1": heads["hssakd"]["top1"]},
         "students": {m: {"arch": s["arch"], "top1": s["top1"], "top5": s["top5"]} for m, s in students.items()},
         "fast": fast,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(out / "results.json", results)
-    plot_curves(out, ["teacher", "teacher-ss", *[f"student-{m}" for m in STUDENT_METHODS]], out / "curves.png")
+    plot_curves(out, ["teacher", *TEACHER_PARTS.values(), *[f"student-{m}" for m in STUDENT_METHODS]],
+                out / "curves.png")
     print(results_table(results))
     print(f"results: {out / 'results.json'}   curves: {out / 'curves.png'}")
     return results

@@ -114,6 +114,15 @@ def teacher_backbone(ctx) -> torch.nn.Module:
     return backbone
 
 
+def run_info(cfg: Config, stage: str) -> dict[str, Any]:
+    """What every run's ``model.json`` records of its data: the shards' hash, the seed, the views as resolved."""
+    from sskd.methods import resolve_views, stage_method
+
+    views = resolve_views(cfg, stage_method(cfg, stage))  # a method's fixed views refuse another --views here
+    return {"shards_sha256": manifest_sha256(cfg.data.shards), "seed": cfg.run.seed,
+            "views": ",".join(views.ss_views) if views is not None and views.ss_views else "none"}
+
+
 def builder(cfg: Config, stage: str, info_out: dict[str, Any], *, teacher: str | None = None, cached: bool = False):
     """``build(manifest) -> Method`` for ``stage``: the method the config names, made by its own ``build``."""
 

@@ -221,7 +221,7 @@ def restore(run: Run) -> None:
     """Continue from ``checkpoints/last.pt`` when there is one (``--resume``)."""
     ckpt = runs.load_checkpoint(run.out, "last")
     if ckpt is None:
-        log.info("%s: no checkpoint yet: starting from the beginning", run.out)
+        log.debug("%s: no checkpoint yet: starting from the beginning", run.out)
         return
     check_resumable(run, ckpt)
     path = run.out / runs.CHECKPOINTS / "last.pt"

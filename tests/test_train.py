@@ -147,7 +147,7 @@ def test_demo_reduced_budget(tmp_path):
 
     results = run_demo(tmp_path / "demo", fast=True, progress=False)
     assert results["teacher"]["top1"] > 60
-    assert set(results["students"]) == {"ce", "kd", "sskd"}
+    assert set(results["students"]) == {"ce", "kd", "sskd", "hssakd"}
     assert all(s["top1"] > 30 for s in results["students"].values())
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["teacher"]["top1"] == results["teacher"]["top1"]
@@ -155,7 +155,6 @@ def test_demo_reduced_budget(tmp_path):
 
 def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, tmp_path):
     """Each logged loss averages exactly the steps since the previous line, epoch ends included."""
-    import torch
 
     from sskd.config import load_config
     from sskd.stages import builder

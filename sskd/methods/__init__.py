@@ -15,7 +15,16 @@ from typing import Any
 from torch import nn
 
 from sskd.errors import SSKDError
-from sskd.methods.base import METHODS, PART_MAKERS, ROLES, STAGE_ROLE, BuildContext, Method, method_class, register
+from sskd.methods.base import (
+    METHODS,
+    PART_MAKERS,
+    ROLES,
+    STAGE_ROLE,
+    BuildContext,
+    Method,
+    method_class,
+    register,
+)
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_") and _info.name != "base":

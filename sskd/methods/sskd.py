@@ -7,8 +7,15 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from sskd.heads import SSHead, SSModel
-from sskd.losses import SSKDLossConfig, contrastive_loss, kd_loss, similarity_matrix, ss_kd_loss, sskd_total
-from sskd.losses import transformed_kd_loss
+from sskd.losses import (
+    SSKDLossConfig,
+    contrastive_loss,
+    kd_loss,
+    similarity_matrix,
+    ss_kd_loss,
+    sskd_total,
+    transformed_kd_loss,
+)
 from sskd.methods.base import BuildContext, Method, register
 
 PAPER = "Xu et al., Knowledge Distillation Meets Self-Supervision (ECCV 2020)"

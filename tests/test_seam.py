@@ -1,0 +1,94 @@
+"""The method seam itself: a method defined in this file only — no other file touched — trains through
+`sskd distill`, live and from `sskd cache`, with its own config section and its own teacher output."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sskd.cli import main as sskd_main
+from sskd.config import bound
+from sskd.methods import Method, register
+from sskd.runs import load_model_info, read_metrics
+
+FAST = ["--no-progress", "--batch-size", "16", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+
+
+@dataclass
+class ToyConfig:
+    weight: float = bound(0.5, ge=0)
+
+
+@register("student", "toy_match")
+class ToyMatch(Method):
+    """CE + ``weight`` · MSE to the teacher's logits of the first SS view (a made-up method)."""
+
+    summary = "a test's toy: CE plus matching the teacher's logits on the first SS view"
+    paper = "-"
+    section, Config = "toy_match", ToyConfig
+    views = "ss"
+    needs_teacher = True
+    outputs = ("view1_logits",)
+
+    @staticmethod
+    def teacher_outputs(teacher, views):
+        return {"view1_logits": teacher(views[:, 1])[:, None]}  # (b, 1, K)
+
+    def forward(self, batch):
+        views = batch["views"]
+        logits = self.student(views[:, 0])
+        match = F.mse_loss(self.student(views[:, 1]), self.teacher_batch(batch)["view1_logits"][:, 0])
+        ce = F.cross_entropy(logits, batch["label"])
+        return {"loss": ce + self.cfg.weight * match, "logits": logits, "ce": ce, "match": match}
+
+
+def run(*args) -> int:
+    return sskd_main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def teacher(digits_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "t"
+    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 2, *FAST) == 0
+    return out
+
+
+def test_a_method_defined_in_a_test_file_trains_live_and_from_the_cache(teacher, digits_shards, tmp_path, capsys):
+    common = ["distill", "--method", "toy_match", "--teacher", teacher, "--student", "resnet8", "--shards",
+              digits_shards, "--max-steps", 2, "--set", "toy_match.weight=2.0", *FAST]
+    assert run(*common, "--out", tmp_path / "live") == 0
+    assert run("cache", "--method", "toy_match", "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
+               "--out", tmp_path / "c", "--batch-size", 256, "--no-progress") == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["outputs"] == [{"name": "view1_logits", "shape": [10], "topk": False}]
+    assert run(*common, "--out", tmp_path / "cached", "--cache", tmp_path / "c") == 0
+    live, cached = ([r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("live", "cached"))
+    assert [r["step"] for r in live] == [r["step"] for r in cached] == [1, 2]
+    assert {"ce", "match"} <= live[0].keys()
+    assert cached[0]["ce"] == live[0]["ce"]  # same student, same batch: the first CE is identical
+    assert cached[0]["match"] == pytest.approx(live[0]["match"], rel=1e-2)  # fp16 teacher outputs
+    assert cached[0]["loss"] == pytest.approx(live[0]["ce"] + 2.0 * live[0]["match"], rel=1e-2)
+    assert load_model_info(tmp_path / "cached")["method"] == "toy_match"
+    saved = (tmp_path / "live" / "config.yaml").read_text()
+    assert "toy_match:\n  weight: 2.0" in saved
+    assert run("methods") == 0 and "toy_match" in capsys.readouterr().out
+    assert run(*common[:-2], "--out", tmp_path / "bad", "--set", "toy_match.weigth=1") == 2
+    assert "unknown config key 'toy_match.weigth' (did you mean 'weight'?)" in capsys.readouterr().err
+
+
+def test_the_toy_terms_are_what_its_forward_says(teacher):
+    from sskd.stages import load_run_model
+
+    t, _ = load_run_model(teacher)
+    torch.manual_seed(0)
+    from sskd.models import create_model
+
+    method = ToyMatch(create_model("resnet8", 10), t, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    batch = {"views": torch.randn(3, 2, 3, 32, 32, generator=g), "label": torch.tensor([1, 2, 3]), "id": torch.arange(3)}
+    out = method(batch)
+    with torch.no_grad():
+        want = F.mse_loss(method.student(batch["views"][:, 1]), t(batch["views"][:, 1]))
+    assert out["match"].item() == pytest.approx(want.item(), rel=1e-5)
