@@ -121,16 +121,13 @@ def cmd_methods(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for role, command in (("student", "distill"), ("teacher", "train-teacher"), ("head", "train-ss-head")):
-        print(f"sskd {command} --method NAME")
+        print(f"sskd {command} --method NAME        (teacher it needs; c = sskd cache can store its teacher outputs)")
         for r in (r for r in rows if r["role"] == role):
-            cache = "  [cacheable: sskd cache --method " + r["name"] + "]" if r["cache"] else ""
-            print(f"  {r['name']:<14} {r['summary']}{cache}")
-            details = [f"views: {r['views']}"] + ([f"teacher: {r['teacher']}"] if r["teacher"] else [])
-            details += [f"config section: {r['section']}"] if r["section"] else []
-            print(f"  {'':<14}   {'; '.join(details)}")
-            if r["paper"] != "-":
-                print(f"  {'':<14}   {r['paper']}")
+            paper = f" [{r['paper']}]" if r["paper"] not in ("-", "") else ""
+            teacher = f" -- teacher: {r['teacher']}" if r["teacher"] else ""
+            print(f"  {r['name']:<14} {'c' if r['cache'] else ' '} {r['summary']}{paper}{teacher}")
         print()
+    print("views, config sections and all of this as records: sskd methods --json")
     return 0
 
 

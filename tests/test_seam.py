@@ -92,3 +92,19 @@ def test_the_toy_terms_are_what_its_forward_says(teacher):
     with torch.no_grad():
         want = F.mse_loss(method.student(batch["views"][:, 1]), t(batch["views"][:, 1]))
     assert out["match"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_a_users_module_named_in_SSKD_METHODS_is_a_method_of_every_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_methods.py").write_text(
+        "from sskd.methods import register\nfrom sskd.methods.ce import StudentCE\n\n"
+        "@register('student', 'my_ce')\nclass MyCE(StudentCE):\n    summary = 'my own CE'\n")
+    env = dict(os.environ, SSKD_METHODS="my_methods", PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "my_ce" in proc.stdout and "my own CE" in proc.stdout
+    env["SSKD_METHODS"] = "not_a_module"
+    proc = subprocess.run([sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "SSKD_METHODS=not_a_module: cannot import 'not_a_module'" in proc.stderr

@@ -1,7 +1,8 @@
 """Methods as self-describing plug-ins: one module per method under ``sskd/methods/``.
 
 Every module in this package is imported here and registers its classes (:func:`register`); a method
-defined anywhere else (a user's file, a test) registers the same way once imported. The loop, the CLI
+defined anywhere else registers the same way once imported: a test file, or a user's module named in
+``SSKD_METHODS`` (comma-separated module names, imported by every ``sskd`` command). The loop, the CLI
 (``--method`` choices and help), the stage commands, config loading and the cache ask the registry and
 the class attributes of :class:`Method`; none of them names a method.
 """
@@ -9,6 +10,7 @@ the class attributes of :class:`Method`; none of them names a method.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from typing import Any
 
@@ -26,9 +28,21 @@ from sskd.methods.base import (
     register,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_") and _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+PLUGINS_ENV = "SSKD_METHODS"  # comma-separated modules of the user's own methods, imported with these
+
+
+def _load_plugins() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SSKDError(f"{PLUGINS_ENV}={os.environ[PLUGINS_ENV]}: cannot import {name!r} ({exc})") from exc
+
+
+_load_plugins()
 
 
 def create_method(name: str, *, student: nn.Module, teacher: nn.Module | None = None, num_classes: int,
@@ -86,10 +100,10 @@ def describe(role: str | None = None) -> list[dict[str, Any]]:
             cls = registry.get(name)
             teacher = None
             if r == "student" and cls.needs_teacher:
-                teacher = (f"a run with {cls.teacher_part.replace('_', ' ')} (sskd {PART_MAKERS[cls.teacher_part]})"
-                           if cls.teacher_part else "any trained classifier run (or torchvision:NAME)")
+                teacher = (f"a run with {cls.teacher_part.replace('_', ' ')} ({PART_MAKERS[cls.teacher_part]})"
+                           if cls.teacher_part else "any classifier run")
             elif r == "head":
-                teacher = "a train-teacher run (or torchvision:NAME) as the frozen backbone"
+                teacher = "a train-teacher run (frozen)"
             views = {None: "the normal view only", "ss": f"--views (default {cls.default_views})"}.get(
                 cls.views, f"{cls.views} (fixed)")
             rows.append({"name": name, "role": r, "command": ROLES[r], "summary": cls.summary, "paper": cls.paper,

@@ -89,18 +89,19 @@ class BuildContext:
         return model, info
 
 
-PART_MAKERS = {"ss_head": "train-ss-head --method sskd", "branches": "train-ss-head --method hssakd (or "
-               "train-teacher --method hssakd)"}
+PART_MAKERS = {"ss_head": "train-ss-head --method sskd",
+               "branches": "train-ss-head or train-teacher --method hssakd"}
 
 
 def check_part(info: dict[str, Any], part: str | None, source: str, method: str) -> None:
     """A teacher run must carry the part (``ss_head``, ``branches``) the method reads; one line otherwise."""
     have = info.get("wrapper") or ("ss_head" if info.get("has_head") else None)
     if part is not None and have != part:
-        how = PART_MAKERS.get(part, f"a run with {part}")
+        how = {"ss_head": f"sskd train-ss-head --method sskd --teacher {source} ...",
+               "branches": f"sskd train-ss-head --method hssakd --teacher {source} ... (or train-teacher --method hssakd)"}
         what = f"it is a `{info.get('stage')}` run" + (f" with {have}" if have else " without one")
         raise SSKDError(f"--teacher {source}: --method {method} needs a teacher with {part.replace('_', ' ')} ({what}); "
-                        f"make one with `sskd {how} --teacher {source} ...` and pass that run")
+                        f"make one with `{how.get(part, part)}` and pass that run")
 
 
 class Method(nn.Module):
@@ -114,7 +115,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     role: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `sskd methods`
-    paper: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # short citation: "Xu et al., ECCV 2020"
     section: ClassVar[str | None] = None  # config section name; its dataclass is ``Config``
     Config: ClassVar[type | None] = None
     # None: the normal view only; "ss": the run's data.views (default ``default_views``); a preset name: fixed

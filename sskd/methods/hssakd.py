@@ -27,7 +27,7 @@ from sskd.losses import hssakd_online_terms, hssakd_student_terms, hssakd_teache
 from sskd.methods.base import BuildContext, Method, register
 from sskd.models.branches import BranchedModel
 
-PAPER = "Yang et al., Hierarchical Self-supervised Augmented Knowledge Distillation (IJCAI 2021; TNNLS 2022)"
+PAPER = "Yang et al., IJCAI 2021 / TNNLS 2022"  # Hierarchical Self-supervised Augmented KD
 VIEWS = "shared_rotation"  # view r = r quarter turns of view 0
 
 

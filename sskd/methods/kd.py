@@ -25,7 +25,7 @@ class StudentKD(Method):
     """Hinton KD on the normal view; the teacher is any trained classifier run (or ``torchvision:NAME``)."""
 
     summary = "Hinton KD: the teacher's softened class scores on the normal view"
-    paper = "Hinton et al., Distilling the Knowledge in a Neural Network (2015)"
+    paper = "Hinton et al., 2015"  # Distilling the Knowledge in a Neural Network
     section, Config = "kd", KDConfig
     needs_teacher = True
     outputs = ("logits",)

@@ -18,7 +18,7 @@ from sskd.losses import (
 )
 from sskd.methods.base import BuildContext, Method, register
 
-PAPER = "Xu et al., Knowledge Distillation Meets Self-Supervision (ECCV 2020)"
+PAPER = "Xu et al., ECCV 2020"  # Knowledge Distillation Meets Self-Supervision
 
 
 def ss_targets(b: int, v: int, device) -> torch.Tensor:
