@@ -131,6 +131,25 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    import torch
+
+    from sskd.models import create_model, list_models
+    from sskd.models.branches import BranchedModel
+
+    names = [args.arch] if args.arch else list_models()
+    for name in names:
+        model = create_model(name, num_classes=args.classes).eval()
+        with torch.no_grad():
+            f = model(torch.zeros(1, 3, args.size, args.size), features=True)
+            branches = BranchedModel(model, args.classes).num_branches
+        shape = lambda t: "x".join(str(d) for d in t.shape[1:])  # noqa: E731
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{name:<22} {params:6.2f}M  feat {model.feat_dim}  maps {', '.join(shape(m) for m in f.maps)}  "
+              f"stages {', '.join(shape(s) for s in f.stages)}  branches {branches}")
+    return 0
+
+
 def method_help(role: str) -> tuple[list[str], str]:
     """``--method`` choices and help from the registry (a plug-in method appears without touching this file)."""
     from sskd.methods import METHODS
@@ -238,6 +257,17 @@ def register(sub, fmt) -> None:
                        epilog="example:\n  sskd methods\n  sskd methods --json")
     p.add_argument("--json", action="store_true", help="machine-readable: one record per method and role")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("models", help="list the architectures: parameters and the feature tensors each returns",
+                       formatter_class=fmt,
+                       description="For each registered architecture (or --arch): parameters, the pooled feature "
+                                   "width (feat), the maps feature methods read (RepDistiller's feat[1:-1]) and "
+                                   "every stage's output, as CxHxW for a --size input, and HSSAKD's branch count.",
+                       epilog="example:\n  sskd models --size 32\n  sskd models --size 224 --arch torchvision:resnet18")
+    p.add_argument("--size", type=int, default=32, help="input height and width")
+    p.add_argument("--arch", help="one architecture (default: all)")
+    p.add_argument("--classes", type=int, default=100, help="number of classes")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 of a trained model", formatter_class=fmt,
                        description="Evaluate a run's model on a split (each sample exactly once, across ranks too).",

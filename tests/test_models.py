@@ -67,3 +67,40 @@ def test_unknown_model_and_missing_pretrained_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(SSKDError, match="not in the local hub cache"):
         create_model("torchvision:resnet18", 1000, pretrained=True)
+
+
+# The maps feature methods read (RepDistiller's feat[1:-1]): channels and size at a 32x32 input.
+MAPS_32 = {
+    "resnet8x4": [(64, 32), (128, 16), (256, 8)], "resnet56": [(16, 32), (32, 16), (64, 8)],
+    "wrn_40_2": [(32, 32), (64, 16), (128, 8)], "vgg13": [(128, 16), (256, 8), (512, 4), (512, 4)],
+    "MobileNetV2": [(12, 16), (16, 8), (48, 4), (160, 2)], "ShuffleV1": [(240, 16), (480, 8), (960, 4)],
+    "ShuffleV2": [(116, 16), (232, 8), (464, 4)], "ResNet50": [(256, 32), (512, 16), (1024, 8), (2048, 4)],
+    "torchvision:resnet18": [(64, 8), (128, 4), (256, 2), (512, 1)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAPS_32))
+def test_feature_maps_and_preact_follow_repdistiller(name):
+    """``maps`` and ``preact`` are what RepDistiller's ``is_feat`` / ``preact=True`` return (feat[1:-1])."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).eval()
+    with torch.no_grad():
+        f = model(torch.randn(2, 3, 32, 32), features="preact")
+    assert [(m.shape[1], m.shape[2]) for m in f.maps] == MAPS_32[name]
+    assert len(f.preact) == len(f.maps) and all(p.shape == m.shape for p, m in zip(f.preact, f.maps))
+    if name == "MobileNetV2":  # linear bottlenecks: no last ReLU
+        assert all(torch.equal(p, m) for p, m in zip(f.preact, f.maps))
+    elif name == "wrn_40_2":  # maps are pre-activation sums; preact adds the BN that normalises them next
+        assert torch.allclose(f.preact[2], model.bn1(f.maps[2]))
+    elif name != "ShuffleV2":  # the maps are the ReLU of the preact maps, which go negative
+        assert all(torch.equal(torch.relu(p), m) for p, m in zip(f.preact, f.maps))
+        assert all((p < 0).any() for p in f.preact)
+    assert model(torch.randn(1, 3, 32, 32), features=True).preact is None  # only when asked
+
+
+def test_models_command_lists_shapes(capsys):
+    from sskd.cli import main
+
+    assert main(["models", "--size", "32", "--arch", "resnet8x4"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet8x4" in out and "maps 64x32x32, 128x16x16, 256x8x8" in out and "feat 256" in out

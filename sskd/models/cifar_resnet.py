@@ -24,10 +24,13 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != planes:
             self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
-    def forward(self, x):
+    def forward_pre(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        pre = self.bn2(self.conv2(out)) + (x if self.downsample is None else self.downsample(x))
+        return F.relu(pre), pre
+
+    def forward(self, x):
+        return self.forward_pre(x)[0]
 
 
 class Bottleneck(nn.Module):
@@ -43,11 +46,14 @@ class Bottleneck(nn.Module):
         if stride != 1 or cin != out:
             self.downsample = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
 
-    def forward(self, x):
+    def forward_pre(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        pre = self.bn3(self.conv3(out)) + (x if self.downsample is None else self.downsample(x))
+        return F.relu(pre), pre
+
+    def forward(self, x):
+        return self.forward_pre(x)[0]
 
 
 class CifarResNet(Classifier):
@@ -67,9 +73,9 @@ class CifarResNet(Classifier):
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self)
 
-    def stages_and_feat(self, x):
-        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
-        return stages, pool_flat(stages[-1])
+    def stages_and_feat(self, x, preact=False):
+        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
+        return stages, pool_flat(stages[-1]), pre
 
     def branch_spec(self) -> BranchSpec:
         n, c = len(self.layer3), self.feat_dim
@@ -95,9 +101,10 @@ class CifarResNet50(Classifier):
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self)
 
-    def stages_and_feat(self, x):
-        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4))
-        return stages, pool_flat(stages[-1])
+    def stages_and_feat(self, x, preact=False):
+        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4),
+                                 preact)
+        return stages, pool_flat(stages[-1]), pre
 
     def branch_spec(self) -> BranchSpec:
         n, c = len(self.layer4), self.feat_dim

@@ -48,7 +48,9 @@ class MobileNetV2(Classifier):
         self.fc = nn.Linear(self.feat_dim, num_classes)
         init_weights(self)
 
-    def stages_and_feat(self, x):
+    maps = slice(0, 4)  # the four block taps, not the final 1x1 conv
+
+    def stages_and_feat(self, x, preact=False):
         x = self.conv1(x)
         stages = []
         for i, block in enumerate(self.blocks):
@@ -57,7 +59,8 @@ class MobileNetV2(Classifier):
                 stages.append(x)
         x = self.conv2(x)
         stages.append(x)
-        return stages, pool_flat(x)
+        # linear bottlenecks: the maps have no last ReLU, so RepDistiller's preact maps are the maps
+        return stages, pool_flat(x), (stages[self.maps] if preact else None)
 
     def branch_spec(self) -> BranchSpec:
         # Official mobilenetV2 aux: taps after blocks 1, 2, 4, 6; the last branch is blocks 5-6 at stride

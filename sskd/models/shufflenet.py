@@ -25,13 +25,15 @@ class V1Block(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid)
         self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, groups=groups, bias=False), nn.BatchNorm2d(cout)
 
-    def forward(self, x):
+    def forward_pre(self, x):
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
-        return F.relu(out + x)
+        pre = torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1) if self.stride == 2 else out + x
+        return F.relu(pre), pre
+
+    def forward(self, x):
+        return self.forward_pre(x)[0]
 
 
 class ShuffleV1(Classifier):
@@ -51,9 +53,9 @@ class ShuffleV1(Classifier):
         self.fc = nn.Linear(self.feat_dim, num_classes)
         init_weights(self)
 
-    def stages_and_feat(self, x):
-        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
-        return stages, pool_flat(stages[-1])
+    def stages_and_feat(self, x, preact=False):
+        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
+        return stages, pool_flat(stages[-1]), pre
 
     def branch_spec(self) -> BranchSpec:
         n, c, g = len(self.layer3), self.feat_dim, self.groups
@@ -69,6 +71,12 @@ class V2Block(nn.Module):
             nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
             nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c),
             nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+
+    def forward_pre(self, x):
+        """Output and RepDistiller's preact: the branch before its last ReLU beside the passed half, unshuffled."""
+        x1, x2 = x.chunk(2, dim=1)
+        y = self.branch[:-1](x2)
+        return channel_shuffle(torch.cat([x1, F.relu(y)], 1), 2), torch.cat([x1, y], 1)
 
     def forward(self, x):
         x1, x2 = x.chunk(2, dim=1)
@@ -106,10 +114,12 @@ class ShuffleV2(Classifier):
         self.fc = nn.Linear(widths[3], num_classes)
         init_weights(self)
 
-    def stages_and_feat(self, x):
-        stages = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3))
+    maps = slice(0, 3)  # the three stages, not the final 1x1 conv
+
+    def stages_and_feat(self, x, preact=False):
+        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
         out = F.relu(self.bn2(self.conv2(stages[-1])))
-        return [*stages, out], pool_flat(out)
+        return [*stages, out], pool_flat(out), pre
 
     def branch_spec(self) -> BranchSpec:
         # Taps after the three stages (not the final 1x1 conv); each branch ends in that conv to 1024.

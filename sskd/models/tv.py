@@ -31,15 +31,36 @@ class TorchvisionResNet(Classifier):
         self.feat_dim = net.fc.in_features
         self.fc = net.fc if num_classes == net.fc.out_features else nn.Linear(self.feat_dim, num_classes)
 
-    def stages_and_feat(self, x):
-        stages = run_stages(self.stem(x), (self.layer1, self.layer2, self.layer3, self.layer4))
-        return stages, pool_flat(stages[-1])
+    def stages_and_feat(self, x, preact=False):
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if not preact:
+            stages, _ = run_stages(self.stem(x), layers)
+            return stages, pool_flat(stages[-1]), None
+        x, stages, pres = self.stem(x), [], []
+        for layer in layers:
+            for block in list(layer)[:-1]:
+                x = block(x)
+            x, pre = _tv_forward_pre(layer[-1], x)
+            stages.append(x)
+            pres.append(pre)
+        return stages, pool_flat(x), pres
 
     def branch_spec(self) -> BranchSpec:
         block, n, c = type(self.layer4[0]), len(self.layer4), self.feat_dim
         planes = c // block.expansion
         return BranchSpec([0, 1, 2, 3], [None, self.layer2, self.layer3, self.layer4],
                           lambda: nn.Sequential(*[block(c, planes) for _ in range(n)]), None, c)
+
+
+def _tv_forward_pre(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's BasicBlock / Bottleneck forward, also returning the sum before the last ReLU."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.bn2(block.conv2(out))
+    if hasattr(block, "conv3"):
+        out = block.bn3(block.conv3(block.relu(out)))
+    pre = out + identity
+    return torch.relu(pre), pre
 
 
 def _pretrained_state(arch: str) -> dict:

@@ -34,15 +34,19 @@ class VGG(Classifier):
         self.fc = nn.Linear(512, num_classes)
         init_weights(self)
 
-    def stages_and_feat(self, x):
+    maps = slice(1, 5)  # blocks 1-4 (block 0 is RepDistiller's stem map f0)
+
+    def stages_and_feat(self, x, preact=False):
         h = x.shape[2]
-        stages = []
+        stages, pres = [], []
         for i, block in enumerate(self.blocks):
-            x = F.relu(block(x))
+            pre = block(x)
+            pres.append(pre)
+            x = F.relu(pre)
             stages.append(x)
             if i < 3 or (i == 3 and h == 64):  # CRD pools after blocks 0-2 (and 3 for 64 px inputs)
                 x = F.max_pool2d(x, 2, 2)
-        return stages, pool_flat(x)
+        return stages, pool_flat(x), (pres[self.maps] if preact else None)
 
     def branch_spec(self) -> BranchSpec:
         # Official vgg aux (32 px): taps after blocks 0, 1, 2 and 4; the last branch is block 3 again

@@ -41,11 +41,15 @@ class WideResNet(Classifier):
         init_weights(self)
         nn.init.zeros_(self.fc.bias)
 
-    def stages_and_feat(self, x):
-        # Stage maps are the blocks' pre-activation sums (WRN's blocks normalise their input first); the
-        # pooled feature follows the final BN + ReLU.
-        stages = run_stages(self.conv1(x), (self.block1, self.block2, self.block3))
-        return stages, pool_flat(F.relu(self.bn1(stages[-1])))
+    def stages_and_feat(self, x, preact=False):
+        # Stage maps are the blocks' outputs, pre-activation sums (WRN's blocks normalise their input
+        # first); the pooled feature follows the final BN + ReLU. ``preact`` is RepDistiller's: each map
+        # through the BN that normalises it next (a second call of that BN, as RepDistiller does).
+        stages, _ = run_stages(self.conv1(x), (self.block1, self.block2, self.block3))
+        pre = None
+        if preact:
+            pre = [self.block2[0].bn1(stages[0]), self.block3[0].bn1(stages[1]), self.bn1(stages[2])]
+        return stages, pool_flat(F.relu(self.bn1(stages[-1]))), pre
 
     def branch_spec(self) -> BranchSpec:
         # As the official wrn aux: taps are the pre-activation sums, each branch ends in its own BN + ReLU.
