@@ -25,7 +25,8 @@ def pipeline_device(requested: str = "auto") -> str:
     return requested
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: str = "auto"):
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: str = "auto",
+                     find_unused_parameters: bool = False):
     """An :class:`accelerate.Accelerator` for this process.
 
     Without CUDA it is built with ``cpu=True`` so torch.distributed uses gloo; this is how
@@ -46,11 +47,17 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: s
     # the per-run part of the state is dropped; the process group (PartialState) is kept.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    handlers = []
+    if find_unused_parameters:  # methods with pre-training phases leave some parameters without a gradient
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
     )
 
 

@@ -148,11 +148,12 @@ def load_checkpoint(run: Path, name: str = "last") -> dict[str, Any] | None:
 class MetricsLog:
     """Appends one JSON line per record to ``RUN/metrics.jsonl`` (and TensorBoard when installed).
 
-    ``keep_until_step``: on resume, records past the checkpoint's step are dropped first (they are
-    made again), so no step is logged twice; a torn last line of a killed writer is dropped too.
+    ``keep_until``: on resume, the checkpoint's (phase, step); records past it are dropped first (they
+    are made again), so no step is logged twice; a torn last line of a killed writer is dropped too.
     """
 
-    def __init__(self, run: Path, enabled: bool = True, tensorboard: bool = True, keep_until_step: int | None = None):
+    def __init__(self, run: Path, enabled: bool = True, tensorboard: bool = True,
+                 keep_until: tuple[int, int] | None = None):
         self.path = run / METRICS
         self.enabled = enabled
         self.tb = None
@@ -160,8 +161,8 @@ class MetricsLog:
             return
         if self.path.is_file():
             records = read_metrics(run)
-            if keep_until_step is not None:
-                records = [r for r in records if r.get("step", 0) <= keep_until_step]
+            if keep_until is not None:
+                records = [r for r in records if (r.get("phase", 0), r.get("step", 0)) <= tuple(keep_until)]
             text = "".join(json.dumps(r) + "\n" for r in records)
             if text.encode() != self.path.read_bytes():
                 atomic.write_bytes(self.path, text.encode())

@@ -99,18 +99,25 @@ class Run:
         method = job.build(load_manifest(self.cfg.data.shards))
         self.method_cls = stage_method(self.cfg, job.stage)
         self.train_loader, self.val_loader = _loaders(job, accelerator, resolve_views(self.cfg, self.method_cls))
-        self.params = [p for p in method.parameters() if p.requires_grad]
+        self.params = method.phase_parameters(None)
         st = self.st
         optimizer = torch.optim.SGD(self.params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
                                     nesterov=st.nesterov)
         self.steps_per_epoch = max(1, len(self.train_loader) // st.grad_accum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(st, self.steps_per_epoch))
         self.total_steps = min(st.epochs * self.steps_per_epoch, st.max_steps or math.inf)
-        if self.cfg.run.global_ss_batch and self.world > 1:
-            method.gather = make_gather(accelerator)
+        if self.world > 1:
+            method.all_gather = make_gather(accelerator)
+            if self.cfg.run.global_ss_batch:
+                method.gather = method.all_gather
         self.method, self.optimizer = accelerator.prepare(method, optimizer)
         self.core = accelerator.unwrap_model(self.method)
-        self.state = {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0}
+        # Pre-training phases (a method's own; most have none), then the main training: state["phase"]
+        # indexes [*phases, main], so a run without phases is always in phase 0.
+        self.phases = [p for p in self.core.phases() if p.epochs > 0]
+        self.main = (self.params, self.optimizer, self.scheduler, self.total_steps, st.epochs)
+        self.epochs = st.epochs
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0}
         self.resume_data: dict | None = None  # this rank's DALI pipeline checkpoint at the resumed batch
         self.last_eval: dict[str, Any] | None = None
         self.metrics: runs.MetricsLog | None = None
@@ -121,7 +128,38 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.state["step"] >= self.total_steps or self.state["epoch"] >= self.st.epochs
+        return self.state["step"] >= self.total_steps or self.state["epoch"] >= self.epochs
+
+    @property
+    def phase_name(self) -> str | None:
+        """The pre-training phase in progress, None in the main training."""
+        index = self.state["phase"]
+        return self.phases[index].name if index < len(self.phases) else None
+
+    def enter_phase(self) -> None:
+        """Set up the optimizer, schedule and length of phase ``state["phase"]`` and tell the method."""
+        index, st = self.state["phase"], self.st
+        if index >= len(self.phases):
+            self.params, self.optimizer, self.scheduler, self.total_steps, self.epochs = self.main
+        else:
+            phase = self.phases[index]
+            self.params = self.core.phase_parameters(phase.name)
+            optimizer = torch.optim.SGD(self.params, lr=phase.lr or st.lr, momentum=st.momentum,
+                                        weight_decay=st.weight_decay, nesterov=st.nesterov)
+            self.optimizer = self.accelerator.prepare(optimizer)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant lr
+            self.epochs = phase.epochs
+            self.total_steps = min(phase.epochs * self.steps_per_epoch, st.max_steps or math.inf)
+        # Only what this phase's optimizer steps keeps its gradient: the rest neither costs a backward nor
+        # carries stale gradients into the next phase.
+        active = {id(p) for p in self.params}
+        for p in self.core.parameters():
+            p.requires_grad_(id(p) in active)
+        self.core.set_phase(self.phase_name)
+        if self.bar is not None:
+            self.bar.reset(total=self.total_steps)
+            self.bar.update(self.state["step"])
+            self.bar.set_description(f"{self.job.stage} ({self.phase_name})" if self.phase_name else self.job.stage)
 
     def checkpoint(self, name: str) -> None:
         """Write ``checkpoints/<name>.pt`` with every rank's reader position (a collective: all ranks call)."""
@@ -156,19 +194,25 @@ class Run:
         result = self.core.validate(self.val_loader, self.accelerator)
         self.method.train()
         result["step"] = self.state["step"]
-        self.metrics.write({"kind": "eval", "epoch": epoch, **result})
+        self.metrics.write({"kind": "eval", "epoch": epoch, **result, **self._phase_tag()})
         if result["top1"] > self.state["best_top1"]:
             self.state["best_top1"] = result["top1"]
             self.checkpoint("best")
         self.last_eval = result
         return result
 
+    def _phase_tag(self) -> dict[str, Any]:
+        """Records of a run with pre-training phases say which phase (index and name) they belong to."""
+        if not self.phases:
+            return {}
+        return {"phase": self.state["phase"], "phase_name": self.phase_name or "main"}
+
     def log_interval(self, epoch: int) -> None:
         """One metrics line: each term averaged over the interval's micro-batches and all ranks."""
         rec = _reduce(self._sums, self.accelerator, self._micro, self._seen)
         dt = time.perf_counter() - self._t0
         rec.update(kind="train", step=self.state["step"], epoch=epoch, lr=self.scheduler.get_last_lr()[0],
-                   images_per_s=round(self._seen * self.world / dt, 1), world_size=self.world)
+                   images_per_s=round(self._seen * self.world / dt, 1), world_size=self.world, **self._phase_tag())
         self.metrics.write(rec)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
@@ -225,6 +269,9 @@ def restore(run: Run) -> None:
         return
     check_resumable(run, ckpt)
     path = run.out / runs.CHECKPOINTS / "last.pt"
+    run.state.update({k: ckpt.get(k, 0) for k in run.state})
+    if run.state["phase"]:
+        run.enter_phase()  # the checkpoint's optimizer is that of the phase it stopped in
     try:
         run.core.load_state_dict(ckpt["model"])
         run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
@@ -233,7 +280,6 @@ def restore(run: Run) -> None:
         raise SSKDError(f"{path}: does not fit this run ({str(exc).strip().splitlines()[-1][:200]})") from exc
     if run.accelerator.scaler is not None and ckpt.get("scaler"):
         run.accelerator.scaler.load_state_dict(ckpt["scaler"])
-    run.state.update({k: ckpt[k] for k in run.state})
     data_states = ckpt.get("data_state") or []
     old_world = ckpt.get("world_size", len(data_states) or 1)
     old_batch = (ckpt.get("config", {}).get(run.job.stage) or {}).get("batch_size", run.st.batch_size)
@@ -255,7 +301,7 @@ def open_outputs(run: Run) -> None:
     if run.main:
         atomic.write_bytes(run.out / runs.CONFIG, dump_yaml(run.cfg).encode())
     run.metrics = runs.MetricsLog(run.out, enabled=run.main,
-                                  keep_until_step=run.state["step"] if run.job.resume else None)
+                                  keep_until=(run.state["phase"], run.state["step"]) if run.job.resume else None)
     if run.main and run.cfg.run.progress:
         from tqdm.auto import tqdm
 
@@ -292,6 +338,7 @@ def run_epoch(run: Run, stop: StopFlag) -> None:
     run.batches = batches = run.train_loader.epoch(views_epoch, start_batch=state["batch"],
                                                    resume_state=run.resume_data)
     run.resume_data = None
+    run.core.set_epoch(epoch)
     for batch in batches:
         if run.job.batch_hook is not None:
             batch = run.job.batch_hook(batch, views_epoch)
@@ -316,7 +363,7 @@ def run_epoch(run: Run, stop: StopFlag) -> None:
                               "command with --resume to continue", signum, quiet=not run.main)
     if state["batch"] >= len(run.train_loader):  # the epoch ran to its end
         state["epoch"], state["batch"] = epoch + 1, 0
-        if run.cfg.run.eval_every and state["epoch"] % run.cfg.run.eval_every == 0:
+        if run.phase_name is None and run.cfg.run.eval_every and state["epoch"] % run.cfg.run.eval_every == 0:
             run.evaluate(epoch)
         run.checkpoint("last")
 
@@ -351,20 +398,31 @@ def train(job: Job) -> dict[str, Any]:
     is raised; ``--resume`` then continues exactly.
     """
     st = getattr(job.cfg, job.stage)
-    accelerator = make_accelerator(job.cfg.run.mixed_precision, st.grad_accum, job.cfg.data.device)
+    accelerator = make_accelerator(job.cfg.run.mixed_precision, st.grad_accum, job.cfg.data.device,
+                                   find_unused_parameters=stage_method(job.cfg, job.stage).has_phases)
     torch.manual_seed(job.cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
     lock = claim_folder(job, accelerator)
     try:
         with StopRequest() as request:
             run = Run(job, accelerator)
+            run.enter_phase()
             if job.resume:
-                restore(run)
+                restore(run)  # may enter the phase the checkpoint stopped in, and loads its optimizer
             open_outputs(run)
             stop = StopFlag(request, run.world)
             run.method.train()
             try:
-                while not run.finished:
-                    run_epoch(run, stop)
+                while True:
+                    while not run.finished:
+                        run_epoch(run, stop)
+                    if run.phase_name is None:
+                        break
+                    log.info("%s: pre-training phase %r done after %d steps", run.out, run.phase_name,
+                             run.state["step"])
+                    run.state.update(phase=run.state["phase"] + 1, step=0, epoch=0, batch=0)
+                    run.batches = None  # the phase's reader position is of no use to the next phase
+                    run.enter_phase()
+                    run.checkpoint("last")
                 stop.close()
                 if run.bar is not None:
                     run.bar.close()

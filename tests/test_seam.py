@@ -108,3 +108,78 @@ def test_a_users_module_named_in_SSKD_METHODS_is_a_method_of_every_command(tmp_p
     env["SSKD_METHODS"] = "not_a_module"
     proc = subprocess.run([sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "SSKD_METHODS=not_a_module: cannot import 'not_a_module'" in proc.stderr
+
+
+@register("student", "toy_phased")
+class ToyPhased(Method):
+    """A made-up method with a pre-training phase in which only the classifier trains, on the MSE to the
+    teacher's logits; then CE on everything."""
+
+    summary = "a test's toy: a classifier-only pre-training phase, then CE"
+    section, Config = "toy_match", ToyConfig  # shares the toy's section: the weight is the phase's epochs
+    needs_teacher = True
+    has_phases = True
+
+    def phases(self):
+        from sskd.methods.base import Phase
+
+        return [Phase("warm", epochs=int(self.cfg.weight * 2), lr=0.5)]
+
+    def phase_parameters(self, name):
+        return list(self.student.fc.parameters()) if name == "warm" else super().phase_parameters(name)
+
+    def forward(self, batch):
+        logits = self.student(batch["views"][:, 0])
+        if self.phase == "warm":
+            with torch.no_grad():
+                target = self.teacher(batch["views"][:, 0])
+            loss = F.mse_loss(logits, target)
+            return {"loss": loss, "logits": logits, "match": loss}
+        ce = F.cross_entropy(logits, batch["label"])
+        return {"loss": ce, "logits": logits, "ce": ce}
+
+
+def test_a_pre_training_phase_runs_first_trains_only_its_parameters_and_resumes_exactly(teacher, digits_shards,
+                                                                                          tmp_path, monkeypatch):
+    import signal
+
+    import sskd.train as tr
+
+    common = ["distill", "--method", "toy_phased", "--teacher", teacher, "--student", "resnet8", "--shards",
+              digits_shards, "--set", "toy_match.weight=0.5", "--set", "student.epochs=1", "--set", "run.eval_every=0",
+              "--batch-size", "256", "--no-progress", "--set", "run.log_every=1"]
+    assert run(*common, "--out", tmp_path / "full") == 0
+    recs = [r for r in read_metrics(tmp_path / "full") if r["kind"] == "train"]
+    # 1437 images / 256 = 6 steps of the 1-epoch phase, then 6 of the main training, each from step 1
+    assert [(r["phase_name"], r["step"]) for r in recs] == [("warm", i) for i in range(1, 7)] + [
+        ("main", i) for i in range(1, 7)]
+    assert {"match"} <= recs[0].keys() and {"ce"} <= recs[-1].keys() and recs[0]["lr"] == 0.5
+    real, seen = tr.train_step, {"n": 0}
+
+    def step_then_signal(run_, batch):  # SIGTERM in the phase, and again in the main training
+        real(run_, batch)
+        seen["n"] += 1
+        if seen["n"] == 3:
+            import os
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tr, "train_step", step_then_signal)
+    assert run(*common, "--out", tmp_path / "cut") == 128 + signal.SIGTERM
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    assert (ckpt["phase"], ckpt["step"]) == (0, 3)
+    # three steps into the phase only the classifier's parameters have moved from their initial values
+    from sskd.models import create_model
+
+    torch.manual_seed(0)  # the run seed: the student's initial weights
+    init = dict(create_model("resnet8", 10).named_parameters())
+    moved = {k for k, v in init.items() if not torch.equal(ckpt["model"]["student." + k], v)}
+    assert moved == {"fc.weight", "fc.bias"}
+    seen["n"] = -100
+    assert run(*common, "--out", tmp_path / "cut", "--resume") == 0
+    from sskd.runs import file_sha256
+
+    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
+    recs = [r for r in read_metrics(tmp_path / "cut") if r["kind"] == "train"]
+    assert [(r["phase_name"], r["step"]) for r in recs] == [("warm", i) for i in range(1, 7)] + [
+        ("main", i) for i in range(1, 7)]

@@ -46,6 +46,22 @@ def method_class(role: str, name: str) -> type[Method]:
 
 
 @dataclass
+class Phase:
+    """A pre-training phase a method runs before its main training, in the same run (RepDistiller's
+    init stage of AB and FT, FitNet's hint stage): its own epochs, parameters and constant lr.
+
+    The loop gives the phase a fresh SGD optimizer (the stage's momentum and weight decay) over
+    :meth:`Method.phase_parameters`, tells the method with :meth:`Method.set_phase`, checkpoints and
+    resumes inside it like in the main training, and starts the main training afterwards with the
+    stage's own optimizer and schedule from step 0.
+    """
+
+    name: str
+    epochs: int
+    lr: float | None = None  # None: the stage's lr
+
+
+@dataclass
 class BuildContext:
     """What a method may use to build itself: the run config, its section, the shards, the teacher."""
 
@@ -125,6 +141,8 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     outputs: ClassVar[tuple[str, ...]] = ()  # teacher outputs consumed (batch keys "t_<name>", (b, v, ...))
     topk_outputs: ClassVar[tuple[str, ...]] = ()  # which of them may be cached as top-K + log-sum-exp
+    cache_refusal: ClassVar[str | None] = None  # why `sskd cache` does not pay for this method (then it refuses)
+    has_phases: ClassVar[bool] = False  # True when :meth:`phases` may return pre-training phases
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int, cfg: Any = None):
         super().__init__()
@@ -138,6 +156,10 @@ class Method(nn.Module):
             teacher.requires_grad_(False)
         # Optional all-gather of rows across ranks: gather(z) -> (z_all, offset) (``--global-ss-batch``).
         self.gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+        # All-gather of rows for state every rank must keep identical (a memory bank); None on one rank.
+        self.all_gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+        self.epoch = 0  # the training epoch in progress (set_epoch)
+        self.phase: str | None = None  # the pre-training phase in progress, None = the main training
 
     # -- what the rest of the system asks -------------------------------------------------------------
 
@@ -171,6 +193,25 @@ class Method(nn.Module):
     def trainable_module(self) -> nn.Module:
         """The model whose weights a run exports (``model.safetensors``)."""
         return self.student
+
+    # -- schedule hooks the loop calls ----------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every training epoch (0-based; also on resume): warm-ups read it."""
+        self.epoch = epoch
+
+    def phases(self) -> list[Phase]:
+        """Pre-training phases before the main training (default none; see :class:`Phase`)."""
+        return []
+
+    def set_phase(self, name: str | None) -> None:
+        """Called when a phase starts (None: the main training); ``forward`` follows ``self.phase``."""
+        self.phase = name
+
+    def phase_parameters(self, name: str | None) -> list[nn.Parameter]:
+        """What the optimizer of phase ``name`` (None: the main training) updates (default: everything
+        that requires a gradient)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def validate(self, loader, accelerator) -> dict[str, Any]:
         """Validation top-1 / top-5 of the exported model (every sample once across ranks)."""
