@@ -32,14 +32,47 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 
-def cache_method(cfg: Config):
-    """The student method whose teacher outputs a cache holds (``student.method``); it must declare some."""
+def cache_method(cfg: Config, *, refuse: bool = True):
+    """The student method whose teacher outputs a cache holds (``student.method``); it must declare some,
+    and, unless ``refuse`` is off (a dry run), not refuse the cache."""
     from sskd.methods import stage_method
 
     cls = stage_method(cfg, "student")
     if not cls.outputs:
         raise SSKDError(f"--method {cls.name} uses no teacher outputs: there is nothing to cache for it")
+    if refuse and cls.cache_refusal:
+        raise SSKDError(f"--method {cls.name} does not use the cache: {cls.cache_refusal} (`sskd cache --dry-run` "
+                        "prints what it would need)")
     return cls
+
+
+def dry_run(cfg: Config, teacher: str, epochs: int, topk: int | None = None, split: str = "train") -> dict[str, Any]:
+    """What a cache for this run would hold and weigh, without writing anything; printed by ``--dry-run``."""
+    from pipelines import ViewLoader
+    from shards.format import load_manifest
+    from sskd.methods import resolve_views
+    from sskd.methods.base import check_part
+    from sskd.stages import freeze, load_teacher
+
+    cls = cache_method(cfg, refuse=False)
+    shards_manifest = load_manifest(cfg.data.shards)
+    model, info = load_teacher(teacher, shards_manifest)
+    check_part(info, cls.teacher_part, teacher, cls.name)
+    loader = ViewLoader(cfg.data.shards, split, batch_size=1, views=resolve_views(cfg, cls), size=cfg.data.size)
+    outputs = output_specs(cls, freeze(model), loader)
+    per = bytes_per_sample(loader.num_views, outputs, topk)
+    report = {"method": cls.name, "views": list(loader.view_names), "outputs": outputs, "topk": topk,
+              "bytes_per_sample_epoch": per, "num_samples": loader.num_samples,
+              "gb_per_epoch": round(per * loader.num_samples / 1e9, 3), "epochs": epochs,
+              "gb_total": round(per * loader.num_samples * epochs / 1e9, 3), "refused": cls.cache_refusal}
+    shapes = ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}{' (top-K)' if topk and o['topk'] else ''}"
+                       for o in outputs)
+    print(f"--method {cls.name}: per sample and view {shapes}; {loader.num_views} views: {per:,} bytes per sample "
+          f"per epoch; {report['gb_per_epoch']} GB per epoch of {loader.num_samples:,} samples, "
+          f"{report['gb_total']} GB for {epochs} epochs")
+    if cls.cache_refusal:
+        print(f"not cached: {cls.cache_refusal}")
+    return report
 
 
 def binding_for(cfg: Config, teacher: dict[str, Any], split: str = "train") -> dict[str, Any]:

@@ -8,6 +8,8 @@ def cmd_cache(args) -> int:
     from sskd.commands import resolve_config
     from sskd.errors import SSKDError, report_problems
 
+    if not args.out and not args.dry_run:
+        raise SSKDError("--out is required: the cache folder to write (or, with --verify, to check)")
     if args.verify:
         from sskd.cache import CacheReader
 
@@ -18,6 +20,14 @@ def cmd_cache(args) -> int:
                if v is None]
     if missing:
         raise SSKDError(f"the following arguments are required to build a cache: {', '.join(missing)}")
+    if args.dry_run:
+        from sskd.cache_build import dry_run
+
+        if args.epochs < 1:
+            raise SSKDError(f"--epochs must be >= 1, not {args.epochs}")
+        dry_run(resolve_config(args, "student", own=("epochs", "batch_size")), args.teacher, args.epochs,
+                topk=args.topk, split=args.split)
+        return 0
     for flag in ("batch_size", "chunk_batches", "epochs"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
@@ -48,6 +58,7 @@ def register(sub, fmt) -> None:
                     "augmentation epoch e mod E. The cache is bound to the method, teacher weights, shards, plan "
                     "seed, views, image size, pipeline version and device type, and refused if any differs.",
         epilog="example:\n  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --out caches/t\n"
+               "  sskd cache --dry-run --method hssakd --teacher runs/t-hs --shards data/shards/digits --epochs 10\n"
                "  sskd cache --verify --out caches/t\n"
                "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8 --method sskd "
                "--shards data/shards/digits --out runs/s\n"
@@ -61,7 +72,9 @@ def register(sub, fmt) -> None:
     p.add_argument("--teacher", help="the teacher run the student will use (for sskd a train-ss-head run); required to build")
     p.add_argument("--shards", help="shard folder; required to build")
     p.add_argument("--epochs", type=int, help="augmentation epochs to cache (E); required to build")
-    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--out", help="cache folder (not needed with --dry-run)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what the cache would hold and weigh (per sample, per epoch, in all); write nothing")
     p.add_argument("--verify", action="store_true",
                    help="check an existing cache in --out: every sample once per epoch, every chunk's checksum")
     p.add_argument("--topk", type=int, help="store only the top-K logits per view (+ log-sum-exp): for 1000 classes")

@@ -267,3 +267,13 @@ def _umask():
     from sskd.atomic import _umask
 
     return _umask()
+
+
+def test_dry_run_prints_the_size_and_writes_nothing(ss_teacher, digits_shards, tmp_path, capsys):
+    assert run("cache", "--dry-run", "--teacher", ss_teacher, "--shards", digits_shards, "--epochs", 3) == 0
+    out = capsys.readouterr().out
+    # 8 (id) + 4 views x (10 logits + 64 embed) x 2 bytes = 600
+    assert "--method sskd: per sample and view logits 10, embed 64; 4 views: 600 bytes per sample per epoch" in out
+    assert "1,437 samples" in out and not list(tmp_path.iterdir())
+    assert run("cache", "--teacher", ss_teacher, "--shards", digits_shards, "--epochs", 3) == 2
+    assert "--out is required" in capsys.readouterr().err
