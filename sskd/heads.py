@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from sskd.models.registry import WRAPPERS
+
 
 class SSHead(nn.Module):
     """Linear(d, d) – ReLU – Linear(d, d), no normalisation layer (official wrapper.py)."""
@@ -27,6 +29,7 @@ class SSOutput(NamedTuple):
     stages: list[torch.Tensor]
 
 
+@WRAPPERS.register("ss_head")
 class SSModel(nn.Module):
     """Backbone (with its classifier) plus the SS head; ``forward(x) -> SSOutput``."""
 
@@ -35,7 +38,7 @@ class SSModel(nn.Module):
     def wrapper_args(self) -> dict:
         return {}
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head if head is not None else SSHead(backbone.feat_dim)

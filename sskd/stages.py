@@ -26,15 +26,6 @@ def manifest_sha256(shards: str | Path) -> str:
     return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
 
 
-def _wrappers() -> dict[str, Any]:
-    from sskd.heads import SSModel
-    from sskd.models.branches import BranchedModel
-
-    return {"ss_head": lambda backbone, num_classes: SSModel(backbone),
-            "branches": lambda backbone, num_classes, rotations=4, num_branches=None: BranchedModel(
-                backbone, num_classes, rotations)}
-
-
 def new_model(arch: str, num_classes: int, *, wrapper: str | None = None, wrapper_args: dict | None = None,
               pretrained: bool = False) -> torch.nn.Module:
     """A fresh model by registry name, optionally wrapped with its parts (``ss_head``, ``branches``)."""
@@ -44,18 +35,16 @@ def new_model(arch: str, num_classes: int, *, wrapper: str | None = None, wrappe
     backbone = create_model(arch, num_classes=num_classes, **kw)
     if wrapper is None:
         return backbone
-    makers = _wrappers()
-    if wrapper not in makers:
-        raise SSKDError(f"unknown model wrapper {wrapper!r} (known: {', '.join(makers)})")
-    return makers[wrapper](backbone, num_classes, **(wrapper_args or {}))
+    import sskd.methods  # noqa: F401  (method modules register their parts)
+    from sskd.models.registry import WRAPPERS
+
+    return WRAPPERS.get(wrapper)(backbone, num_classes, **(wrapper_args or {}))
 
 
 def describe_model(module: torch.nn.Module) -> dict[str, Any]:
     """What ``model.json`` says so the model can be rebuilt: its wrapper and the wrapper's arguments."""
     wrapper = getattr(module, "wrapper", None)
     args = dict(module.wrapper_args()) if wrapper and hasattr(module, "wrapper_args") else {}
-    if wrapper == "branches":
-        args["num_branches"] = module.num_branches
     return {"wrapper": wrapper, "wrapper_args": args, "has_head": wrapper == "ss_head", "feat_dim": module.feat_dim}
 
 

@@ -19,12 +19,12 @@ from torch import nn
 from sskd.errors import SSKDError
 from sskd.methods.base import (
     METHODS,
-    PART_MAKERS,
     ROLES,
     STAGE_ROLE,
     BuildContext,
     Method,
     method_class,
+    part_makers,
     register,
 )
 
@@ -100,7 +100,7 @@ def describe(role: str | None = None) -> list[dict[str, Any]]:
             cls = registry.get(name)
             teacher = None
             if r == "student" and cls.needs_teacher:
-                teacher = (f"a run with {cls.teacher_part.replace('_', ' ')} ({PART_MAKERS[cls.teacher_part]})"
+                teacher = (f"a run with {cls.teacher_part.replace('_', ' ')} ({' or '.join(part_makers(cls.teacher_part))})"
                            if cls.teacher_part else "any classifier run")
             elif r == "head":
                 teacher = "a train-teacher run (frozen)"

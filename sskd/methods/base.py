@@ -105,19 +105,21 @@ class BuildContext:
         return model, info
 
 
-PART_MAKERS = {"ss_head": "train-ss-head --method sskd",
-               "branches": "train-ss-head or train-teacher --method hssakd"}
+def part_makers(part: str) -> list[str]:
+    """The commands whose runs carry ``part``: ``["train-ss-head --method sskd", ...]`` (from the registry)."""
+    return [f"{ROLES[role]} --method {name}" for role in ("head", "teacher") for name in METHODS[role].names()
+            if METHODS[role].get(name).produces == part]
 
 
 def check_part(info: dict[str, Any], part: str | None, source: str, method: str) -> None:
     """A teacher run must carry the part (``ss_head``, ``branches``) the method reads; one line otherwise."""
     have = info.get("wrapper") or ("ss_head" if info.get("has_head") else None)
     if part is not None and have != part:
-        how = {"ss_head": f"sskd train-ss-head --method sskd --teacher {source} ...",
-               "branches": f"sskd train-ss-head --method hssakd --teacher {source} ... (or train-teacher --method hssakd)"}
+        makers = part_makers(part) or ["a method that makes it"]
+        how = f"sskd {makers[0]} --teacher {source} ..." + (f" (or {', '.join(makers[1:])})" if makers[1:] else "")
         what = f"it is a `{info.get('stage')}` run" + (f" with {have}" if have else " without one")
         raise SSKDError(f"--teacher {source}: --method {method} needs a teacher with {part.replace('_', ' ')} ({what}); "
-                        f"make one with `{how.get(part, part)}` and pass that run")
+                        f"make one with `{how}` and pass that run")
 
 
 class Method(nn.Module):
@@ -138,6 +140,7 @@ class Method(nn.Module):
     views: ClassVar[str | None] = None
     default_views: ClassVar[str] = "rotation"
     teacher_part: ClassVar[str | None] = None  # student methods: the part their teacher run must carry
+    produces: ClassVar[str | None] = None  # teacher and head methods: the part their runs carry
     needs_teacher: ClassVar[bool] = False
     outputs: ClassVar[tuple[str, ...]] = ()  # teacher outputs consumed (batch keys "t_<name>", (b, v, ...))
     topk_outputs: ClassVar[tuple[str, ...]] = ()  # which of them may be cached as top-K + log-sum-exp

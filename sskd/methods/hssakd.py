@@ -66,6 +66,7 @@ class _Teacher(Method):
     paper = PAPER
     section, Config = "hssakd", HSSAKDConfig
     views = VIEWS
+    produces = "branches"
 
     def forward(self, batch):
         logits, aux = _forward(self.student, batch["views"])

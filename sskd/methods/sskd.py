@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from sskd.heads import SSHead, SSModel
+from sskd.heads import SSModel
 from sskd.losses import (
     SSKDLossConfig,
     contrastive_loss,
@@ -38,6 +38,7 @@ class SSHeadStage(Method):
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"
+    produces = "ss_head"
 
     def __init__(self, student: SSModel, teacher=None, **kw):
         if not isinstance(student, SSModel):
@@ -50,7 +51,7 @@ class SSHeadStage(Method):
         from sskd.stages import teacher_backbone
 
         backbone = teacher_backbone(ctx)
-        return cls(SSModel(backbone, SSHead(backbone.feat_dim)), num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(SSModel(backbone), num_classes=ctx.num_classes, cfg=ctx.section(cls))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sskd.models.base import init_weights, pool_flat
+from sskd.models.registry import WRAPPERS
 
 
 class BranchOutput(NamedTuple):
@@ -57,6 +58,7 @@ def build_branches(backbone: nn.Module, num_classes: int, rotations: int = 4) ->
     return nn.ModuleList(branches)
 
 
+@WRAPPERS.register("branches")
 class BranchedModel(nn.Module):
     """Backbone (with its classifier) plus HSSAKD's branches; ``forward(x) -> BranchOutput``.
 
@@ -66,11 +68,16 @@ class BranchedModel(nn.Module):
 
     wrapper = "branches"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, rotations: int = 4, detach_taps: bool = False):
+    def __init__(self, backbone: nn.Module, num_classes: int, rotations: int = 4, detach_taps: bool = False,
+                 num_branches: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.taps = list(backbone.branch_spec().taps)
         self.branches = build_branches(backbone, num_classes, rotations)
+        if num_branches is not None and num_branches != len(self.branches):
+            from sskd.errors import SSKDError
+
+            raise SSKDError(f"a model with {num_branches} branches was saved, this architecture has {len(self.branches)}")
         self.rotations, self.detach_taps = rotations, detach_taps
         self.feat_dim = backbone.feat_dim
 
@@ -79,7 +86,7 @@ class BranchedModel(nn.Module):
         return len(self.branches)
 
     def wrapper_args(self) -> dict:
-        return {"rotations": self.rotations}
+        return {"rotations": self.rotations, "num_branches": self.num_branches}
 
     def forward(self, x: torch.Tensor) -> BranchOutput:
         f = self.backbone(x, features=True)

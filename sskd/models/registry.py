@@ -3,3 +3,6 @@
 from sskd.registry import Registry
 
 MODELS = Registry("model")
+# Parts a method adds around a backbone (SS head, HSSAKD's branches, ...), by the name model.json records:
+# ``WRAPPERS.get(name)(backbone, num_classes, **wrapper_args)`` rebuilds a saved model.
+WRAPPERS = Registry("model part")

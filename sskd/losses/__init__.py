@@ -1,0 +1,22 @@
+"""The loss terms of the family, as small pure functions over tensors, one module per method family.
+
+Each docstring names the paper and the equation (or the official code) it follows; the methods in
+:mod:`sskd.methods` combine them. Everything is importable from here: ``from sskd.losses import kd_loss``.
+"""
+
+from sskd.losses.hssakd import hssakd_online_terms, hssakd_student_terms, hssakd_teacher_terms, joint_labels
+from sskd.losses.sskd import (
+    SSKDLossConfig,
+    contrastive_loss,
+    kd_loss,
+    select_rows,
+    similarity_matrix,
+    ss_kd_loss,
+    sskd_total,
+    target_rank,
+    transformed_kd_loss,
+)
+
+__all__ = ["SSKDLossConfig", "contrastive_loss", "hssakd_online_terms", "hssakd_student_terms", "hssakd_teacher_terms",
+           "joint_labels", "kd_loss", "select_rows", "similarity_matrix", "ss_kd_loss", "sskd_total", "target_rank",
+           "transformed_kd_loss"]
