@@ -97,7 +97,11 @@ class BuildContext:
         if self.cached:
             model, info = None, teacher_info(self.teacher, self.manifest)
         else:
+            # Building the teacher draws (then overwritten) initial weights; the RNG is put back so that
+            # whatever a method creates after it starts alike in live and cached runs.
+            rng = torch.random.get_rng_state()
             model, info = load_teacher(self.teacher, self.manifest)
+            torch.random.set_rng_state(rng)
             freeze(model)
         check_part(info, part, self.teacher, method)
         self.info.update(teacher=str(self.teacher), teacher_arch=info["arch"],
