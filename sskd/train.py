@@ -276,6 +276,8 @@ def restore(run: Run) -> None:
         run.core.load_state_dict(ckpt["model"])
         run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
+    except SSKDError as exc:  # a method's own state (a memory bank) refusing, in its words
+        raise SSKDError(f"{path}: {exc}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SSKDError(f"{path}: does not fit this run ({str(exc).strip().splitlines()[-1][:200]})") from exc
     if run.accelerator.scaler is not None and ckpt.get("scaler"):
