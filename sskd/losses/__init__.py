@@ -4,7 +4,10 @@ Each docstring names the paper and the equation (or the official code) it follow
 :mod:`sskd.methods` combine them. Everything is importable from here: ``from sskd.losses import kd_loss``.
 """
 
+from sskd.losses.crd import bank_rows, crd_scores, nce_contrast_loss
 from sskd.losses.hssakd import hssakd_online_terms, hssakd_student_terms, hssakd_teacher_terms, joint_labels
+from sskd.losses.kdss import alignment_loss, instance_contrast, rotation_labels, rotation_loss
+from sskd.losses.logit import dist_loss, dist_terms, dkd_loss, dkd_terms, standardize_logits
 from sskd.losses.sskd import (
     SSKDLossConfig,
     contrastive_loss,
@@ -17,6 +20,8 @@ from sskd.losses.sskd import (
     transformed_kd_loss,
 )
 
-__all__ = ["SSKDLossConfig", "contrastive_loss", "hssakd_online_terms", "hssakd_student_terms", "hssakd_teacher_terms",
-           "joint_labels", "kd_loss", "select_rows", "similarity_matrix", "ss_kd_loss", "sskd_total", "target_rank",
+__all__ = ["SSKDLossConfig", "alignment_loss", "bank_rows", "contrastive_loss", "crd_scores", "dist_loss", "dist_terms",
+           "dkd_loss", "dkd_terms", "hssakd_online_terms", "hssakd_student_terms", "hssakd_teacher_terms",
+           "instance_contrast", "joint_labels", "kd_loss", "nce_contrast_loss", "rotation_labels", "rotation_loss",
+           "select_rows", "similarity_matrix", "ss_kd_loss", "sskd_total", "standardize_logits", "target_rank",
            "transformed_kd_loss"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sskd.config import bound
+from sskd.losses.logit import standardize_logits
 
 
 @dataclass
@@ -32,8 +33,6 @@ class SSKDLossConfig:
     head_tau: float = bound(1.0, gt=0)  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
 
 
-
-
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
     """Per-row KL(softmax(teacher/T) || softmax(student/T)), shape (n,)."""
     log_p_s = F.log_softmax(student / T, dim=1)
@@ -41,12 +40,19 @@ def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Te
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, *,
+            standardize: bool = False) -> torch.Tensor:
     """Eq. 2: Hinton KD, ``T² · mean_rows KL(p_t ‖ p_s)`` with ``p = softmax(logits / T)``.
+
+    With ``standardize`` both networks' logits are Z-scored per row first (:func:`standardize_logits`,
+    Sun et al., CVPR 2024: LS-KD, where ``T`` is their base temperature); off, nothing changes.
 
     Args:
         student_logits, teacher_logits: (n, K).
     """
+    if standardize:
+        student_logits = standardize_logits(student_logits)
+        teacher_logits = standardize_logits(teacher_logits)
     return _kl_rows(student_logits, teacher_logits.detach(), T).mean() * T * T
 
 
