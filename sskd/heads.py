@@ -44,6 +44,8 @@ class SSModel(nn.Module):
         self.head = head if head is not None else SSHead(backbone.feat_dim)
         self.feat_dim = backbone.feat_dim
 
-    def forward(self, x: torch.Tensor) -> SSOutput:
+    def forward(self, x: torch.Tensor, features: bool | str = False) -> SSOutput:
+        if features:  # the backbone's feature interface, so feature methods can read an SS teacher too
+            return self.backbone(x, features=features)
         f = self.backbone(x, features=True)
         return SSOutput(f.logits, self.head(f.feat), f.feat, f.stages)

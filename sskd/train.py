@@ -454,6 +454,7 @@ def _reduce(sums: dict[str, torch.Tensor], accelerator, n_micro: int, seen: int)
     vec = torch.stack([torch.as_tensor(sums[k], device=accelerator.device).float() for k in keys])
     vec = accelerator.reduce(vec, "mean")
     values = vec.tolist()
-    rec = {k: round(v / n_micro, 6) for k, v in zip(keys, values) if k != "correct"}
+    # 6 significant digits, not decimals: some terms live near 1e-5 (PKT's) and would log as 1e-06
+    rec = {k: float(f"{v / n_micro:.6g}") for k, v in zip(keys, values) if k != "correct"}
     rec["train_top1"] = round(100.0 * values[keys.index("correct")] / max(1, seen), 3)
     return rec

@@ -8,6 +8,7 @@ from sskd.losses.crd import bank_rows, crd_scores, nce_contrast_loss
 from sskd.losses.hssakd import hssakd_online_terms, hssakd_student_terms, hssakd_teacher_terms, joint_labels
 from sskd.losses.kdss import alignment_loss, instance_contrast, rotation_labels, rotation_loss
 from sskd.losses.logit import dist_loss, dist_terms, dkd_loss, dkd_terms, standardize_logits
+from sskd.losses.relation import pkt_loss, rkd_loss, rkd_terms, sp_loss
 from sskd.losses.sskd import (
     SSKDLossConfig,
     contrastive_loss,
@@ -22,6 +23,6 @@ from sskd.losses.sskd import (
 
 __all__ = ["SSKDLossConfig", "alignment_loss", "bank_rows", "contrastive_loss", "crd_scores", "dist_loss", "dist_terms",
            "dkd_loss", "dkd_terms", "hssakd_online_terms", "hssakd_student_terms", "hssakd_teacher_terms",
-           "instance_contrast", "joint_labels", "kd_loss", "nce_contrast_loss", "rotation_labels", "rotation_loss",
-           "select_rows", "similarity_matrix", "ss_kd_loss", "sskd_total", "standardize_logits", "target_rank",
+           "instance_contrast", "joint_labels", "kd_loss", "nce_contrast_loss", "pkt_loss", "rkd_loss", "rkd_terms",
+           "rotation_labels", "rotation_loss", "select_rows", "sp_loss", "similarity_matrix", "ss_kd_loss", "sskd_total", "standardize_logits", "target_rank",
            "transformed_kd_loss"]

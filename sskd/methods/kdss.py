@@ -78,7 +78,9 @@ class KDSSModel(nn.Module):
     def wrapper_args(self) -> dict:
         return {"embed_dim": self.embed_dim}
 
-    def forward(self, x: torch.Tensor) -> KDSSOutput:
+    def forward(self, x: torch.Tensor, features: bool | str = False) -> KDSSOutput:
+        if features:  # the backbone's feature interface, so feature methods can read this teacher too
+            return self.backbone(x, features=features)
         f = self.backbone(x, features=True)
         return KDSSOutput(f.logits, self.rot_head(f.feat), self.proj(f.feat), f.feat, f.stages)
 

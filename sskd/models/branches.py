@@ -88,7 +88,9 @@ class BranchedModel(nn.Module):
     def wrapper_args(self) -> dict:
         return {"rotations": self.rotations, "num_branches": self.num_branches}
 
-    def forward(self, x: torch.Tensor) -> BranchOutput:
+    def forward(self, x: torch.Tensor, features: bool | str = False) -> BranchOutput:
+        if features:  # the backbone's feature interface, so feature methods can read a branched teacher too
+            return self.backbone(x, features=features)
         f = self.backbone(x, features=True)
         taps = [f.stages[i] for i in self.taps]
         if self.detach_taps:

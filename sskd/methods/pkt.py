@@ -1,0 +1,38 @@
+"""PKT on the normal view (Passalis & Tefas, ECCV 2018), as RepDistiller runs it: CE + KD + weight · the
+KL between the teacher's and the student's cosine-similarity distributions over the batch's pooled
+features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sskd.config import bound
+from sskd.losses.relation import pkt_loss
+from sskd.methods.base import register
+from sskd.methods.rkd import RelationConfig, RelationMethod
+
+
+@dataclass
+class PKTConfig(RelationConfig):
+    """RepDistiller: ``--distill pkt -r 1 -a 0 -b 30000``."""
+
+    weight: float = bound(30000.0, ge=0)
+
+
+@register("student", "pkt")
+class StudentPKT(RelationMethod):
+    """Each sample's distribution over the batch by cosine similarity of pooled features. Logs ``pkt``."""
+
+    summary = "PKT: each sample's cosine-similarity distribution over the batch's pooled features"
+    paper = "Passalis & Tefas, ECCV 2018"  # Learning Deep Representations with Probabilistic KT
+    section, Config = "pkt", PKTConfig
+    outputs = ("logits", "feat")
+    needs = "relates the pooled features (b, d) of each network's own batch (any d)"
+
+    @staticmethod
+    def teacher_outputs(teacher, views):
+        f = teacher(views[:, 0], features=True)
+        return {"logits": f.logits[:, None], "feat": f.feat[:, None]}  # (b, 1, K), (b, 1, d)
+
+    def relation(self, s, t):
+        return {"pkt": pkt_loss(s, t)}
