@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sskd: interrupted (completed work is kept; rerun with --resume to continue)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sskd methods | head`: the reader has gone; nothing to say to it
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

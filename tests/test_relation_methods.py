@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
 from sskd.losses.relation import pkt_loss, rkd_loss, rkd_terms, sp_loss
 from sskd.models import create_model
 from sskd.models.registry import MODELS

@@ -5,6 +5,18 @@ Each docstring names the paper and the equation (or the official code) it follow
 """
 
 from sskd.losses.crd import bank_rows, crd_scores, nce_contrast_loss
+from sskd.losses.feature import (
+    ab_loss,
+    at_loss,
+    at_loss_from_attention,
+    attention_map,
+    ft_factor,
+    ft_loss,
+    hint_loss,
+    match_size,
+    vid_loss,
+    vid_variance,
+)
 from sskd.losses.hssakd import hssakd_online_terms, hssakd_student_terms, hssakd_teacher_terms, joint_labels
 from sskd.losses.kdss import alignment_loss, instance_contrast, rotation_labels, rotation_loss
 from sskd.losses.logit import dist_loss, dist_terms, dkd_loss, dkd_terms, standardize_logits
@@ -21,7 +33,8 @@ from sskd.losses.sskd import (
     transformed_kd_loss,
 )
 
-__all__ = ["SSKDLossConfig", "alignment_loss", "bank_rows", "contrastive_loss", "crd_scores", "dist_loss", "dist_terms",
+__all__ = ["SSKDLossConfig", "ab_loss", "alignment_loss", "at_loss", "at_loss_from_attention", "attention_map",
+           "ft_factor", "ft_loss", "hint_loss", "match_size", "vid_loss", "vid_variance", "bank_rows", "contrastive_loss", "crd_scores", "dist_loss", "dist_terms",
            "dkd_loss", "dkd_terms", "hssakd_online_terms", "hssakd_student_terms", "hssakd_teacher_terms",
            "instance_contrast", "joint_labels", "kd_loss", "nce_contrast_loss", "pkt_loss", "rkd_loss", "rkd_terms",
            "rotation_labels", "rotation_loss", "select_rows", "sp_loss", "similarity_matrix", "ss_kd_loss", "sskd_total", "standardize_logits", "target_rank",

@@ -108,7 +108,7 @@ def describe(role: str | None = None) -> list[dict[str, Any]]:
                 cls.views, f"{cls.views} (fixed)")
             rows.append({"name": name, "role": r, "command": ROLES[r], "summary": cls.summary, "paper": cls.paper,
                          "views": views, "teacher": teacher, "section": cls.section,
-                         "cache": bool(cls.outputs)})
+                         "cache": bool(cls.outputs) and not cls.cache_refusal})
     return rows
 
 
