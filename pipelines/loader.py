@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipelines.finish import Finisher
@@ -57,13 +58,17 @@ class ViewLoader:
         torch_device: where the yielded tensors go (default: where DALI made them).
         reuse_buffers: yield DALI's output buffers without a copy; a batch is then only valid until the
             next one is requested (the training loop's case). Saves a full copy of every batch.
+        subset_fraction: few-shot: read only this stratified share of the ``train`` split
+            (:mod:`pipelines.settings`; other splits ignore it).
+        label_noise: symmetric label noise at this rate on the ``train`` split's training batches,
+            drawn from ``seed`` (:mod:`pipelines.settings`); ``flipped_ids`` lists the flipped samples.
     """
 
     def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 64,
                  views: ViewConfig | str | None = None, train: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: str = "cpu", threads: int = 2, dtype: torch.dtype = torch.float32,
                  size: int | None = None, torch_device: torch.device | str | None = None, initial_fill: int = 1024,
-                 reuse_buffers: bool = False):
+                 reuse_buffers: bool = False, subset_fraction: float = 1.0, label_noise: float = 0.0):
         if device not in ("cpu", "gpu"):
             raise SSKDError(f"device must be cpu or gpu, not {device!r}")
         if not 0 <= rank < world_size:
@@ -82,6 +87,13 @@ class ViewLoader:
         self.num_samples = int(self.manifest["splits"][split]["num_samples"])
         self.num_classes = int(self.manifest["num_classes"])
         self.id_count = int(self.manifest["splits"][split].get("id_count", self.num_samples))  # ids lie in 0..id_count-1
+        self.subset_fraction = float(subset_fraction) if split == "train" else 1.0
+        self.label_noise = float(label_noise) if split == "train" and train else 0.0
+        self._subset = None
+        self.label_map: torch.Tensor | None = None  # noisy label by sample id
+        self.flipped_ids: list[int] = []
+        if self.subset_fraction < 1 or self.label_noise > 0:
+            self._apply_settings()
         counts = rank_counts(self.num_samples, world_size)
         if min(counts) == 0:
             raise SSKDError(f"{self.shards}: split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
@@ -92,6 +104,30 @@ class ViewLoader:
         self._running: tuple[Any, int] | None = None  # (pipeline, epoch) while an epoch is being read
         self._yielded = 0  # batches of the running epoch handed out
         self.replayed = 0  # batches made and dropped to resume without a usable DALI checkpoint
+
+    def _apply_settings(self) -> None:
+        """Few-shot subset (DALI indexes of the kept samples) and noisy labels (a lookup by id)."""
+        from pipelines.settings import SubsetIndexes, noisy_labels, subset_ids
+        from shards.labels import split_labels
+
+        if not 0 < self.subset_fraction <= 1 or not 0 <= self.label_noise < 1:
+            raise SSKDError(f"subset_fraction {self.subset_fraction} must be in (0, 1] and label_noise "
+                            f"{self.label_noise} in [0, 1)")
+        labels = split_labels(self.shards, self.split)
+        if self.subset_fraction < 1:
+            self._subset = SubsetIndexes(self.shards, self.manifest, self.split,
+                                         subset_ids(labels, self.subset_fraction))
+            self.tars, self.idxs = self._subset.tars, self._subset.idxs
+            self.num_samples = self._subset.num_samples
+        if self.label_noise > 0:
+            noisy, flipped = noisy_labels(labels, self.label_noise, self.seed, self.num_classes)
+            self.label_map = torch.from_numpy(np.maximum(noisy, 0))
+            self.flipped_ids = [int(i) for i in flipped]
+
+    @property
+    def kept_ids(self) -> list[int] | None:
+        """The sample ids a few-shot subset reads, in shard order (None: the whole split)."""
+        return None if self._subset is None else [i for e in self._subset.entries for i in e["ids"]]
 
     @property
     def _finish_device(self) -> torch.device:
@@ -164,6 +200,8 @@ class ViewLoader:
                     views = _to_torch(outs[0], copy)[:keep]
                 label, ids = _to_torch(outs[nv], True)[:keep].long(), _to_torch(outs[nv + 1], True)[:keep].long()
                 check_batch(outs[nv], outs[nv + 1], label, ids, self.num_classes, self.id_count)
+                if self.label_map is not None:
+                    label = self.label_map[ids]
                 yield {"views": views, "label": label, "id": ids}
         except RuntimeError as exc:
             raise SSKDError(_explain(exc, self.tars)) from exc
@@ -204,7 +242,8 @@ class ViewLoader:
     def _state_key(self, epoch: int, batch: int) -> dict[str, Any]:
         return {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "seed": self.seed, "views": list(self.view_names),
-                "num_samples": self.num_samples, "pipeline_version": PIPELINE_VERSION}
+                "num_samples": self.num_samples, "pipeline_version": PIPELINE_VERSION,
+                "subset_fraction": self.subset_fraction}
 
     def state(self) -> dict[str, Any] | None:
         """Where this rank's running training epoch stands: DALI's pipeline checkpoint after the last
@@ -293,4 +332,5 @@ def check_batch(label_tl, id_tl, label: torch.Tensor, ids: torch.Tensor, num_cla
 def manifest_info(loader: ViewLoader) -> dict[str, Any]:
     """What a cache or run needs to know about the views it was made from."""
     return {"views": list(loader.view_names), "size": loader.size, "seed": loader.seed, "device": loader.device,
-            "pipeline_version": PIPELINE_VERSION}
+            "pipeline_version": PIPELINE_VERSION, "subset_fraction": loader.subset_fraction,
+            "label_noise": loader.label_noise}

@@ -178,6 +178,14 @@ def check_binding(manifest: dict[str, Any], expected: dict[str, Any], where: str
         if have != want:
             raise SSKDError(f"{where}: cache was made with {field}={have!r} but this run has {want!r}; "
                             "rebuild it with `sskd cache` for this run")
+    # Data settings: a cache of the whole split serves any few-shot subset of it (outputs are keyed by id);
+    # a subset's cache serves only that subset. Label noise is recorded, not compared: teacher outputs
+    # never read labels. Caches from before these fields hold the whole split.
+    have = manifest["binding"].get("subset_fraction", 1.0)
+    want = expected.get("subset_fraction", 1.0)
+    if have != 1.0 and have != want:
+        raise SSKDError(f"{where}: cache holds the data.subset_fraction={have} subset but this run has "
+                        f"{want}; rebuild it with `sskd cache` for this run (or cache the whole split)")
 
 
 class CacheReader:

@@ -58,7 +58,8 @@ def dry_run(cfg: Config, teacher: str, epochs: int, topk: int | None = None, spl
     shards_manifest = load_manifest(cfg.data.shards)
     model, info = load_teacher(teacher, shards_manifest)
     check_part(info, cls.teacher_part, teacher, cls.name)
-    loader = ViewLoader(cfg.data.shards, split, batch_size=1, views=resolve_views(cfg, cls), size=cfg.data.size)
+    loader = ViewLoader(cfg.data.shards, split, batch_size=1, views=resolve_views(cfg, cls), size=cfg.data.size,
+                        subset_fraction=cfg.data.subset_fraction)
     outputs = output_specs(cls, freeze(model), loader)
     per = bytes_per_sample(loader.num_views, outputs, topk)
     report = {"method": cls.name, "views": list(loader.view_names), "outputs": outputs, "topk": topk,
@@ -90,7 +91,9 @@ def binding_for(cfg: Config, teacher: dict[str, Any], split: str = "train") -> d
     return {"method": cls.name, "teacher_weights_sha256": teacher.get("weights_sha256"),
             "shards_manifest_sha256": manifest_sha256(cfg.data.shards), "seed": cfg.run.seed,
             "views": list(views.names) if views is not None else ["normal"], "size": cfg.data.size or DEFAULT_SIZE[layout],
-            "pipeline_version": PIPELINE_VERSION, "device_type": pipeline_device(cfg.data.device), "split": split}
+            "pipeline_version": PIPELINE_VERSION, "device_type": pipeline_device(cfg.data.device), "split": split,
+            "subset_fraction": cfg.data.subset_fraction if split == "train" else 1.0,
+            "label_noise": cfg.data.label_noise if split == "train" else 0.0}
 
 
 def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
@@ -206,7 +209,7 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
     loader = ViewLoader(cfg.data.shards, split, batch_size=batch_size, views=resolve_views(cfg, cls),
                         seed=cfg.run.seed, rank=rank, world_size=world, device=pipeline_device(cfg.data.device),
                         threads=cfg.data.threads, size=cfg.data.size, torch_device=accelerator.device,
-                        reuse_buffers=True)
+                        reuse_buffers=True, subset_fraction=cfg.data.subset_fraction)
     outputs = output_specs(cls, model, loader)
     if topk is not None:
         sizes = [o["shape"][-1] for o in outputs if o["topk"]]

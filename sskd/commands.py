@@ -16,6 +16,15 @@ log = logging.getLogger(__name__)
 RECIPES = Path(__file__).parent / "configs"  # the paper's recipes ship inside the package
 
 
+def _tracker_names(text: str) -> list[str]:
+    """``--log-with`` value: one name or a comma list of tensorboard, wandb, mlflow, aim (or none)."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("tensorboard", "wandb", "mlflow", "aim", "none")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r}: choose from tensorboard, wandb, mlflow, aim (or none)")
+    return names
+
+
 def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
     if shards:
         p.add_argument("--shards", required=True, help="shard folder written by `sskd shard`")
@@ -36,6 +45,10 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (without --resume or this, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--log-with", action="append", type=_tracker_names, metavar="TRACKER",
+                   help="also log to Accelerate's trackers: tensorboard | wandb | mlflow | aim (repeatable or a "
+                        "comma list; none = no tracker; default: the config's run.log_with, empty). They write "
+                        "in the run folder; wandb runs offline, mlflow to a file store; metrics.jsonl is kept")
 
 
 def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = ()):
@@ -59,6 +72,9 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
         sets.append(f"{dotted}={value}")
     if getattr(args, "no_progress", False):
         sets.append("run.progress=false")
+    if getattr(args, "log_with", None):  # --log-with a,b --log-with c; "none" clears the config's trackers
+        names = list(dict.fromkeys(n for item in args.log_with for n in item if n != "none"))
+        sets.append(f"run.log_with=[{','.join(names)}]")
     return load_config(args.config, sets + list(args.set))
 
 

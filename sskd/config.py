@@ -44,6 +44,11 @@ class DataConfig:
     device: str = bound("auto", choices=("auto", "cpu", "gpu"))  # DALI device: auto = gpu when CUDA is present
     threads: int = bound(2, ge=1)  # DALI worker threads per process
     eval_batch_size: int = bound(256, ge=1)
+    # Robustness settings (SSKD Sec. 4.3), training split only (pipelines.settings): few-shot keeps this
+    # stratified share of each class (random_state 0, the same for every seed and method) ...
+    subset_fraction: float = bound(1.0, gt=0, le=1)
+    # ... and symmetric label noise flips this share of training labels to another class, per (run.seed, id)
+    label_noise: float = bound(0.0, ge=0, le=0.99)
 
 
 @dataclass
@@ -78,6 +83,8 @@ class RunConfig:
     eval_every: int = bound(1, ge=0)  # epochs between evaluations (0 = only at the end)
     global_ss_batch: bool = False  # all-gather SS embeddings across ranks for one global similarity matrix
     progress: bool = True
+    # Accelerate trackers beside metrics.jsonl (`--log-with`), each writing under the run folder
+    log_with: list[str] = bound(factory=list, choices=("tensorboard", "wandb", "mlflow", "aim"))
 
 
 @dataclass
@@ -135,6 +142,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if text.startswith("list"):
             if isinstance(value, str):
                 value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if "str" in text:  # list[str]: names (run.log_with)
+                return [str(v).strip() for v in (value if isinstance(value, (list, tuple)) else [value])
+                        if str(v).strip()]
             return [int(v) for v in value]
         if hint is bool or text == "bool":
             if isinstance(value, str):
@@ -210,8 +220,9 @@ def _check_bounds(name: str, section: Any) -> None:
     for f in fields(section):
         value, meta = getattr(section, f.name), f.metadata
         where = f"config: {name}.{f.name}"
-        if "choices" in meta and value not in meta["choices"]:
-            raise SSKDError(f"{where} must be one of {', '.join(meta['choices'])}, not {value!r}")
+        for v in value if isinstance(value, list) and "choices" in meta else [value]:
+            if "choices" in meta and v not in meta["choices"]:
+                raise SSKDError(f"{where} must be one of {', '.join(meta['choices'])}, not {v!r}")
         for v in value if isinstance(value, list) else [value]:
             if v is None or isinstance(v, str):
                 continue

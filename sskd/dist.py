@@ -26,12 +26,13 @@ def pipeline_device(requested: str = "auto") -> str:
 
 
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: str = "auto",
-                     find_unused_parameters: bool = False):
+                     find_unused_parameters: bool = False, **trackers):
     """An :class:`accelerate.Accelerator` for this process.
 
     Without CUDA it is built with ``cpu=True`` so torch.distributed uses gloo; this is how
     ``launch/accelerate/cpu.yaml`` (declared MULTI_GPU, because ``--cpu --num_processes 2`` starts one
-    process, accelerate#2741) gets two real CPU ranks.
+    process, accelerate#2741) gets two real CPU ranks. ``trackers``: ``log_with`` and ``project_dir``
+    (:func:`sskd.runs.accelerator_trackers`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -58,6 +59,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: s
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
+        **trackers,
     )
 
 

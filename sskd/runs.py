@@ -7,7 +7,12 @@ A run folder ``RUN/`` holds::
     RUN/model.json             what the weights are: arch, num_classes, has_head, classes, shard hash, accuracy
     RUN/checkpoints/last.pt    latest training state (model, optimizer, step, epoch, config); resumable
     RUN/checkpoints/best.pt    the state with the best validation top-1 so far
-    RUN/metrics.jsonl          one JSON object per logged interval and per evaluation
+    RUN/metrics.jsonl          one JSON object per logged interval and per evaluation (the source of truth)
+    RUN/sskd/                  TensorBoard event files (``--log-with tensorboard``; Accelerate's layout:
+                               <project_dir>/<project name>; hparams in RUN/sskd/<time>/)
+    RUN/wandb/                 W&B's files (``--log-with wandb``; offline unless WANDB_MODE is set)
+    RUN/mlruns/                MLflow's file store (``--log-with mlflow``; unless MLFLOW_TRACKING_URI is set)
+    RUN/.aim/                  the Aim repository (``--log-with aim``)
 
 Checkpoints are written under a temporary name and renamed, so the last good one survives any
 interruption. A run folder has one writer at a time (:func:`claim_run` holds ``RUN/.lock`` for the
@@ -16,8 +21,11 @@ run's life) and earlier work in it is never overwritten unless asked (``--resume
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +44,13 @@ MODEL_INFO = "model.json"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-RUN_ENTRIES = (CONFIG, METRICS, MODEL_WEIGHTS, MODEL_INFO, CHECKPOINTS, "tb")  # what a run writes
+# The trackers `--log-with` (run.log_with) may name: the module each needs and where it writes in RUN/.
+# Accelerate's own trackers do the writing; metrics.jsonl stays the record the project itself reads.
+TRACKER_PROJECT = "sskd"  # Accelerate's project name: W&B project, MLflow experiment, TensorBoard subfolder
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+TRACKER_FOLDERS = {"tensorboard": TRACKER_PROJECT, "wandb": "wandb", "mlflow": "mlruns", "aim": ".aim"}
+# what a run writes ("tb": the hand-made TensorBoard writer's folder of older runs)
+RUN_ENTRIES = (CONFIG, METRICS, MODEL_WEIGHTS, MODEL_INFO, CHECKPOINTS, "tb", *TRACKER_FOLDERS.values())
 
 
 def earlier_work(run: Path) -> list[str]:
@@ -145,18 +159,122 @@ def load_checkpoint(run: Path, name: str = "last") -> dict[str, Any] | None:
         raise SSKDError(f"{path}: damaged checkpoint ({exc}); delete it to start over") from exc
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[module] is None (blocked)
+        return False
+
+
+def check_trackers(names: list[str]) -> None:
+    """One line per missing package, before anything is set up: Accelerate itself would skip it silently."""
+    for name in names:
+        if name not in TRACKER_MODULES:
+            raise SSKDError(f"--log-with {name}: unknown tracker (choose from {', '.join(TRACKER_MODULES)})")
+        if not _installed(TRACKER_MODULES[name]):
+            raise SSKDError(f"--log-with {name} needs the {name} package (pip install {name})")
+
+
+def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"student": {"lr": 0.05}}`` -> ``{"student.lr": 0.05}``; lists become ``"[a, b]"`` strings.
+
+    Trackers take flat scalars only (TensorBoard's hparams and MLflow's params reject nested values)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = "[" + ", ".join(str(v) for v in value) + "]"
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def accelerator_trackers(names: list[str], run: Path) -> dict[str, Any]:
+    """The :class:`accelerate.Accelerator` arguments for ``names`` (none when empty): checked first."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    check_trackers(names)
+    return {"log_with": names, "project_dir": str(run)}
+
+
+def start_trackers(accelerator, run: Path, config: dict[str, Any], wanted: list[str] = (),
+                   resume_step: int | None = None) -> None:
+    """``accelerator.init_trackers`` with the flattened run config, everything written under ``run``.
+
+    Services that want a server stay local: W&B runs offline (``WANDB_MODE`` unless set) in ``RUN/wandb``
+    (``WANDB_DIR`` unless set), MLflow uses a file store ``RUN/mlruns`` (unless ``MLFLOW_TRACKING_URI``).
+    ``resume_step``: TensorBoard hides the earlier run's events after it (they are logged again).
+    """
+    names = [str(t) for t in accelerator.log_with]
+    dropped = [n for n in wanted if n not in names]  # Accelerate skips a tracker it finds no package for
+    if dropped:
+        raise SSKDError(f"--log-with {dropped[0]}: Accelerate does not find the {dropped[0]} package "
+                        f"(pip install {dropped[0]})")
+    if not names:
+        return
+    kwargs: dict[str, dict[str, Any]] = {}
+    if "wandb" in names:
+        kwargs["wandb"] = {"name": run.resolve().name}
+        if "WANDB_MODE" not in os.environ:
+            kwargs["wandb"]["mode"] = "offline"
+        if "WANDB_DIR" not in os.environ:
+            kwargs["wandb"]["dir"] = str(run)
+    if "mlflow" in names:
+        kwargs["mlflow"] = {"run_name": run.resolve().name}
+        if accelerator.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
+            import mlflow
+
+            mlflow.set_tracking_uri((run / TRACKER_FOLDERS["mlflow"]).resolve().as_uri())
+    if "tensorboard" in names and resume_step is not None:
+        kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+    try:
+        accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(config), init_kwargs=kwargs)
+    except Exception as exc:  # a tracker's own failure, in one line
+        for tracker in accelerator.trackers:  # close those that started; the others cannot finish
+            with contextlib.suppress(Exception):
+                tracker.finish()
+        accelerator.trackers = []
+        raise SSKDError(f"--log-with {','.join(names)}: cannot start the tracker ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+    if accelerator.is_main_process:
+        where = ", ".join(f"{n} -> {run / TRACKER_FOLDERS[n]}" for n in names
+                          if not (n == "mlflow" and "MLFLOW_TRACKING_URI" in os.environ))
+        log.info("%s: logging to %s", run, where or ", ".join(names))
+
+
+def finish_trackers(accelerator) -> None:
+    """Close the trackers: what ``accelerator.end_training()`` does, less destroying the process group
+    (a caller may go on with collectives, or another stage in the same process)."""
+    if accelerator is None:
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
 class MetricsLog:
-    """Appends one JSON line per record to ``RUN/metrics.jsonl`` (and TensorBoard when installed).
+    """Appends one JSON line per record to ``RUN/metrics.jsonl``; the same numbers go to the Accelerate
+    trackers of ``accelerator`` when it has any (``--log-with``).
 
     ``keep_until``: on resume, the checkpoint's (phase, step); records past it are dropped first (they
     are made again), so no step is logged twice; a torn last line of a killed writer is dropped too.
+
+    Trackers get each record's numbers as ``<kind>/<key>`` (``train/loss``, ``eval/top1``) at its step;
+    in a run with pre-training phases the steps of the earlier phases are added, so the trackers' step
+    never goes back (W&B drops records whose step does).
     """
 
-    def __init__(self, run: Path, enabled: bool = True, tensorboard: bool = True,
-                 keep_until: tuple[int, int] | None = None):
+    def __init__(self, run: Path, enabled: bool = True, keep_until: tuple[int, int] | None = None,
+                 accelerator=None):
         self.path = run / METRICS
         self.enabled = enabled
-        self.tb = None
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        self._phase_end: dict[int, int] = {}  # phase -> its last logged step
         if not enabled:
             return
         if self.path.is_file():
@@ -166,13 +284,16 @@ class MetricsLog:
             text = "".join(json.dumps(r) + "\n" for r in records)
             if text.encode() != self.path.read_bytes():
                 atomic.write_bytes(self.path, text.encode())
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            for r in records:
+                self._note(r)
 
-                self.tb = SummaryWriter(str(run / "tb"))
-            except (ImportError, ModuleNotFoundError):
-                log.debug("tensorboard not installed; metrics go to metrics.jsonl only")
+    def _note(self, record: dict[str, Any]) -> None:
+        phase = record.get("phase", 0)
+        self._phase_end[phase] = max(self._phase_end.get(phase, 0), record.get("step", 0))
+
+    def tracker_step(self, phase: int, step: int) -> int:
+        """The trackers' step of ``step`` in ``phase``: the steps of the earlier phases added."""
+        return step + sum(end for p, end in self._phase_end.items() if p < phase)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -180,15 +301,16 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        self._note(record)
+        if self.accelerator is not None:
+            kind = record.get("kind", "train")
+            values = {f"{kind}/{k}": v for k, v in record.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time", "phase")}
+            self.accelerator.log(values, step=self.tracker_step(record.get("phase", 0), record.get("step", 0)))
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        finish_trackers(self.accelerator)
+        self.accelerator = None
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:

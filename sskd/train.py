@@ -77,7 +77,16 @@ def _loaders(job: Job, accelerator, views):
     )
     # The loop is done with a batch before it asks for the next: no copy of DALI's buffers needed.
     train = ViewLoader(cfg.data.shards, "train", batch_size=st.batch_size, views=views, train=True,
-                       reuse_buffers=True, **common)
+                       reuse_buffers=True, subset_fraction=cfg.data.subset_fraction,
+                       label_noise=cfg.data.label_noise, **common)
+    if train.subset_fraction < 1 or train.label_noise > 0:
+        from pipelines.settings import describe, write_record
+
+        log.info("%s: training on %s: %d of the split's samples%s", job.out,
+                 describe(train.subset_fraction, train.label_noise), train.num_samples,
+                 f", {len(train.flipped_ids)} labels flipped" if train.label_noise else "")
+        if accelerator.is_main_process:
+            write_record(job.out, train)
     val = None
     if "val" in train.manifest["splits"]:
         val = ViewLoader(cfg.data.shards, "val", batch_size=cfg.data.eval_batch_size, train=False, **common)
@@ -105,6 +114,11 @@ class Run:
                                     nesterov=st.nesterov)
         self.steps_per_epoch = max(1, len(self.train_loader) // st.grad_accum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(st, self.steps_per_epoch))
+        if accelerator.is_main_process and st.schedule == "step" and st.gamma != 1 and st.milestones \
+                and min(st.milestones) >= st.epochs:
+            log.warning("%s.milestones %s all fall at or after epoch %d: the lr stays %g for the whole run "
+                        "(set --set %s.milestones=[...] or %s.schedule=cosine)", job.stage, st.milestones,
+                        st.epochs, st.lr, job.stage, job.stage)
         self.total_steps = min(st.epochs * self.steps_per_epoch, st.max_steps or math.inf)
         if self.world > 1:
             method.all_gather = make_gather(accelerator)
@@ -115,7 +129,7 @@ class Run:
         # Pre-training phases (a method's own; most have none), then the main training: state["phase"]
         # indexes [*phases, main], so a run without phases is always in phase 0.
         self.phases = [p for p in self.core.phases() if p.epochs > 0]
-        self.main = (self.params, self.optimizer, self.scheduler, self.total_steps, st.epochs)
+        self.main_phase = (self.params, self.optimizer, self.scheduler, self.total_steps, st.epochs)
         self.epochs = st.epochs
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0}
         self.resume_data: dict | None = None  # this rank's DALI pipeline checkpoint at the resumed batch
@@ -140,7 +154,7 @@ class Run:
         """Set up the optimizer, schedule and length of phase ``state["phase"]`` and tell the method."""
         index, st = self.state["phase"], self.st
         if index >= len(self.phases):
-            self.params, self.optimizer, self.scheduler, self.total_steps, self.epochs = self.main
+            self.params, self.optimizer, self.scheduler, self.total_steps, self.epochs = self.main_phase
         else:
             phase = self.phases[index]
             self.params = self.core.phase_parameters(phase.name)
@@ -234,9 +248,10 @@ def claim_folder(job: Job, accelerator):
 
 
 # What a resumed run may not change: they decide the model's shape or the data it learns from.
-FIXED_FOR_RESUME = ("{stage}.arch", "{stage}.method", "data.size")
+FIXED_FOR_RESUME = ("{stage}.arch", "{stage}.method", "data.size", "data.subset_fraction", "data.label_noise")
 # The shards are compared by their manifest's hash and the views as resolved (auto = the method's own).
-IGNORED_FOR_RESUME = ("run.progress", "data.shards", "data.views")
+# Trackers (run.log_with) only watch: a resume may add or drop them.
+IGNORED_FOR_RESUME = ("run.progress", "run.log_with", "data.shards", "data.views")
 
 
 def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
@@ -302,8 +317,10 @@ def open_outputs(run: Run) -> None:
     """After every check passed: the resolved config (atomically), the metrics log, the progress bar."""
     if run.main:
         atomic.write_bytes(run.out / runs.CONFIG, dump_yaml(run.cfg).encode())
-    run.metrics = runs.MetricsLog(run.out, enabled=run.main,
-                                  keep_until=(run.state["phase"], run.state["step"]) if run.job.resume else None)
+    keep_until = (run.state["phase"], run.state["step"]) if run.job.resume else None
+    run.metrics = runs.MetricsLog(run.out, enabled=run.main, keep_until=keep_until, accelerator=run.accelerator)
+    runs.start_trackers(run.accelerator, run.out, run.cfg.to_dict(), run.cfg.run.log_with,
+                        resume_step=run.metrics.tracker_step(*keep_until) if keep_until else None)
     if run.main and run.cfg.run.progress:
         from tqdm.auto import tqdm
 
@@ -401,7 +418,8 @@ def train(job: Job) -> dict[str, Any]:
     """
     st = getattr(job.cfg, job.stage)
     accelerator = make_accelerator(job.cfg.run.mixed_precision, st.grad_accum, job.cfg.data.device,
-                                   find_unused_parameters=stage_method(job.cfg, job.stage).has_phases)
+                                   find_unused_parameters=stage_method(job.cfg, job.stage).has_phases,
+                                   **runs.accelerator_trackers(job.cfg.run.log_with, job.out))
     torch.manual_seed(job.cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
     lock = claim_folder(job, accelerator)
     try:

@@ -139,6 +139,9 @@ def test_two_cpu_ranks_under_accelerate_launch(digits_shards, tmp_path):
     manifest = json.loads((Path(digits_shards) / "manifest.json").read_text())
     assert probes[0]["eval_count"] == probes[1]["eval_count"] == manifest["splits"]["val"]["num_samples"]
     assert [r["world_size"] for r in read_metrics(tmp_path) if r["kind"] == "train"][-1] == 2
+    # Only the main process writes the run's files (every rank did while Run.main was overwritten by the
+    # main phase's optimizer tuple: each logged step came twice)
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"] == [2, 4, 6]
 
 
 @pytest.mark.slow
@@ -363,6 +366,18 @@ def test_a_full_run_counts_its_epochs_and_files_follow_the_umask(digits_shards, 
 
     for name in ("model.safetensors", "model.json", "config.yaml", "checkpoints/last.pt"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~_umask(), name
+
+
+def test_a_step_schedule_that_never_decays_is_warned_about(digits_shards, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert run(*teacher_args(digits_shards, tmp_path / "t", "--epochs", 3, "--max-steps", 1,
+                                 "--set", "run.eval_every=0")) == 0
+    assert "teacher.milestones [150, 180, 210] all fall at or after epoch 3: the lr stays 0.05" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert run(*teacher_args(digits_shards, tmp_path / "t2", "--epochs", 3, "--max-steps", 1,
+                                 "--set", "teacher.milestones=[2]", "--set", "run.eval_every=0")) == 0
+    assert "milestones" not in caplog.text
 
 
 def test_shards_without_val_train_and_finish_cleanly(digits_shards, tmp_path, caplog):
