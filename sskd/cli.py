@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "pipelines.cli",  # views; bench pipeline
     "sskd.commands",  # train-teacher, train-ss-head, distill, evaluate, demo
     "sskd.cache_cli",  # cache; bench distill
+    "sskd.sweep",  # sweep
+    "sskd.report",  # report
 ]
 
 EPILOG = """\

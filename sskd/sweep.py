@@ -1,0 +1,431 @@
+"""``sskd sweep SPEC.yaml --out DIR``: a grid of methods x teacher/student pairs x seeds x data settings.
+
+Every run is one of the commands a user runs (``sskd train-teacher``, ``train-ss-head``, ``distill``),
+started as a child process (or under ``--launcher "accelerate launch ..."``), in a folder of its own:
+
+    DIR/spec.yaml                                  the spec as given
+    DIR/plan.json                                  every run: kind, folder, method, pair, seed, setting, command
+    DIR/teachers/<arch>                            stage-1 teacher, one per teacher architecture
+    DIR/teachers/<arch>-<head method>[-<hash>]     its SS head / branches / KDSS heads, one per kind the methods need
+    DIR/runs/<setting>/<label>/<teacher>-<student>/seed<k>   the students
+
+Teachers (and their heads) are trained once, on the full clean data, with ``teacher_seed``, and shared
+by every student that needs them; data settings act on the students only (SSKD Sec. 4.3: "the teacher
+is trained with clean data and will be shared by all students"). Each run folder gets ``sweep.json``
+(its command, status, wall time and result) and ``sweep.log`` (the command's output). A rerun skips
+finished runs, resumes an interrupted one (``--resume``) and refuses a finished run whose recorded
+command differs from the spec's (the spec changed under it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sskd import atomic
+from sskd.errors import SSKDError
+
+log = logging.getLogger(__name__)
+
+RECORD = "sweep.json"
+OUTPUT = "sweep.log"
+SPEC_KEYS = {"shards", "pairs", "methods", "seeds", "settings", "set", "config", "teacher_seed", "name"}
+
+
+@dataclass
+class MethodSpec:
+    name: str  # registry name (``--method``)
+    label: str  # how the report calls it (default: the name)
+    sets: dict[str, Any] = field(default_factory=dict)  # overrides for this method's runs (and its head)
+
+
+@dataclass
+class Spec:
+    shards: str
+    pairs: list[dict[str, str]]
+    methods: list[MethodSpec]
+    seeds: list[int]
+    settings: dict[str, dict[str, Any]]
+    sets: dict[str, Any]
+    config: str | None = None
+    teacher_seed: int = 0
+    name: str = "sweep"
+
+
+@dataclass
+class PlannedRun:
+    kind: str  # teacher | head | student
+    folder: Path
+    args: list[str]  # sskd's own arguments: ["distill", "--method", ...]
+    stage: str  # teacher | ss_head | student (the config section whose epochs count)
+    meta: dict[str, Any] = field(default_factory=dict)  # setting, method, label, teacher, student, seed
+    steps: int | None = None
+    images: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        path = self.folder / RECORD
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fail(where: str, text: str) -> SSKDError:
+    return SSKDError(f"{where}: {text}")
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and check a sweep spec; a mistake is one line naming the file and key."""
+    from sskd.methods import METHODS
+
+    path = Path(path)
+    if not path.is_file():
+        raise SSKDError(f"{path}: sweep spec not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SSKDError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise _fail(str(path), "a sweep spec is a mapping (shards, pairs, methods, seeds, settings, set)")
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise _fail(str(path), f"unknown key {unknown[0]!r} (keys: {', '.join(sorted(SPEC_KEYS))})")
+    for key in ("shards", "methods"):
+        if not raw.get(key):
+            raise _fail(str(path), f"{key} is required")
+    pairs = raw.get("pairs") or [{"teacher": "resnet32x4", "student": "resnet8x4"}]
+    if not isinstance(pairs, list) or not all(isinstance(p, dict) and p.get("student") for p in pairs):
+        raise _fail(str(path), "pairs: a list of {teacher: ARCH, student: ARCH}")
+    methods = []
+    for i, m in enumerate(raw["methods"]):
+        entry = {"name": m} if isinstance(m, str) else dict(m or {})
+        name = entry.get("name")
+        if name not in METHODS["student"].names():
+            raise _fail(str(path), f"methods[{i}]: {name!r} is not a distill method "
+                                   f"({', '.join(METHODS['student'].names())})")
+        sets = entry.get("set") or {}
+        if not isinstance(sets, dict):
+            raise _fail(str(path), f"methods[{i}].set: a mapping section.key: value")
+        methods.append(MethodSpec(name=name, label=str(entry.get("label", name)), sets=sets))
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise _fail(str(path), "methods: two entries share a label; give one a `label:`")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and s >= 0 for s in seeds) or not seeds:
+        raise _fail(str(path), "seeds: a list of non-negative integers")
+    settings = raw.get("settings") or {"full": {}}
+    if not isinstance(settings, dict) or not all(isinstance(v or {}, dict) for v in settings.values()):
+        raise _fail(str(path), "settings: a mapping name -> {section.key: value}")
+    for name in settings:
+        if not str(name).replace("-", "").replace("_", "").isalnum():
+            raise _fail(str(path), f"settings: {name!r} is not a folder-safe name")
+    sets = raw.get("set") or {}
+    if not isinstance(sets, dict):
+        raise _fail(str(path), "set: a mapping section.key: value")
+    return Spec(shards=str(raw["shards"]), pairs=[{k: str(v) for k, v in p.items()} for p in pairs],
+                methods=methods, seeds=seeds, settings={str(k): dict(v or {}) for k, v in settings.items()},
+                sets=sets, config=raw.get("config"), teacher_seed=int(raw.get("teacher_seed", 0)),
+                name=str(raw.get("name", path.stem)))
+
+
+def _set_args(values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if "." not in str(key):
+            raise SSKDError(f"sweep spec: {key!r} is not section.key")
+        text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+        out += ["--set", f"{key}={text}"]
+    return out
+
+
+def _head_method(method: str) -> str | None:
+    """The head-role method whose run carries the part ``method``'s teacher must have (None: a stage-1
+    teacher is enough)."""
+    from sskd.methods import METHODS
+
+    part = METHODS["student"].get(method).teacher_part
+    if part is None:
+        return None
+    makers = [n for n in METHODS["head"].names() if METHODS["head"].get(n).produces == part]
+    if not makers:
+        raise SSKDError(f"--method {method}: no train-ss-head method makes the {part} its teacher needs")
+    return makers[0]
+
+
+def plan(spec: Spec, out: Path) -> list[PlannedRun]:
+    """Every run of the grid, teachers first, in the order they run."""
+    from sskd.methods import METHODS
+
+    common = (["--config", spec.config] if spec.config else []) + ["--shards", spec.shards]
+    runs: list[PlannedRun] = []
+    teachers: dict[str, PlannedRun | str] = {}
+    heads: dict[tuple, PlannedRun] = {}
+    base_sets = _set_args(spec.sets)
+    for pair in spec.pairs:
+        t_arch, s_arch = pair.get("teacher"), pair["student"]
+        pair_common = (["--config", pair["config"]] if pair.get("config") else []) + common
+        needs_teacher = any(METHODS["student"].get(m.name).needs_teacher for m in spec.methods)
+        if needs_teacher and not t_arch:
+            raise SSKDError(f"sweep spec: pair {pair}: its methods need a teacher")
+        if t_arch and t_arch not in teachers and needs_teacher:
+            if t_arch.startswith("torchvision:"):
+                teachers[t_arch] = t_arch
+            else:
+                run = PlannedRun("teacher", out / "teachers" / t_arch,
+                                 ["train-teacher", "--arch", t_arch, *pair_common, "--seed", str(spec.teacher_seed),
+                                  *base_sets], "teacher", {"teacher": t_arch})
+                teachers[t_arch] = run
+                runs.append(run)
+        for m in spec.methods:
+            head = _head_method(m.name)
+            if head is None or (t_arch, head, json.dumps(m.sets, sort_keys=True)) in heads:
+                continue
+            # A head run per (teacher, head method, that method's overrides): sskd's pretext, say, shapes it.
+            own = {k: v for k, v in m.sets.items() if k.split(".")[0] in (head, "ss_head")}
+            suffix = "-" + hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:6] if own else ""
+            key = (t_arch, head, json.dumps(own, sort_keys=True))
+            if key in heads:
+                heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] = heads[key]
+                continue
+            src = teachers[t_arch]
+            src_path = src if isinstance(src, str) else str(src.folder)
+            run = PlannedRun("head", out / "teachers" / f"{t_arch.replace(':', '-')}-{head}{suffix}",
+                             ["train-ss-head", "--method", head, "--teacher", src_path, *pair_common,
+                              "--seed", str(spec.teacher_seed), *base_sets, *_set_args(own)],
+                             "ss_head", {"teacher": t_arch, "method": head})
+            heads[key] = heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] = run
+            runs.append(run)
+    for setting, overrides in spec.settings.items():
+        for pair in spec.pairs:
+            t_arch, s_arch = pair.get("teacher"), pair["student"]
+            pair_common = (["--config", pair["config"]] if pair.get("config") else []) + common
+            for m in spec.methods:
+                cls = METHODS["student"].get(m.name)
+                teacher_args: list[str] = []
+                if cls.needs_teacher:
+                    head = _head_method(m.name)
+                    src = heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] if head else teachers[t_arch]
+                    teacher_args = ["--teacher", src if isinstance(src, str) else str(src.folder)]
+                pair_name = f"{(t_arch or 'none').replace(':', '-')}-{s_arch}"
+                for seed in spec.seeds:
+                    folder = out / "runs" / setting / m.label / pair_name / f"seed{seed}"
+                    args = ["distill", "--method", m.name, *teacher_args, "--student", s_arch, *pair_common,
+                            "--seed", str(seed), *base_sets, *_set_args(m.sets), *_set_args(overrides)]
+                    runs.append(PlannedRun("student", folder, args, "student",
+                                           {"setting": setting, "method": m.name, "label": m.label,
+                                            "pair": pair_name, "teacher": t_arch, "student": s_arch,
+                                            "uses_teacher": cls.needs_teacher, "seed": seed}))
+    return runs
+
+
+def estimate(run: PlannedRun, samples_cache: dict) -> None:
+    """Optimizer steps and images the run will train on one process (from its resolved config)."""
+    from sskd.cli import build_parser
+    from sskd.commands import resolve_config
+
+    if "parser" not in samples_cache:
+        samples_cache["parser"] = build_parser()
+    args = samples_cache["parser"].parse_args([*run.args, "--out", str(run.folder)])
+    cfg = resolve_config(args, run.stage)
+    st = getattr(cfg, run.stage)
+    key = (cfg.data.shards, cfg.data.subset_fraction)
+    if key not in samples_cache:
+        from shards.format import load_manifest
+
+        n = int(load_manifest(cfg.data.shards)["splits"]["train"]["num_samples"])
+        if cfg.data.subset_fraction < 1:
+            from pipelines.settings import subset_ids
+            from shards.labels import split_labels
+
+            n = len(subset_ids(split_labels(cfg.data.shards, "train"), cfg.data.subset_fraction))
+        samples_cache[key] = n
+    n = samples_cache[key]
+    per_epoch = max(1, math.ceil(n / st.batch_size) // st.grad_accum)
+    steps = st.epochs * per_epoch
+    if st.max_steps:
+        steps = min(steps, st.max_steps)
+    run.steps, run.images = steps, steps * st.batch_size * st.grad_accum
+
+
+def _status(run: PlannedRun) -> str:
+    rec = run.record()
+    if rec.get("status") == "done" and (run.folder / "model.json").is_file():
+        return "done"
+    from sskd.runs import earlier_work
+
+    if run.folder.is_dir() and earlier_work(run.folder):
+        return "partial"
+    return "todo"
+
+
+def _result(folder: Path) -> dict[str, Any]:
+    info = json.loads((folder / "model.json").read_text())
+    return {k: info[k] for k in ("top1", "top5", "best_top1", "epochs_done", "steps", "count") if k in info}
+
+
+class _Child:
+    """One command as a child process; SIGTERM to the sweep is passed on (the run saves and stops)."""
+
+    def __init__(self, argv: list[str], log_path: Path):
+        self.argv, self.log_path = argv, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def run(self) -> int:
+        old = signal.getsignal(signal.SIGTERM)
+
+        def forward(signum, frame):
+            if self.proc and self.proc.poll() is None:
+                self.proc.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        try:
+            with open(self.log_path, "ab") as fh:
+                fh.write(f"\n$ {shlex.join(self.argv)}\n".encode())
+                fh.flush()
+                self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT)
+                try:
+                    return self.proc.wait()
+                except KeyboardInterrupt:  # the child got the terminal's SIGINT too: let it save and stop
+                    return self.proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if ln.startswith("sskd: ")]
+    return (errs or lines or [""])[-1][:300]
+
+
+def execute(runs: list[PlannedRun], launcher: str | None, keep_going: bool = False, progress: bool = True) -> int:
+    """Run what is not done yet, in order; returns the exit status (0, or the failing run's)."""
+    from tqdm import tqdm
+
+    prefix = shlex.split(launcher) + ["-m", "sskd"] if launcher else [sys.executable, "-m", "sskd"]
+    failed: list[PlannedRun] = []
+    bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    t_start = time.time()
+    for i, run in enumerate(runs, 1):
+        status = _status(run)
+        rec = run.record()
+        if rec.get("args") and rec["args"] != run.args and status in ("done", "partial"):
+            raise SSKDError(f"{run.folder}: was run with another command than the spec gives now "
+                            f"({shlex.join(rec['args'])}); move it away or sweep into another --out")
+        if status == "done":
+            bar.update(1)
+            continue
+        if status == "todo" and run.folder.is_dir() and (run.folder / "model.json").is_file():
+            status = "done"
+        deps = [d for d in failed if str(d.folder) in run.args]
+        if deps:
+            log.warning("%s: skipped: %s failed", run.folder, deps[0].folder)
+            bar.update(1)
+            continue
+        args = [*run.args, "--out", str(run.folder), "--no-progress"] + (["--resume"] if status == "partial" else [])
+        run.folder.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        base = {"args": run.args, "command": shlex.join(prefix + args), "kind": run.kind, **run.meta}
+        atomic.write_json(run.folder / RECORD, {**base, "status": "running", "started": started})
+        bar.set_postfix_str(f"{run.kind} {run.folder.name if run.kind != 'student' else run.meta['label']}")
+        log.info("[%d/%d] %s%s", i, len(runs), shlex.join(["sskd", *args]), " (resuming)" if status == "partial" else "")
+        rc = _Child(prefix + args, run.folder / OUTPUT).run()
+        wall = round(time.time() - started, 1)
+        if rc == 0 and (run.folder / "model.json").is_file():
+            result = _result(run.folder)
+            atomic.write_json(run.folder / RECORD, {**base, "status": "done", "wall_s": wall, "result": result})
+            log.info("[%d/%d] %s: top-1 %s in %.0f s", i, len(runs), run.folder, result.get("top1", "-"), wall)
+        else:
+            why = _last_error(run.folder / OUTPUT)
+            atomic.write_json(run.folder / RECORD, {**base, "status": "failed" if rc < 128 else "interrupted",
+                                                    "rc": rc, "wall_s": wall, "error": why})
+            if rc >= 128 or rc < 0:  # stopped by a signal: the run saved; the sweep stops and can be rerun
+                bar.close()
+                log.warning("%s: interrupted; rerun the same `sskd sweep` to resume it", run.folder)
+                return 128 + signal.SIGINT if rc < 0 else rc
+            log.error("%s: failed (exit %d): %s (output: %s)", run.folder, rc, why, run.folder / OUTPUT)
+            failed.append(run)
+            if not keep_going:
+                bar.close()
+                return 1
+        bar.update(1)
+    bar.close()
+    log.info("sweep: %d runs, %d failed, %.0f s", len(runs), len(failed), time.time() - t_start)
+    return 1 if failed else 0
+
+
+def cmd_sweep(args) -> int:
+    out = Path(args.out)
+    spec = load_spec(args.spec)
+    runs = plan(spec, out)
+    cache: dict = {}
+    for run in runs:  # resolves every run's config: a typo in the spec fails here, before any training
+        try:
+            estimate(run, cache)
+        except SSKDError as exc:
+            raise SSKDError(f"{args.spec}: {run.folder.relative_to(out)}: {exc}") from None
+    if args.dry_run:
+        print(f"{'run':<62} {'status':<8} {'steps':>7} {'images':>10}")
+        for run in runs:
+            print(f"{str(run.folder.relative_to(out)):<62} {_status(run):<8} {run.steps:>7,} {run.images:>10,}")
+        todo = [r for r in runs if _status(r) != "done"]
+        print(f"{len(runs)} runs ({len(todo)} to do): {sum(r.steps for r in todo):,} steps, "
+              f"{sum(r.images for r in todo):,} images still to train (one process each; a launcher's ranks "
+              "share them)")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(out / "spec.yaml", Path(args.spec).read_bytes())
+    atomic.write_json(out / "plan.json", {"name": spec.name, "settings": list(spec.settings), "seeds": spec.seeds,
+                                          "methods": [m.label for m in spec.methods],
+                                          "runs": [{"kind": r.kind, "folder": str(r.folder.relative_to(out)),
+                                                    "steps": r.steps, **r.meta} for r in runs]})
+    return execute(runs, args.launcher, keep_going=args.keep_going, progress=not args.no_progress)
+
+
+EXAMPLE_SPEC = """\
+spec (YAML):
+  shards: data/shards/digits
+  pairs: [{teacher: resnet20, student: resnet8}]
+  methods: [ce, kd, sskd, hssakd]           # or {name: dkd, label: dkd-ls, set: {dkd.standardize: true}}
+  seeds: [0, 1, 2]
+  settings:                                 # name -> config overrides for the students of that setting
+    full: {}
+    few25: {data.subset_fraction: 0.25}
+    noisy40: {data.label_noise: 0.4}
+  set: {teacher.epochs: 12, ss_head.epochs: 4, student.epochs: 6}   # every run
+  # config: sskd/configs/cifar100/resnet32x4-resnet8x4.yaml          # a recipe under every run
+  # teacher_seed: 0
+
+examples:
+  sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits --dry-run
+  sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits
+  sskd sweep spec.yaml --out sweeps/x --launcher "accelerate launch --config_file launch/accelerate/multi_gpu.yaml"
+  sskd report sweeps/digits --out sweeps/digits/report.md --json sweeps/digits/report.json
+"""
+
+
+def register(sub, fmt) -> None:
+    p = sub.add_parser("sweep", help="a grid of methods x pairs x seeds x data settings, resumable",
+                       description=__doc__.split("\n\n")[0] + "\n\nTeachers train once on the full clean data "
+                       "and are shared; settings act on the students. A rerun skips finished runs and resumes "
+                       "an interrupted one.", epilog=EXAMPLE_SPEC, formatter_class=fmt)
+    p.add_argument("spec", help="sweep spec (YAML; keys below)")
+    p.add_argument("--out", required=True, help="sweep folder (teachers/, runs/, plan.json)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, their status and steps; train nothing")
+    p.add_argument("--launcher", help='run every command under this prefix, e.g. "accelerate launch --config_file '
+                   'launch/accelerate/multi_gpu.yaml" (default: this Python, one process)')
+    p.add_argument("--keep-going", action="store_true", help="after a failed run, go on with the runs that do "
+                   "not depend on it (default: stop)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)

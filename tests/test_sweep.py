@@ -1,0 +1,193 @@
+"""sskd sweep (spec, plan, dry run, resumable execution) and sskd report (numbers equal the runs')."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sskd.cli import main as sskd_main
+from sskd.errors import SSKDError
+from sskd.sweep import load_spec, plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_spec(path, **spec):
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"shards": "x", "methods": ["ce"], "seedz": [0]}, "unknown key 'seedz'"),
+    ({"shards": "x", "methods": ["nope"]}, "methods[0]: 'nope' is not a distill method"),
+    ({"shards": "x", "methods": ["ce"], "seeds": [-1]}, "seeds: a list of non-negative integers"),
+    ({"methods": ["ce"]}, "shards is required"),
+    ({"shards": "x", "methods": ["kd", {"name": "kd"}]}, "two entries share a label"),
+])
+def test_a_bad_spec_is_one_line_naming_the_file(tmp_path, spec, message):
+    path = write_spec(tmp_path / "spec.yaml", **spec)
+    with pytest.raises(SSKDError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        load_spec(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_the_plan_shares_teachers_and_heads_and_puts_settings_on_students_only(tmp_path, digits_shards):
+    spec = load_spec(write_spec(tmp_path / "s.yaml", shards=str(digits_shards),
+                                pairs=[{"teacher": "resnet20", "student": "resnet8"}],
+                                methods=["ce", "kd", "sskd", "hssakd",
+                                         {"name": "sskd", "label": "sskd-lr", "set": {"student.lr": 0.1}},
+                                         {"name": "sskd", "label": "sskd-k50", "set": {"sskd.ss_ratio": 0.5}}],
+                                seeds=[0, 1], settings={"full": {}, "few25": {"data.subset_fraction": 0.25}},
+                                set={"student.epochs": 2}))
+    runs = plan(spec, tmp_path / "out")
+    kinds = [r.kind for r in runs]
+    # sskd's SS head and hssakd's branches once each; sskd-lr shares sskd's head (a student-only key), while
+    # sskd-k50 sets the section the head stage reads too, so it gets a head of its own
+    assert kinds.count("teacher") == 1 and kinds.count("head") == 3
+    assert kinds.count("student") == 2 * 6 * 2
+    heads = {r.folder.name: r for r in runs if r.kind == "head"}
+    k50 = next(name for name in heads if name.startswith("resnet20-sskd-"))
+    assert set(heads) == {"resnet20-sskd", "resnet20-hssakd", k50}
+    assert "sskd.ss_ratio=0.5" in heads[k50].args
+    lr_run = next(r for r in runs if r.meta.get("label") == "sskd-lr")
+    assert lr_run.args[lr_run.args.index("--teacher") + 1] == str(heads["resnet20-sskd"].folder)
+    teacher = next(r for r in runs if r.kind == "teacher")
+    assert not any("data.subset_fraction" in a for a in teacher.args + [a for h in heads.values() for a in h.args])
+    few = [r for r in runs if r.meta.get("setting") == "few25"]
+    assert all("data.subset_fraction=0.25" in r.args for r in few)
+    sskd_run = next(r for r in few if r.meta["label"] == "sskd" and r.meta["seed"] == 1)
+    assert sskd_run.args[sskd_run.args.index("--teacher") + 1] == str(heads["resnet20-sskd"].folder)
+    assert "--teacher" not in next(r for r in few if r.meta["label"] == "ce").args
+    assert sskd_run.folder == tmp_path / "out" / "runs" / "few25" / "sskd" / "resnet20-resnet8" / "seed1"
+
+
+def test_dry_run_prints_every_run_with_its_steps_and_trains_nothing(tmp_path, digits_shards, capsys):
+    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"teacher": "resnet20", "student": "resnet8"}],
+                      methods=["ce", "kd"], seeds=[0], settings={"full": {}, "few25": {"data.subset_fraction": 0.25}},
+                      set={"teacher.epochs": 3, "student.epochs": 2, "student.batch_size": 32})
+    assert sskd_main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    from pipelines.settings import subset_ids
+    from shards.labels import split_labels
+
+    n_few = len(subset_ids(split_labels(digits_shards, "train"), 0.25))
+    assert f"runs/few25/kd/resnet20-resnet8/seed0" in out
+    row = next(ln for ln in out.splitlines() if "runs/few25/kd" in ln).split()
+    assert int(row[2].replace(",", "")) == 2 * math.ceil(n_few / 32)
+    row = next(ln for ln in out.splitlines() if ln.startswith("teachers/resnet20 ")).split()
+    assert int(row[2].replace(",", "")) == 3 * math.ceil(1437 / 64)
+    assert "5 runs (5 to do)" in out and not (tmp_path / "o").exists()
+    bad = write_spec(tmp_path / "b.yaml", shards=str(digits_shards), methods=["ce"], set={"student.epoch": 2})
+    assert sskd_main(["sweep", str(bad), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "student.epoch" in capsys.readouterr().err
+
+
+def fabricate(root: Path, results: dict) -> Path:
+    """A sweep folder as `sskd sweep` leaves it, with given final/best top-1 per (setting, method, seed)."""
+    runs = []
+    for (setting, method, seed), (top1, best, curve) in results.items():
+        folder = f"runs/{setting}/{method}/resnet20-resnet8/seed{seed}"
+        path = root / folder
+        path.mkdir(parents=True)
+        (path / "model.json").write_text(json.dumps({"top1": top1, "top5": 99.0 + seed / 10, "best_top1": best}))
+        (path / "sweep.json").write_text(json.dumps({"status": "done", "wall_s": 10.0 + seed}))
+        (path / "metrics.jsonl").write_text("".join(json.dumps({"kind": "eval", "epoch": e, "top1": v}) + "\n"
+                                                    for e, v in enumerate(curve)) + '{"kind": "ev')
+        runs.append({"kind": "student", "folder": folder, "setting": setting, "method": method, "label": method,
+                     "teacher": "resnet20", "student": "resnet8", "seed": seed, "pair": "resnet20-resnet8"})
+    (root / "plan.json").write_text(json.dumps({"runs": runs}))
+    return root
+
+
+def test_report_numbers_equal_the_runs_and_the_paired_interval_is_students_t(tmp_path):
+    from scipy.stats import t
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for setting in ("full", "noisy40"):
+        for method in ("ce", "kd", "sskd"):
+            for seed in range(3):
+                top1 = float(np.round(rng.uniform(80, 95), 3))
+                results[(setting, method, seed)] = (top1, top1 + 1, [top1 - 5, top1])
+    sweep = fabricate(tmp_path / "sw", results)
+    out = tmp_path / "rep" / "report.md"
+    assert sskd_main(["report", str(sweep), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        mine = [results[(row["setting"], row["method"], s)][0] for s in range(3)]
+        assert row["n"] == 3 and row["top1_mean"] == pytest.approx(np.mean(mine), abs=1e-12)
+        assert row["top1_std"] == pytest.approx(np.std(mine, ddof=1), abs=1e-12)
+        assert row["best_top1_mean"] == pytest.approx(np.mean(mine) + 1, abs=1e-12)
+        assert row["top5_mean"] == pytest.approx(99.1)
+        assert {"setting", "method", "teacher", "student", "n", "top1_mean", "top1_std", "top5_mean",
+                "top5_std"} <= set(row)
+        if row["method"] == "ce":
+            assert row["delta_ce"] is None
+            continue
+        base = [results[(row["setting"], "ce", s)][0] for s in range(3)]
+        d = np.subtract(mine, base)
+        half = t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)
+        assert row["delta_ce"]["mean"] == pytest.approx(d.mean(), abs=1e-12)
+        assert row["delta_ce"]["ci_low"] == pytest.approx(d.mean() - half, abs=1e-9)
+        assert row["delta_ce"]["ci_high"] == pytest.approx(d.mean() + half, abs=1e-9)
+        assert row["curve"] == {"0": pytest.approx(np.mean(mine) - 5), "1": pytest.approx(np.mean(mine))}
+    text = out.read_text()
+    assert "## full" in text and "## noisy40" in text
+    sskd_full = next(r for r in rows if r["setting"] == "full" and r["method"] == "sskd")
+    assert f"{sskd_full['top1_mean']:.2f} ± {sskd_full['top1_std']:.2f}" in text
+    for png in ("report-bars.png", "report-curves.png"):
+        assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in text
+    with pytest.raises(SystemExit):
+        sskd_main(["report", "--out", str(out)])
+    assert sskd_main(["report", str(tmp_path), "--out", str(out)]) == 2  # not a sweep folder
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_skips_what_is_done_and_resumes_an_interrupted_run(tmp_path, digits_shards):
+    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"teacher": "resnet8", "student": "resnet8"}],
+                      methods=["ce", "kd"], seeds=[0, 1], settings={"full": {}, "few50": {"data.subset_fraction": 0.5}},
+                      set={"teacher.max_steps": 3, "student.max_steps": 4, "student.batch_size": 32,
+                           "run.ckpt_every": 2, "data.eval_batch_size": 360})
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan_ = json.loads((out / "plan.json").read_text())
+    assert len(plan_["runs"]) == 1 + 2 * 2 * 2
+    for entry in plan_["runs"]:
+        rec = json.loads((out / entry["folder"] / "sweep.json").read_text())
+        info = json.loads((out / entry["folder"] / "model.json").read_text())
+        assert rec["status"] == "done" and rec["result"]["top1"] == info["top1"] and "sskd distill" in rec["command"] \
+            or entry["kind"] == "teacher"
+    few = out / "runs/few50/kd/resnet8-resnet8/seed1"
+    assert json.loads((few / "data.json").read_text())["subset_fraction"] == 0.5
+    # As if killed after its step-2 checkpoint: no model.json, the record still says running.
+    import torch
+
+    ckpt = torch.load(few / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    (few / "model.json").unlink()
+    (few / "model.safetensors").unlink()
+    rec = json.loads((few / "sweep.json").read_text())
+    (few / "sweep.json").write_text(json.dumps({**rec, "status": "running"}))
+    logs = {p: p.read_text() for p in out.rglob("sweep.log")}
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for p, text in logs.items():
+        if p.parent == few:
+            assert p.read_text().count("\n$ ") == 2 and "--resume" in p.read_text().split("\n$ ")[-1]
+        else:
+            assert p.read_text() == text, p  # finished runs are not started again
+    assert json.loads((few / "sweep.json").read_text())["status"] == "done" and (few / "model.json").is_file()
+    assert sskd_main(["report", str(out), "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    for row in rows:
+        vals = [json.loads((out / f"runs/{row['setting']}/{row['method']}/resnet8-resnet8/seed{s}/model.json")
+                           .read_text())["top1"] for s in (0, 1)]
+        assert row["n"] == 2 and row["top1_mean"] == sum(vals) / 2
