@@ -77,6 +77,17 @@ def noisy_labels(labels: np.ndarray, rate: float, seed: int, num_classes: int) -
     return out, np.sort(flipped)
 
 
+def training_labels(labels: np.ndarray, fraction: float, rate: float, seed: int, num_classes: int) -> np.ndarray:
+    """The labels a run under these settings trains with, by id: noisy where flipped, -1 for ids outside
+    the subset (what a method that reads every training label up front, CRD's sampler, must see)."""
+    out, _ = noisy_labels(labels, rate, seed, num_classes)
+    if fraction < 1:
+        keep = np.zeros(len(labels), dtype=bool)
+        keep[subset_ids(labels, fraction)] = True
+        out[~keep] = -1
+    return out
+
+
 class SubsetIndexes:
     """DALI index files listing only the kept samples of a split's shards, in a private temporary folder
     (removed with this object): ``tars``, ``idxs`` and ``entries`` for the reader, shards left with no

@@ -112,3 +112,18 @@ def test_cache_binding_a_whole_split_cache_serves_any_subset_a_subset_cache_only
     check_binding({"binding": {"subset_fraction": 0.25}}, {"subset_fraction": 0.25}, "c")
     with pytest.raises(SSKDError, match="subset_fraction=0.25 subset but this run has 0.5"):
         check_binding({"binding": {"subset_fraction": 0.25}}, {"subset_fraction": 0.5}, "c")
+
+
+def test_crd_draws_negatives_only_from_the_subset_with_the_noisy_labels(digits_shards):
+    from pipelines.settings import training_labels
+    from sskd.methods.crd import NegativeSampler
+
+    labels = split_labels(digits_shards, "train")
+    eff = training_labels(labels, 0.5, 0.2, seed=1, num_classes=10)
+    keep = subset_ids(labels, 0.5)
+    noisy, _ = noisy_labels(labels, 0.2, seed=1, num_classes=10)
+    assert np.array_equal(np.flatnonzero(eff >= 0), keep) and np.array_equal(eff[keep], noisy[keep])
+    sampler = NegativeSampler(eff, k=64, seed=0, classes=[str(i) for i in range(10)])
+    drawn = sampler.draw(keep[:8], epoch=0)
+    assert np.isin(drawn, keep).all()  # positives and negatives all come from the subset
+    assert all((eff[row[1:]] != eff[row[0]]).all() for row in drawn)

@@ -157,6 +157,7 @@ class CRD(Method):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
+        from pipelines.settings import training_labels
         from shards.labels import split_labels
 
         student = cls.student_model(ctx.backbone(), ctx.num_classes)
@@ -165,7 +166,10 @@ class CRD(Method):
         with torch.random.fork_rng(devices=[]):
             teacher, info = ctx.teacher_model(None, method=cls.name)
             t_dim = teacher.feat_dim if teacher is not None else teacher_feat_dim(info)
-        labels = split_labels(ctx.cfg.data.shards, "train")
+        # The bank and its negatives cover the samples the run trains on, with the labels it trains with.
+        d = ctx.cfg.data
+        labels = training_labels(split_labels(d.shards, "train"), d.subset_fraction, d.label_noise,
+                                 int(ctx.cfg.run.seed), ctx.num_classes)
         return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), labels=labels, t_dim=t_dim,
                    n_data=int(ctx.manifest["splits"]["train"]["num_samples"]), seed=int(ctx.cfg.run.seed),
                    classes=ctx.manifest.get("classes"))
