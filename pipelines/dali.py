@@ -24,6 +24,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import plan
+from pipelines.view_registry import get_view
 from shards import format as sfmt
 
 READER = "reader"
@@ -55,7 +56,7 @@ def _batch_params(ids, shapes, *, seed, epoch, views, layout):
         flip = params["flip"].astype(bool)
         width = hw[:, 1].astype(np.float32)
         for view in range(len(views)):
-            if views[view] in plan.SHARED_ROTATIONS:
+            if f"v{view}.roi_start" not in params:  # no resize window of its own (e.g. made from view 0)
                 continue
             start, end = params[f"v{view}.roi_start"].copy(), params[f"v{view}.roi_end"].copy()
             start[flip, 1], end[flip, 1] = width[flip] - start[flip, 1], width[flip] - end[flip, 1]
@@ -72,44 +73,19 @@ def params_node(sid, shape, *, seed, epoch, views, layout) -> dict:
     return dict(zip(names, outs))
 
 
-def _rot(img, k: int):
-    """Exact counter-clockwise rotation by k x 90° (np.rot90 on HWC) as transpose + flip."""
-    if k == 1:
-        return fn.transpose(fn.flip(img, horizontal=1), perm=[1, 0, 2], output_layout="HWC")
-    if k == 2:
-        return fn.flip(img, horizontal=1, vertical=1)
-    return fn.flip(fn.transpose(img, perm=[1, 0, 2], output_layout="HWC"), horizontal=1)
-
-
 def _luma(img):
     return fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY)
 
 
-def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None):
-    """One uint8 HWC view of the (already flipped) decoded image; colour drop has one channel (its luma).
+def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None, normal=None):
+    """One uint8 HWC view of the (already flipped) decoded image: the registered view's own graph
+    (:meth:`pipelines.view_registry.View.dali`); colour drop has one channel (its luma).
 
     ``gray``: the image's luma (1 channel), if the caller made it once; colour drop then crops and
     resamples one channel instead of three (luma and resampling are both linear, so they commute up to
-    rounding; for CIFAR-layout crops exactly).
+    rounding; for CIFAR-layout crops exactly). ``normal``: view 0, for the views made from it.
     """
-    if name == "color_drop" and gray is not None:
-        img = gray
-    if f"v{view}.start" in prm:  # CIFAR layout: a window of the image zero-padded by PAD
-        v = fn.slice(img, start=prm[f"v{view}.start"], shape=[size, size], axis_names="HW",
-                     out_of_bounds_policy="pad", fill_values=0)
-    else:  # random-resized-crop as one resize of a region of interest
-        v = fn.resize(img, size=[size, size], roi_start=prm[f"v{view}.roi_start"], roi_end=prm[f"v{view}.roi_end"],
-                      roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
-    if name in ("rot90", "rot180", "rot270"):
-        return _rot(v, {"rot90": 1, "rot180": 2, "rot270": 3}[name])
-    if name == "rotation":  # k quarter turns per sample: one nearest-neighbour warp, exact on a square view
-        return fn.rotate(v, angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
-                         interp_type=types.INTERP_NN, keep_size=True)
-    if name == "color_drop" and gray is None:  # DALI's own luma: 20x faster on CPU than a 3x3 matrix
-        v = _luma(v)
-    # normal, crop_resize; colour drop stays one channel (pipelines.finish replicates it while it
-    # normalises: no DALI copy to three channels) and colour distortion's matrix is applied there too
-    return v
+    return get_view(name).dali(img, prm, view=view, size=size, gray=gray, normal=normal)
 
 
 @pipeline_def
@@ -126,13 +102,10 @@ def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, device=
     img = _decode(enc, device)
     if layout != "imagenet":
         img = fn.flip(img, horizontal=prm["flip"])
-    gray = _luma(img) if "color_drop" in views else None  # once per image, see make_view
+    gray = _luma(img) if any(get_view(n).luma for n in views) else None  # once per image, see make_view
     out = []
     for view, name in enumerate(views):
-        if name in plan.SHARED_ROTATIONS:  # exact quarter turns of view 0 (HSSAKD: one crop for all four)
-            out.append(_rot(out[0], plan.SHARED_ROTATIONS[name]))
-        else:
-            out.append(make_view(img, prm, name=name, view=view, size=size, gray=gray))
+        out.append(make_view(img, prm, name=name, view=view, size=size, gray=gray, normal=out[0] if out else None))
     colour = [prm[f"v{v}.{a}"] for v in plan.colour_views(views) for a in ("M", "T")]
     return (*out, lbl, sid, *colour)
 

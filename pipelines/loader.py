@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipelines.finish import Finisher
-from pipelines.plan import ViewConfig, colour_views
+from pipelines.plan import ViewConfig, colour_views, view_labels
 from shards.format import load_manifest, split_files
 from shards.index import check_shard
 from sskd.errors import SSKDError
@@ -237,7 +237,7 @@ class ViewLoader:
             if held is not None:
                 batch = {k: torch.cat([held[k], batch[k]]) for k in batch}
             self._yielded += 1
-            yield self._emit(batch)
+            yield self._emit(self._with_view_labels(batch, epoch))
 
     def _state_key(self, epoch: int, batch: int) -> dict[str, Any]:
         return {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size,
@@ -252,6 +252,16 @@ class ViewLoader:
             return None
         pipe, epoch = self._running
         return {**self._state_key(epoch, self._yielded), "dali": pipe.checkpoint()}
+
+    def _with_view_labels(self, batch, epoch: int):
+        """Training batches also carry each pretext label the SS views have (``rotation_label``,
+        ``jigsaw_label``: (b, V) int64, -1 where a view has none), recomputed here from the plan and the
+        batch's ids (:func:`pipelines.plan.view_labels`) rather than carried through DALI."""
+        if self.train:
+            ids = batch["id"].cpu().numpy()
+            for kind, lab in view_labels(ids, seed=self.seed, epoch=epoch, views=self.view_names).items():
+                batch[f"{kind}_label"] = torch.from_numpy(lab).to(batch["id"].device)
+        return batch
 
     def _emit(self, batch):
         if self.dtype == torch.bfloat16 and not self.train:

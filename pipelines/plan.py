@@ -29,14 +29,19 @@ SLOT_ROT = 5
 SLOT_JITTER = (6, 7, 8, 9)  # brightness, contrast, saturation, hue
 SLOT_JITTER_ORDER = 10
 
+SLOT_PERM = 11  # the jigsaw view's permutation index
+
 # Rotations of view 0 itself, exact (same crop and flip), counter-clockwise as np.rot90: HSSAKD's views.
 SHARED_ROTATIONS = {"shared_rot90": 1, "shared_rot180": 2, "shared_rot270": 3}
+# The views of the SSKD paper, its code and HSSAKD (the presets below). Every registered view, jigsaw and
+# your own included, is in :func:`pipelines.view_registry.view_names`; ViewConfig accepts all of them.
 VIEW_NAMES = ("normal", "color_drop", "rotation", "crop_resize", "color_distort", "rot90", "rot180", "rot270",
               *SHARED_ROTATIONS)
 PRESETS = {
     "paper": ("color_drop", "rotation", "crop_resize", "color_distort"),  # SSKD paper, Sec. 3.1
     "rotation": ("rot90", "rot180", "rot270"),  # the official SSKD code's views: each its own crop
     "shared_rotation": tuple(SHARED_ROTATIONS),  # the official HSSAKD code's: four rotations of one crop
+    "jigsaw": ("jigsaw", "jigsaw", "jigsaw"),  # three crops, each in its own order of 2 x 2 tiles
     "none": (),
 }
 
@@ -50,16 +55,17 @@ JITTER = (0.4, 0.4, 0.4, 0.1)  # SimCLR colour-jitter strengths: brightness, con
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """Which SS views follow the normal view 0. ``ss_views`` names come from :data:`VIEW_NAMES`."""
+    """Which SS views follow the normal view 0: names of registered views (:mod:`pipelines.view_registry`)."""
 
     ss_views: tuple[str, ...] = field(default_factory=lambda: PRESETS["rotation"])
 
     def __post_init__(self):
+        from pipelines.view_registry import VIEWS, view_names
         from sskd.errors import SSKDError
 
         for name in self.ss_views:
-            if name not in VIEW_NAMES[1:]:
-                raise SSKDError(f"unknown view {name!r}; choose from {', '.join(VIEW_NAMES[1:])} "
+            if name == "normal" or name not in VIEWS:
+                raise SSKDError(f"unknown view {name!r}; choose from {', '.join(view_names()[1:])} "
                                 f"or a preset ({', '.join(PRESETS)})")
 
     @classmethod
@@ -133,42 +139,40 @@ def reader_seed(seed: int, epoch: int) -> int:
 
 def param_keys(views) -> list[tuple[int, int]]:
     """The (view, slot) streams the given views use."""
+    from pipelines.view_registry import get_view
+
     keys = [(0, SLOT_FLIP)]
     for view, name in enumerate(views):
-        if name in SHARED_ROTATIONS:  # no parameters of its own: view 0's pixels, turned
-            continue
-        keys += [(view, s) for s in SLOT_CROP]
-        if name == "rotation":
-            keys.append((view, SLOT_ROT))
-        if name == "color_distort":
-            keys += [(view, s) for s in SLOT_JITTER]
+        keys += [(view, s) for s in get_view(name).slots()]
     return keys
 
 
 def colour_views(views) -> list[int]:
     """Views whose colour-distortion matrices (M, T) follow the label and id among the training outputs."""
-    return [i for i, n in enumerate(views) if n == "color_distort"]
+    from pipelines.view_registry import get_view
+
+    return [i for i, n in enumerate(views) if get_view(n).colour]
 
 
 def param_names(views, layout: str) -> list[str]:
     """Names of the arrays :func:`view_params` returns, in order (one DALI node each)."""
-    names = ["flip"]
-    for view, name in enumerate(views):
-        if name in SHARED_ROTATIONS:
-            continue
-        if name == "crop_resize" or layout == "imagenet":
-            names += [f"v{view}.roi_start", f"v{view}.roi_end"]
-        else:
-            names.append(f"v{view}.start")
-        if name == "rotation":
-            names.append(f"v{view}.k")
-        if name == "color_distort":
-            names += [f"v{view}.M", f"v{view}.T"]
-    return names
+    from pipelines.view_registry import get_view
+
+    return ["flip"] + [p for view, name in enumerate(views) for p in get_view(name).param_names(view, layout)]
+
+
+def _uniforms(ids: np.ndarray, seed: int, epoch: int, views):
+    """``u(view, slot)``: the float32 uniforms (n,) of every stream the views use, computed at once."""
+    keys = param_keys(views)
+    pos = {k: i for i, k in enumerate(keys)}
+    c = np.array([stream_constant(seed, epoch, v, s) for v, s in keys], dtype=np.int64)
+    u = to_float(hash_streams(ids[:, None], c[None], c[None] // 7 + 1))  # (n, streams)
+    return lambda view, slot: u[:, pos[(view, slot)]]
 
 
 def view_params(ids: np.ndarray, shapes: np.ndarray, *, seed: int, epoch: int, views, layout: str) -> dict:
-    """Every operator argument of every view of a batch, from the sample ids.
+    """Every operator argument of every view of a batch, from the sample ids (each view's
+    :meth:`pipelines.view_registry.View.params`).
 
     Args:
         ids: (n,) int64 sample ids.
@@ -176,46 +180,49 @@ def view_params(ids: np.ndarray, shapes: np.ndarray, *, seed: int, epoch: int, v
         views: view names, view 0 = ``normal``.
         layout: ``cifar`` (pad-4 crops) or ``imagenet`` (random-resized crops).
     Returns:
-        ``{name: array}`` for the names of :func:`param_names`: ``flip`` (n,) int32;
-        ``v{i}.start`` (n, 2) int32 crop anchors (y, x); ``v{i}.roi_start`` / ``roi_end`` (n, 2) float32
-        windows (y, x) for random-resized crops; ``v{i}.k`` (n,) int32 quarter turns; ``v{i}.M`` (n, 3, 3)
-        and ``v{i}.T`` (n, 3) float32 colour matrices.
+        ``{name: array}`` for the names of :func:`param_names`: ``flip`` (n,) int32; for the built-in
+        views ``v{i}.start`` (n, 2) int32 crop anchors (y, x); ``v{i}.roi_start`` / ``roi_end`` (n, 2)
+        float32 windows (y, x) for random-resized crops; ``v{i}.k`` (n,) int32 quarter turns; ``v{i}.M``
+        (n, 3, 3) and ``v{i}.T`` (n, 3) float32 colour matrices; ``v{i}.perm`` (n,) int32 jigsaw orders
+        and ``v{i}.tile{j}`` (n, 2) float32 relative starts of their source tiles.
     """
-    from pipelines.colors import jitter_matrices
+    from pipelines.view_registry import get_view
 
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    keys = param_keys(views)
-    pos = {k: i for i, k in enumerate(keys)}
-    c = np.array([stream_constant(seed, epoch, v, s) for v, s in keys], dtype=np.int64)
-    u = to_float(hash_streams(ids[:, None], c[None], c[None] // 7 + 1))  # (n, streams)
+    col = _uniforms(ids, seed, epoch, views)
     f32 = np.float32
     h_img, w_img = (np.asarray(shapes, dtype=f32)[:, i] for i in (0, 1))
-
-    def col(view, slot):
-        return u[:, pos[(view, slot)]]
-
     out = {"flip": np.floor(col(0, SLOT_FLIP) * f32(2)).astype(np.int32)}
     for view, name in enumerate(views):
-        if name in SHARED_ROTATIONS:
-            continue
-        if name == "crop_resize" or layout == "imagenet":
-            scale = CROP_RESIZE_SCALE[layout] if name == "crop_resize" else RRC_SCALE
-            area = h_img * w_img * (f32(scale[0]) + col(view, SLOT_CROP[0]) * f32(scale[1] - scale[0]))
-            lo, hi = f32(np.log(RRC_RATIO[0])), f32(np.log(RRC_RATIO[1]))
-            ratio = np.exp(lo + col(view, SLOT_CROP[1]) * (hi - lo))
-            w = np.minimum(np.sqrt(area * ratio), w_img)
-            h = np.minimum(np.sqrt(area / ratio), h_img)
-            x0, y0 = col(view, SLOT_CROP[2]) * (w_img - w), col(view, SLOT_CROP[3]) * (h_img - h)
-            out[f"v{view}.roi_start"] = np.stack([y0, x0], 1).astype(f32)
-            out[f"v{view}.roi_end"] = np.stack([y0 + h, x0 + w], 1).astype(f32)
-        else:
-            span = f32(2 * PAD + 1)
-            dy = np.floor(col(view, SLOT_CROP[0]) * span).astype(np.int32) - PAD
-            dx = np.floor(col(view, SLOT_CROP[1]) * span).astype(np.int32) - PAD
-            out[f"v{view}.start"] = np.stack([dy, dx], 1)
-        if name == "rotation":  # the paper's rotation: k in {1, 2, 3} quarter turns
-            out[f"v{view}.k"] = np.floor(col(view, SLOT_ROT) * f32(3)).astype(np.int32) + 1
-        if name == "color_distort":
-            m, t = jitter_matrices(*(col(view, s) for s in SLOT_JITTER))
-            out[f"v{view}.M"], out[f"v{view}.T"] = m, t
+        out.update(get_view(name).params(lambda slot, view=view: col(view, slot), view=view, layout=layout,
+                                         h_img=h_img, w_img=w_img))
+    return out
+
+
+def label_kinds(views) -> list[str]:
+    """The pretext label kinds the SS views (1..) of a set carry (``rotation``, ``jigsaw``)."""
+    from pipelines.view_registry import get_view
+
+    return sorted({k for name in views[1:] for k in get_view(name).labels})
+
+
+def view_labels(ids: np.ndarray, *, seed: int, epoch: int, views) -> dict[str, np.ndarray]:
+    """Each pretext label of every view, from the plan (the same pure function of (seed, epoch, id, view)
+    the pixels come from): ``{kind: (n, V) int64}`` for :func:`label_kinds`, -1 where a view carries no
+    label of that kind (view 0, the normal view, is rotation 0)."""
+    from pipelines.view_registry import get_view
+
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    kinds = label_kinds(views)
+    if not kinds:
+        return {}
+    col = _uniforms(ids, seed, epoch, views)
+    out = {}
+    for kind in kinds:
+        lab = np.full((len(ids), len(views)), -1, dtype=np.int64)
+        for view, name in enumerate(views):
+            v = get_view(name)
+            if kind in v.labels:
+                lab[:, view] = v.label(kind, lambda slot, view=view: col(view, slot), view=view, n=len(ids))
+        out[kind] = lab
     return out

@@ -18,10 +18,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines import plan
-from pipelines.colors import gray_u8
+from pipelines.view_registry import SharedView, get_view
 
 
-def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
+def affine(img: torch.Tensor, m, t) -> torch.Tensor:
     """Colour matrix on float 0-255 values, clamped, not rounded (as :mod:`pipelines.finish`)."""
     m = torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3))
     x = img.float()
@@ -29,7 +29,7 @@ def _affine(img: torch.Tensor, m, t) -> torch.Tensor:
     return (out + torch.as_tensor(np.asarray(t, dtype=np.float32)).view(3, 1, 1)).clamp(0, 255)
 
 
-def _crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, size: int) -> torch.Tensor:
+def crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, size: int) -> torch.Tensor:
     """Resample the float window (y0, x0, h, w) of ``img`` to size x size.
 
     Upscaling is DALI's linear filter exactly (sample at pixel centres, clamp at the border); when the
@@ -48,29 +48,15 @@ def _crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, si
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: int) -> torch.Tensor:
+def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: int,
+                   normal: torch.Tensor | None = None) -> torch.Tensor:
     """One view (3, size, size) of a decoded uint8 image ``img`` (3, H, W) with the parameters of
     :func:`pipelines.plan.view_params` for this sample (row 0 of each array): uint8, or float 0-255 for
-    colour distortion."""
+    colour distortion. The registered view's own reference (:meth:`pipelines.view_registry.View.reference`)
+    after the shared flip; ``normal``: view 0, for the views made from it."""
     if prm["flip"][0]:  # the shared flip, on the decoded image
         img = TF.horizontal_flip(img)
-    if name == "color_drop":  # the luma of the whole image, then one channel cropped and resampled
-        img = torch.from_numpy(gray_u8(img.permute(1, 2, 0).numpy())[..., :1]).permute(2, 0, 1)
-    if f"v{view}.start" in prm:
-        dy, dx = (int(a) for a in prm[f"v{view}.start"][0])
-        padded = TF.pad(img, [plan.PAD] * 4, fill=0)
-        v = padded[:, plan.PAD + dy: plan.PAD + dy + size, plan.PAD + dx: plan.PAD + dx + size]
-    else:
-        (y0, x0), (y1, x1) = prm[f"v{view}.roi_start"][0], prm[f"v{view}.roi_end"][0]
-        v = _crop_resize(img, float(y0), float(x0), float(y1 - y0), float(x1 - x0), size)
-    if name in ("rot90", "rot180", "rot270", "rotation"):
-        k = {"rot90": 1, "rot180": 2, "rot270": 3}.get(name) or int(prm[f"v{view}.k"][0])
-        v = torch.rot90(v, k, dims=(1, 2))  # counter-clockwise, as np.rot90
-    elif name == "color_drop":
-        v = v.expand(3, -1, -1)
-    elif name == "color_distort":
-        v = _affine(v, prm[f"v{view}.M"][0], prm[f"v{view}.T"][0])
-    return v.contiguous()
+    return get_view(name).reference(img, prm, view=view, size=size, normal=normal).contiguous()
 
 
 def reference_views(img: torch.Tensor, sid: int, *, names, seed: int, epoch: int, size: int, layout: str,
@@ -80,10 +66,7 @@ def reference_views(img: torch.Tensor, sid: int, *, names, seed: int, epoch: int
                            layout=layout)
     views = []
     for i, n in enumerate(names):
-        if n in plan.SHARED_ROTATIONS:  # view 0, turned counter-clockwise (np.rot90)
-            views.append(torch.rot90(views[0], plan.SHARED_ROTATIONS[n], dims=(1, 2)).contiguous())
-        else:
-            views.append(reference_view(img, prm, name=n, view=i, size=size))
+        views.append(reference_view(img, prm, name=n, view=i, size=size, normal=views[0] if views else None))
     return normalize(torch.stack(views), mean, std)
 
 
@@ -101,28 +84,22 @@ class BaselineViews:
             base = [v2.RandomResizedCrop(size, scale=plan.RRC_SCALE, antialias=True), v2.RandomHorizontalFlip()]
         else:
             base = [v2.RandomCrop(size, padding=plan.PAD), v2.RandomHorizontalFlip()]
-        sb, sc, ss, sh = plan.JITTER
-        extra = {
-            "normal": [], "crop_resize": [], "color_drop": [v2.Grayscale(3)], "color_distort": [v2.ColorJitter(sb, sc, ss, sh)],
-            "rotation": [v2.Lambda(lambda x: torch.rot90(x, int(torch.randint(1, 4, ())), dims=(-2, -1)))],
-            "rot90": [v2.Lambda(lambda x: torch.rot90(x, 1, dims=(-2, -1)))],
-            "rot180": [v2.Lambda(lambda x: torch.rot90(x, 2, dims=(-2, -1)))],
-            "rot270": [v2.Lambda(lambda x: torch.rot90(x, 3, dims=(-2, -1)))],
-        }
         tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         self.names = list(names)
         self.transforms = []
         for n in names:
-            if n == "crop_resize":
-                geo = [v2.RandomResizedCrop(size, scale=plan.CROP_RESIZE_SCALE[layout], antialias=True),
-                       v2.RandomHorizontalFlip()]
-            else:
-                geo = base
-            self.transforms.append(None if n in plan.SHARED_ROTATIONS else v2.Compose([*geo, *extra[n], *tail]))
+            view = get_view(n)
+            steps = view.baseline(base, size=size, layout=layout)
+            if steps is None and not isinstance(view, SharedView):
+                from sskd.errors import SSKDError
+
+                raise SSKDError(f"view {n!r} has no torchvision baseline (View.baseline)")
+            self.transforms.append(None if steps is None else v2.Compose([*steps, *tail]))
+        # Views made from view 0 (SharedView) turn the baseline's view 0 by their k quarter turns.
+        self._turns = {i: getattr(get_view(n), "k", 0) for i, n in enumerate(names) if self.transforms[i] is None}
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         views = []
-        for n, t in zip(self.names, self.transforms):
-            views.append(torch.rot90(views[0], plan.SHARED_ROTATIONS[n], dims=(-2, -1)) if n in plan.SHARED_ROTATIONS
-                         else t(img))
+        for i, t in enumerate(self.transforms):
+            views.append(torch.rot90(views[0], self._turns[i], dims=(-2, -1)) if t is None else t(img))
         return torch.stack(views)

@@ -51,13 +51,12 @@ def dry_run(cfg: Config, teacher: str, epochs: int, topk: int | None = None, spl
     from pipelines import ViewLoader
     from shards.format import load_manifest
     from sskd.methods import resolve_views
-    from sskd.methods.base import check_part
     from sskd.stages import freeze, load_teacher
 
     cls = cache_method(cfg, refuse=False)
     shards_manifest = load_manifest(cfg.data.shards)
     model, info = load_teacher(teacher, shards_manifest)
-    check_part(info, cls.teacher_part, teacher, cls.name)
+    cls.check_teacher(info, teacher, cfg)
     loader = ViewLoader(cfg.data.shards, split, batch_size=1, views=resolve_views(cfg, cls), size=cfg.data.size,
                         subset_fraction=cfg.data.subset_fraction)
     outputs = output_specs(cls, freeze(model), loader)
@@ -99,14 +98,13 @@ def binding_for(cfg: Config, teacher: dict[str, Any], split: str = "train") -> d
 def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
     """Feed a student job the cached teacher outputs; epochs beyond E reuse augmentation epoch e mod E."""
     from shards.format import load_manifest
-    from sskd.methods.base import check_part
     from sskd.stages import teacher_info
 
     cls = cache_method(job.cfg)
     if teacher is None:
         raise SSKDError("--cache needs --teacher RUN (the run the cache was made from, to check it)")
     info = teacher_info(teacher, load_manifest(job.cfg.data.shards))
-    check_part(info, cls.teacher_part, teacher, cls.name)
+    cls.check_teacher(info, teacher, job.cfg)
     reader = CacheReader(cache, expected=binding_for(job.cfg, info))
     missing = [n for n in cls.outputs if n not in {o["name"] for o in reader.outputs}]
     if missing:
@@ -196,7 +194,6 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
     from sskd import __version__
     from sskd.dist import pipeline_device
     from sskd.methods import resolve_views
-    from sskd.methods.base import check_part
     from sskd.stages import freeze, load_teacher
     from sskd.stop import Interrupted, StopRequest
 
@@ -204,7 +201,7 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
     cls = cache_method(cfg)
     shards_manifest = load_manifest(cfg.data.shards)
     model, info = load_teacher(teacher, shards_manifest)
-    check_part(info, cls.teacher_part, teacher, cls.name)
+    cls.check_teacher(info, teacher, cfg)
     model = freeze(model).to(accelerator.device)
     loader = ViewLoader(cfg.data.shards, split, batch_size=batch_size, views=resolve_views(cfg, cls),
                         seed=cfg.run.seed, rank=rank, world_size=world, device=pipeline_device(cfg.data.device),

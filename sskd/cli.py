@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "sskd.cache_cli",  # cache; bench distill
     "sskd.sweep",  # sweep
     "sskd.report",  # report
+    "sskd.analyze_cli",  # analyze similarity|tsne|selection
 ]
 
 EPILOG = """\

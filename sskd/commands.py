@@ -233,7 +233,8 @@ def register(sub, fmt) -> None:
                        formatter_class=fmt,
                        description="Stage 2: the teacher's backbone and classifier stay frozen (eval mode, "
                                    "bit-identical) and only the method's part trains: the SS head of SSKD (Eq. 5: "
-                                   "a 2-layer MLP learns the contrastive task over the SS views; --method sskd, the "
+                                   "a 2-layer MLP learns the sskd.pretext task over the SS views: contrastive by default, or "
+                                   "exemplar, rotation, jigsaw; --method sskd, the "
                                    "default) or HSSAKD's branches (--method hssakd, the frozen-teacher mode). Its "
                                    "run holds the complete teacher.",
                        epilog="example:\n  sskd train-ss-head --teacher runs/t --shards data/shards/c100 --out runs/t-ss\n"

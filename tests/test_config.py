@@ -63,11 +63,18 @@ def test_shipped_recipes_all_load():
 
     import sskd
 
-    recipes = sorted((Path(sskd.__file__).parent / "configs").rglob("*.yaml"))
+    from sskd.sweep import load_spec
+
+    configs = Path(sskd.__file__).parent / "configs"
+    recipes = sorted(p for p in configs.rglob("*.yaml") if "sweeps" not in p.parts)
     assert len(recipes) >= 13  # 11 CIFAR-100 pairs, ImageNet, demo
     for path in recipes:
         cfg = load_config(path)
         assert cfg.student.arch and cfg.teacher.arch, path
+    specs = sorted((configs / "sweeps").glob("*.yaml"))  # sweep specs, not recipes
+    assert specs
+    for path in specs:
+        assert load_spec(path).methods, path
 
 
 def _resolved(*argv):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from sskd.config import bound
 from sskd.losses.logit import standardize_logits
 
+PRETEXT_TASKS = ("contrastive", "exemplar", "rotation", "jigsaw")  # sskd.pretext's registry (tests check they agree)
+
 
 @dataclass
 class SSKDLossConfig:
@@ -31,6 +33,11 @@ class SSKDLossConfig:
     ss_ratio: float = bound(0.75, gt=0, le=1)
     tf_ratio: float = bound(1.0, gt=0, le=1)
     head_tau: float = bound(1.0, gt=0)  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
+    # The self-supervised task of the SS head (the paper's Table 2, sskd/pretext.py): contrastive (Eq. 4-5,
+    # the paper's and official code's), exemplar (each image its own class), rotation (4-way) or jigsaw
+    # (24 orders of 2 x 2 tiles); used alike by `train-ss-head --method sskd` (what the teacher's head learns)
+    # and `distill --method sskd` (what the student mimics); `data.views: auto` follows it.
+    pretext: str = bound("contrastive", choices=PRETEXT_TASKS)
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:

@@ -83,7 +83,7 @@ def resolve_views(cfg, cls: type[Method]):
     if cls.views is None:
         return None
     if cls.views == "ss":
-        return ViewConfig.parse(cls.default_views if asked == "auto" else asked)
+        return ViewConfig.parse(cls.auto_views(cfg) if asked == "auto" else asked)
     if asked not in ("auto", cls.views) and ViewConfig.parse(asked).ss_views != PRESETS[cls.views]:
         raise SSKDError(f"config: data.views: method {cls.name!r} trains on its own views ({cls.views}); "
                         f"leave --views out (or auto), not {asked!r}")
@@ -104,7 +104,7 @@ def describe(role: str | None = None) -> list[dict[str, Any]]:
                            if cls.teacher_part else "any classifier run")
             elif r == "head":
                 teacher = "a train-teacher run (frozen)"
-            views = {None: "the normal view only", "ss": f"--views (default {cls.default_views})"}.get(
+            views = {None: "the normal view only", "ss": f"--views (default {cls.default_views}" + (", or the sskd.pretext task's own" if cls.section == "sskd" else "") + ")"}.get(
                 cls.views, f"{cls.views} (fixed)")
             rows.append({"name": name, "role": r, "command": ROLES[r], "summary": cls.summary, "paper": cls.paper,
                          "views": views, "teacher": teacher, "section": cls.section,

@@ -176,6 +176,18 @@ class Method(nn.Module):
         return backbone
 
     @classmethod
+    def auto_views(cls, cfg: Any) -> str:
+        """The views ``data.views: auto`` means for ``views = "ss"`` under the run config ``cfg`` (default
+        :attr:`default_views`; SSKD's follow its pretext task)."""
+        return cls.default_views
+
+    @classmethod
+    def check_teacher(cls, info: dict[str, Any], source: str, cfg: Any) -> None:
+        """Refuse, in one line, a teacher run (its ``model.json``) this method cannot use under ``cfg``:
+        live, cached and by ``sskd cache`` alike (default: it must carry :attr:`teacher_part`)."""
+        check_part(info, cls.teacher_part, source, cls.name)
+
+    @classmethod
     def build(cls, ctx: BuildContext) -> Method:
         """The method for a run: models made or loaded through ``ctx``. Default: a fresh backbone, wrapped;
         then the frozen teacher if the method needs one (after the student: see :func:`sskd.stages.builder`)."""

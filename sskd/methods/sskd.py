@@ -1,4 +1,9 @@
-"""SSKD (Xu et al., ECCV 2020): the teacher's SS head (stage 2, Eq. 5) and the student (Eq. 8)."""
+"""SSKD (Xu et al., ECCV 2020): the teacher's SS head (stage 2, Eq. 5) and the student (Eq. 8).
+
+The SS task is selectable, ``sskd.pretext: contrastive | exemplar | rotation | jigsaw`` (the paper's
+Table 2; :mod:`sskd.pretext`): the head learns it on the frozen teacher backbone, the student mimics
+the teacher's predictions of it. Contrastive (the default) is the paper's Eq. 4-6 exactly.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,45 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from sskd.heads import SSModel
-from sskd.losses import (
-    SSKDLossConfig,
-    contrastive_loss,
-    kd_loss,
-    similarity_matrix,
-    ss_kd_loss,
-    sskd_total,
-    transformed_kd_loss,
-)
-from sskd.methods.base import BuildContext, Method, register
+from sskd.losses import SSKDLossConfig, kd_loss, ss_kd_loss, sskd_total, transformed_kd_loss
+from sskd.methods.base import BuildContext, Method, check_part, register
+from sskd.pretext import check_teacher_pretext, get_pretext, own_image_targets
 
 PAPER = "Xu et al., ECCV 2020"  # Knowledge Distillation Meets Self-Supervision
 
 
 def ss_targets(b: int, v: int, device) -> torch.Tensor:
     """Column of each transformed-view row: rows are ordered (image, view) for views 1..v-1."""
-    return repeat(torch.arange(b, device=device), "b -> (b v)", v=v - 1)
+    return own_image_targets(b, v, device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return rearrange(t[:, 1:], "b v x -> (b v) x")
 
 
+class _PretextViews:
+    """Both SSKD stages: ``data.views: auto`` is the pretext task's views, and the task checks the views."""
+
+    @classmethod
+    def auto_views(cls, cfg):
+        return get_pretext(cfg.section(cls.section).pretext).views
+
+    @classmethod
+    def _task(cls, ctx: BuildContext):
+        from sskd.methods import resolve_views
+
+        cfg = ctx.section(cls)
+        task = get_pretext(cfg.pretext)
+        views = resolve_views(ctx.cfg, cls)
+        task.check_views(views.names if views is not None else ("normal",))
+        return cfg, task
+
+
 @register("head", "sskd")
-class SSHeadStage(Method):
+class SSHeadStage(_PretextViews, Method):
     """Stage 2 (Eq. 5): only the SS head trains; backbone and classifier are frozen and in eval mode."""
 
-    summary = "the teacher's SS head: contrastive task over the SS views on the frozen backbone (Eq. 5)"
+    summary = "the teacher's SS head: the sskd.pretext task (contrastive, Eq. 5) over the SS views on the frozen backbone"
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"
@@ -45,13 +61,15 @@ class SSHeadStage(Method):
             raise TypeError("the ss_head stage trains an SSModel (backbone + SS head)")
         super().__init__(student, None, **kw)
         student.backbone.requires_grad_(False)
+        self.task = get_pretext(student.pretext)
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
         from sskd.stages import teacher_backbone
 
+        cfg, task = cls._task(ctx)
         backbone = teacher_backbone(ctx)
-        return cls(SSModel(backbone), num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(SSModel(backbone, pretext=task.name), num_classes=ctx.num_classes, cfg=cfg)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -60,39 +78,53 @@ class SSHeadStage(Method):
 
     def forward(self, batch):
         views = batch["views"]
-        b, v = views.shape[:2]
+        b = views.shape[0]
         with torch.no_grad():
             f = self.student.backbone(rearrange(views, "b v c h w -> (b v) c h w"), features=True)
         z = rearrange(self.student.head(f.feat), "(b v) d -> b v d", b=b)
-        sim = similarity_matrix(rearrange(z[:, 1:], "b v d -> (b v) d"), z[:, 0])
-        target = ss_targets(b, v, views.device)
-        loss = contrastive_loss(sim, target, self.cfg.head_tau)
+        scores, target = self.task.predictions(z, batch)
+        loss = self.task.head_loss(scores, target, self.cfg)
         logits = rearrange(f.logits, "(b v) k -> b v k", b=b)[:, 0]
-        ss_acc = (sim.argmax(1) == target).float().mean() * 100
+        ss_acc = (scores.argmax(1) == target).float().mean() * 100
         return {"loss": loss, "logits": logits, "ss": loss.detach(), "ss_acc": ss_acc}
 
 
 @register("student", "sskd")
-class SSKD(Method):
-    """Eq. 8: ``λ1 CE + λ2 KD + λ3 L_T + λ4 L_ss``; the student (backbone + its SS head) sees all views."""
+class SSKD(_PretextViews, Method):
+    """Eq. 8: ``λ1 CE + λ2 KD + λ3 L_T + λ4 L_ss``; the student (backbone + its SS head) sees all views.
+    ``L_ss`` is the KL between the teacher's and the student's predictions of the pretext task."""
 
-    summary = "SSKD: CE + KD + KD on transformed views + the teacher's SS similarities (Eq. 8)"
+    summary = "SSKD: CE + KD + KD on transformed views + the teacher's SS predictions (Eq. 8; sskd.pretext)"
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"
     teacher_part = "ss_head"
     needs_teacher = True
-    outputs = ("logits", "embed")
+    outputs = ("logits", "embed")  # embed: the SS head's output per view (projection or pretext scores)
     topk_outputs = ("logits",)
 
     def __init__(self, student: SSModel, teacher=None, **kw):
         if not isinstance(student, SSModel):
             raise TypeError("method 'sskd' trains an SSModel (backbone + SS head)")
         super().__init__(student, teacher, **kw)
+        self.task = get_pretext(student.pretext)
 
     @classmethod
     def student_model(cls, backbone, num_classes):
         return SSModel(backbone)  # the student learns its own SS head with its backbone
+
+    @classmethod
+    def check_teacher(cls, info, source, cfg):
+        check_part(info, cls.teacher_part, source, cls.name)
+        check_teacher_pretext(info, source, cfg.section(cls.section).pretext)
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> Method:
+        cfg, task = cls._task(ctx)
+        student = SSModel(ctx.backbone(), pretext=task.name)  # the student first: the run seed decides it
+        teacher, info = ctx.teacher_model(cls.teacher_part, method=cls.name)
+        check_teacher_pretext(info, ctx.teacher, task.name)
+        return cls(student, teacher, num_classes=ctx.num_classes, cfg=cfg)
 
     @staticmethod
     def teacher_outputs(teacher, views):
@@ -114,13 +146,9 @@ class SSKD(Method):
         if v > 1:
             terms["tf"] = transformed_kd_loss(_rows(s_logits), _rows(t_logits), repeat(labels, "b -> (b v)", v=v - 1),
                                               self.cfg.tf_T, self.cfg.tf_ratio)
-            s_cols, t_cols, offset = s_embed[:, 0], t_embed[:, 0], 0
-            if self.gather is not None:
-                s_cols, offset = self.gather(s_cols)
-                t_cols, _ = self.gather(t_cols)
-            target = ss_targets(b, v, views.device) + offset
-            terms["ss"] = ss_kd_loss(similarity_matrix(_rows(s_embed), s_cols),
-                                     similarity_matrix(_rows(t_embed), t_cols), target, self.cfg.ss_T, self.cfg.ss_ratio)
+            s_scores, target = self.task.predictions(s_embed, batch, self.gather)
+            t_scores, _ = self.task.predictions(t_embed, batch, self.gather)
+            terms["ss"] = ss_kd_loss(s_scores, t_scores, target, self.cfg.ss_T, self.cfg.ss_ratio)
         else:  # no SS views configured: Eq. 8 reduces to CE + KD
             terms["tf"] = terms["ss"] = s_logits.sum() * 0.0
         return {"loss": sskd_total(terms, self.cfg), "logits": s_logits[:, 0], **terms}
