@@ -126,14 +126,67 @@ def digits_source(seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> A
     return ArraySource("digits", [str(i) for i in range(10)], arrays, train_px.mean(0).round(4), train_px.std(0).round(4))
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` for the one use a CIFAR pickle has for it (see :data:`_CIFAR_GLOBALS`)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    admitted: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # as written by numpy 1 / numpy 2
+        admitted[(module, "_reconstruct")] = _reconstruct
+    # A copy re-saved by Python 3 at protocol 2 writes bytes as _codecs.encode(text, "latin1"): admitted
+    # for exactly that encoding (the official files, from Python 2, hold plain strings instead).
+    admitted[("_codecs", "encode")] = _latin1_encode
+    return admitted
+
+
+# Every global the official cifar-100-python pickles reference (dicts of bytes keys, lists of bytes and
+# ints, one numpy uint8 array): numpy's array rebuilders, nothing else.
+_CIFAR_GLOBALS = _cifar_globals()
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global (or persistent id) the CIFAR-100 files never hold; ``str(exc)`` names it."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR-100 files hold: any other global (``os.system``, ``builtins.eval``,
+    ``subprocess.Popen``, ...) is refused when the pickle names it, before anything in the file runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            import _compat_pickle  # name it as Python 3 does: Python 3 writes builtins.eval as __builtin__.eval
+
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            raise _Refused(f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise _Refused(f"persistent id {pid!r}")
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise SSKDError(f"{path}: missing (expected the official cifar-100-python folder: train, test, meta)")
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")
+            d = _CifarUnpickler(fh, encoding="bytes").load()
+    except _Refused as exc:
+        raise SSKDError(f"{path}: refused to load: the pickle references {exc}, which the CIFAR-100 files "
+                        "never hold") from None
     except Exception as exc:  # pickle raises many types on damaged input
         raise SSKDError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(d, dict):
+        raise SSKDError(f"{path}: not a CIFAR pickle (holds a {type(d).__name__}, not a dict)")
+    return d
 
 
 def _field(d: dict, name: str, path: Path):

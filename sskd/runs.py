@@ -140,23 +140,71 @@ def load_weights(run: str | Path, module: torch.nn.Module) -> None:
         )
 
 
+# What ``torch.load(weights_only=True)`` admits, and so all a checkpoint may hold (numpy values and paths
+# are converted when saved; anything else is a bug caught at the first checkpoint, not at the resume).
+# Exact types: an IntEnum or a str subclass would be pickled as its own class, and refused.
+_CKPT_LEAVES = (str, bytes, bytearray, bool, int, float, complex, type(None), torch.Size, torch.device, torch.dtype)
+
+
+def _loadable(value: Any, where: str) -> Any:
+    """``value`` with numpy arrays as tensors, numpy scalars as Python numbers and paths as strings."""
+    import collections
+
+    import numpy as np
+
+    if type(value) in _CKPT_LEAVES or isinstance(value, torch.Tensor):  # before tuples: torch.Size is one
+        return value
+    if isinstance(value, dict):
+        out = {k: _loadable(v, f"{where}.{k}") for k, v in value.items()}
+        return type(value)(out) if type(value) in (collections.OrderedDict, collections.Counter) else out
+    if isinstance(value, (list, tuple, set)):  # a namedtuple becomes a plain tuple
+        items = [_loadable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else set(items) if isinstance(value, set) else tuple(items)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value).copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"checkpoint entry {where} is a {type(value).__module__}.{type(value).__qualname__}, "
+                    "which torch.load(weights_only=True) refuses: store tensors, containers and plain values")
+
+
 def save_checkpoint(run: Path, name: str, state: dict[str, Any]) -> Path:
-    """Atomically write a training state to ``RUN/checkpoints/<name>.pt``."""
+    """Atomically write a training state to ``RUN/checkpoints/<name>.pt`` (loadable with weights_only)."""
     path = run / CHECKPOINTS / f"{name}.pt"
+    state = _loadable(state, "state")
     with atomic.atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
 
 
 def load_checkpoint(run: Path, name: str = "last") -> dict[str, Any] | None:
-    """The checkpoint ``name`` of ``run``, or None when there is none; a damaged file is an error."""
+    """The checkpoint ``name`` of ``run``, or None when there is none; a damaged file is an error.
+
+    Loaded with ``weights_only=True``: tensors, containers and plain values only, so a checkpoint that
+    references anything else (a crafted pickle, or objects an older sskd stored) is refused, never run."""
+    import pickle
+    import re
+
     path = run / CHECKPOINTS / f"{name}.pt"
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]*\w)", str(exc))
+        if refused:
+            raise SSKDError(f"{path}: refused to load: it references {refused.group(1)}, which weights_only "
+                            "loading does not admit (written by an older sskd, or not by sskd); nothing in it "
+                            "was run: delete it, or --overwrite the run, to start over") from None
+        reason = re.search(r"Unsupported operand \d+", str(exc))
+        raise SSKDError(f"{path}: damaged checkpoint (not a pickle torch can read: "
+                        f"{reason.group(0) if reason else 'UnpicklingError'}); delete it to start over") from None
     except Exception as exc:
-        raise SSKDError(f"{path}: damaged checkpoint ({exc}); delete it to start over") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        reason = f"{type(exc).__name__}: {first[:200]}" if first else f"{type(exc).__name__}: empty or cut short"
+        raise SSKDError(f"{path}: damaged checkpoint ({reason}); delete it to start over") from exc
 
 
 def _installed(module: str) -> bool:
