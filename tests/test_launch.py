@@ -3,6 +3,7 @@ a launcher SIGKILLed with its ranks still running."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,53 +18,125 @@ from sskd.runs import file_sha256, load_model_info, read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fake_slurm(tmp_path: Path, nodes: int) -> tuple[dict, Path]:
-    """``scontrol`` and ``srun`` stand-ins on PATH, and an ``accelerate`` that records its arguments."""
+def _fake_slurm(tmp_path: Path, hosts: list[str], nodelist: str) -> tuple[dict, Path, Path]:
+    """What sbatch gives the batch script: its environment, and ``scontrol`` / ``srun`` stand-ins on PATH,
+    with an ``accelerate`` that records its arguments instead of launching."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    record = tmp_path / "launches.jsonl"
-    (bin_ / "scontrol").write_text("#!/bin/sh\nfor n in node0 node1; do echo $n; done\n")
-    # srun runs its command once per node, as SLURM does, with that node's SLURM_NODEID
-    (bin_ / "srun").write_text("#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
-                               f"for id in $(seq 0 {nodes - 1}); do SLURM_NODEID=$id \"$@\" || exit $?; done\n")
+    launches, sruns = tmp_path / "launches.jsonl", tmp_path / "srun.jsonl"
+    # scontrol expands exactly the job's node list (the script must ask for `show hostnames $SLURM_JOB_NODELIST`)
+    (bin_ / "scontrol").write_text(
+        f"#!/bin/sh\n[ \"$*\" = {shlex.quote('show hostnames ' + nodelist)} ] || "
+        "{ echo \"scontrol stand-in: unexpected: $*\" >&2; exit 1; }\n"
+        + "".join(f"echo {h}\n" for h in hosts))
+    # srun runs its command once per node of the allocation, as SLURM does, each with that node's SLURM_NODEID
+    # (the batch script itself runs on node 0 with SLURM_NODEID=0)
+    (bin_ / "srun").write_text(
+        f"#!{sys.executable}\nimport json, os, subprocess, sys\n"
+        "argv = sys.argv[1:]\nopts = []\n"
+        "while argv[0].startswith('-'):\n    opts.append(argv.pop(0))\n"
+        f"open({str(sruns)!r}, 'a').write(json.dumps({{'opts': opts, 'cmd': argv, 'cwd': os.getcwd(), "
+        "'SRUN_CPUS_PER_TASK': os.environ.get('SRUN_CPUS_PER_TASK')}) + '\\n')\n"
+        f"for i, host in enumerate({hosts!r}):\n"
+        "    rc = subprocess.call(argv, env=dict(os.environ, SLURM_NODEID=str(i), SLURMD_NODENAME=host))\n"
+        "    if rc:\n        sys.exit(rc)\n")
     (bin_ / "accelerate").write_text(
         f"#!{sys.executable}\nimport json, os, sys\n"
-        f"open({str(record)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'cwd': os.getcwd()}}) + '\\n')\n")
+        f"open({str(launches)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'cwd': os.getcwd(), "
+        "'node': os.environ['SLURM_NODEID']}) + '\\n')\n")
     for f in bin_.iterdir():
         f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[0-1]",
-               SLURM_NNODES=str(nodes), SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(REPO), GPUS_PER_NODE="8")
-    return env, record
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "SSKD_ROOT", "MASTER_PORT")
+           and not k.startswith(("SLURM_", "SRUN_"))}
+    env.update(PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_NODELIST=nodelist, SLURM_NNODES=str(len(hosts)),
+               SLURM_JOB_NUM_NODES=str(len(hosts)), SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(REPO),
+               SLURM_GPUS_PER_NODE="8", SLURM_CPUS_PER_TASK="64", SLURM_JOB_ID="123")  # the #SBATCH lines' values
+    return env, launches, sruns
 
 
-def test_slurm_script_as_sbatch_runs_it(tmp_path):
-    """sbatch runs a copy from its spool folder: the config path must not come from the script's own path,
-    and every argument (spaces included) must reach sskd as it was given."""
+def _sbatch(tmp_path: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run the script as slurmd does: a copy in a spool folder, executed itself (its #! line), in another
+    folder than the checkout."""
     spool = tmp_path / "spool" / "job123"
-    spool.mkdir(parents=True)
-    shutil.copy(REPO / "launch" / "slurm.sh", spool / "slurm_script")
-    env, record = _fake_slurm(tmp_path, nodes=2)
-    args = ["distill", "--out", "runs/with space", "--set", "student.milestones=[30, 60]"]
-    proc = subprocess.run(["bash", str(spool / "slurm_script"), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    launches = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(launches) == 2
+    spool.mkdir(parents=True, exist_ok=True)
+    script = spool / "slurm_script"
+    shutil.copy(REPO / "launch" / "slurm.sh", script)
+    script.chmod(0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return subprocess.run([str(script), *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# A user's arguments as the shell gave them to sbatch: spaces, quotes, $, globs, ;, a newline
+ARGS = ["distill", "--out", "runs/with space", "--set", "student.milestones=[30, 60]",
+        "--set", "run.name=it's \"$HOME\" *; echo pwned", "--set", "run.note=two\nlines"]
+
+
+def _check_launches(launches: list[dict], *, hosts: list[str], gpus: int, root: Path, args: list[str],
+                    port: str = "29500") -> None:
+    assert [launch["node"] for launch in launches] == [str(i) for i in range(len(hosts))]
     for rank, launch in enumerate(launches):
         argv = launch["argv"]
         assert argv[0] == "launch" and argv[argv.index("-m") + 1:] == ["sskd", *args]
         config = argv[argv.index("--config_file") + 1]
-        assert config == str(REPO / "launch/accelerate/multi_node.yaml") and Path(config).is_file()
+        assert config == str(root / "launch/accelerate/multi_node.yaml") and Path(config).is_file()
         flags = {k: argv[argv.index(k) + 1] for k in ("--num_machines", "--num_processes", "--machine_rank",
-                                                       "--main_process_ip")}
-        assert flags == {"--num_machines": "2", "--num_processes": "16", "--machine_rank": str(rank),
-                         "--main_process_ip": "node0"}
-        assert launch["cwd"] == str(REPO)
+                                                       "--main_process_ip", "--main_process_port")}
+        assert flags == {"--num_machines": str(len(hosts)), "--num_processes": str(len(hosts) * gpus),
+                         "--machine_rank": str(rank), "--main_process_ip": hosts[0], "--main_process_port": port}
+        assert launch["cwd"] == str(root)  # relative --out / --shards resolve in the checkout on every node
+
+
+def test_slurm_script_as_sbatch_runs_it(tmp_path):
+    """sbatch runs a copy from its spool folder: the config path must not come from the script's own path,
+    each node gets its machine_rank, all of them the first host as rendezvous, and every argument
+    (spaces, quotes, $ included) reaches sskd as it was given."""
+    hosts = ["gpu-a07", "gpu-a08"]
+    env, launches, sruns = _fake_slurm(tmp_path, hosts, "gpu-a[07-08]")
+    proc = _sbatch(tmp_path, ARGS, env)
+    assert proc.returncode == 0, proc.stderr
+    _check_launches(_read(launches), hosts=hosts, gpus=8, root=REPO, args=ARGS)
+    (srun,) = _read(sruns)  # one job step, started from the checkout, killed as a whole if a node fails
+    assert "--kill-on-bad-exit=1" in srun["opts"] and srun["cwd"] == str(REPO)
+    assert srun["cmd"][:2] == ["bash", "-c"] and srun["cmd"][2].startswith("exec accelerate launch")
+    assert srun["SRUN_CPUS_PER_TASK"] == "64"  # srun (Slurm >= 22.05) does not read sbatch's --cpus-per-task
+
     # submitted from elsewhere without SSKD_ROOT: a clear line, not a missing-file traceback later
     env["SLURM_SUBMIT_DIR"] = str(tmp_path)
-    proc = subprocess.run(["bash", str(spool / "slurm_script"), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = _sbatch(tmp_path, ARGS, env)
     assert proc.returncode == 2 and "submit from the sskd checkout or set SSKD_ROOT" in proc.stderr
+    env["SSKD_ROOT"] = str(REPO)  # ... or with it
+    launches.unlink()
+    assert _sbatch(tmp_path, ARGS, env).returncode == 0
+    _check_launches(_read(launches), hosts=hosts, gpus=8, root=REPO, args=ARGS)
+
+
+def test_slurm_script_takes_the_allocation_it_got(tmp_path):
+    """`sbatch --nodes=3 --gpus-per-node=a100:4`: 3 launchers of 4 ranks (the #SBATCH 8 would leave the
+    rendezvous waiting for 12 ranks that never come); a checkout path with a space; MASTER_PORT honoured."""
+    checkout = tmp_path / "my checkout"
+    (checkout / "launch" / "accelerate").mkdir(parents=True)
+    shutil.copy(REPO / "launch/accelerate/multi_node.yaml", checkout / "launch/accelerate/multi_node.yaml")
+    hosts = ["n1", "n2", "n3"]
+    env, launches, _ = _fake_slurm(tmp_path, hosts, "n[1-3]")
+    env.update(SLURM_SUBMIT_DIR=str(checkout), SLURM_GPUS_PER_NODE="a100:4", MASTER_PORT="29611")
+    proc = _sbatch(tmp_path, ARGS, env)
+    assert proc.returncode == 0, proc.stderr
+    _check_launches(_read(launches), hosts=hosts, gpus=4, root=checkout, args=ARGS, port="29611")
+    launches.unlink()
+    env["GPUS_PER_NODE"] = "2"  # the user's word wins
+    assert _sbatch(tmp_path, ARGS, env).returncode == 0
+    _check_launches(_read(launches), hosts=hosts, gpus=2, root=checkout, args=ARGS, port="29611")
+    for bad in ("gpu", "a100:4,v100:2", "0"):  # not one count: refused before anything starts
+        launches.unlink(missing_ok=True)
+        env["GPUS_PER_NODE"] = bad
+        proc = _sbatch(tmp_path, ARGS, env)
+        assert proc.returncode == 2 and "is not one count" in proc.stderr and not launches.exists()
 
 
 def test_slurm_script_header_names_a_shipped_recipe():
