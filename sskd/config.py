@@ -158,6 +158,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return int(value)
         if "float" in text:
             return float(value)
+        if isinstance(value, bool):  # YAML 1.1 reads the word no/yes (off/on) as a bool: a str field means the
+            return "yes" if value else "no"  # word (`--mixed-precision no` came out as 'False' and was refused)
         return str(value)
     except (TypeError, ValueError) as exc:
         raise SSKDError(f"{where}: {value!r} is not a valid {text}") from exc

@@ -278,11 +278,13 @@ class _Child:
     def __init__(self, argv: list[str], log_path: Path):
         self.argv, self.log_path = argv, log_path
         self.proc: subprocess.Popen | None = None
+        self.interrupted = 0  # the signal the sweep got while this command ran (the sweep stops after it)
 
     def run(self) -> int:
         old = signal.getsignal(signal.SIGTERM)
 
         def forward(signum, frame):
+            self.interrupted = signum
             if self.proc and self.proc.poll() is None:
                 self.proc.send_signal(signum)
 
@@ -294,7 +296,10 @@ class _Child:
                 self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT)
                 try:
                     return self.proc.wait()
-                except KeyboardInterrupt:  # the child got the terminal's SIGINT too: let it save and stop
+                except KeyboardInterrupt:  # Ctrl-C (the child got it too) or a SIGINT to the sweep alone
+                    self.interrupted = signal.SIGINT
+                    if self.proc.poll() is None:
+                        self.proc.send_signal(signal.SIGINT)  # it saves a checkpoint and stops
                     return self.proc.wait()
         finally:
             signal.signal(signal.SIGTERM, old)
@@ -340,20 +345,27 @@ def execute(runs: list[PlannedRun], launcher: str | None, keep_going: bool = Fal
         atomic.write_json(run.folder / RECORD, {**base, "status": "running", "started": started})
         bar.set_postfix_str(f"{run.kind} {run.folder.name if run.kind != 'student' else run.meta['label']}")
         log.info("[%d/%d] %s%s", i, len(runs), shlex.join(["sskd", *args]), " (resuming)" if status == "partial" else "")
-        rc = _Child(prefix + args, run.folder / OUTPUT).run()
+        child = _Child(prefix + args, run.folder / OUTPUT)
+        rc = child.run()
         wall = round(time.time() - started, 1)
         if rc == 0 and (run.folder / "model.json").is_file():
             result = _result(run.folder)
             atomic.write_json(run.folder / RECORD, {**base, "status": "done", "wall_s": wall, "result": result})
             log.info("[%d/%d] %s: top-1 %s in %.0f s", i, len(runs), run.folder, result.get("top1", "-"), wall)
+            if child.interrupted:  # it finished as the signal came: stop here all the same
+                bar.close()
+                log.warning("sweep: stopped by signal %d after %s; rerun the same `sskd sweep` to go on",
+                            child.interrupted, run.folder)
+                return 128 + child.interrupted
         else:
             why = _last_error(run.folder / OUTPUT)
-            atomic.write_json(run.folder / RECORD, {**base, "status": "failed" if rc < 128 else "interrupted",
+            interrupted = rc < 0 or rc >= 128 or bool(child.interrupted)  # the run saved; a rerun resumes it
+            atomic.write_json(run.folder / RECORD, {**base, "status": "interrupted" if interrupted else "failed",
                                                     "rc": rc, "wall_s": wall, "error": why})
-            if rc >= 128 or rc < 0:  # stopped by a signal: the run saved; the sweep stops and can be rerun
+            if interrupted:
                 bar.close()
                 log.warning("%s: interrupted; rerun the same `sskd sweep` to resume it", run.folder)
-                return 128 + signal.SIGINT if rc < 0 else rc
+                return rc if rc >= 128 else 128 + (child.interrupted or -rc)
             log.error("%s: failed (exit %d): %s (output: %s)", run.folder, rc, why, run.folder / OUTPUT)
             failed.append(run)
             if not keep_going:

@@ -102,3 +102,11 @@ def test_zero_valued_flags_reach_the_config():
         with pytest.raises(SSKDError) as err:
             _resolved(*argv)
         assert needle in str(err.value) and "\n" not in str(err.value), argv
+
+
+def test_the_word_no_stays_a_word_in_a_string_field(tmp_path):
+    assert load_config(None, ["run.mixed_precision=no"]).run.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run:\n  mixed_precision: no\n")
+    assert load_config(recipe).run.mixed_precision == "no"
+    assert load_config(None, ["run.mixed_precision=bf16"]).run.mixed_precision == "bf16"

@@ -191,3 +191,32 @@ def test_a_sweep_runs_skips_what_is_done_and_resumes_an_interrupted_run(tmp_path
         vals = [json.loads((out / f"runs/{row['setting']}/{row['method']}/resnet8-resnet8/seed{s}/model.json")
                            .read_text())["top1"] for s in (0, 1)]
         assert row["n"] == 2 and row["top1_mean"] == sum(vals) / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resumes_it(tmp_path, digits_shards, signame):
+    import signal
+    import time
+
+    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"student": "resnet8"}], methods=["ce"],
+                      set={"student.max_steps": 60, "student.batch_size": 32, "run.log_every": 1,
+                           "run.ckpt_every": 2, "run.eval_every": 0})
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = out / "runs/full/ce/none-resnet8/seed0"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
+        time.sleep(0.5)
+    assert (run_dir / "checkpoints" / "last.pt").is_file(), proc.communicate(timeout=60)
+    proc.send_signal(getattr(signal, signame))  # to the sweep alone, not its process group
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + getattr(signal, signame), err[-2000:]
+    rec = json.loads((run_dir / "sweep.json").read_text())
+    assert rec["status"] == "interrupted" and not (run_dir / "model.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "--resume" in (run_dir / "sweep.log").read_text().split("\n$ ")[-1]
+    assert json.loads((run_dir / "sweep.json").read_text())["status"] == "done"
+    assert json.loads((run_dir / "model.json").read_text())["steps"] == 60
