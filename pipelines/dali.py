@@ -90,11 +90,14 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None, nor
 
 @pipeline_def
 def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, device="cpu", shard_id=0,
-                   num_shards=1, initial_fill=1024):
+                   num_shards=1):
     """Training views of one epoch, per sample: V uint8 views (size, size, 3), the label, the id, then
-    ``M`` (3, 3) and ``T`` (3,) of each view of :func:`plan.colour_views` (finished by :mod:`pipelines.finish`)."""
-    enc, sid, lbl = _read(tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=True,
-                          seed=plan.reader_seed(plan_seed, epoch), initial_fill=initial_fill)
+    ``M`` (3, 3) and ``T`` (3,) of each view of :func:`plan.colour_views` (finished by :mod:`pipelines.finish`).
+
+    The samples come in the order of ``tars``/``idxs`` (DALI's shuffle is off): the loader passes the
+    epoch's segments for its rank (:mod:`pipelines.order`), with ``shard_id=0, num_shards=1``."""
+    enc, sid, lbl = _read(tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=False, seed=0,
+                          initial_fill=1)
     prm = params_node(sid, fn.peek_image_shape(enc), seed=plan_seed, epoch=epoch, views=views, layout=layout)
     # One flip decision per sample, shared by all its views as in the official code, as if applied to the
     # decoded image (before every crop and rotation): CIFAR layout flips the small image once, ImageNet

@@ -1,10 +1,11 @@
 """``ViewLoader``: the batches the training loop sees, one DALI pipeline per epoch.
 
 Building the pipeline per epoch (a fraction of a second) keeps an epoch a pure function of
-(seed, epoch, rank, world size): the reader's shuffle is seeded from (seed, epoch), the epoch number
-is a constant inside the graph, and DALI's cross-epoch shard rotation (``stick_to_shard``) never
-happens. Every rank reads its own contiguous slice of the samples (DALI's sharding by sample count);
-ranks yield the same number of batches so DDP never waits on a rank that ran out.
+(seed, epoch, rank, world size): a training epoch's order is :mod:`pipelines.order`'s (the shard list
+and every shard's samples permuted per (seed, epoch), then split among the ranks by count), handed to
+DALI as this rank's (tar, index) segments; the epoch number is a constant inside the graph. Evaluation
+reads the split in shard order, each rank its contiguous slice (DALI's sharding by sample count).
+Ranks yield the same number of batches so DDP never waits on a rank that ran out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.finish import Finisher
+from pipelines.order import ORDER_VERSION
 from pipelines.plan import ViewConfig, colour_views, view_labels
 from shards.format import load_manifest, split_files
 from shards.index import check_shard
@@ -67,7 +69,7 @@ class ViewLoader:
     def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 64,
                  views: ViewConfig | str | None = None, train: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: str = "cpu", threads: int = 2, dtype: torch.dtype = torch.float32,
-                 size: int | None = None, torch_device: torch.device | str | None = None, initial_fill: int = 1024,
+                 size: int | None = None, torch_device: torch.device | str | None = None,
                  reuse_buffers: bool = False, subset_fraction: float = 1.0, label_noise: float = 0.0):
         if device not in ("cpu", "gpu"):
             raise SSKDError(f"device must be cpu or gpu, not {device!r}")
@@ -79,7 +81,7 @@ class ViewLoader:
         check_split(self.shards, self.manifest, split)
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.rank, self.world_size, self.device, self.threads = rank, world_size, device, threads
-        self.dtype, self.torch_device, self.initial_fill = dtype, torch_device, initial_fill
+        self.dtype, self.torch_device = dtype, torch_device
         self.reuse_buffers = reuse_buffers
         self.layout = self.manifest["layout"]
         self.size = size or DEFAULT_SIZE[self.layout]
@@ -90,6 +92,8 @@ class ViewLoader:
         self.subset_fraction = float(subset_fraction) if split == "train" else 1.0
         self.label_noise = float(label_noise) if split == "train" and train else 0.0
         self._subset = None
+        self._shards = None  # the split's shards as pipelines.order sees them (training order)
+        self._segments = None  # this rank's per-epoch index files
         self.label_map: torch.Tensor | None = None  # noisy label by sample id
         self.flipped_ids: list[int] = []
         if self.subset_fraction < 1 or self.label_noise > 0:
@@ -124,6 +128,30 @@ class ViewLoader:
             self.label_map = torch.from_numpy(np.maximum(noisy, 0))
             self.flipped_ids = [int(i) for i in flipped]
 
+    def _order_shards(self):
+        from pipelines.order import split_shards
+
+        if self._shards is None:
+            keep = None if self._subset is None else np.asarray(self.kept_ids, dtype=np.int64)
+            self._shards = split_shards(self.shards, self.manifest, self.split, keep)
+        return self._shards
+
+    def epoch_ids(self, epoch: int) -> np.ndarray:
+        """The sample ids this rank reads in a training epoch, in order (:func:`pipelines.order.rank_ids`)."""
+        from pipelines.order import rank_ids
+
+        return rank_ids(self._order_shards(), self.seed, epoch, self.rank, self.world_size)
+
+    def epoch_files(self, epoch: int) -> tuple[list[str], list[str]]:
+        """DALI's ``paths`` and ``index_paths`` for this rank's part of a training epoch."""
+        from pipelines.order import SegmentFiles, rank_segments
+
+        if self._segments is None:
+            self._segments = SegmentFiles()
+        shards = self._order_shards()
+        segs = rank_segments(shards, self.seed, epoch, self.rank, self.world_size)
+        return self._segments.write(shards, segs, f"e{epoch}")
+
     @property
     def kept_ids(self) -> list[int] | None:
         """The sample ids a few-shot subset reads, in shard order (None: the whole split)."""
@@ -157,9 +185,11 @@ class ViewLoader:
                       size=self.size, layout=self.layout, device=self.device, shard_id=self.rank,
                       num_shards=self.world_size, prefetch_queue_depth=2, seed=self.seed)  # DALI's RNG is unused
         if self.train:  # DALI's pipeline checkpointing: exact mid-epoch resume without re-making batches
-            return train_pipeline(self.tars, self.idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
-                                  initial_fill=self.initial_fill, enable_checkpointing=True, checkpoint=checkpoint,
-                                  **common)
+            # This rank's part of the epoch's order (pipelines.order), spelled out as (tar, index) segments.
+            tars, idxs = self.epoch_files(epoch)
+            common.update(shard_id=0, num_shards=1)
+            return train_pipeline(tars, idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
+                                  enable_checkpointing=True, checkpoint=checkpoint, **common)
         dali_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
         return eval_pipeline(self.tars, self.idxs, mean=self.manifest["mean"], std=self.manifest["std"],
                              dtype=dali_dtype, **common)
@@ -243,7 +273,7 @@ class ViewLoader:
         return {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "seed": self.seed, "views": list(self.view_names),
                 "num_samples": self.num_samples, "pipeline_version": PIPELINE_VERSION,
-                "subset_fraction": self.subset_fraction}
+                "subset_fraction": self.subset_fraction, "order_version": ORDER_VERSION}
 
     def state(self) -> dict[str, Any] | None:
         """Where this rank's running training epoch stands: DALI's pipeline checkpoint after the last

@@ -20,6 +20,7 @@ from sskd.stop import Interrupted
 COMMAND_MODULES = [
     "shards.cli",  # shard imagefolder|cifar100|digits|verify
     "pipelines.cli",  # views; bench pipeline
+    "pipelines.shuffle_bench",  # bench shuffle
     "sskd.commands",  # train-teacher, train-ss-head, distill, evaluate, demo
     "sskd.cache_cli",  # cache; bench distill
     "sskd.sweep",  # sweep
