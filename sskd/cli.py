@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "sskd.sweep",  # sweep
     "sskd.report",  # report
     "sskd.analyze_cli",  # analyze similarity|tsne|selection
+    "sskd.bench_train",  # bench train
 ]
 
 EPILOG = """\
