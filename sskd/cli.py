@@ -34,6 +34,8 @@ typical session:
   sskd shard digits data/shards/digits                  # the embedded default dataset, no download
   sskd views --shards data/shards/digits --epoch 0 --n 4 --out views.png
   sskd demo --out demo-out                         # teacher, SS head, CE/KD/SSKD students, results table
+  sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits   # methods x settings x seeds
+  sskd report sweeps/digits --out sweeps/digits/report.md          # mean ± std, paired deltas, plots
 multi-GPU / multi-node: accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd distill ...
 """
 
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             module.register(sub, _Formatter)
     bench = sub.add_parser(
         "bench",
-        help="side-by-side throughput benchmarks (pipeline, distill)",
+        help="side-by-side benchmarks (pipeline, distill, train, shuffle)",
         description="Benchmarks that measure several variants in one run and print their ratios.",
         epilog="example:\n  sskd bench pipeline --shards data/shards/digits --json bench.json",
         formatter_class=_Formatter,

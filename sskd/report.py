@@ -157,7 +157,8 @@ def _plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         lows = [r["top1_mean"] - r["top1_std"] for r in sub]
         ax.set_ylim(max(0, min(lows) - 5), min(100, max(r["top1_mean"] + r["top1_std"] for r in sub) + 2))
         ax.set_title(f"{teacher} → {student}")
-        ax.legend(fontsize=8, ncol=min(len(methods), 6))
+        ax.legend(fontsize=8, ncol=min(len(methods), 6), loc="upper center", bbox_to_anchor=(0.5, -0.08),
+                  frameon=False)
         fig.tight_layout()
         path = out_dir / f"{stem}-bars{suffix}.png"
         _save(fig, path)

@@ -170,7 +170,7 @@ def test_topk_cache_round_trip(ss_teacher, digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_cache_covers_every_sample_once(ss_teacher, digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
            "--main_process_port", "29588", "-m", "sskd", "cache", "--teacher", str(ss_teacher), "--shards",
            str(digits_shards), "--epochs", "1", "--out", str(tmp_path / "c"), "--batch-size", "128", "--no-progress"]

@@ -274,7 +274,7 @@ def test_cached_teacher_features_give_the_live_terms(teacher, digits_shards, tmp
 
 @pytest.mark.slow
 def test_two_ranks_keep_identical_banks_covering_both_ranks_samples(teacher, digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
            "--main_process_port", "29631", str(REPO / "tests/scripts/crd_probe.py"), str(digits_shards), str(teacher),
            str(tmp_path / "run")]

@@ -287,7 +287,7 @@ def test_bench_distill_for_hssakd_writes_the_named_keys(digits_shards, tmp_path)
 
 @pytest.mark.slow
 def test_every_hssakd_stage_on_two_ranks(digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
               "--main_process_port", "29621", "-m", "sskd"]
     common = ["--shards", str(digits_shards), "--max-steps", "2", *FAST]

@@ -146,7 +146,7 @@ def test_slurm_script_header_names_a_shipped_recipe():
 
 
 def _launch(shards, out, port, *extra, popen=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
            "--main_process_port", str(port), "-m", "sskd", "train-teacher", "--shards", str(shards), "--arch", "resnet8",
            "--out", str(out), "--no-progress", "--batch-size", "16", "--set", "run.log_every=1",

@@ -220,3 +220,24 @@ def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resum
     assert "--resume" in (run_dir / "sweep.log").read_text().split("\n$ ")[-1]
     assert json.loads((run_dir / "sweep.json").read_text())["status"] == "done"
     assert json.loads((run_dir / "model.json").read_text())["steps"] == 60
+
+
+@pytest.mark.slow
+def test_a_launcher_runs_every_command_under_accelerate(tmp_path, digits_shards):
+    import os
+
+    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"student": "resnet8"}], methods=["ce"],
+                      set={"student.max_steps": 2, "student.batch_size": 32, "run.eval_every": 0})
+    out = tmp_path / "sw"
+    launcher = (f"{sys.executable} -m accelerate.commands.launch --config_file "
+                f"{REPO / 'launch/accelerate/cpu.yaml'} --main_process_port 29581")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress",
+                           "--launcher", launcher], capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = out / "runs/full/ce/none-resnet8/seed0"
+    rec = json.loads((run_dir / "sweep.json").read_text())
+    assert rec["command"].startswith(launcher + " -m sskd distill") and rec["status"] == "done"
+    from sskd.runs import read_metrics
+
+    assert {r["world_size"] for r in read_metrics(run_dir) if r["kind"] == "train"} == {2}

@@ -126,7 +126,7 @@ def test_wrong_number_of_classes_is_refused(teacher_runs, digits_shards, tmp_pat
 
 @pytest.mark.slow
 def test_two_cpu_ranks_under_accelerate_launch(digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
            "--main_process_port", "29577", str(REPO / "tests/scripts/ddp_probe.py"), str(digits_shards), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -213,7 +213,7 @@ def test_bf16_gradient_accumulation_and_clipping(digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_global_ss_batch_on_two_ranks(teacher_runs, digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
            "--main_process_port", "29599", "-m", "sskd", "distill", "--teacher", str(teacher_runs / "t-ss"),
            "--student", "resnet8", "--method", "sskd", "--shards", str(digits_shards), "--out", str(tmp_path / "g"),
