@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from sskd.config import bound
-from sskd.losses.logit import dist_terms, standardize_logits
-from sskd.methods.base import Method, logits_of, normal, register
+from sskd.losses.logit import dist_terms
+from sskd.methods.base import register
+from sskd.methods.kd import LogitMethod
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DISTConfig:
 
 
 @register("student", "dist")
-class StudentDIST(Method):
+class StudentDIST(LogitMethod):
     """DIST on the normal view; the teacher is any trained classifier run (or ``torchvision:NAME``).
 
     The intra-class term correlates each class's column over the batch, so it depends on the batch (and,
@@ -41,22 +41,10 @@ class StudentDIST(Method):
     summary = "DIST: Pearson relations of the softened class scores, per sample and per class over the batch"
     paper = "Huang et al., NeurIPS 2022"  # Knowledge Distillation from A Stronger Teacher
     section, Config = "dist", DISTConfig
-    needs_teacher = True
-    outputs = ("logits",)
-    topk_outputs = ("logits",)
-
-    @staticmethod
-    def teacher_outputs(teacher, views):
-        return {"logits": logits_of(teacher(views[:, 0]))[:, None]}  # (b, 1, K): the normal view
-
     def forward(self, batch):
         cfg = self.cfg
-        logits = self.student(normal(batch))
-        t_logits = self.teacher_batch(batch)["logits"][:, 0]
-        ce = F.cross_entropy(logits, batch["label"])
-        s, t = logits, t_logits
-        if cfg.standardize:  # LS: Z-scored logits in the distillation term only
-            s, t = standardize_logits(s), standardize_logits(t)
+        logits, t_logits, ce = self.logit_pair(batch)
+        s, t = self.distilled_pair(logits, t_logits)  # LS: Z-scored in the distillation term only
         inter, intra = dist_terms(s, t, cfg.tau)
         dist = cfg.tau * cfg.tau * (cfg.beta * inter + cfg.gamma * intra)
         return {"loss": cfg.ce_weight * ce + cfg.kd_weight * dist, "logits": logits, "ce": ce, "dist": dist,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from sskd.config import bound
-from sskd.losses.logit import dkd_terms, standardize_logits
-from sskd.methods.base import Method, logits_of, normal, register
+from sskd.losses.logit import dkd_terms
+from sskd.methods.base import register
+from sskd.methods.kd import LogitMethod
 
 
 @dataclass
@@ -43,7 +43,7 @@ def warmup_factor(epoch: int, warmup: int) -> float:
 
 
 @register("student", "dkd")
-class StudentDKD(Method):
+class StudentDKD(LogitMethod):
     """DKD on the normal view; the teacher is any trained classifier run (or ``torchvision:NAME``).
 
     Logs ``tckd`` and ``nckd`` unweighted and ``dkd = alpha·tckd + beta·nckd`` before the warm-up factor.
@@ -52,22 +52,10 @@ class StudentDKD(Method):
     summary = "Decoupled KD: target-class and non-target-class parts of KD, weighted apart"
     paper = "Zhao et al., CVPR 2022"  # Decoupled Knowledge Distillation
     section, Config = "dkd", DKDConfig
-    needs_teacher = True
-    outputs = ("logits",)
-    topk_outputs = ("logits",)
-
-    @staticmethod
-    def teacher_outputs(teacher, views):
-        return {"logits": logits_of(teacher(views[:, 0]))[:, None]}  # (b, 1, K): the normal view
-
     def forward(self, batch):
         cfg = self.cfg
-        logits = self.student(normal(batch))
-        t_logits = self.teacher_batch(batch)["logits"][:, 0]
-        ce = F.cross_entropy(logits, batch["label"])
-        s, t = logits, t_logits
-        if cfg.standardize:  # LS: Z-scored logits in the distillation term only
-            s, t = standardize_logits(s), standardize_logits(t)
+        logits, t_logits, ce = self.logit_pair(batch)
+        s, t = self.distilled_pair(logits, t_logits)  # LS: Z-scored in the distillation term only
         tckd, nckd = dkd_terms(s, t, batch["label"], cfg.T)
         dkd = cfg.alpha * tckd + cfg.beta * nckd
         loss = cfg.ce_weight * ce + warmup_factor(self.epoch, cfg.warmup) * dkd

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from sskd.config import bound
 from sskd.losses import kd_loss
+from sskd.losses.logit import standardize_logits
 from sskd.methods.base import Method, logits_of, normal, register
 
 
@@ -27,24 +28,40 @@ class KDConfig:
     standardize: bool = False
 
 
-@register("student", "kd")
-class StudentKD(Method):
-    """Hinton KD on the normal view; the teacher is any trained classifier run (or ``torchvision:NAME``)."""
+class LogitMethod(Method):
+    """Base of the logit methods (KD, DKD, DIST): the teacher's class scores on the normal view, cacheable
+    (also as top-K), and the CE the student's own term sits beside."""
 
-    summary = "Hinton KD: the teacher's softened class scores on the normal view"
-    paper = "Hinton et al., 2015"  # Distilling the Knowledge in a Neural Network
-    section, Config = "kd", KDConfig
     needs_teacher = True
     outputs = ("logits",)
     topk_outputs = ("logits",)
 
     @staticmethod
     def teacher_outputs(teacher, views):
-        return {"logits": logits_of(teacher(views[:, 0]))[:, None]}
+        return {"logits": logits_of(teacher(views[:, 0]))[:, None]}  # (b, 1, K): the normal view
 
-    def forward(self, batch):
+    def logit_pair(self, batch):
+        """``(student logits, teacher logits, CE on the labels)`` of a batch's normal view."""
         logits = self.student(normal(batch))
         t_logits = self.teacher_batch(batch)["logits"][:, 0]
-        ce = F.cross_entropy(logits, batch["label"])
+        return logits, t_logits, F.cross_entropy(logits, batch["label"])
+
+    def distilled_pair(self, logits, t_logits):
+        """The logits the distillation term compares: Z-scored with ``standardize`` (LS), else as they are."""
+        if self.cfg.standardize:
+            return standardize_logits(logits), standardize_logits(t_logits)
+        return logits, t_logits
+
+
+@register("student", "kd")
+class StudentKD(LogitMethod):
+    """Hinton KD on the normal view; the teacher is any trained classifier run (or ``torchvision:NAME``)."""
+
+    summary = "Hinton KD: the teacher's softened class scores on the normal view"
+    paper = "Hinton et al., 2015"  # Distilling the Knowledge in a Neural Network
+    section, Config = "kd", KDConfig
+
+    def forward(self, batch):
+        logits, t_logits, ce = self.logit_pair(batch)
         kd = kd_loss(logits, t_logits, self.cfg.T, standardize=self.cfg.standardize)
         return {"loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd, "logits": logits, "ce": ce, "kd": kd}
