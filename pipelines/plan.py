@@ -77,7 +77,13 @@ class ViewConfig:
             return cls(())
         if text in PRESETS:
             return cls(PRESETS[text])
-        return cls(tuple(v.strip() for v in text.split(",") if v.strip()))
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        if not names:  # ",," or " ": a list with no name in it is a slip, not a way to say none
+            from sskd.errors import SSKDError
+
+            raise SSKDError(f"{text!r} names no view; give view names or a preset ({', '.join(PRESETS)}), "
+                            f"or none for the normal view only")
+        return cls(names)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -49,6 +50,8 @@ class DataConfig:
     subset_fraction: float = bound(1.0, gt=0, le=1)
     # ... and symmetric label noise flips this share of training labels to another class, per (run.seed, id)
     label_noise: float = bound(0.0, ge=0, le=0.99)
+    # samples that fail their checksum, id or label check: stop naming the first (false) or leave them out (true)
+    skip_bad: bool = False
 
 
 @dataclass
@@ -83,6 +86,8 @@ class RunConfig:
     eval_every: int = bound(1, ge=0)  # epochs between evaluations (0 = only at the end)
     global_ss_batch: bool = False  # all-gather SS embeddings across ranks for one global similarity matrix
     progress: bool = True
+    # a loss that is NaN/inf: stop the run at that step (last good checkpoint kept), or skip such steps
+    nonfinite: str = bound("stop", choices=("stop", "skip"))
     # Accelerate trackers beside metrics.jsonl (`--log-with`), each writing under the run folder
     log_with: list[str] = bound(factory=list, choices=("tensorboard", "wandb", "mlflow", "aim"))
 
@@ -130,39 +135,78 @@ def _suggest(name: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's declared type, or raise naming ``where``."""
+def _type_error(where: str, value: Any, want: str, hint: str = "") -> SSKDError:
+    what = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return SSKDError(f"{where}: expected {want}, got {what} ({value!r}){hint}")
+
+
+def _integer(value: Any, where: str) -> int:
+    """An int from an int, an integral float or the text of one; never from a bool (``True`` is 1 in Python)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _type_error(where, value, "an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SSKDError(f"{where}: {value!r} is not a finite number")
+        if not value.is_integer():
+            raise SSKDError(f"{where}: {value!r} is not a whole number")
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise SSKDError(f"{where}: {value!r} is not a valid int") from exc
+
+
+def _coerce(value: Any, hint: Any, where: str, *, cli: bool = False) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise naming ``where``.
+
+    Types are checked, not forced: a YAML bool, list or mapping where a number is expected (``batch_size:
+    true`` was 1), a number or list where a bool or string is expected and, in a YAML file, a string where a
+    list is expected, are errors; so is a number that is not finite (``lr: .nan``). Numbers may come as text
+    (``lr: 1e-3`` is a string to YAML 1.1). ``cli``: the value of a ``--set`` (a comma list may be a list)."""
     text = getattr(hint, "__name__", None) if isinstance(hint, type) else None
     text = text or str(hint)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in text):
         if "None" in text:
             return None
         raise SSKDError(f"{where}: may not be empty")
-    try:
-        if text.startswith("list"):
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            if "str" in text:  # list[str]: names (run.log_with)
-                return [str(v).strip() for v in (value if isinstance(value, (list, tuple)) else [value])
-                        if str(v).strip()]
-            return [int(v) for v in value]
-        if hint is bool or text == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
+    if text.startswith("list"):
+        if isinstance(value, str) and cli:  # --set student.milestones=30,60 (or [30,60], which YAML reads)
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        elif cli and type(value) is int:  # --set student.milestones=30
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(where, value, "a list", " (write it as [a, b])" if isinstance(value, str) else "")
+        if "str" in text:  # list[str]: names (run.log_with)
+            for v in value:
+                if not isinstance(v, str):
+                    raise _type_error(where, v, "a list of names")
+            return [v.strip() for v in value if v.strip()]
+        return [_integer(v, where) for v in value]
+    if hint is bool or text == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if type(value) is int and value in (0, 1):
             return bool(value)
-        if "int" in text and "float" not in text:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if "float" in text:
-            return float(value)
-        if isinstance(value, bool):  # YAML 1.1 reads the word no/yes (off/on) as a bool: a str field means the
-            return "yes" if value else "no"  # word (`--mixed-precision no` came out as 'False' and was refused)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise SSKDError(f"{where}: {value!r} is not a valid {text}") from exc
+        raise _type_error(where, value, "true or false")
+    if "int" in text and "float" not in text:
+        return _integer(value, where)
+    if "float" in text:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _type_error(where, value, "a number")
+        try:
+            number = float(value)
+        except ValueError as exc:
+            raise SSKDError(f"{where}: {value!r} is not a valid float") from exc
+        if not math.isfinite(number):
+            raise SSKDError(f"{where}: {value!r} is not a finite number")
+        return number
+    if isinstance(value, bool):  # YAML 1.1 reads the word no/yes (off/on) as a bool: a str field means the
+        return "yes" if value else "no"  # word (`--mixed-precision no` came out as 'False' and was refused)
+    if isinstance(value, (int, float, list, tuple, dict)):
+        raise _type_error(where, value, "a string", " (quote it)" if isinstance(value, (int, float)) else "")
+    return str(value)
 
 
 def _key_elsewhere(key: str, section: str) -> str:
@@ -171,8 +215,9 @@ def _key_elsewhere(key: str, section: str) -> str:
     return f" ({key!r} is a key of section {', '.join(repr(o) for o in owners)})" if owners else ""
 
 
-def apply_values(cfg: Config, values: dict[str, Any], source: str) -> Config:
-    """Set nested ``values`` (``{"student": {"lr": 0.1}}``) on ``cfg``; unknown keys are errors."""
+def apply_values(cfg: Config, values: dict[str, Any], source: str, *, cli: bool = False) -> Config:
+    """Set nested ``values`` (``{"student": {"lr": 0.1}}``) on ``cfg``; unknown keys are errors.
+    ``cli``: the values are those of ``--set`` (see :func:`_coerce`)."""
     if not isinstance(values, dict):
         raise SSKDError(f"{source}: expected a mapping of config sections, got {type(values).__name__}")
     for section, body in values.items():
@@ -191,9 +236,42 @@ def apply_values(cfg: Config, values: dict[str, Any], source: str) -> Config:
             if key not in hints:
                 hint = _key_elsewhere(key, section) or _suggest(key, list(hints))
                 raise SSKDError(f"{source}: unknown config key '{section}.{key}'{hint}")
-            value = _coerce(value, hints[key], f"{source}: {section}.{key}")
+            value = _coerce(value, hints[key], f"{source}: {section}.{key}", cli=cli)
             setattr(target, key, OLD_METHOD_NAMES.get((section, value), value) if key == "method" else value)
     return cfg
+
+
+def _field_hint(section: str, key: str) -> Any:
+    """The declared type of ``section.key`` (None when there is no such key: :func:`apply_values` says so)."""
+    section = "sskd" if section == "loss" else section
+    if section in FIXED_SECTIONS:
+        owner = type(getattr(Config(), section))
+    else:
+        owner = method_sections().get(section)
+    return get_type_hints(owner).get(key) if owner is not None else None
+
+
+def _override_value(section: str, key: str, text: str, where: str) -> Any:
+    """The value of ``--set section.key=TEXT``: TEXT read as YAML (``[30,60]``, ``0.1``, ``null``), but a
+    string field takes the text as typed (``--views ,,``, ``--shards 2024``, ``--mixed-precision no``)."""
+    if not text:
+        return text
+    try:
+        value = yaml.safe_load(text)
+        error = None
+    except yaml.YAMLError as exc:
+        value, error = None, exc
+    hint = _field_hint(section, key)
+    if hint is str:
+        if error is not None or not (value is None or isinstance(value, (str, bool, list, dict))):
+            return text.strip()  # a number, a date, a slip of YAML: the text itself (a list is a type error)
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            return text.strip()  # the word typed (no, off, on, yes); true/false keep meaning yes/no
+        return value
+    if error is not None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SSKDError(f"{where}: {section}.{key}: {text!r} is not a valid value ({first})")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -213,7 +291,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise SSKDError(f"--set {item!r}: expected section.key=value (e.g. student.lr=0.01)")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        apply_values(cfg, {section: {key: yaml.safe_load(value) if value else value}}, f"--set {item}")
+        apply_values(cfg, {section: {key: _override_value(section, key, value, f"--set {item}")}},
+                     f"--set {item}", cli=True)
     validate(cfg)
     return cfg
 
@@ -228,6 +307,8 @@ def _check_bounds(name: str, section: Any) -> None:
         for v in value if isinstance(value, list) else [value]:
             if v is None or isinstance(v, str):
                 continue
+            if isinstance(v, float) and not math.isfinite(v):  # NaN passes every comparison
+                raise SSKDError(f"{where} must be a finite number, not {v!r}")
             if ("ge" in meta and v < meta["ge"]) or ("gt" in meta and v <= meta["gt"]) or ("le" in meta and v > meta["le"]):
                 rule = " and ".join(f"{op} {meta[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
                                     if key in meta)

@@ -62,7 +62,6 @@ def test_shipped_recipes_all_load():
     from pathlib import Path
 
     import sskd
-
     from sskd.sweep import load_spec
 
     configs = Path(sskd.__file__).parent / "configs"

@@ -89,11 +89,20 @@ def test_negatives_are_other_classes_without_replacement_and_a_function_of_seed_
     assert (LABELS[relax[:, 0]] == LABELS[ids]).all()  # 'relax': a positive of the same class
 
 
-def test_more_negatives_than_other_class_samples_is_a_one_line_error():
-    with pytest.raises(SSKDError) as exc:
-        NegativeSampler(np.array([0] * 5 + [1] * 3), 4, seed=0, classes=["a", "b"])
-    assert str(exc.value) == ("crd.nce_k=4: class 'a' has only 3 samples of other classes to draw negatives from "
-                              "without replacement; set crd.nce_k <= 3")
+def test_more_negatives_than_other_class_samples_are_drawn_with_replacement(caplog):
+    """RepDistiller: ``replace = k > len(cls_negative[target])``, per class; said once (the old refusal is gone)."""
+    labels = np.array([0] * 5 + [1] * 3)
+    with caplog.at_level("INFO", logger="sskd.methods.crd"):
+        s = NegativeSampler(labels, 4, seed=0, classes=["a", "b"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "crd: class 'a' has 3 samples of other classes, fewer than crd.nce_k=4: its negatives are drawn with "
+        "replacement, as RepDistiller does"]
+    out = s.draw(np.array([0, 5]), epoch=1)
+    assert (labels[out[0, 1:]] == 1).all()  # class a: 4 of the 3 b samples, so with repeats
+    assert len(set(out[1, 1:].tolist())) == 4 and (labels[out[1, 1:]] == 0).all()  # class b: 4 of 5, distinct
+    assert (NegativeSampler(labels, 4, seed=0).draw(np.array([5, 0]), 1) == out[::-1]).all()  # (seed, epoch, id)
+    with pytest.raises(SSKDError, match="class 'a' has no samples of other classes"):
+        NegativeSampler(np.array([0, 0, 0]), 2, seed=0, classes=["a"])
 
 
 # ---- labels from the shards ---------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def stage_method(cfg, stage: str) -> type[Method]:
 def resolve_views(cfg, cls: type[Method]):
     """The views ``cls`` trains on under ``cfg``: a :class:`pipelines.ViewConfig`, or None for view 0 only.
 
-    ``data.views: auto`` means the method's default; a method with fixed views refuses any other set.
+    ``data.views: auto`` means the method's default; a method with fixed views refuses any other set, and
+    every method refuses a set with fewer SS views than its :attr:`Method.min_ss_views` (one line, at start).
     """
     from pipelines import PRESETS, ViewConfig
 
@@ -83,11 +84,18 @@ def resolve_views(cfg, cls: type[Method]):
     if cls.views is None:
         return None
     if cls.views == "ss":
-        return ViewConfig.parse(cls.auto_views(cfg) if asked == "auto" else asked)
-    if asked not in ("auto", cls.views) and ViewConfig.parse(asked).ss_views != PRESETS[cls.views]:
-        raise SSKDError(f"config: data.views: method {cls.name!r} trains on its own views ({cls.views}); "
-                        f"leave --views out (or auto), not {asked!r}")
-    return ViewConfig.parse(cls.views)
+        views = ViewConfig.parse(cls.auto_views(cfg) if asked == "auto" else asked)
+    else:
+        if asked not in ("auto", cls.views) and ViewConfig.parse(asked).ss_views != PRESETS[cls.views]:
+            raise SSKDError(f"config: data.views: method {cls.name!r} trains on its own views ({cls.views}); "
+                            f"leave --views out (or auto), not {asked!r}")
+        views = ViewConfig.parse(cls.views)
+    if len(views.ss_views) < cls.min_ss_views:  # its SS terms would silently be 0
+        need = f"{cls.min_ss_views} SS view" + ("s" if cls.min_ss_views > 1 else "")
+        own = cls.auto_views(cfg) if cls.views == "ss" else cls.views
+        raise SSKDError(f"config: data.views: method {cls.name!r} ({ROLES[cls.role]}) needs at least {need} beside the "
+                        f"normal view (its own: {own}; leave --views out or name views), not {asked!r}")
+    return views
 
 
 def describe(role: str | None = None) -> list[dict[str, Any]]:

@@ -143,6 +143,9 @@ class Method(nn.Module):
     # None: the normal view only; "ss": the run's data.views (default ``default_views``); a preset name: fixed
     views: ClassVar[str | None] = None
     default_views: ClassVar[str] = "rotation"
+    # How many SS views (beside view 0) the method's terms need at least: a view set with fewer is refused at
+    # start (:func:`sskd.methods.resolve_views`), so ``--views none`` never trains its SS terms at 0 silently
+    min_ss_views: ClassVar[int] = 0
     teacher_part: ClassVar[str | None] = None  # student methods: the part their teacher run must carry
     produces: ClassVar[str | None] = None  # teacher and head methods: the part their runs carry
     needs_teacher: ClassVar[bool] = False

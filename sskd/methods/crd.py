@@ -65,19 +65,21 @@ class Embed(nn.Module):
 
 
 class NegativeSampler:
-    """Per sample: its positive and ``k`` negatives drawn without replacement from the samples of other
-    classes (RepDistiller's ``CIFAR100InstanceSample``), as a pure function of (seed, epoch, id).
+    """Per sample: its positive and ``k`` negatives drawn from the samples of other classes (RepDistiller's
+    ``CIFAR100InstanceSample``), as a pure function of (seed, epoch, id): without replacement, or, for a
+    class with fewer than ``k`` samples of other classes, with replacement, as RepDistiller does
+    (``replace = self.k > len(self.cls_negative[target])``; said once in the log). K is never clamped: a
+    smaller K would change the loss's noise constant m·Pn.
 
     Args:
         labels: (N,) int64 label of every sample id (-1: an id the data does not hold).
         k: negatives per sample.
         seed: the run seed.
         mode: ``exact`` (the positive is the sample itself) or ``relax`` (a sample of its class).
-        classes: class names, for the error message.
+        classes: class names, for the messages.
 
     Raises:
-        SSKDError: when a class has fewer than ``k`` samples of other classes (no clamping: a smaller K
-            changes the loss's noise constant m·Pn, so the run must say so in its config).
+        SSKDError: when a class has no sample of another class at all (data of one class).
     """
 
     def __init__(self, labels: np.ndarray, k: int, seed: int, mode: str = "exact", classes: list[str] | None = None):
@@ -88,10 +90,18 @@ class NegativeSampler:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         pools = len(held) - self.counts
         worst = int(np.argmin(np.where(self.counts > 0, pools, np.iinfo(np.int64).max)))
-        if k > pools[worst]:
-            name = classes[worst] if classes and worst < len(classes) else str(worst)
-            raise SSKDError(f"crd.nce_k={k}: class {name!r} has only {pools[worst]} samples of other classes to draw "
-                            f"negatives from without replacement; set crd.nce_k <= {pools[worst]}")
+        name = classes[worst] if classes and worst < len(classes) else str(worst)
+        if pools[worst] < 1:
+            raise SSKDError(f"crd: class {name!r} has no samples of other classes to draw negatives from (CRD "
+                            "contrasts classes: the training data needs at least two)")
+        # RepDistiller draws with replacement exactly where a class has fewer than k samples of other classes.
+        self.replace = (self.counts > 0) & (pools < k)
+        n = int(self.replace.sum())
+        if n:
+            few = (f"class {name!r} has {int(pools[worst])} samples of other classes, fewer than crd.nce_k={k}: its"
+                   if n == 1 else f"{n} classes have fewer samples of other classes than crd.nce_k={k} (fewest: "
+                   f"class {name!r}, {int(pools[worst])}): their")
+            log.info("crd: %s negatives are drawn with replacement, as RepDistiller does", few)
 
     def draw(self, ids: np.ndarray, epoch: int) -> np.ndarray:
         """(b, k + 1) int64 sample ids: column 0 the positive, then the negatives of each sample."""
@@ -102,7 +112,8 @@ class NegativeSampler:
             rng = np.random.default_rng((SAMPLING_TAG, self.seed, epoch, i))
             # k distinct positions among the other classes' len(order) - n_c ids (the order has class c's block
             # cut out); the set is uniform, its order immaterial to the loss, so numpy need not shuffle it.
-            j = rng.choice(len(self.order) - n_c, self.k, replace=False, shuffle=False)
+            # Fewer than k of them: k positions drawn with replacement (RepDistiller).
+            j = rng.choice(len(self.order) - n_c, self.k, replace=bool(self.replace[c]), shuffle=False)
             out[row, 1:] = self.order[j + n_c * (j >= start)]
             out[row, 0] = i if self.mode == "exact" else self.order[start + rng.integers(n_c)]
         return out

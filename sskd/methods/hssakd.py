@@ -66,6 +66,7 @@ class _Teacher(Method):
     paper = PAPER
     section, Config = "hssakd", HSSAKDConfig
     views = VIEWS
+    min_ss_views = 3  # the joint class x rotation task is over all four rotations
     produces = "branches"
 
     def forward(self, batch):
@@ -126,6 +127,7 @@ class HSSAKD(Method):
     paper = PAPER
     section, Config = "hssakd", HSSAKDConfig
     views = VIEWS
+    min_ss_views = 3  # the joint class x rotation task is over all four rotations
     teacher_part = "branches"
     needs_teacher = True
     outputs = ("logits", "aux")
@@ -166,6 +168,7 @@ class HSSAKDOnline(Method):
     paper = PAPER
     section, Config = "hssakd", HSSAKDConfig
     views = VIEWS
+    min_ss_views = 3  # the joint class x rotation task is over all four rotations
 
     def __init__(self, student: nn.ModuleList, teacher=None, **kw):
         super().__init__(student, None, **kw)

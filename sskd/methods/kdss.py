@@ -102,6 +102,7 @@ class KDSSHeads(Method):
     paper = PAPER
     section, Config = "kdss", KDSSConfig
     views = VIEWS
+    min_ss_views = 3  # rotation prediction and the instance contrast are over the four rotations
     produces = "kdss_heads"
 
     def __init__(self, student: KDSSModel, teacher=None, **kw):
@@ -141,6 +142,7 @@ class KDSS(Method):
     paper = PAPER
     section, Config = "kdss", KDSSConfig
     views = VIEWS
+    min_ss_views = 3  # rotation prediction and the instance contrast are over the four rotations
     teacher_part = "kdss_heads"
     needs_teacher = True
     outputs = ("logits", "rot", "embed", "feat")

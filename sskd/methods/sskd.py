@@ -54,6 +54,7 @@ class SSHeadStage(_PretextViews, Method):
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"
+    min_ss_views = 1  # L_T and L_ss are over the SS views: without one Eq. 8 would silently be CE + KD
     produces = "ss_head"
 
     def __init__(self, student: SSModel, teacher=None, **kw):
@@ -98,6 +99,7 @@ class SSKD(_PretextViews, Method):
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"
+    min_ss_views = 1  # L_T and L_ss are over the SS views: without one Eq. 8 would silently be CE + KD
     teacher_part = "ss_head"
     needs_teacher = True
     outputs = ("logits", "embed")  # embed: the SS head's output per view (projection or pretext scores)
@@ -149,6 +151,6 @@ class SSKD(_PretextViews, Method):
             s_scores, target = self.task.predictions(s_embed, batch, self.gather)
             t_scores, _ = self.task.predictions(t_embed, batch, self.gather)
             terms["ss"] = ss_kd_loss(s_scores, t_scores, target, self.cfg.ss_T, self.cfg.ss_ratio)
-        else:  # no SS views configured: Eq. 8 reduces to CE + KD
+        else:  # no SS views (a method made directly; a run refuses them, min_ss_views): Eq. 8 reduces to CE + KD
             terms["tf"] = terms["ss"] = s_logits.sum() * 0.0
         return {"loss": sskd_total(terms, self.cfg), "logits": s_logits[:, 0], **terms}
