@@ -6,6 +6,15 @@ and every shard's samples permuted per (seed, epoch), then split among the ranks
 DALI as this rank's (tar, index) segments; the epoch number is a constant inside the graph. Evaluation
 reads the split in shard order, each rank its contiguous slice (DALI's sharding by sample count).
 Ranks yield the same number of batches so DDP never waits on a rank that ran out.
+
+Before DALI decodes a sample, the loader checks it (:func:`shards.index.check_lines`): its members'
+bytes against the per-sample checksums written with the shard, its ``sid`` against its key and the
+manifest's order, its label against the classes. Bytes flipped inside an image pass every structural
+check and can crash DALI's decoder (SIGSEGV, no file named); here they are one line naming the shard,
+the sample and the member. Each process checks the samples of each epoch it reads, each sample once;
+with ``skip_bad`` every sample of the split is checked at start (so all ranks agree) and the bad ones
+are left out of every epoch's order, said once. Every batch's ids are also compared with the ids
+the epoch's order puts there.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +32,12 @@ import torch
 from pipelines.finish import Finisher
 from pipelines.order import ORDER_VERSION
 from pipelines.plan import ViewConfig, colour_views, view_labels
-from shards.format import load_manifest, split_files
-from shards.index import check_shard
+from shards.format import IMAGE_EXTS, MANIFEST, load_manifest, sample_key, split_files
+from shards.index import check_lines, check_shard, parse_index
 from sskd.errors import SSKDError
 
 log = logging.getLogger(__name__)
+_UNSUMMED_WARNED: set[str] = set()  # shard folders already warned about (no per-sample checksums)
 
 DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
 # Bump when any view's pixels change for the same plan parameters (caches record it). 5: normalisation
@@ -64,13 +75,19 @@ class ViewLoader:
             (:mod:`pipelines.settings`; other splits ignore it).
         label_noise: symmetric label noise at this rate on the ``train`` split's training batches,
             drawn from ``seed`` (:mod:`pipelines.settings`); ``flipped_ids`` lists the flipped samples.
+        skip_bad: check every sample of the split at start and leave out those that fail (corrupted
+            bytes, a rewritten id, a cut-off member), listed once in the log and in ``skipped``; without
+            it the first bad sample a rank is about to read stops the run with one line naming it.
+        verify_samples: check samples against their recorded checksums before DALI decodes them (on
+            by default; off only to measure what the check costs).
     """
 
     def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 64,
                  views: ViewConfig | str | None = None, train: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device: str = "cpu", threads: int = 2, dtype: torch.dtype = torch.float32,
                  size: int | None = None, torch_device: torch.device | str | None = None,
-                 reuse_buffers: bool = False, subset_fraction: float = 1.0, label_noise: float = 0.0):
+                 reuse_buffers: bool = False, subset_fraction: float = 1.0, label_noise: float = 0.0,
+                 skip_bad: bool = False, verify_samples: bool = True):
         if device not in ("cpu", "gpu"):
             raise SSKDError(f"device must be cpu or gpu, not {device!r}")
         if not 0 <= rank < world_size:
@@ -78,7 +95,8 @@ class ViewLoader:
         self.shards = Path(shards)
         self.manifest = load_manifest(self.shards)
         self.tars, self.idxs = split_files(self.shards, self.manifest, split)
-        check_split(self.shards, self.manifest, split)
+        self.skip_bad, self.verify_samples = bool(skip_bad), bool(verify_samples) or bool(skip_bad)
+        check_split(self.shards, self.manifest, split, lenient=self.skip_bad)
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.rank, self.world_size, self.device, self.threads = rank, world_size, device, threads
         self.dtype, self.torch_device = dtype, torch_device
@@ -96,7 +114,10 @@ class ViewLoader:
         self._segments = None  # this rank's per-epoch index files
         self.label_map: torch.Tensor | None = None  # noisy label by sample id
         self.flipped_ids: list[int] = []
-        if self.subset_fraction < 1 or self.label_noise > 0:
+        self.skipped: dict[int, str] = {}  # skip_bad: the samples left out, by id, with what is wrong
+        if self.skip_bad:
+            self._find_bad()
+        if self.subset_fraction < 1 or self.label_noise > 0 or self.skipped:
             self._apply_settings()
         counts = rank_counts(self.num_samples, world_size)
         if min(counts) == 0:
@@ -110,17 +131,27 @@ class ViewLoader:
         self.replayed = 0  # batches made and dropped to resume without a usable DALI checkpoint
 
     def _apply_settings(self) -> None:
-        """Few-shot subset (DALI indexes of the kept samples) and noisy labels (a lookup by id)."""
+        """Few-shot subset and bad samples left out (DALI indexes of the kept samples), noisy labels (a
+        lookup by id). Which samples a subset keeps does not depend on the bad ones; those are then
+        removed from it."""
+        from pipelines.order import split_shards
         from pipelines.settings import SubsetIndexes, noisy_labels, subset_ids
         from shards.labels import split_labels
 
         if not 0 < self.subset_fraction <= 1 or not 0 <= self.label_noise < 1:
             raise SSKDError(f"subset_fraction {self.subset_fraction} must be in (0, 1] and label_noise "
                             f"{self.label_noise} in [0, 1)")
-        labels = split_labels(self.shards, self.split)
-        if self.subset_fraction < 1:
-            self._subset = SubsetIndexes(self.shards, self.manifest, self.split,
-                                         subset_ids(labels, self.subset_fraction))
+        labels = split_labels(self.shards, self.split) if self.subset_fraction < 1 or self.label_noise > 0 else None
+        keep = subset_ids(labels, self.subset_fraction) if self.subset_fraction < 1 else None
+        if self.skipped:
+            if keep is None:
+                keep = np.concatenate([s.ids for s in split_shards(self.shards, self.manifest, self.split)])
+            keep = np.sort(keep[~np.isin(keep, np.fromiter(self.skipped, dtype=np.int64))])
+            if not len(keep):
+                raise SSKDError(f"{self.shards}: every sample of split {self.split!r} that would be read is bad "
+                                f"(first: {next(iter(self.skipped.values()))}); nothing left to read")
+        if keep is not None:
+            self._subset = SubsetIndexes(self.shards, self.manifest, self.split, keep)
             self.tars, self.idxs = self._subset.tars, self._subset.idxs
             self.num_samples = self._subset.num_samples
         if self.label_noise > 0:
@@ -136,20 +167,87 @@ class ViewLoader:
             self._shards = split_shards(self.shards, self.manifest, self.split, keep)
         return self._shards
 
+    def _epoch_segments(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """What this rank reads in ``epoch``, in order, as runs of one shard ``(shard number, index lines)``:
+        a training epoch's order (:func:`pipelines.order.rank_segments`), or for evaluation this rank's
+        contiguous slice of the split in shard order (DALI's sharding)."""
+        from pipelines.order import eval_segments, rank_segments
+
+        if self.train:
+            return rank_segments(self._order_shards(), self.seed, epoch, self.rank, self.world_size)
+        return eval_segments(self._order_shards(), self.rank, self.world_size)
+
+    def _check_samples(self, segments) -> list[tuple[int, int, str]]:
+        """Check the samples of ``segments`` (those not checked before in this process) before DALI decodes
+        them (all of the split if None); returns ``(shard, index line, one-line problem)`` of the bad ones
+        (shards in parallel over ``threads``)."""
+        shards = self._order_shards() if segments is not None else self._all_shards()
+        lines: dict[int, list[np.ndarray]] = {}
+        for s, ls in (segments if segments is not None else [(s, None) for s in range(len(shards))]):
+            lines.setdefault(s, []).append(ls)
+
+        def one(s: int):
+            parts = lines[s]
+            todo = None if any(p is None for p in parts) else np.unique(np.concatenate(parts))
+            return check_lines(shards[s].tar, shards[s].idx, shards[s].entry, todo, num_classes=self.num_classes)
+
+        todo = sorted(lines)
+        if self.threads > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.threads, len(todo)), thread_name_prefix="sskd-check") as pool:
+                results = list(pool.map(one, todo))
+        else:
+            results = [one(s) for s in todo]
+        unsummed = [shards[s].tar for s, r in zip(todo, results) if not r.summed]
+        if unsummed and str(self.shards) not in _UNSUMMED_WARNED:
+            _UNSUMMED_WARNED.add(str(self.shards))
+            log.warning("%s: %d shard(s) have no per-sample checksums (e.g. %s, written before they were "
+                        "recorded): each is checked whole against the manifest's sha256 instead (slower; a damaged "
+                        "image is named only if PIL cannot decode it); `sskd shard reindex %s` adds them",
+                        self.shards, len(unsummed), Path(unsummed[0]).name, self.shards)
+        return [(s, line, text) for s, r in zip(todo, results) for line, text in r.problems]
+
+    def _all_shards(self):
+        from pipelines.order import split_shards
+
+        return split_shards(self.shards, self.manifest, self.split)
+
+    def _find_bad(self) -> None:
+        """skip_bad: check every sample of the split now (every rank the same, so all agree on what is
+        left out) and record the bad ones in ``skipped``, said once."""
+        shards = self._all_shards()
+        for s, line, text in self._check_samples(None):
+            self.skipped[int(shards[s].ids[line])] = text
+        if self.skipped:
+            shown = "; ".join(list(self.skipped.values())[:20])
+            more = f"; and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
+            log.warning("%s: leaving out %d bad sample(s) of split %r (skip_bad): %s%s", self.shards,
+                        len(self.skipped), self.split, shown, more)
+
+    def _verify_epoch(self, segments) -> None:
+        """The samples this rank is about to read, checked before DALI decodes them: one line and a stop
+        on the first bad one."""
+        problems = self._check_samples(segments)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise SSKDError(f"{problems[0][2]}{more}; `sskd shard verify {self.shards}` lists every bad sample, or "
+                            "rerun with --skip-bad (data.skip_bad) to leave them out")
+
     def epoch_ids(self, epoch: int) -> np.ndarray:
         """The sample ids this rank reads in a training epoch, in order (:func:`pipelines.order.rank_ids`)."""
         from pipelines.order import rank_ids
 
         return rank_ids(self._order_shards(), self.seed, epoch, self.rank, self.world_size)
 
-    def epoch_files(self, epoch: int) -> tuple[list[str], list[str]]:
-        """DALI's ``paths`` and ``index_paths`` for this rank's part of a training epoch."""
+    def epoch_files(self, epoch: int, segments=None) -> tuple[list[str], list[str]]:
+        """DALI's ``paths`` and ``index_paths`` for this rank's part of a training epoch (``segments``: its
+        :func:`pipelines.order.rank_segments`, if already made)."""
         from pipelines.order import SegmentFiles, rank_segments
 
         if self._segments is None:
             self._segments = SegmentFiles()
         shards = self._order_shards()
-        segs = rank_segments(shards, self.seed, epoch, self.rank, self.world_size)
+        segs = segments if segments is not None else rank_segments(shards, self.seed, epoch, self.rank,
+                                                                   self.world_size)
         return self._segments.write(shards, segs, f"e{epoch}")
 
     @property
@@ -175,7 +273,7 @@ class ViewLoader:
     def __len__(self) -> int:
         return self._batches
 
-    def _pipeline(self, epoch: int, checkpoint: bytes | None = None):
+    def _pipeline(self, epoch: int, checkpoint: bytes | None = None, segments=None):
         from nvidia.dali import types
 
         from pipelines.dali import eval_pipeline, train_pipeline
@@ -186,7 +284,7 @@ class ViewLoader:
                       num_shards=self.world_size, prefetch_queue_depth=2, seed=self.seed)  # DALI's RNG is unused
         if self.train:  # DALI's pipeline checkpointing: exact mid-epoch resume without re-making batches
             # This rank's part of the epoch's order (pipelines.order), spelled out as (tar, index) segments.
-            tars, idxs = self.epoch_files(epoch)
+            tars, idxs = self.epoch_files(epoch, segments)
             common.update(shard_id=0, num_shards=1)
             return train_pipeline(tars, idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
                                   enable_checkpointing=True, checkpoint=checkpoint, **common)
@@ -203,8 +301,15 @@ class ViewLoader:
         With a DALI ``checkpoint`` taken after batch ``start`` - 1 the pipeline continues from there;
         without one, the batches before ``start`` are made and dropped (counted in ``self.replayed``).
         """
-        pipe = self._pipeline(epoch, checkpoint)
+        segments = self._epoch_segments(epoch)
+        if self.verify_samples:
+            self._verify_epoch(segments)
+        shards = self._order_shards()
+        expected = (np.concatenate([shards[s].ids[lines] for s, lines in segments]) if segments
+                    else np.zeros(0, np.int64))  # the ids DALI must yield, in order
+        pipe = self._pipeline(epoch, checkpoint, segments)
         n, bs, nv = self.rank_num_samples, self.batch_size, self.num_views
+        at = start if checkpoint is not None else 0  # the batch being made (named if DALI fails)
         colour = colour_views(self.view_names) if self.train else []
         finish = Finisher(self.manifest["mean"], self.manifest["std"], dtype=self.dtype)  # buffers kept per epoch
         finish_device = self._finish_device
@@ -212,6 +317,7 @@ class ViewLoader:
             pipe.build()
             self._running = (pipe, epoch)
             for i in range(start if checkpoint is not None else 0, -(-n // bs)):
+                at = i
                 outs = pipe.run()
                 if i < start:
                     self.replayed += 1
@@ -230,11 +336,14 @@ class ViewLoader:
                     views = _to_torch(outs[0], copy)[:keep]
                 label, ids = _to_torch(outs[nv], True)[:keep].long(), _to_torch(outs[nv + 1], True)[:keep].long()
                 check_batch(outs[nv], outs[nv + 1], label, ids, self.num_classes, self.id_count)
+                check_order(outs[nv + 1], ids, expected[i * bs:i * bs + keep])
                 if self.label_map is not None:
                     label = self.label_map[ids]
                 yield {"views": views, "label": label, "id": ids}
         except RuntimeError as exc:
-            raise SSKDError(_explain(exc, self.tars)) from exc
+            # DALI makes up to prefetch_queue_depth batches ahead: the failing sample is in batches at..at+2
+            raise SSKDError(_explain(exc, self.tars, lambda: _suspects(shards, segments, at * bs, (at + 3) * bs))
+                            ) from exc
         finally:
             self._running = None
             del pipe
@@ -320,23 +429,101 @@ def _to_torch(tl, copy: bool) -> torch.Tensor:
     return arr.clone() if copy else arr
 
 
-def check_split(shards: Path, manifest: dict[str, Any], split: str) -> None:
-    """The manifest's counts against the shards' indexes, and each index against its tar, before DALI
-    reads anything (:func:`shards.index.check_shard`): a bad shard is an error naming it, not a crash."""
+def check_split(shards: Path, manifest: dict[str, Any], split: str, lenient: bool = False) -> None:
+    """The manifest's counts and ids against the shards' indexes, and each index against its tar, before
+    DALI reads anything (:func:`shards.index.check_shard`): a bad shard is an error naming it, not a crash.
+
+    The split's ids run 0..N-1 once each in shard order (shard ``k`` holds ``first_id`` .. ``first_id +
+    samples - 1``, the next starts after it); a subset folder's shards list their ``ids``, each once
+    and inside the split they come from. ``lenient``: see :func:`shards.index.check_shard`."""
     info = manifest["splits"][split]
+    where = shards / MANIFEST
     held = sum(int(e.get("samples", -1)) for e in info["shards"])
     if held != info.get("num_samples"):
-        raise SSKDError(f"{shards / 'manifest.json'}: splits.{split}.num_samples is {info.get('num_samples')} but "
+        raise SSKDError(f"{where}: splits.{split}.num_samples is {info.get('num_samples')} but "
                         f"its shards hold {held} samples (edited manifest?)")
     for entry in info["shards"]:
-        check_shard(shards / entry["file"], shards / entry["index"], entry)
+        check_shard(shards / entry["file"], shards / entry["index"], entry, lenient=lenient)
+    id_count = int(info.get("id_count", info["num_samples"]))
+    next_first, seen = 0, set()
+    for k, entry in enumerate(info["shards"]):
+        at = f"splits.{split}.shards[{k}] ({entry.get('file')})"
+        if entry.get("ids"):
+            ids = [int(i) for i in entry["ids"]]
+            dup = seen.intersection(ids) or (len(set(ids)) != len(ids) and {i for i in ids if ids.count(i) > 1})
+            if len(ids) != entry.get("samples"):
+                raise SSKDError(f"{where}: {at} lists {len(ids)} ids for {entry.get('samples')} samples (edited manifest?)")
+            if dup:
+                raise SSKDError(f"{where}: {at}: sample id {min(dup)} appears twice in split {split!r} (edited manifest?)")
+            if min(ids) < 0 or max(ids) >= id_count:
+                raise SSKDError(f"{where}: {at}: ids {min(ids)}..{max(ids)} lie outside the split's 0..{id_count - 1}")
+            seen.update(ids)
+        else:
+            first = entry.get("first_id", 0)
+            if first != next_first:
+                raise SSKDError(f"{where}: {at} starts at id {first}, expected {next_first}: a split's ids run "
+                                "0..N-1 in shard order, each once (edited manifest?)")
+            next_first += int(entry.get("samples", 0))
 
 
-def _explain(exc: Exception, tars: list[str]) -> str:
+def check_order(id_tl, ids: torch.Tensor, expected: np.ndarray) -> None:
+    """The batch's ids are the ones the epoch's order puts there (:mod:`pipelines.order`): a sample whose
+    ``sid`` says another (valid) id, or an index that reads other samples, is an error naming the shard
+    and sample, not another sample's views, label or cached teacher outputs."""
+    got = ids.cpu().numpy()
+    if got.shape == expected.shape and np.array_equal(got, expected):
+        return
+    j = int(np.flatnonzero(got[:len(expected)] != expected[:len(got)])[0]) if len(got) and len(expected) else 0
+    found = SOURCE_INFO.match(id_tl[j].source_info() or "") if j < len(id_tl) else None
+    where = f"{found.group(1)}: sample {found.group(3)}" if found else "a shard"
+    want = int(expected[j]) if j < len(expected) else None
+    raise SSKDError(f"{where}: read as id {int(got[j]) if j < len(got) else None}, but the epoch's order puts sample "
+                    f"{want} there (a rewritten sample id or a stale index; `sskd shard verify` checks it)")
+
+
+def _suspects(shards, segments, lo: int, hi: int) -> list[tuple[str, str, int, int]]:
+    """The samples at positions lo..hi-1 of this rank's epoch: ``(tar, key, image offset, image size)``."""
+    out, pos, members = [], 0, {}
+    for s, lines in segments:
+        if pos + len(lines) > lo and pos < hi:
+            if s not in members:
+                members[s] = parse_index(shards[s].idx)[1]
+            for line in lines[max(0, lo - pos):hi - pos]:
+                img = [(off, size) for ext, off, size, _ in members[s][line] if ext in IMAGE_EXTS]
+                out.append((shards[s].tar, sample_key(int(shards[s].ids[line])), *(img[0] if img else (0, 0))))
+        pos += len(lines)
+        if pos >= hi:
+            break
+    return out
+
+
+def _undecodable(suspects) -> tuple[str, str, str] | None:
+    """The first of ``suspects`` that PIL cannot decode either: ``(tar, key, reason)``, or None."""
+    import io
+
+    from PIL import Image
+
+    for tar, key, off, size in suspects:
+        if not size:
+            continue
+        try:
+            with open(tar, "rb") as fh:
+                fh.seek(off)
+                data = fh.read(size)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        except Exception as exc:  # noqa: BLE001 - any failure names the sample
+            return tar, key, f"{type(exc).__name__}: {str(exc).split(' <_io.', 1)[0]}"[:200]
+    return None
+
+
+def _explain(exc: Exception, tars: list[str], suspects=None) -> str:
     """A one-line message naming the shard and sample behind a DALI error.
 
     DALI names a sample by its source info, ``<tar>:<offset>:<key>.<ext>``; that becomes
-    ``<tar>: sample <key> (<ext> at byte <offset>): <reason>``.
+    ``<tar>: sample <key> (<ext> at byte <offset>): <reason>``. Where DALI names none (its decoder's own
+    failures), ``suspects()`` gives the samples of the batches being made: the first that PIL cannot
+    decode either is named, else the shard and the range of samples.
     """
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -353,6 +540,20 @@ def _explain(exc: Exception, tars: list[str]) -> str:
     for tar in tars:
         if Path(tar).with_suffix("").name in text:
             return f"{tar}: DALI could not read this shard ({reason[:300]})"
+    window = []
+    if suspects is not None:
+        try:
+            window = suspects()
+        except Exception:  # noqa: BLE001 - naming the samples is best effort; the error is raised anyway
+            window = []
+    if window:
+        bad = _undecodable(window)
+        if bad:
+            return f"{bad[0]}: sample {bad[1]} cannot be decoded ({reason[:200]}; PIL: {bad[2]})"
+        files = sorted({w[0] for w in window})
+        others = f" (and {len(files) - 1} other shard(s))" if len(files) > 1 else ""
+        return (f"{files[0]}{others}: DALI failed on one of samples {', '.join(w[1] for w in window[:8])}"
+                f"{' ...' if len(window) > 8 else ''} ({reason[:300]})")
     return f"DALI pipeline failed on {Path(tars[0]).parent} ({reason[:300]})"
 
 

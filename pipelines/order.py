@@ -53,6 +53,7 @@ class Shard:
     idx: str
     ids: np.ndarray  # sample id of every index line, in line order
     keep: np.ndarray | None = None  # line numbers that are read (a few-shot subset); None = all
+    entry: dict | None = None  # its manifest entry (what the sample check needs: ids, sha256, checksums)
 
 
 def split_shards(folder: Path, manifest: dict[str, Any], split: str, keep_ids: np.ndarray | None = None) -> list[Shard]:
@@ -69,7 +70,7 @@ def split_shards(folder: Path, manifest: dict[str, Any], split: str, keep_ids: n
         ids = np.asarray(entry.get("ids") or np.arange(entry.get("first_id", 0), entry.get("first_id", 0) + n),
                          dtype=np.int64)
         keep = None if mask is None else np.flatnonzero(mask[ids])
-        out.append(Shard(str(folder / entry["file"]), str(folder / entry["index"]), ids, keep))
+        out.append(Shard(str(folder / entry["file"]), str(folder / entry["index"]), ids, keep, entry))
     return out
 
 
@@ -122,6 +123,20 @@ def rank_segments(shards: list[Shard], seed: int, epoch: int, rank: int, world_s
     starts = np.concatenate([[0], cuts])
     ends = np.concatenate([cuts, [len(shard_of)]])
     return [(int(shard_of[a]), line_of[a:b]) for a, b in zip(starts, ends)]
+
+
+def eval_segments(shards: list[Shard], rank: int, world_size: int) -> list[tuple[int, np.ndarray]]:
+    """What an evaluation reader of this rank reads, as :func:`rank_segments` spells it: the split's
+    (kept) samples in shard order, this rank's contiguous slice (DALI's sharding by count)."""
+    runs = [(s, sh.keep if sh.keep is not None else np.arange(len(sh.ids))) for s, sh in enumerate(shards)]
+    lo, hi = rank_range(sum(len(lines) for _, lines in runs), rank, world_size)
+    out, pos = [], 0
+    for s, lines in runs:
+        a, b = max(lo - pos, 0), min(hi - pos, len(lines))
+        if a < b:
+            out.append((s, lines[a:b]))
+        pos += len(lines)
+    return out
 
 
 def rank_ids(shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:

@@ -17,11 +17,16 @@ EXAMPLES = {
 
 
 def _opts(args):
-    from shards.writer import ShardOptions
+    import math
 
-    return ShardOptions(seed=args.seed, max_count=args.max_count, max_size=int(args.max_size * 1e6),
+    from shards.writer import ShardOptions
+    from sskd.errors import SSKDError
+
+    if not math.isfinite(args.max_size) or args.max_size <= 0:
+        raise SSKDError(f"--max-size must be a positive number of MB, not {args.max_size}")
+    return ShardOptions(seed=args.seed, max_count=args.max_count, max_size=max(1, int(args.max_size * 1e6)),
                         workers=args.workers, skip_bad=args.skip_bad, resume=args.resume,
-                        progress=not args.no_progress)
+                        overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def _source(args):
@@ -35,6 +40,7 @@ def _source(args):
         import tempfile
 
         tmp = tempfile.mkdtemp(prefix="sskd-photos-")
+        args.cleanup = tmp  # removed by cmd_write when done
         tree = sources.sample_photo_tree(Path(tmp) / "src", classes=args.classes, per_class=args.per_class,
                                          val_per_class=max(1, args.per_class // 4), seed=args.seed)
         src = sources.FolderSource(tree)
@@ -44,8 +50,24 @@ def _source(args):
 
 
 def cmd_write(args) -> int:
+    import shutil
+
+    try:
+        return _cmd_write(args)
+    finally:
+        if getattr(args, "cleanup", None):
+            shutil.rmtree(args.cleanup, ignore_errors=True)
+
+
+def _cmd_write(args) -> int:
+    from shards.format import MANIFEST
     from shards.writer import write_shards
 
+    if args.resume and args.overwrite:  # before any source is read
+        from sskd.errors import SSKDError
+
+        raise SSKDError("--resume and --overwrite exclude each other: --resume continues (or checks) the shards in "
+                        f"{args.out}, --overwrite replaces them")
     source = _source(args)
     if args.dry_run:
         report = {"dataset": source.dataset, "classes": len(source.classes), "splits": {}}
@@ -60,7 +82,13 @@ def cmd_write(args) -> int:
                                       "max_per_class": max(per_class), "skipped_while_listing": split.skipped}
         print(json.dumps(report, indent=2))
         return 0
-    manifest = write_shards(source, args.out, _opts(args))
+    opts = _opts(args)
+    complete = args.resume and (Path(args.out) / MANIFEST).is_file()  # finished before: checked, not rewritten
+    manifest = write_shards(source, args.out, opts)
+    if complete:
+        n = sum(len(info["shards"]) for info in manifest["splits"].values())
+        print(f"{args.out}: already complete ({n} shards made from this source with these settings); nothing to do")
+        return 0
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards, "
               f"{len(info['skipped'])} skipped")
@@ -105,7 +133,7 @@ def register(sub, fmt) -> None:
                                epilog="example:\n  " + EXAMPLES[name])
         if name not in ("digits", "photos"):
             p.add_argument("src", help="source folder")
-        p.add_argument("out", help="output folder (must be empty or absent, unless --resume)")
+        p.add_argument("out", help="output folder (must be empty or absent, unless --resume or --overwrite)")
         if name == "imagefolder":
             p.add_argument("--val-labels", help="for a flat SRC/val/: one class index per line, sorted file order")
         if name == "digits":
@@ -121,7 +149,12 @@ def register(sub, fmt) -> None:
         p.add_argument("--skip-bad", action="store_true",
                        help="skip corrupt/unreadable images and empty classes (listed in the manifest) "
                             "instead of stopping")
-        p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in OUT (same source and settings); on a finished OUT, "
+                            "check it was made from this source with these settings and change nothing")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the shards in OUT (finished or not); the earlier ones are set aside once "
+                            "every check has passed, put back if the new run fails, deleted when it finishes")
         p.add_argument("--dry-run", action="store_true", help="count samples per split and class; write nothing")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_write)

@@ -6,9 +6,12 @@ validation of one item at a time); workers inherit it through ``fork``, so items
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import pickle
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,10 +229,51 @@ def cifar100_source(src: str | Path) -> ArraySource:
     return source
 
 
-def _images_in(folder: Path) -> list[Path]:
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path`` (symbolic links followed) if it is a regular file; ``OSError`` otherwise.
+
+    A FIFO, socket or device named like an image is never read: reading a FIFO blocks for ever, a
+    device may never end. It is checked before opening (opening a FIFO itself blocks, opening a device
+    can act on it) and again on the opened file, which is opened without blocking.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(st.st_mode)})", str(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped between the two looks
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(st.st_mode)})", str(path))
+        return fh.read()
+
+
+class NotRegularFile(OSError):
+    """A FIFO, socket, device or folder where a file was expected; ``strerror`` says which."""
+
+
+def _images_in(folder: Path, skip_bad: bool = False) -> list[Path]:
     # A dangling link or unreadable entry is listed too: it must fail loudly (or be skipped and listed),
-    # never vanish from the dataset.
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    # never vanish from the dataset. So is a FIFO, socket or device named like an image: refused here,
+    # before any work, or with --skip-bad listed and then skipped by encode(), which never opens it.
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    if not skip_bad:
+        for p in files:
+            try:
+                mode = os.stat(p).st_mode
+            except OSError:
+                continue  # dangling or unreadable: encode() names it
+            if not stat.S_ISREG(mode):
+                raise SSKDError(f"{p}: not a regular file ({_kind(mode)}), not an image; remove it, or use "
+                                "--skip-bad to skip it")
+    return files
 
 
 class FolderSource(Source):
@@ -268,7 +312,7 @@ class FolderSource(Source):
         for d in class_dirs:
             if d.name not in index:
                 raise SSKDError(f"{d}: class folder not among the train classes")
-            files = _images_in(d)
+            files = _images_in(d, skip_bad)
             if not files:
                 if not skip_bad:
                     raise SSKDError(f"{d}: empty class folder (no images); use --skip-bad to skip it")
@@ -281,7 +325,7 @@ class FolderSource(Source):
         subdirs = sorted(p for p in val.iterdir() if p.is_dir())
         if subdirs:
             return self._list_classes(subdirs, skip_bad)
-        files = _images_in(val)
+        files = _images_in(val, skip_bad)
         if not val_labels:
             raise SSKDError(f"{val}: flat val folder needs --val-labels FILE (one class index per line)")
         path = Path(val_labels)
@@ -300,7 +344,9 @@ class FolderSource(Source):
     def encode(self, split: str, index: int) -> tuple[bytes, str]:
         path = self.splits[split].paths[index]
         try:
-            data = Path(path).read_bytes()
+            data = read_regular_file(path)
+        except NotRegularFile as exc:
+            raise BadItem(path, exc.strerror) from None
         except OSError as exc:
             raise BadItem(path, f"unreadable ({exc.strerror or exc})") from exc
         try:
@@ -314,7 +360,11 @@ class FolderSource(Source):
         return data, "jpg" if fmt == "JPEG" else "png"
 
     def estimated_bytes(self, split: str) -> int:
-        return sum(Path(p).stat().st_size for p in self.splits[split].paths)
+        total = 0
+        for p in self.splits[split].paths:
+            with contextlib.suppress(OSError):  # a dangling link: encode() reports it
+                total += os.stat(p).st_size
+        return total
 
     def listing(self, split: str) -> list[tuple[str, int, int]]:
         out = []

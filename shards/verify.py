@@ -1,12 +1,60 @@
-"""``sskd shard verify``: re-read every shard with webdataset and with DALI and check it against the manifest."""
+"""``sskd shard verify``: re-read every shard with webdataset and with DALI and check it against the manifest.
+
+:func:`check_samples` is the per-sample part (what the loader checks before DALI decodes a sample):
+every member's bytes against the checksums written with the shard, each ``sid`` against its key and the
+manifest's order, each label against the classes; one line per bad sample, naming shard, sample and
+member. ``verify`` runs it on every shard; a supervisor uses it to name the sample behind a crash.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from shards import format as fmt
+from shards.index import check_lines, check_shard
 from sskd.atomic import sha256_file
 from sskd.errors import SSKDError
+
+
+def _shard_samples(folder: Path, entry: dict, num_classes: int) -> list[str]:
+    """The per-sample problems of one shard (see :func:`check_samples`)."""
+    try:
+        tar, idx = fmt.shard_paths(folder, entry)
+    except SSKDError as exc:
+        return [str(exc)]
+    if not tar.is_file() or not idx.is_file():
+        return [f"{tar if not tar.is_file() else idx}: missing"]
+    try:
+        check_shard(tar, idx, entry, lenient=True)  # a truncated tar: each sample cut off is named below
+        found = check_lines(tar, idx, entry, num_classes=num_classes)
+    except SSKDError as exc:
+        return [str(exc)]
+    problems = [text for _, text in found.problems]
+    if not found.summed and len(problems) == entry.get("samples") and "unverifiable" in problems[-1]:
+        # damaged, no checksums, and every image decodes: one line for the shard, not one per sample
+        return [f"{tar}: sha256 differs from the manifest, and the shard has no per-sample checksums to say which "
+                "sample (`sskd shard reindex` adds them to intact shards)"]
+    return problems
+
+
+def check_samples(folder: str | Path, split: str | None = None) -> list[str]:
+    """Check every sample of ``split`` (every split if None) of a shard folder; one line per problem.
+
+    Each line names the shard file, the sample key and the member: bytes that differ from the checksums
+    recorded when the shard was written (a shard written before them: only a sha256 mismatch of the whole
+    tar, narrowed to the images PIL cannot decode), a ``sid`` other than the sample's id, a label outside
+    the classes or unlike ``cls``, a member cut off by a truncated tar. Empty: every sample is intact.
+    """
+    folder = Path(folder)
+    manifest = fmt.load_manifest(folder)
+    if split is not None and split not in manifest["splits"]:
+        raise SSKDError(f"{folder / fmt.MANIFEST}: no split {split!r} (has {', '.join(sorted(manifest['splits']))})")
+    k = int(manifest["num_classes"])
+    problems: list[str] = []
+    for name in [split] if split is not None else list(manifest["splits"]):
+        for entry in manifest["splits"][name]["shards"]:
+            problems += _shard_samples(folder, entry, k)
+    return problems
 
 
 def _webdataset_samples(tar: Path) -> list[tuple[int, int, int]]:
@@ -58,8 +106,12 @@ def verify(folder: str | Path, *, dali: bool = True, log=print) -> list[str]:
             if not tar.is_file() or not idx.is_file():
                 problems.append(f"{tar if not tar.is_file() else idx}: missing")
                 continue
+            bad_samples = _shard_samples(folder, entry, k)  # which sample and member, where it can be known
+            problems += bad_samples
             if sha256_file(tar) != entry["sha256"]:
                 problems.append(f"{tar}: sha256 differs from the manifest (corrupted or replaced)")
+                # not read further; its ids are counted as the manifest gives them (no second, misleading line)
+                seen_ids += list(range(entry["first_id"], entry["first_id"] + entry["samples"]))
                 continue
             try:
                 samples = _webdataset_samples(tar)
