@@ -8,6 +8,7 @@ and are renamed into place only once complete and flushed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +56,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(final)
+    # A name left at the temporary path (a killed writer's file, or a symbolic link planted there) is
+    # removed first: writers open the temporary path by name and would otherwise write through a link.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -89,9 +94,48 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically write ``data`` to ``path``."""
+    """Atomically write ``data`` to ``path`` (the temporary file is created anew, never through a link).
+
+    A failed write (disk full, ENOSPC; file-size limit, EFBIG) raises the :class:`OSError` with its errno
+    and leaves ``path`` as it was; :func:`write_error` words it for the user."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:  # os.write names no file: name the one being written (the CLI's line shows it)
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
+        finally:
+            os.close(fd)
+
+
+# errno values that mean "the disk (or quota, or the file-size limit) is full", with what to do about it
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+         errno.EFBIG: "the file-size limit (ulimit -f) is reached"}
+
+
+def write_error(path: str | os.PathLike, exc: BaseException, what: str = "file", kept: str = "") -> str:
+    """One line for a failed write of ``path``: the reason (disk full, file-size limit, ...) and what is kept.
+
+    ``exc``: an :class:`OSError`, or a library's own error whose text carries the OS error (safetensors)."""
+    code = getattr(exc, "errno", None)
+    if code is None:  # a library's wrapper: "... No space left on device (os error 28)"
+        import re
+
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    reason = _FULL.get(code) if code is not None else None
+    if reason:
+        reason = f"{os.strerror(code)}: {reason}"
+    elif isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
+    text = f"{path}: cannot write the {what} ({reason})"
+    return f"{text}; {kept}" if kept else text
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

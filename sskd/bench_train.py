@@ -97,7 +97,9 @@ def _bench_run(args, tmp: Path):
     run = Run.__new__(Run)  # the loop's own object, without what a benchmark does not use
     run.cfg, run.st, run.out = cfg, cfg.student, tmp
     run.accelerator, run.main, run.world = accelerator, True, 1
-    run.phases, run.bar, run.state = [], None, {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0}
+    run.phases, run.bar, run.state = [], None, {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0,
+                                                "skipped": 0}
+    run.init_step_state()
     run.method_cls = cls
     st = cfg.student
     params = method.phase_parameters(None)
@@ -253,7 +255,7 @@ def _cache_hook(cls, teacher, batches, loader, accelerator, cache: Path):
                 "num_samples": loader.num_samples, "num_classes": loader.num_classes, "topk": None,
                 "outputs": output_specs(cls, teacher, loader)}
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    reader = CacheReader(cache)
+    reader = CacheReader(cache, require_complete=False)  # a chunk of a few batches: its own index below
     reader._index[0] = _partial_index(reader, loader.num_samples)
 
     def hook(batch):

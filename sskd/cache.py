@@ -97,14 +97,21 @@ def teacher_arrays(ids: np.ndarray, outputs: dict[str, torch.Tensor], topk: int 
 
 
 def write_chunk(path: Path, arrays: dict[str, np.ndarray], first_batch: int, batches: int) -> None:
-    """One chunk, atomically, with its batch range and checksum in the metadata."""
-    from safetensors.numpy import save_file
+    """One chunk, atomically, with its batch range and checksum in the metadata.
+
+    A full disk or the file-size limit is one line naming the chunk; the chunks before it are kept and
+    no partial chunk is left (``--resume`` goes on from there)."""
+    from safetensors.numpy import save
 
     # One metadata key: safetensors writes several in a random order, and chunks are byte-deterministic.
     meta = {"sskd": json.dumps({"first_batch": first_batch, "batches": batches, "crc32": checksum(arrays)},
                                sort_keys=True)}
-    with atomic.atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=meta)
+    data = save(arrays, metadata=meta)  # the bytes save_file writes; written here so errors keep their errno
+    try:
+        atomic.write_bytes(path, data)
+    except OSError as exc:
+        raise SSKDError(atomic.write_error(path, exc, "cache chunk", kept="the chunks written before it are kept: "
+                                           "free space, then rerun the same command with --resume")) from None
 
 
 def _header(path: Path) -> tuple[int, dict[str, Any], int]:
@@ -208,13 +215,41 @@ class CacheReader:
         self._verified: set[Path] = set()
 
     def _files(self, epoch: int) -> list[Path]:
-        """The chunk files of an epoch, each header and size checked (cheap: no data is read)."""
+        """The chunk files of an epoch, each header and size checked, and the list itself: each rank's
+        chunks follow on from batch 0 without a gap or an overlap, named by their first batch, and hold
+        the epoch's samples between them (a missing or duplicated chunk). Cheap: only headers are read,
+        so a reader checks every epoch when it opens the cache (the ids themselves, every sample once,
+        when an epoch is first read)."""
         folder = epoch_dir(self.path, epoch)
         files = sorted(folder.glob("r*-b*.safetensors"))
         if not files:
             raise SSKDError(f"{folder}: no cache chunks for epoch {epoch}")
+        by_rank: dict[str, list[tuple[int, int, Path]]] = {}
+        total = 0
         for f in files:
-            _header(f)
+            _, header, _ = _header(f)
+            meta = header["__metadata__"]
+            rank = f.name.split("-b")[0]
+            if f.name != f"{rank}-b{meta['first_batch']:06d}.safetensors":
+                raise SSKDError(f"{f}: holds the chunk that starts at batch {meta['first_batch']} (renamed or "
+                                "copied from another chunk): rebuild the cache with `sskd cache`")
+            total += int(np.prod(header["ids"]["shape"]))
+            by_rank.setdefault(rank, []).append((meta["first_batch"], meta["batches"], f))
+        for rank, chunks in sorted(by_rank.items()):
+            expect = 0
+            for first, batches, f in sorted(chunks, key=lambda c: c[0]):
+                if first > expect:
+                    raise SSKDError(f"{folder}: the chunk of rank {rank[1:]} for batches {expect}..{first - 1} of "
+                                    f"epoch {epoch} is missing (the next one is {f.name}); rebuild it: "
+                                    "`sskd cache ... --resume` writes what is missing")
+                if first < expect:
+                    raise SSKDError(f"{f}: its batches {first}..{first + batches - 1} are also in another chunk of "
+                                    f"epoch {epoch} (a duplicated chunk); remove the extra file or rebuild the cache")
+                expect = first + batches
+        if total != self.num_samples:
+            raise SSKDError(f"{folder}: the chunks of epoch {epoch} hold {total} samples, the cache has "
+                            f"{self.num_samples} per epoch ({'a chunk is missing' if total < self.num_samples else 'a chunk is there twice'}); "
+                            "rebuild it: `sskd cache ... --resume` writes what is missing")
         return files
 
     def _epoch(self, epoch: int):

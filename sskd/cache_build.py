@@ -179,6 +179,14 @@ def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk
             lock.release()
 
 
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    try:
+        atomic.write_json(out / MANIFEST, manifest)
+    except OSError as exc:
+        raise SSKDError(atomic.write_error(out / MANIFEST, exc, "cache manifest", kept="the chunks written so far "
+                                           "are kept: free space, then rerun the same command with --resume")) from None
+
+
 def output_specs(cls, model, loader) -> list[dict[str, Any]]:
     """Name, per-view shape and top-K allowance of each output, read off the teacher on one blank image."""
     param = next(model.parameters())
@@ -234,15 +242,23 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
                 raise SSKDError(f"{out}: the cache was started with {field}={old.get(field)!r}, not {manifest[field]!r}; "
                                 "resume with the same settings")
         if old.get("complete"):
-            log.info("%s: already complete", out)
-            return out
+            try:
+                CacheReader(out)  # every epoch's chunk list: a chunk deleted or copied since is made again
+            except SSKDError as exc:
+                log.warning("%s; making what is missing again", exc)
+                accelerator.wait_for_everyone()  # every rank has looked before the manifest says incomplete
+                if main:
+                    _write_manifest(out, manifest)
+            else:
+                log.info("%s: already complete", out)
+                return out
     elif main:
         free = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free
         log.info("cache: %d samples x %d epochs x %d views, %d bytes per sample per epoch: %.2f GB needed, "
                  "%.1f GB free", loader.num_samples, epochs, loader.num_views, per, need / 1e9, free / 1e9)
         if need > free:
             raise SSKDError(f"{out}: the cache needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free")
-        atomic.write_json(out / MANIFEST, manifest)
+        _write_manifest(out, manifest)
     if main:  # under the lock: partial files of a killed writer are garbage
         atomic.remove_stale_partials(out, recursive=True)
     accelerator.wait_for_everyone()
@@ -287,7 +303,7 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
         for epoch in range(epochs):  # every id exactly once per epoch, or an error naming what is missing
             reader._epoch(epoch)
         manifest["complete"] = True
-        atomic.write_json(out / MANIFEST, manifest)
+        _write_manifest(out, manifest)
         log.info("%s: %d epochs cached and checked", out, epochs)
     accelerator.wait_for_everyone()
     return out

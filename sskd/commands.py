@@ -38,12 +38,17 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
     p.add_argument("--views", help="SS views: rotation (official code) | paper (four transforms) | comma list")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where DALI makes the views")
     p.add_argument("--threads", type=int, help="DALI threads per process")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out samples that fail their checksum, id or label check (listed once) instead of "
+                        "stopping at the first (data.skip_bad)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype (bf16 works on CPU)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set student.milestones=[30,60] (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in --out (without --resume or this, such a folder is refused)")
+                   help="replace an earlier run in --out (without --resume or this, such a folder is refused): "
+                        "only once every check has passed; it is set aside until this run's first checkpoint and "
+                        "put back if this run fails before then")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--log-with", action="append", type=_tracker_names, metavar="TRACKER",
                    help="also log to Accelerate's trackers: tensorboard | wandb | mlflow | aim (repeatable or a "
@@ -62,7 +67,7 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
                 "lr": f"{stage}.lr", "seed": "run.seed", "views": "data.views", "device": "data.device",
                 "threads": "data.threads", "mixed_precision": "run.mixed_precision", "shards": "data.shards",
                 "arch": f"{stage}.arch", "student": "student.arch", "method": f"{stage}.method",
-                "global_ss_batch": "run.global_ss_batch"}
+                "global_ss_batch": "run.global_ss_batch", "skip_bad": "data.skip_bad"}
     for flag, dotted in flag_map.items():
         value = None if flag in own else getattr(args, flag, None)
         # Only an absent flag is skipped: 0 and 0.0 are values (``value not in (None, False)`` dropped them,
