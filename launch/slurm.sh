@@ -51,7 +51,9 @@ fi
 args=$(printf ' %q' "$@")  # each argument quoted once more for the shell srun starts (spaces survive)
 cd "$root"
 # srun starts this block once per node; SLURM_NODEID is the node's machine_rank.
-srun --kill-on-bad-exit=1 bash -c "exec accelerate launch \
+# `sskd launch` is `accelerate launch` ending in one line: the time limit's SIGTERM or a failed rank gives no
+# launcher traceback in sskd-%j.out, and exit status 128 + the signal (the ranks checkpoint first).
+srun --kill-on-bad-exit=1 bash -c "exec sskd launch \
   --config_file $(printf %q "$config") \
   --num_machines $NNODES --num_processes $((NNODES * GPUS_PER_NODE)) \
   --machine_rank \$SLURM_NODEID --main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT \

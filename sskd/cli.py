@@ -8,13 +8,18 @@ their heavy imports (torch, DALI) inside ``func`` so ``sskd --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
 
 from sskd import __version__
 from sskd.errors import SSKDError
 from sskd.stop import Interrupted
+from sskd.supervisor import supervised_command
 
 # (module, description) in the order a user meets them; each module registers one or more commands.
 COMMAND_MODULES = [
@@ -27,6 +32,7 @@ COMMAND_MODULES = [
     "sskd.report",  # report
     "sskd.analyze_cli",  # analyze similarity|tsne|selection
     "sskd.bench_train",  # bench train
+    "sskd.launch",  # launch (accelerate launch -m sskd, ending in one line)
 ]
 
 EPILOG = """\
@@ -36,7 +42,8 @@ typical session:
   sskd demo --out demo-out                         # teacher, SS head, CE/KD/SSKD students, results table
   sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits   # methods x settings x seeds
   sskd report sweeps/digits --out sweeps/digits/report.md          # mean ± std, paired deltas, plots
-multi-GPU / multi-node: accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd distill ...
+multi-GPU / multi-node: sskd launch --config_file launch/accelerate/multi_gpu.yaml distill ...
+  (= accelerate launch ... -m sskd distill ..., its Ctrl-C and failures in one line)
 """
 
 
@@ -85,7 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: the file(s) it names and the system's reason (disk full, read-only, ...)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = {errno.ENOSPC: "; free some space", errno.EDQUOT: "; free some space or raise the quota",
+            errno.EFBIG: "; a file-size limit (ulimit -f) or the filesystem's largest file",
+            errno.EROFS: "; write somewhere else", errno.EACCES: "; check the permissions"}.get(exc.errno, "")
+    if exc.filename is None:
+        return f"{reason}{hint}"
+    where = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write (EFBIG) instead of killing us
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    command = supervised_command(args_in) if argv is None else None  # the console entry only, not in-process calls
+    if command:
+        from sskd.supervisor import supervise
+
+        return supervise(args_in, command)
+    if args_in[:1] == ["launch"]:  # accelerate's own options follow: not parsed here
+        from sskd import launch
+
+        return _guarded(lambda: launch.main(args_in[1:]))
     try:
         parser = build_parser()  # imports the method plug-ins (their --method choices)
     except SSKDError as exc:
@@ -100,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return _guarded(lambda: args.func(args))
+
+
+def _guarded(func) -> int:
+    """Run a command; what escapes it becomes one line and an exit status."""
     try:
-        return int(args.func(args) or 0)
+        return int(func() or 0)
     except SSKDError as exc:
         print(f"sskd: error: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `sskd methods | head`: the reader has gone; nothing to say to it
         sys.stderr.close()
         return 0
+    except OSError as exc:  # disk full, file-size limit, read-only folder, permissions: the file and the reason
+        logging.getLogger("sskd").debug("OSError", exc_info=True)
+        print(f"sskd: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

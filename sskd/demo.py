@@ -28,12 +28,16 @@ TEACHER_PARTS = {"sskd": "teacher-ss", "hssakd": "teacher-hssakd"}  # train-ss-h
 STUDENT_TEACHER = {"ce": None, "kd": "teacher", "sskd": "teacher-ss", "hssakd": "teacher-hssakd"}
 
 
-def demo_config(shards: Path, fast: bool = False, progress: bool = True) -> Config:
-    cfg = load_config(DEMO_CONFIG, [f"data.shards={shards}", f"run.progress={str(progress).lower()}"])
+def demo_config(shards: Path, fast: bool = False, progress: bool = True, overrides: tuple[str, ...] = ()) -> Config:
+    """The demo's recipe; ``overrides`` (``section.key=value``, as ``--set``) come last, after ``fast``."""
+    sets = [f"data.shards={shards}", f"run.progress={str(progress).lower()}"]
     if fast:  # half the schedule (tests, smoke runs): every stage still runs through the same code
-        for stage in (cfg.teacher, cfg.ss_head, cfg.student):
-            stage.epochs = max(1, stage.epochs // 2)
-    return cfg
+        import yaml
+
+        recipe = yaml.safe_load(DEMO_CONFIG.read_text())
+        sets += [f"{stage}.epochs={max(1, int(recipe[stage]['epochs']) // 2)}"
+                 for stage in ("teacher", "ss_head", "student")]
+    return load_config(DEMO_CONFIG, [*sets, *overrides])
 
 
 def _stage(job: Job) -> dict[str, Any]:
@@ -48,8 +52,10 @@ def _stage(job: Job) -> dict[str, Any]:
     return info
 
 
-def run_demo(out: Path, fast: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the results dict also written to ``out/results.json``."""
+def run_demo(out: Path, fast: bool = False, progress: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the results dict also written to ``out/results.json``.
+
+    ``overrides``: config overrides for every stage after ``fast`` (tests shorten the students with them)."""
     from shards import write_digits
     from shards.format import MANIFEST
 
@@ -57,10 +63,10 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True) -> dict[str, 
     shards = out / "shards"
     if not (shards / MANIFEST).is_file():
         write_digits(shards, seed=0, progress=progress)
-    cfg = demo_config(shards, fast, progress)
+    cfg = demo_config(shards, fast, progress, tuple(overrides))
 
     def stage(kind: str, name: str, method: str, teacher: str | None = None) -> dict[str, Any]:
-        setattr(getattr(cfg, kind), "method", method)
+        getattr(cfg, kind).method = method
         info = run_info(cfg, kind)
         job = Job(stage=kind, cfg=cfg, out=out / name, build=builder(cfg, kind, info, teacher=teacher), info=info,
                   resume=True)

@@ -43,6 +43,26 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
     return out
 
 
+def _read_json(path: Path, kind: type = dict) -> Any:
+    """``path``'s JSON, of type ``kind``; a torn, binary or edited file is one line naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = exc.strerror if isinstance(exc, OSError) else "not valid JSON (truncated or edited?)"
+        raise SSKDError(f"{path}: {why}; rerun that run or move it out of the sweep folder") from None
+    if not isinstance(value, kind):
+        raise SSKDError(f"{path}: not a JSON {'object' if kind is dict else kind.__name__}")
+    return value
+
+
+def _number(info: dict, key: str, path: Path) -> float:
+    try:
+        value = float(info[key])
+    except (TypeError, ValueError):
+        raise SSKDError(f"{path}: {key} is {info[key]!r}, not a number") from None
+    return value
+
+
 def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Every finished student run of the sweeps in ``dirs``: its plan entry, result and curve."""
     found = []
@@ -50,11 +70,16 @@ def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
         plan_path = d / "plan.json"
         if not plan_path.is_file():
             raise SSKDError(f"{d}: no plan.json (not a folder written by `sskd sweep`)")
-        plan = json.loads(plan_path.read_text())
-        for entry in plan["runs"]:
-            folder = d / entry["folder"]
+        plan = _read_json(plan_path)
+        entries = plan.get("runs")
+        keys = {"kind", "folder", "setting", "method", "label", "teacher", "student", "seed"}
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and (e.get("kind") != "student" or
+                                                                             keys <= set(e)) for e in entries):
+            raise SSKDError(f"{plan_path}: runs: not the list of runs `sskd sweep` writes")
+        for entry in entries:
+            folder = d / str(entry.get("folder"))
             rec_path = folder / "sweep.json"
-            rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+            rec = _read_json(rec_path) if rec_path.is_file() else {}
             if entry["kind"] != "student":
                 found.append({**entry, "path": folder, "status": rec.get("status", "todo"),
                               "wall_s": rec.get("wall_s")})
@@ -62,23 +87,35 @@ def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
             if rec.get("status") != "done" or not (folder / "model.json").is_file():
                 found.append({**entry, "path": folder, "status": rec.get("status", "todo")})
                 continue
-            info = json.loads((folder / "model.json").read_text())
-            if "top1" not in info:
-                raise SSKDError(f"{folder / 'model.json'}: no top1 (trained without a val split?)")
-            curve = {}
-            metrics = folder / "metrics.jsonl"
-            if metrics.is_file():
-                for line in metrics.read_text().splitlines():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a torn last line
-                    if row.get("kind") == "eval" and "top1" in row:
-                        curve[int(row["epoch"])] = float(row["top1"])
+            model_json = folder / "model.json"
+            info = _read_json(model_json)
+            for key in ("top1", "top5"):
+                if key not in info:
+                    raise SSKDError(f"{model_json}: no {key} (trained without a val split?)")
+            top1, top5 = _number(info, "top1", model_json), _number(info, "top5", model_json)
+            best = _number(info, "best_top1", model_json) if "best_top1" in info else top1
             found.append({**entry, "path": folder, "status": "done", "wall_s": rec.get("wall_s"),
-                          "top1": float(info["top1"]), "top5": float(info["top5"]),
-                          "best_top1": float(info.get("best_top1", info["top1"])), "curve": curve})
+                          "top1": top1, "top5": top5, "best_top1": best, "curve": _curve(folder / "metrics.jsonl")})
     return found
+
+
+def _curve(metrics: Path) -> dict[int, float]:
+    """Val top-1 per epoch from ``metrics.jsonl``; a torn line (a run killed while writing) is skipped."""
+    curve: dict[int, float] = {}
+    if not metrics.is_file():
+        return curve
+    try:
+        text = metrics.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise SSKDError(f"{metrics}: {exc.strerror}") from None
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and row.get("kind") == "eval" and "top1" in row:
+                curve[int(row["epoch"])] = float(row["top1"])
+        except (ValueError, TypeError, KeyError):
+            continue  # a torn (last) line or one the curve cannot use
+    return curve
 
 
 def summarise(found: list[dict[str, Any]]) -> list[dict[str, Any]]:

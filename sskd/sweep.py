@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -36,6 +37,7 @@ import yaml
 
 from sskd import atomic
 from sskd.errors import SSKDError
+from sskd.stop import child_env, die_with_parent, stop_along
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,34 @@ class PlannedRun:
 
     def record(self) -> dict[str, Any]:
         path = self.folder / RECORD
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A record the sweep or a run wrote; a torn or edited one is one line naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not valid JSON (truncated or edited?)"
+        raise SSKDError(f"{path}: {why}; move that run folder away to run it again") from None
+    if not isinstance(value, dict):
+        raise SSKDError(f"{path}: not a JSON object; move that run folder away to run it again")
+    return value
 
 
 def _fail(where: str, text: str) -> SSKDError:
     return SSKDError(f"{where}: {text}")
+
+
+def _folder_safe(name: str) -> bool:
+    """One plain folder name: what a spec puts into a run's path may not lead out of ``--out``."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and ".." not in name
+
+
+def inside(folder: Path, out: Path) -> bool:
+    """``folder`` lies within ``out`` as written (no ``..`` or absolute part leads elsewhere)."""
+    a, b = os.path.normpath(os.path.abspath(folder)), os.path.normpath(os.path.abspath(out))
+    return a != b and os.path.commonpath([a, b]) == b
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -105,6 +130,11 @@ def load_spec(path: str | Path) -> Spec:
     pairs = raw.get("pairs") or [{"teacher": "resnet32x4", "student": "resnet8x4"}]
     if not isinstance(pairs, list) or not all(isinstance(p, dict) and p.get("student") for p in pairs):
         raise _fail(str(path), "pairs: a list of {teacher: ARCH, student: ARCH}")
+    for i, p in enumerate(pairs):
+        for role in ("teacher", "student"):
+            if p.get(role) is not None and not _folder_safe(str(p[role])):
+                raise _fail(str(path), f"pairs[{i}].{role}: {str(p[role])!r} is not an architecture name (it names "
+                                       "the runs' folder under --out: no '/', '\\' or '..')")
     methods = []
     for i, m in enumerate(raw["methods"]):
         entry = {"name": m} if isinstance(m, str) else dict(m or {})
@@ -115,7 +145,11 @@ def load_spec(path: str | Path) -> Spec:
         sets = entry.get("set") or {}
         if not isinstance(sets, dict):
             raise _fail(str(path), f"methods[{i}].set: a mapping section.key: value")
-        methods.append(MethodSpec(name=name, label=str(entry.get("label", name)), sets=sets))
+        label = str(entry.get("label", name))
+        if not _folder_safe(label):
+            raise _fail(str(path), f"methods[{i}].label: {label!r} is not a folder name (no '/', '\\' or '..'; "
+                                   "it names the runs' folder under --out)")
+        methods.append(MethodSpec(name=name, label=label, sets=sets))
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise _fail(str(path), "methods: two entries share a label; give one a `label:`")
@@ -268,12 +302,17 @@ def _status(run: PlannedRun) -> str:
 
 
 def _result(folder: Path) -> dict[str, Any]:
-    info = json.loads((folder / "model.json").read_text())
+    info = _read_json(folder / "model.json")
     return {k: info[k] for k in ("top1", "top5", "best_top1", "epochs_done", "steps", "count") if k in info}
 
 
 class _Child:
-    """One command as a child process; SIGTERM to the sweep is passed on (the run saves and stops)."""
+    """One command as a child process; SIGTERM and SIGINT to the sweep are passed on (the run saves and stops).
+
+    The child runs in a process group of its own, so a Ctrl-C reaches it once (through the sweep) rather than
+    twice (a second SIGINT means "stop now"), and it gets SIGTERM from the kernel if the sweep dies (even by
+    SIGKILL), so no orphan goes on training with the run's lock held.
+    """
 
     def __init__(self, argv: list[str], log_path: Path):
         self.argv, self.log_path = argv, log_path
@@ -289,20 +328,24 @@ class _Child:
                 self.proc.send_signal(signum)
 
         signal.signal(signal.SIGTERM, forward)
+        old_tstp = signal.getsignal(signal.SIGTSTP)
         try:
             with open(self.log_path, "ab") as fh:
                 fh.write(f"\n$ {shlex.join(self.argv)}\n".encode())
                 fh.flush()
-                self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT)
-                try:
-                    return self.proc.wait()
-                except KeyboardInterrupt:  # Ctrl-C (the child got it too) or a SIGINT to the sweep alone
-                    self.interrupted = signal.SIGINT
-                    if self.proc.poll() is None:
-                        self.proc.send_signal(signal.SIGINT)  # it saves a checkpoint and stops
-                    return self.proc.wait()
+                self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, env=child_env(),
+                                             preexec_fn=die_with_parent())
+                signal.signal(signal.SIGTSTP, stop_along(self.proc))  # Ctrl-Z stops it too; `fg` resumes it
+                while True:
+                    try:
+                        return self.proc.wait()
+                    except KeyboardInterrupt:  # Ctrl-C: passed on once per press (the first saves and stops)
+                        self.interrupted = signal.SIGINT
+                        if self.proc.poll() is None:
+                            self.proc.send_signal(signal.SIGINT)
         finally:
             signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGTSTP, old_tstp)
 
 
 def _last_error(log_path: Path) -> str:
@@ -381,6 +424,10 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     spec = load_spec(args.spec)
     runs = plan(spec, out)
+    for run in runs:  # what a spec names (labels, settings, architectures) stays under --out
+        if not inside(run.folder, out):
+            raise SSKDError(f"{args.spec}: the run folder {run.folder} lies outside --out {out}; rename what "
+                            "the spec puts into it (a label, setting or architecture)")
     cache: dict = {}
     for run in runs:  # resolves every run's config: a typo in the spec fails here, before any training
         try:
@@ -422,7 +469,7 @@ spec (YAML):
 examples:
   sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits --dry-run
   sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits
-  sskd sweep spec.yaml --out sweeps/x --launcher "accelerate launch --config_file launch/accelerate/multi_gpu.yaml"
+  sskd sweep spec.yaml --out sweeps/x --launcher "sskd launch --config_file launch/accelerate/multi_gpu.yaml"
   sskd report sweeps/digits --out sweeps/digits/report.md --json sweeps/digits/report.json
 """
 
@@ -435,7 +482,7 @@ def register(sub, fmt) -> None:
     p.add_argument("spec", help="sweep spec (YAML; keys below)")
     p.add_argument("--out", required=True, help="sweep folder (teachers/, runs/, plan.json)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their status and steps; train nothing")
-    p.add_argument("--launcher", help='run every command under this prefix, e.g. "accelerate launch --config_file '
+    p.add_argument("--launcher", help='run every command under this prefix, e.g. "sskd launch --config_file '
                    'launch/accelerate/multi_gpu.yaml" (default: this Python, one process)')
     p.add_argument("--keep-going", action="store_true", help="after a failed run, go on with the runs that do "
                    "not depend on it (default: stop)")

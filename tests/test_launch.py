@@ -40,10 +40,11 @@ def _fake_slurm(tmp_path: Path, hosts: list[str], nodelist: str) -> tuple[dict, 
         f"for i, host in enumerate({hosts!r}):\n"
         "    rc = subprocess.call(argv, env=dict(os.environ, SLURM_NODEID=str(i), SLURMD_NODENAME=host))\n"
         "    if rc:\n        sys.exit(rc)\n")
-    (bin_ / "accelerate").write_text(
-        f"#!{sys.executable}\nimport json, os, sys\n"
-        f"open({str(launches)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'cwd': os.getcwd(), "
-        "'node': os.environ['SLURM_NODEID']}) + '\\n')\n")
+    for launcher in ("accelerate", "sskd"):  # `sskd launch` is `accelerate launch` ending in one line
+        (bin_ / launcher).write_text(
+            f"#!{sys.executable}\nimport json, os, sys\n"
+            f"open({str(launches)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'cwd': os.getcwd(), "
+            "'node': os.environ['SLURM_NODEID']}) + '\\n')\n")
     for f in bin_.iterdir():
         f.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "SSKD_ROOT", "MASTER_PORT")
@@ -103,7 +104,7 @@ def test_slurm_script_as_sbatch_runs_it(tmp_path):
     _check_launches(_read(launches), hosts=hosts, gpus=8, root=REPO, args=ARGS)
     (srun,) = _read(sruns)  # one job step, started from the checkout, killed as a whole if a node fails
     assert "--kill-on-bad-exit=1" in srun["opts"] and srun["cwd"] == str(REPO)
-    assert srun["cmd"][:2] == ["bash", "-c"] and srun["cmd"][2].startswith("exec accelerate launch")
+    assert srun["cmd"][:2] == ["bash", "-c"] and srun["cmd"][2].startswith("exec sskd launch")
     assert srun["SRUN_CPUS_PER_TASK"] == "64"  # srun (Slurm >= 22.05) does not read sbatch's --cpus-per-task
 
     # submitted from elsewhere without SSKD_ROOT: a clear line, not a missing-file traceback later

@@ -80,7 +80,8 @@ def test_select_rows_official_rule():
     scores = torch.tensor([[5.0, 1, 0, 0], [0, 5, 4, 1], [4, 5, 0, 0], [0, 0, 0, 9], [1, 2, 3, 0], [1, 2, 3, 4]])
     target = torch.tensor([0, 3, 0, 3, 1, 0])
     assert target_rank(scores, target).tolist() == [0, 2, 1, 0, 1, 3]
-    keep = lambda r: select_rows(scores, target, r).tolist()
+    def keep(r):
+        return select_rows(scores, target, r).tolist()
     assert keep(0.0) == [True, False, False, True, False, False]
     assert keep(1.0) == [True] * 6
     # 4 wrong rows, ratio 0.5 -> int(2.0) = 2 kept: the two of rank 1 (rows 2 and 4)

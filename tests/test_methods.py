@@ -147,7 +147,8 @@ def test_global_ss_batch_uses_the_gathered_columns():
         out = method(b)
         s_out, t_out = student(b["views"].flatten(0, 1)), teacher(b["views"].flatten(0, 1))
         zs, zt = s_out.embed.view(3, 3, -1), t_out.embed.view(3, 3, -1)
-        rows = lambda z: torch.cat([z[i, 1:] for i in range(3)])
+        def rows(z):
+            return torch.cat([z[i, 1:] for i in range(3)])
         target = torch.tensor([0, 0, 1, 1, 2, 2]) + 2
         expected = ss_kd_loss(similarity_matrix(rows(zs), torch.cat([other_s, zs[:, 0]])),
                               similarity_matrix(rows(zt), torch.cat([other_t, zt[:, 0]])), target, 0.5, 0.75)

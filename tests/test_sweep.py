@@ -76,7 +76,7 @@ def test_dry_run_prints_every_run_with_its_steps_and_trains_nothing(tmp_path, di
     from shards.labels import split_labels
 
     n_few = len(subset_ids(split_labels(digits_shards, "train"), 0.25))
-    assert f"runs/few25/kd/resnet20-resnet8/seed0" in out
+    assert "runs/few25/kd/resnet20-resnet8/seed0" in out
     row = next(ln for ln in out.splitlines() if "runs/few25/kd" in ln).split()
     assert int(row[2].replace(",", "")) == 2 * math.ceil(n_few / 32)
     row = next(ln for ln in out.splitlines() if ln.startswith("teachers/resnet20 ")).split()

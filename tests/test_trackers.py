@@ -44,7 +44,7 @@ def test_tensorboard_scalars_are_the_metrics_log(digits_shards, tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3]
     scalars = tb_scalars(out / TRACKER_FOLDERS["tensorboard"])
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
-    for (step, value), rec in zip(scalars["train/loss"], train):
+    for (_step, value), rec in zip(scalars["train/loss"], train):
         assert value == pytest.approx(rec["loss"], rel=1e-6)
     assert [s for s, _ in scalars["train/lr"]] == [1, 2, 3]
     evals = [r for r in records if r["kind"] == "eval"]
