@@ -24,13 +24,14 @@ views stay bit-identical per (seed, epoch, id, view): they never depended on a s
 from __future__ import annotations
 
 import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sskd.atomic import private_tempdir
 
 ORDER_STREAM = 0x6F726472  # "ordr": apart from every other use of the seed
 ORDER_VERSION = 2  # 2: per-epoch shard and in-shard permutations, interleaved; 1: fixed shard list + DALI's buffer
@@ -150,7 +151,7 @@ class SegmentFiles:
     removed with this object): DALI's ``paths`` and ``index_paths``."""
 
     def __init__(self):
-        self.dir = Path(tempfile.mkdtemp(prefix="sskd-order-"))
+        self.dir = private_tempdir("sskd-order-")  # also removes those of killed processes
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def write(self, shards: list[Shard], segments: list[tuple[int, np.ndarray]], tag: str) -> tuple[list[str], list[str]]:

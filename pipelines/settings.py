@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from shards.index import parse_index
+from sskd.atomic import private_tempdir
 from sskd.errors import SSKDError
 
 NOISE_STREAM = 0x6E6F6973  # "nois": keeps the noise's random stream apart from every other use of the seed
@@ -97,7 +97,7 @@ class SubsetIndexes:
         info = manifest["splits"][split]
         keep_set = np.zeros(int(info.get("id_count", info["num_samples"])), dtype=bool)
         keep_set[keep] = True
-        self.dir = Path(tempfile.mkdtemp(prefix="sskd-subset-"))
+        self.dir = private_tempdir("sskd-subset-")  # also removes those of killed processes
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.tars: list[str] = []
         self.idxs: list[str] = []

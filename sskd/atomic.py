@@ -167,3 +167,26 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def private_tempdir(prefix: str) -> Path:
+    """A new private temporary folder ``<tmp>/<prefix><host>-<pid>-XXXX``, after removing the folders of
+    that prefix that processes of this host left when they died without cleaning up (SIGKILL, a crash):
+    their pid no longer runs. A folder whose pid runs (or of another host) is left alone."""
+    import shutil
+    import socket
+    import tempfile
+
+    host = socket.gethostname().replace("-", "_")
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{prefix}{host}-*-*"):
+        try:
+            pid = int(old.name[len(prefix) + len(host) + 1:].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-"))

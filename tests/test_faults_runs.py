@@ -450,3 +450,26 @@ def test_a_missing_or_copied_chunk_of_a_later_epoch_is_found_before_training(fin
     assert run("cache", "--method", "kd", "--teacher", finished / "t", "--shards", digits_shards, "--epochs", 2,
                "--batch-size", 256, "--chunk-batches", 2, "--out", cache, "--no-progress", "--resume") == 0
     assert run(*run_args) == 0
+
+
+def test_private_tempdirs_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """The loader's per-epoch index folders (sskd-order-*) of a SIGKILLed process are removed by the next
+    process that makes one; a running process's folder is left alone."""
+    import socket
+    import subprocess
+    import tempfile
+
+    from sskd.atomic import private_tempdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"sskd-order-{host}-{dead.pid}-abc"
+    live = tmp_path / f"sskd-order-{host}-{os.getpid()}-def"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "train-000000.idx").write_text("v1.2 0\n")
+    new = private_tempdir("sskd-order-")
+    assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"sskd-order-{host}-{os.getpid()}-")
+    assert not stale.exists() and live.exists()
