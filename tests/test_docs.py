@@ -73,13 +73,16 @@ def test_every_documented_command_parses(where, args):
 
 def methods_table() -> str:
     """The README's methods table, from the registry (what `sskd methods --json` prints)."""
-    from sskd.methods import describe
+    from sskd.methods import METHODS, describe
+
+    def shipped(r):  # a test module may register a toy method of its own: the README lists sskd's
+        return METHODS[r["role"]].get(r["name"]).__module__.startswith("sskd.methods.")
 
     commands = {"student": "distill", "teacher": "train-teacher", "head": "train-ss-head"}
     rows = ["| command | `--method` | what it is | views | teacher run it needs | `sskd cache` | paper |",
             "|---|---|---|---|---|---|---|"]
     for role in ("student", "teacher", "head"):
-        for r in (r for r in describe() if r["role"] == role):
+        for r in (r for r in describe() if r["role"] == role and shipped(r)):
             rows.append(f"| `{commands[role]}` | `{r['name']}` | {r['summary']} | {r['views']} | "
                         f"{r['teacher'] or '—'} | {'yes' if r['cache'] else '—'} | {r['paper'] or '—'} |")
     return "\n".join(rows).replace("|  |", "| — |")
