@@ -112,29 +112,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(fd)
 
 
-# errno values that mean "the disk (or quota, or the file-size limit) is full", with what to do about it
-_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-         errno.EFBIG: "the file-size limit (ulimit -f) is reached"}
+# What an errno of a failed write means for the user: the one table the writers and the CLI word it from.
+WRITE_ADVICE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "the file-size limit (ulimit -f) is reached", errno.EROFS: "write somewhere else",
+                errno.EACCES: "check the permissions"}
 
 
-def write_error(path: str | os.PathLike, exc: BaseException, what: str = "file", kept: str = "") -> str:
-    """One line for a failed write of ``path``: the reason (disk full, file-size limit, ...) and what is kept.
+def os_error_reason(exc: OSError) -> str:
+    """``strerror: advice`` for an OSError (``No space left on device: the disk is full``)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = WRITE_ADVICE.get(exc.errno)
+    return f"{reason}: {advice}" if advice else reason
 
-    ``exc``: an :class:`OSError`, or a library's own error whose text carries the OS error (safetensors)."""
-    code = getattr(exc, "errno", None)
-    if code is None:  # a library's wrapper: "... No space left on device (os error 28)"
-        import re
 
-        found = re.search(r"os error (\d+)", str(exc))
-        code = int(found.group(1)) if found else None
-    reason = _FULL.get(code) if code is not None else None
-    if reason:
-        reason = f"{os.strerror(code)}: {reason}"
-    elif isinstance(exc, OSError):
-        reason = exc.strerror or str(exc)
-    else:
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:200]
-    text = f"{path}: cannot write the {what} ({reason})"
+def write_error(path: str | os.PathLike, exc: OSError, what: str = "file", kept: str = "") -> str:
+    """One line for a failed write of ``path``: the reason (disk full, file-size limit, ...) and what is kept."""
+    text = f"{path}: cannot write the {what} ({os_error_reason(exc)})"
     return f"{text}; {kept}" if kept else text
 
 

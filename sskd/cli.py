@@ -8,7 +8,6 @@ their heavy imports (torch, DALI) inside ``func`` so ``sskd --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import os
@@ -94,16 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: the file(s) it names and the system's reason (disk full, read-only, ...)."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    hint = {errno.ENOSPC: "; free some space", errno.EDQUOT: "; free some space or raise the quota",
-            errno.EFBIG: "; a file-size limit (ulimit -f) or the filesystem's largest file",
-            errno.EROFS: "; write somewhere else", errno.EACCES: "; check the permissions"}.get(exc.errno, "")
+    from sskd.atomic import os_error_reason
+
     if exc.filename is None:
-        return f"{reason}{hint}"
+        return os_error_reason(exc)
     where = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
     if exc.filename2 is not None:
         where += f" -> {os.fsdecode(exc.filename2)}"
-    return f"{where}: {reason}{hint}"
+    return f"{where}: {os_error_reason(exc)}"
 
 
 def main(argv: list[str] | None = None) -> int:
