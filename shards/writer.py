@@ -185,7 +185,7 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
             raise SSKDError(f"{out}: --overwrite replaces only the files of a shard folder, and {foreign[0]} is not "
                             f"one{f' (nor {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; nothing was "
                             "changed: move them away or choose another folder")
-    _check_writable(out)
+    atomic.check_writable_folder(out, "shard folder")  # a read-only mount, no permission
     try:
         lock = FolderLock(out, "shard folder").acquire()
     except OSError as exc:
@@ -216,18 +216,6 @@ def _ours(path: Path) -> bool:
     name = path.name
     return (name in (fmt.MANIFEST, PROGRESS, LISTING, LOCK_NAME, LOCK_NAME + ".excl", ASIDE)
             or bool(_SHARD_FILE.match(name)) or (name.startswith(".") and name.endswith(atomic.TMP_SUFFIX)))
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before any work if ``out`` cannot be written (absent parent, read-only mount, no permission)."""
-    import tempfile
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise SSKDError(f"{out}: cannot write the shard folder here ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager

@@ -77,20 +77,33 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
 
     (A permission check alone is not enough: root passes every check, yet not on a read-only mount.)
     """
-    import tempfile
-
     from sskd.errors import SSKDError
 
     p = Path(path)
     if p.is_dir():
         raise SSKDError(f"{p}: is a folder, expected a file name for the {what}")
+    _probe(p.parent, p, what)
+    return p
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail before any work if files could not be written in ``folder`` (made if missing), as above."""
+    folder = Path(folder)
+    _probe(folder, folder, what)
+    return folder
+
+
+def _probe(folder: Path, named: Path, what: str) -> None:
+    import tempfile
+
+    from sskd.errors import SSKDError
+
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=p.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise SSKDError(f"{p}: cannot write the {what} here ({exc.strerror or exc})") from None
-    return p
+        raise SSKDError(f"{named}: cannot write the {what} here ({exc.strerror or exc})") from None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
