@@ -69,8 +69,10 @@ def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads
         if kind == "decode":
             return img
         prm = D.params_node(sid, fn.peek_image_shape(enc), seed=0, epoch=0, views=names, layout=layout)
-        outs = [D.make_view(img, prm, name="normal" if n != "crop_resize" else n, view=v, size=size)
-                for v, n in enumerate(names)]
+        outs = [
+            D.make_view(img, prm, name="normal" if n != "crop_resize" else n, view=v, size=size)
+            for v, n in enumerate(names)
+        ]
         return tuple(outs)
 
     p = pipe()
@@ -81,8 +83,16 @@ def _dali_runs(kind: str, tars, idxs, manifest, names, size, batch_size, threads
 
 
 def _dali_views(shards, split, views, size, batch_size, threads, device):
-    loader = ViewLoader(shards, split, batch_size=batch_size, views=views, size=size, threads=threads, device=device,
-                        reuse_buffers=True)  # as the training loop reads it
+    loader = ViewLoader(
+        shards,
+        split,
+        batch_size=batch_size,
+        views=views,
+        size=size,
+        threads=threads,
+        device=device,
+        reuse_buffers=True,
+    )  # as the training loop reads it
     epoch = 0
     while True:
         for b in loader.epoch(epoch):
@@ -103,15 +113,18 @@ def _torchvision(tars, manifest, names, size, batch_size, workers):
 
     from pipelines.reference import BaselineViews
 
-    transform = BaselineViews(names, size=size, layout=manifest["layout"], mean=manifest["mean"], std=manifest["std"])
+    transform = BaselineViews(
+        names, size=size, layout=manifest["layout"], mean=manifest["mean"], std=manifest["std"]
+    )
 
     def make(sample):
         return transform(_decode(sample)), int(sample["cls"])
 
     ds = wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
     ds = ds.repeat().shuffle(256).map(make)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+    )
     for views, _ in loader:
         yield views.shape[0]
 
@@ -135,13 +148,26 @@ def _resize_kernels(tars, size: int, reps: int = 64) -> dict:
     hwc = img.permute(1, 2, 0).contiguous().numpy()
     batch = 16
 
-    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False,
-                  prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=1,
+        device_id=None,
+        exec_async=False,
+        exec_pipelined=False,
+        prefetch_queue_depth=1,
+    )
     def pipe(resize: bool):
         x = fn.external_source(source=lambda: [hwc] * batch, batch=True, layout="HWC")
         if resize:
-            x = fn.resize(x, size=[size, size], roi_start=[y0, x0], roi_end=[y0 + wh, x0 + ww], roi_relative=False,
-                          interp_type=types.INTERP_LINEAR, antialias=True)
+            x = fn.resize(
+                x,
+                size=[size, size],
+                roi_start=[y0, x0],
+                roi_end=[y0 + wh, x0 + ww],
+                roi_relative=False,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
         return x
 
     per_image = []
@@ -154,8 +180,12 @@ def _resize_kernels(tars, size: int, reps: int = 64) -> dict:
             p.run()
         per_image.append((time.perf_counter() - t0) / (max(1, reps // batch) * batch) * 1e3)
         del p
-    return {"window_hw": [int(wh), int(ww)], "size": size, "dali_ms": round(per_image[1] - per_image[0], 3),
-            "torchvision_ms": round(tv_ms, 3)}
+    return {
+        "window_hw": [int(wh), int(ww)],
+        "size": size,
+        "dali_ms": round(per_image[1] - per_image[0], 3),
+        "torchvision_ms": round(tv_ms, 3),
+    }
 
 
 def run_bench(args) -> dict:
@@ -173,11 +203,15 @@ def run_bench(args) -> dict:
 
 def _run_bench(args, manifest, tars, idxs, views, size) -> dict:
     makers = {
-        "decode": lambda: _dali_runs("decode", tars, idxs, manifest, views.names, size, args.batch_size, args.threads,
-                                     args.device),
-        "floor": lambda: _dali_runs("floor", tars, idxs, manifest, views.names, size, args.batch_size, args.threads,
-                                    args.device),
-        "dali": lambda: _dali_views(args.shards, args.split, views, size, args.batch_size, args.threads, args.device),
+        "decode": lambda: _dali_runs(
+            "decode", tars, idxs, manifest, views.names, size, args.batch_size, args.threads, args.device
+        ),
+        "floor": lambda: _dali_runs(
+            "floor", tars, idxs, manifest, views.names, size, args.batch_size, args.threads, args.device
+        ),
+        "dali": lambda: _dali_views(
+            args.shards, args.split, views, size, args.batch_size, args.threads, args.device
+        ),
         "torchvision": lambda: _torchvision(tars, manifest, views.names, size, args.batch_size, args.threads),
     }
     warmup = args.warmup * max(1, args.threads)
@@ -187,18 +221,36 @@ def _run_bench(args, manifest, tars, idxs, views, size) -> dict:
         res[k] = {"images_per_s": round(sum(rates) / len(rates), 1)}
         if k != "decode":
             res[k]["views_per_s"] = round(res[k]["images_per_s"] * views.num_views, 1)
-    res["ratios"] = {"dali_vs_torchvision": round(res["dali"]["images_per_s"] / res["torchvision"]["images_per_s"], 2),
-                     "dali_vs_floor": round(res["dali"]["images_per_s"] / res["floor"]["images_per_s"], 2)}
-    res["rounds"] = [{"images_per_s": {k: round(r[i], 1) for k, r in per_round.items()},
-                      "dali_vs_torchvision": round(per_round["dali"][i] / per_round["torchvision"][i], 2),
-                      "dali_vs_floor": round(per_round["dali"][i] / per_round["floor"][i], 2)}
-                     for i in range(args.rounds)]
+    res["ratios"] = {
+        "dali_vs_torchvision": round(res["dali"]["images_per_s"] / res["torchvision"]["images_per_s"], 2),
+        "dali_vs_floor": round(res["dali"]["images_per_s"] / res["floor"]["images_per_s"], 2),
+    }
+    res["rounds"] = [
+        {
+            "images_per_s": {k: round(r[i], 1) for k, r in per_round.items()},
+            "dali_vs_torchvision": round(per_round["dali"][i] / per_round["torchvision"][i], 2),
+            "dali_vs_floor": round(per_round["dali"][i] / per_round["floor"][i], 2),
+        }
+        for i in range(args.rounds)
+    ]
     res["resize_kernel"] = _resize_kernels(tars, size)
-    res["config"] = {"shards": str(args.shards), "dataset": manifest["dataset"], "views": list(views.names),
-                     "size": size, "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
-                     "images": args.images, "warmup_batches": warmup, "rounds": args.rounds}
-    res["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                      "torch": torch.__version__}
+    res["config"] = {
+        "shards": str(args.shards),
+        "dataset": manifest["dataset"],
+        "views": list(views.names),
+        "size": size,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "device": args.device,
+        "images": args.images,
+        "warmup_batches": warmup,
+        "rounds": args.rounds,
+    }
+    res["machine"] = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
     print(format_table(res))
     if args.json:
         write_json(args.json, res)
@@ -208,9 +260,12 @@ def _run_bench(args, manifest, tars, idxs, views, size) -> dict:
 
 def format_table(res: dict) -> str:
     dali = res["dali"]["images_per_s"]
-    lines = [f"views: {', '.join(res['config']['views'])} at {res['config']['size']} px, batch "
-             f"{res['config']['batch_size']}, {res['config']['threads']} threads/workers, {res['config']['device']}",
-             f"{'variant':<12} {'images/s':>10} {'views/s':>10} {'dali / this':>12}", "-" * 47]
+    lines = [
+        f"views: {', '.join(res['config']['views'])} at {res['config']['size']} px, batch "
+        f"{res['config']['batch_size']}, {res['config']['threads']} threads/workers, {res['config']['device']}",
+        f"{'variant':<12} {'images/s':>10} {'views/s':>10} {'dali / this':>12}",
+        "-" * 47,
+    ]
     for k in ("decode", "floor", "dali", "torchvision"):
         r = res[k]
         views = f"{r['views_per_s']:>10.1f}" if "views_per_s" in r else f"{'':>10}"
@@ -218,9 +273,13 @@ def format_table(res: dict) -> str:
     if len(res["rounds"]) > 1:
         for key in ("dali_vs_torchvision", "dali_vs_floor"):
             each = [r[key] for r in res["rounds"]]
-            lines.append(f"{key} per round: {', '.join(f'{x:.2f}' for x in each)} (min {min(each):.2f}, "
-                         f"max {max(each):.2f})")
+            lines.append(
+                f"{key} per round: {', '.join(f'{x:.2f}' for x in each)} (min {min(each):.2f}, "
+                f"max {max(each):.2f})"
+            )
     k = res["resize_kernel"]
-    lines.append(f"one antialiased resize, {k['window_hw'][0]}x{k['window_hw'][1]} -> {k['size']}x{k['size']} uint8, one "
-                 f"thread: DALI {k['dali_ms']:.3f} ms, torchvision {k['torchvision_ms']:.3f} ms")
+    lines.append(
+        f"one antialiased resize, {k['window_hw'][0]}x{k['window_hw'][1]} -> {k['size']}x{k['size']} uint8, one "
+        f"thread: DALI {k['dali_ms']:.3f} ms, torchvision {k['torchvision_ms']:.3f} ms"
+    )
     return "\n".join(lines) + "\n" + json.dumps(res["ratios"])

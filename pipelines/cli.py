@@ -39,13 +39,32 @@ def cmd_views(args) -> int:
     if args.split not in manifest["splits"]:
         raise SSKDError(f"{args.shards}: no split {args.split!r}")
     ids = _ids(args, manifest["splits"][args.split]["num_samples"])
-    got, labels, views, loader = render_views(args.shards, args.epoch, ids, views=args.views, seed=args.seed,
-                                              size=args.size, batch_size=args.batch_size, threads=args.threads,
-                                              split=args.split)
+    got, labels, views, loader = render_views(
+        args.shards,
+        args.epoch,
+        ids,
+        views=args.views,
+        seed=args.seed,
+        size=args.size,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        split=args.split,
+    )
     if args.out:
-        save_grid(args.out, got, labels, views, loader.view_names, manifest["classes"], manifest["mean"],
-                  manifest["std"], args.epoch)
-        print(f"wrote {args.out}: {len(got)} samples x {views.shape[1]} views ({', '.join(loader.view_names)})")
+        save_grid(
+            args.out,
+            got,
+            labels,
+            views,
+            loader.view_names,
+            manifest["classes"],
+            manifest["mean"],
+            manifest["std"],
+            args.epoch,
+        )
+        print(
+            f"wrote {args.out}: {len(got)} samples x {views.shape[1]} views ({', '.join(loader.view_names)})"
+        )
     if args.npz:
         with atomic_path(args.npz) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, ids=got, labels=labels, views=views, view_names=np.array(loader.view_names))
@@ -71,18 +90,23 @@ def _view_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="plan seed")
     p.add_argument("--size", type=int, help="output size (default from the manifest: 32 or 224)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--threads", type=int, default=2, help="DALI threads (and DataLoader workers in the bench)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="DALI threads (and DataLoader workers in the bench)"
+    )
 
 
 def register(sub, fmt) -> None:
-    p = sub.add_parser("views", help="show the views of chosen samples (PNG grid) and save their tensors",
-                       formatter_class=fmt,
-                       description="Renders the exact training views of the chosen samples in one epoch: a row "
-                                   "per sample, a column per view. The tensors are identical to those the "
-                                   "samples get inside a full training epoch (views are keyed by sample id).",
-                       epilog="example:\n  sskd views --shards data/shards/digits --epoch 0 --n 6 --out views.png "
-                              "--npz views.npz\n  sskd views --shards data/shards/digits --epoch 3 --ids 3,17,42 "
-                              "--views rotation --out rot.png")
+    p = sub.add_parser(
+        "views",
+        help="show the views of chosen samples (PNG grid) and save their tensors",
+        formatter_class=fmt,
+        description="Renders the exact training views of the chosen samples in one epoch: a row "
+        "per sample, a column per view. The tensors are identical to those the "
+        "samples get inside a full training epoch (views are keyed by sample id).",
+        epilog="example:\n  sskd views --shards data/shards/digits --epoch 0 --n 6 --out views.png "
+        "--npz views.npz\n  sskd views --shards data/shards/digits --epoch 3 --ids 3,17,42 "
+        "--views rotation --out rot.png",
+    )
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--epoch", type=int, default=0, help="epoch whose views to show")
     who = p.add_mutually_exclusive_group()
@@ -97,22 +121,32 @@ def register(sub, fmt) -> None:
 
 def register_bench(bench_sub, fmt) -> None:
     p = bench_sub.add_parser(
-        "pipeline", help="throughput: decode, floor, DALI views, torchvision", formatter_class=fmt,
+        "pipeline",
+        help="throughput: decode, floor, DALI views, torchvision",
+        formatter_class=fmt,
         description="Measures in one run, warm-up excluded: (a) decode only, (b) the floor = decode + one "
-                    "crop-resize per view, (c) the full DALI view pipeline, (d) a straightforward torchvision "
-                    "implementation of the same views through a DataLoader with as many workers as DALI "
-                    "threads. Prints images/s and ratios.",
+        "crop-resize per view, (c) the full DALI view pipeline, (d) a straightforward torchvision "
+        "implementation of the same views through a DataLoader with as many workers as DALI "
+        "threads. Prints images/s and ratios.",
         epilog="example:\n  sskd bench pipeline --shards data/shards/digits --json bench.json\n"
-               "  sskd bench pipeline --shards data/shards/photos --batch-size 32 --images 2048 --rounds 3")
+        "  sskd bench pipeline --shards data/shards/photos --batch-size 32 --images 2048 --rounds 3",
+    )
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--split", default="train", help="split to read")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="DALI device")
     p.add_argument("--images", type=int, default=2048, help="images measured per variant (after warm-up)")
-    p.add_argument("--warmup", type=int, default=4,
-                   help="warm-up batches per DALI thread / DataLoader worker, not measured (the same for every "
-                        "variant)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the whole A B C D D C B A measurement; prints every round's ratios (the noise)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="warm-up batches per DALI thread / DataLoader worker, not measured (the same for every variant)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the whole A B C D D C B A measurement; prints every round's ratios (the noise)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _view_args(p)

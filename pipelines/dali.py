@@ -32,10 +32,20 @@ READER = "reader"
 
 def _read(tars, idxs, *, shard_id, num_shards, shuffle, seed, initial_fill):
     img, sid, lbl = fn.readers.webdataset(
-        paths=tars, index_paths=idxs, ext=["jpg;png", sfmt.ID_EXT, sfmt.LABEL_EXT],
-        dtypes=[types.UINT8, types.INT64, types.INT64], missing_component_behavior="error",
-        random_shuffle=shuffle, initial_fill=initial_fill, seed=seed, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=True, stick_to_shard=True, name=READER)
+        paths=tars,
+        index_paths=idxs,
+        ext=["jpg;png", sfmt.ID_EXT, sfmt.LABEL_EXT],
+        dtypes=[types.UINT8, types.INT64, types.INT64],
+        missing_component_behavior="error",
+        random_shuffle=shuffle,
+        initial_fill=initial_fill,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        stick_to_shard=True,
+        name=READER,
+    )
     return img, fn.reshape(sid, shape=[]), fn.reshape(lbl, shape=[])
 
 
@@ -89,15 +99,17 @@ def make_view(img, prm: dict, *, name: str, view: int, size: int, gray=None, nor
 
 
 @pipeline_def
-def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, device="cpu", shard_id=0,
-                   num_shards=1):
+def train_pipeline(
+    tars, idxs, *, views, plan_seed, epoch, size, layout, device="cpu", shard_id=0, num_shards=1
+):
     """Training views of one epoch, per sample: V uint8 views (size, size, 3), the label, the id, then
     ``M`` (3, 3) and ``T`` (3,) of each view of :func:`plan.colour_views` (finished by :mod:`pipelines.finish`).
 
     The samples come in the order of ``tars``/``idxs`` (DALI's shuffle is off): the loader passes the
     epoch's segments for its rank (:mod:`pipelines.order`), with ``shard_id=0, num_shards=1``."""
-    enc, sid, lbl = _read(tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=False, seed=0,
-                          initial_fill=1)
+    enc, sid, lbl = _read(
+        tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=False, seed=0, initial_fill=1
+    )
     prm = params_node(sid, fn.peek_image_shape(enc), seed=plan_seed, epoch=epoch, views=views, layout=layout)
     # One flip decision per sample, shared by all its views as in the official code, as if applied to the
     # decoded image (before every crop and rotation): CIFAR layout flips the small image once, ImageNet
@@ -108,20 +120,33 @@ def train_pipeline(tars, idxs, *, views, plan_seed, epoch, size, layout, device=
     gray = _luma(img) if any(get_view(n).luma for n in views) else None  # once per image, see make_view
     out = []
     for view, name in enumerate(views):
-        out.append(make_view(img, prm, name=name, view=view, size=size, gray=gray, normal=out[0] if out else None))
+        out.append(
+            make_view(img, prm, name=name, view=view, size=size, gray=gray, normal=out[0] if out else None)
+        )
     colour = [prm[f"v{v}.{a}"] for v in plan.colour_views(views) for a in ("M", "T")]
     return (*out, lbl, sid, *colour)
 
 
 @pipeline_def
-def eval_pipeline(tars, idxs, *, size, layout, mean, std, device="cpu", shard_id=0, num_shards=1,
-                  dtype=types.FLOAT):
+def eval_pipeline(
+    tars, idxs, *, size, layout, mean, std, device="cpu", shard_id=0, num_shards=1, dtype=types.FLOAT
+):
     """The deterministic evaluation view: the image as is (CIFAR), or resize to size/0.875 + center crop."""
-    enc, sid, lbl = _read(tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=False, seed=0,
-                          initial_fill=1)
+    enc, sid, lbl = _read(
+        tars, idxs, shard_id=shard_id, num_shards=num_shards, shuffle=False, seed=0, initial_fill=1
+    )
     img = _decode(enc, device)
     if layout == "imagenet":
-        img = fn.resize(img, resize_shorter=round(size / 0.875), interp_type=types.INTERP_LINEAR, antialias=True)
-    v = fn.crop_mirror_normalize(img, crop=[size, size], mean=[255 * m for m in mean], std=[255 * s for s in std],
-                                 dtype=dtype, output_layout="CHW", out_of_bounds_policy="pad")
+        img = fn.resize(
+            img, resize_shorter=round(size / 0.875), interp_type=types.INTERP_LINEAR, antialias=True
+        )
+    v = fn.crop_mirror_normalize(
+        img,
+        crop=[size, size],
+        mean=[255 * m for m in mean],
+        std=[255 * s for s in std],
+        dtype=dtype,
+        output_layout="CHW",
+        out_of_bounds_policy="pad",
+    )
     return fn.stack(v), lbl, sid

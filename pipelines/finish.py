@@ -51,8 +51,13 @@ class Finisher:
             self._norm[device] = (1 / (255 * s), -m / s)
         return self._norm[device]
 
-    def __call__(self, views_u8: list[torch.Tensor], colour: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                 *, reuse: bool = False) -> torch.Tensor:
+    def __call__(
+        self,
+        views_u8: list[torch.Tensor],
+        colour: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        *,
+        reuse: bool = False,
+    ) -> torch.Tensor:
         """Normalised float views from uint8 ones.
 
         Args:

@@ -45,7 +45,9 @@ DEFAULT_SIZE = {"cifar": 32, "imagenet": 224}
 # distortion in float before rounding (pipelines.finish); 2: DALI's luma for colour drop, flip folded
 # into windows.
 PIPELINE_VERSION = 5
-SOURCE_INFO = re.compile(r"^(.*):(\d+):(\w+)\.(\w+)$")  # DALI's webdataset source info: <tar>:<offset>:<key>.<ext>
+SOURCE_INFO = re.compile(
+    r"^(.*):(\d+):(\w+)\.(\w+)$"
+)  # DALI's webdataset source info: <tar>:<offset>:<key>.<ext>
 
 
 def rank_counts(n: int, world_size: int) -> list[int]:
@@ -82,12 +84,27 @@ class ViewLoader:
             by default; off only to measure what the check costs).
     """
 
-    def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 64,
-                 views: ViewConfig | str | None = None, train: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device: str = "cpu", threads: int = 2, dtype: torch.dtype = torch.float32,
-                 size: int | None = None, torch_device: torch.device | str | None = None,
-                 reuse_buffers: bool = False, subset_fraction: float = 1.0, label_noise: float = 0.0,
-                 skip_bad: bool = False, verify_samples: bool = True):
+    def __init__(
+        self,
+        shards: str | Path,
+        split: str = "train",
+        batch_size: int = 64,
+        views: ViewConfig | str | None = None,
+        train: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+        threads: int = 2,
+        dtype: torch.dtype = torch.float32,
+        size: int | None = None,
+        torch_device: torch.device | str | None = None,
+        reuse_buffers: bool = False,
+        subset_fraction: float = 1.0,
+        label_noise: float = 0.0,
+        skip_bad: bool = False,
+        verify_samples: bool = True,
+    ):
         if device not in ("cpu", "gpu"):
             raise SSKDError(f"device must be cpu or gpu, not {device!r}")
         if not 0 <= rank < world_size:
@@ -106,7 +123,9 @@ class ViewLoader:
         self.views = ViewConfig.parse(views) if train else ViewConfig(())
         self.num_samples = int(self.manifest["splits"][split]["num_samples"])
         self.num_classes = int(self.manifest["num_classes"])
-        self.id_count = int(self.manifest["splits"][split].get("id_count", self.num_samples))  # ids lie in 0..id_count-1
+        self.id_count = int(
+            self.manifest["splits"][split].get("id_count", self.num_samples)
+        )  # ids lie in 0..id_count-1
         self.subset_fraction = float(subset_fraction) if split == "train" else 1.0
         self.label_noise = float(label_noise) if split == "train" and train else 0.0
         self._subset = None
@@ -121,7 +140,9 @@ class ViewLoader:
             self._apply_settings()
         counts = rank_counts(self.num_samples, world_size)
         if min(counts) == 0:
-            raise SSKDError(f"{self.shards}: split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
+            raise SSKDError(
+                f"{self.shards}: split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks"
+            )
         self.rank_num_samples = counts[rank]
         per_rank = [-(-c // batch_size) for c in counts]
         self._batches = min(per_rank)  # the extra tail batch of larger ranks is merged into their last one
@@ -139,17 +160,25 @@ class ViewLoader:
         from shards.labels import split_labels
 
         if not 0 < self.subset_fraction <= 1 or not 0 <= self.label_noise < 1:
-            raise SSKDError(f"subset_fraction {self.subset_fraction} must be in (0, 1] and label_noise "
-                            f"{self.label_noise} in [0, 1)")
-        labels = split_labels(self.shards, self.split) if self.subset_fraction < 1 or self.label_noise > 0 else None
+            raise SSKDError(
+                f"subset_fraction {self.subset_fraction} must be in (0, 1] and label_noise "
+                f"{self.label_noise} in [0, 1)"
+            )
+        labels = (
+            split_labels(self.shards, self.split)
+            if self.subset_fraction < 1 or self.label_noise > 0
+            else None
+        )
         keep = subset_ids(labels, self.subset_fraction) if self.subset_fraction < 1 else None
         if self.skipped:
             if keep is None:
                 keep = np.concatenate([s.ids for s in split_shards(self.shards, self.manifest, self.split)])
             keep = np.sort(keep[~np.isin(keep, np.fromiter(self.skipped, dtype=np.int64))])
             if not len(keep):
-                raise SSKDError(f"{self.shards}: every sample of split {self.split!r} that would be read is bad "
-                                f"(first: {next(iter(self.skipped.values()))}); nothing left to read")
+                raise SSKDError(
+                    f"{self.shards}: every sample of split {self.split!r} that would be read is bad "
+                    f"(first: {next(iter(self.skipped.values()))}); nothing left to read"
+                )
         if keep is not None:
             self._subset = SubsetIndexes(self.shards, self.manifest, self.split, keep)
             self.tars, self.idxs = self._subset.tars, self._subset.idxs
@@ -183,27 +212,36 @@ class ViewLoader:
         (shards in parallel over ``threads``)."""
         shards = self._order_shards() if segments is not None else self._all_shards()
         lines: dict[int, list[np.ndarray]] = {}
-        for s, ls in (segments if segments is not None else [(s, None) for s in range(len(shards))]):
+        for s, ls in segments if segments is not None else [(s, None) for s in range(len(shards))]:
             lines.setdefault(s, []).append(ls)
 
         def one(s: int):
             parts = lines[s]
             todo = None if any(p is None for p in parts) else np.unique(np.concatenate(parts))
-            return check_lines(shards[s].tar, shards[s].idx, shards[s].entry, todo, num_classes=self.num_classes)
+            return check_lines(
+                shards[s].tar, shards[s].idx, shards[s].entry, todo, num_classes=self.num_classes
+            )
 
         todo = sorted(lines)
         if self.threads > 1 and len(todo) > 1:
-            with ThreadPoolExecutor(max_workers=min(self.threads, len(todo)), thread_name_prefix="sskd-check") as pool:
+            with ThreadPoolExecutor(
+                max_workers=min(self.threads, len(todo)), thread_name_prefix="sskd-check"
+            ) as pool:
                 results = list(pool.map(one, todo))
         else:
             results = [one(s) for s in todo]
         unsummed = [shards[s].tar for s, r in zip(todo, results) if not r.summed]
         if unsummed and str(self.shards) not in _UNSUMMED_WARNED:
             _UNSUMMED_WARNED.add(str(self.shards))
-            log.warning("%s: %d shard(s) have no per-sample checksums (e.g. %s, written before they were "
-                        "recorded): each is checked whole against the manifest's sha256 instead (slower; a damaged "
-                        "image is named only if PIL cannot decode it); `sskd shard reindex %s` adds them",
-                        self.shards, len(unsummed), Path(unsummed[0]).name, self.shards)
+            log.warning(
+                "%s: %d shard(s) have no per-sample checksums (e.g. %s, written before they were "
+                "recorded): each is checked whole against the manifest's sha256 instead (slower; a damaged "
+                "image is named only if PIL cannot decode it); `sskd shard reindex %s` adds them",
+                self.shards,
+                len(unsummed),
+                Path(unsummed[0]).name,
+                self.shards,
+            )
         return [(s, line, text) for s, r in zip(todo, results) for line, text in r.problems]
 
     def _all_shards(self):
@@ -220,8 +258,14 @@ class ViewLoader:
         if self.skipped:
             shown = "; ".join(list(self.skipped.values())[:20])
             more = f"; and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
-            log.warning("%s: leaving out %d bad sample(s) of split %r (skip_bad): %s%s", self.shards,
-                        len(self.skipped), self.split, shown, more)
+            log.warning(
+                "%s: leaving out %d bad sample(s) of split %r (skip_bad): %s%s",
+                self.shards,
+                len(self.skipped),
+                self.split,
+                shown,
+                more,
+            )
 
     def _verify_epoch(self, segments) -> None:
         """The samples this rank is about to read, checked before DALI decodes them: one line and a stop
@@ -229,8 +273,10 @@ class ViewLoader:
         problems = self._check_samples(segments)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise SSKDError(f"{problems[0][2]}{more}; `sskd shard verify {self.shards}` lists every bad sample, or "
-                            "rerun with --skip-bad (data.skip_bad) to leave them out")
+            raise SSKDError(
+                f"{problems[0][2]}{more}; `sskd shard verify {self.shards}` lists every bad sample, or "
+                "rerun with --skip-bad (data.skip_bad) to leave them out"
+            )
 
     def epoch_ids(self, epoch: int) -> np.ndarray:
         """The sample ids this rank reads in a training epoch, in order (:func:`pipelines.order.rank_ids`)."""
@@ -246,8 +292,11 @@ class ViewLoader:
         if self._segments is None:
             self._segments = SegmentFiles()
         shards = self._order_shards()
-        segs = segments if segments is not None else rank_segments(shards, self.seed, epoch, self.rank,
-                                                                   self.world_size)
+        segs = (
+            segments
+            if segments is not None
+            else rank_segments(shards, self.seed, epoch, self.rank, self.world_size)
+        )
         return self._segments.write(shards, segs, f"e{epoch}")
 
     @property
@@ -260,7 +309,9 @@ class ViewLoader:
         """Where uint8 views become floats: the consumer's device if given, else where DALI made them."""
         if self.torch_device is not None:
             return torch.device(self.torch_device)
-        return torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
+        )
 
     @property
     def num_views(self) -> int:
@@ -278,22 +329,45 @@ class ViewLoader:
 
         from pipelines.dali import eval_pipeline, train_pipeline
 
-        common = dict(batch_size=self.batch_size, num_threads=self.threads,
-                      device_id=None if self.device == "cpu" else torch.cuda.current_device(),
-                      size=self.size, layout=self.layout, device=self.device, shard_id=self.rank,
-                      num_shards=self.world_size, prefetch_queue_depth=2, seed=self.seed)  # DALI's RNG is unused
+        common = dict(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=None if self.device == "cpu" else torch.cuda.current_device(),
+            size=self.size,
+            layout=self.layout,
+            device=self.device,
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            prefetch_queue_depth=2,
+            seed=self.seed,
+        )  # DALI's RNG is unused
         if self.train:  # DALI's pipeline checkpointing: exact mid-epoch resume without re-making batches
             # This rank's part of the epoch's order (pipelines.order), spelled out as (tar, index) segments.
             tars, idxs = self.epoch_files(epoch, segments)
             common.update(shard_id=0, num_shards=1)
-            return train_pipeline(tars, idxs, views=self.view_names, plan_seed=self.seed, epoch=epoch,
-                                  enable_checkpointing=True, checkpoint=checkpoint, **common)
+            return train_pipeline(
+                tars,
+                idxs,
+                views=self.view_names,
+                plan_seed=self.seed,
+                epoch=epoch,
+                enable_checkpointing=True,
+                checkpoint=checkpoint,
+                **common,
+            )
         dali_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
-        return eval_pipeline(self.tars, self.idxs, mean=self.manifest["mean"], std=self.manifest["std"],
-                             dtype=dali_dtype, **common)
+        return eval_pipeline(
+            self.tars,
+            self.idxs,
+            mean=self.manifest["mean"],
+            std=self.manifest["std"],
+            dtype=dali_dtype,
+            **common,
+        )
 
-    def _raw_batches(self, epoch: int, start: int = 0, checkpoint: bytes | None = None
-                     ) -> Iterator[dict[str, torch.Tensor]]:
+    def _raw_batches(
+        self, epoch: int, start: int = 0, checkpoint: bytes | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of one epoch from batch ``start`` on, straight from ``pipe.run()``.
 
         The reader pads this rank's last batch (``pad_last_batch``); we run exactly
@@ -305,13 +379,18 @@ class ViewLoader:
         if self.verify_samples:
             self._verify_epoch(segments)
         shards = self._order_shards()
-        expected = (np.concatenate([shards[s].ids[lines] for s, lines in segments]) if segments
-                    else np.zeros(0, np.int64))  # the ids DALI must yield, in order
+        expected = (
+            np.concatenate([shards[s].ids[lines] for s, lines in segments])
+            if segments
+            else np.zeros(0, np.int64)
+        )  # the ids DALI must yield, in order
         pipe = self._pipeline(epoch, checkpoint, segments)
         n, bs, nv = self.rank_num_samples, self.batch_size, self.num_views
         at = start if checkpoint is not None else 0  # the batch being made (named if DALI fails)
         colour = colour_views(self.view_names) if self.train else []
-        finish = Finisher(self.manifest["mean"], self.manifest["std"], dtype=self.dtype)  # buffers kept per epoch
+        finish = Finisher(
+            self.manifest["mean"], self.manifest["std"], dtype=self.dtype
+        )  # buffers kept per epoch
         finish_device = self._finish_device
         try:
             pipe.build()
@@ -329,27 +408,32 @@ class ViewLoader:
                 copy = not self.reuse_buffers or (self._merge_tail and i >= self._batches - 1)
                 if self.train:  # uint8 views -> finish on the training device (pipelines.finish)
                     u8 = [_to_torch(o, False)[:keep].to(finish_device, non_blocking=True) for o in outs[:nv]]
-                    params = [_to_torch(o, False)[:keep] for o in outs[nv + 2:]]
+                    params = [_to_torch(o, False)[:keep] for o in outs[nv + 2 :]]
                     mats = {v: (params[2 * j], params[2 * j + 1]) for j, v in enumerate(colour)}
                     views = finish(u8, mats, reuse=not copy)
                 else:
                     views = _to_torch(outs[0], copy)[:keep]
-                label, ids = _to_torch(outs[nv], True)[:keep].long(), _to_torch(outs[nv + 1], True)[:keep].long()
+                label, ids = (
+                    _to_torch(outs[nv], True)[:keep].long(),
+                    _to_torch(outs[nv + 1], True)[:keep].long(),
+                )
                 check_batch(outs[nv], outs[nv + 1], label, ids, self.num_classes, self.id_count)
-                check_order(outs[nv + 1], ids, expected[i * bs:i * bs + keep])
+                check_order(outs[nv + 1], ids, expected[i * bs : i * bs + keep])
                 if self.label_map is not None:
                     label = self.label_map[ids]
                 yield {"views": views, "label": label, "id": ids}
         except RuntimeError as exc:
             # DALI makes up to prefetch_queue_depth batches ahead: the failing sample is in batches at..at+2
-            raise SSKDError(_explain(exc, self.tars, lambda: _suspects(shards, segments, at * bs, (at + 3) * bs))
-                            ) from exc
+            raise SSKDError(
+                _explain(exc, self.tars, lambda: _suspects(shards, segments, at * bs, (at + 3) * bs))
+            ) from exc
         finally:
             self._running = None
             del pipe
 
-    def epoch(self, epoch: int, start_batch: int = 0, resume_state: dict | None = None
-              ) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(
+        self, epoch: int, start_batch: int = 0, resume_state: dict | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` on this rank, from batch ``start_batch`` on (exact resume).
 
         With ``resume_state`` (from :meth:`state` at that batch, by the same rank and set-up) DALI's
@@ -365,8 +449,12 @@ class ViewLoader:
             if {k: resume_state.get(k) for k in expect} == expect:
                 checkpoint = resume_state["dali"]
             else:
-                log.warning("data state does not fit this run (%s vs %s): re-making %d batches to resume",
-                            {k: resume_state.get(k) for k in expect}, expect, start_batch)
+                log.warning(
+                    "data state does not fit this run (%s vs %s): re-making %d batches to resume",
+                    {k: resume_state.get(k) for k in expect},
+                    expect,
+                    start_batch,
+                )
         self._yielded = start_batch
         held = None  # the last batch of a rank whose extra tail is merged into it (a copy, see _raw_batches)
         for i, batch in enumerate(self._raw_batches(epoch, start_batch, checkpoint), start=start_batch):
@@ -379,10 +467,19 @@ class ViewLoader:
             yield self._emit(self._with_view_labels(batch, epoch))
 
     def _state_key(self, epoch: int, batch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed, "views": list(self.view_names),
-                "num_samples": self.num_samples, "pipeline_version": PIPELINE_VERSION,
-                "subset_fraction": self.subset_fraction, "order_version": ORDER_VERSION}
+        return {
+            "epoch": epoch,
+            "batch": batch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "views": list(self.view_names),
+            "num_samples": self.num_samples,
+            "pipeline_version": PIPELINE_VERSION,
+            "subset_fraction": self.subset_fraction,
+            "order_version": ORDER_VERSION,
+        }
 
     def state(self) -> dict[str, Any] | None:
         """Where this rank's running training epoch stands: DALI's pipeline checkpoint after the last
@@ -422,7 +519,9 @@ def _to_torch(tl, copy: bool) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=torch.device("cuda", torch.cuda.current_device()))
+        out = torch.empty(
+            t.shape(), dtype=to_torch_type[t.dtype], device=torch.device("cuda", torch.cuda.current_device())
+        )
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
         return out
     arr = torch.from_numpy(np.asarray(tl.as_tensor()))
@@ -440,8 +539,10 @@ def check_split(shards: Path, manifest: dict[str, Any], split: str, lenient: boo
     where = shards / MANIFEST
     held = sum(int(e.get("samples", -1)) for e in info["shards"])
     if held != info.get("num_samples"):
-        raise SSKDError(f"{where}: splits.{split}.num_samples is {info.get('num_samples')} but "
-                        f"its shards hold {held} samples (edited manifest?)")
+        raise SSKDError(
+            f"{where}: splits.{split}.num_samples is {info.get('num_samples')} but "
+            f"its shards hold {held} samples (edited manifest?)"
+        )
     for entry in info["shards"]:
         check_shard(shards / entry["file"], shards / entry["index"], entry, lenient=lenient)
     id_count = int(info.get("id_count", info["num_samples"]))
@@ -450,19 +551,29 @@ def check_split(shards: Path, manifest: dict[str, Any], split: str, lenient: boo
         at = f"splits.{split}.shards[{k}] ({entry.get('file')})"
         if entry.get("ids"):
             ids = [int(i) for i in entry["ids"]]
-            dup = seen.intersection(ids) or (len(set(ids)) != len(ids) and {i for i in ids if ids.count(i) > 1})
+            dup = seen.intersection(ids) or (
+                len(set(ids)) != len(ids) and {i for i in ids if ids.count(i) > 1}
+            )
             if len(ids) != entry.get("samples"):
-                raise SSKDError(f"{where}: {at} lists {len(ids)} ids for {entry.get('samples')} samples (edited manifest?)")
+                raise SSKDError(
+                    f"{where}: {at} lists {len(ids)} ids for {entry.get('samples')} samples (edited manifest?)"
+                )
             if dup:
-                raise SSKDError(f"{where}: {at}: sample id {min(dup)} appears twice in split {split!r} (edited manifest?)")
+                raise SSKDError(
+                    f"{where}: {at}: sample id {min(dup)} appears twice in split {split!r} (edited manifest?)"
+                )
             if min(ids) < 0 or max(ids) >= id_count:
-                raise SSKDError(f"{where}: {at}: ids {min(ids)}..{max(ids)} lie outside the split's 0..{id_count - 1}")
+                raise SSKDError(
+                    f"{where}: {at}: ids {min(ids)}..{max(ids)} lie outside the split's 0..{id_count - 1}"
+                )
             seen.update(ids)
         else:
             first = entry.get("first_id", 0)
             if first != next_first:
-                raise SSKDError(f"{where}: {at} starts at id {first}, expected {next_first}: a split's ids run "
-                                "0..N-1 in shard order, each once (edited manifest?)")
+                raise SSKDError(
+                    f"{where}: {at} starts at id {first}, expected {next_first}: a split's ids run "
+                    "0..N-1 in shard order, each once (edited manifest?)"
+                )
             next_first += int(entry.get("samples", 0))
 
 
@@ -473,12 +584,18 @@ def check_order(id_tl, ids: torch.Tensor, expected: np.ndarray) -> None:
     got = ids.cpu().numpy()
     if got.shape == expected.shape and np.array_equal(got, expected):
         return
-    j = int(np.flatnonzero(got[:len(expected)] != expected[:len(got)])[0]) if len(got) and len(expected) else 0
+    j = (
+        int(np.flatnonzero(got[: len(expected)] != expected[: len(got)])[0])
+        if len(got) and len(expected)
+        else 0
+    )
     found = SOURCE_INFO.match(id_tl[j].source_info() or "") if j < len(id_tl) else None
     where = f"{found.group(1)}: sample {found.group(3)}" if found else "a shard"
     want = int(expected[j]) if j < len(expected) else None
-    raise SSKDError(f"{where}: read as id {int(got[j]) if j < len(got) else None}, but the epoch's order puts sample "
-                    f"{want} there (a rewritten sample id or a stale index; `sskd shard verify` checks it)")
+    raise SSKDError(
+        f"{where}: read as id {int(got[j]) if j < len(got) else None}, but the epoch's order puts sample "
+        f"{want} there (a rewritten sample id or a stale index; `sskd shard verify` checks it)"
+    )
 
 
 def _suspects(shards, segments, lo: int, hi: int) -> list[tuple[str, str, int, int]]:
@@ -488,9 +605,11 @@ def _suspects(shards, segments, lo: int, hi: int) -> list[tuple[str, str, int, i
         if pos + len(lines) > lo and pos < hi:
             if s not in members:
                 members[s] = parse_index(shards[s].idx)[1]
-            for line in lines[max(0, lo - pos):hi - pos]:
+            for line in lines[max(0, lo - pos) : hi - pos]:
                 img = [(off, size) for ext, off, size, _ in members[s][line] if ext in IMAGE_EXTS]
-                out.append((shards[s].tar, sample_key(int(shards[s].ids[line])), *(img[0] if img else (0, 0))))
+                out.append(
+                    (shards[s].tar, sample_key(int(shards[s].ids[line])), *(img[0] if img else (0, 0)))
+                )
         pos += len(lines)
         if pos >= hi:
             break
@@ -529,7 +648,7 @@ def _explain(exc: Exception, tars: list[str], suspects=None) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     reason = lines[0] if lines else type(exc).__name__
     if "encountered:" in lines:  # DALI puts the actual cause after this marker
-        after = lines[lines.index("encountered:") + 1:]
+        after = lines[lines.index("encountered:") + 1 :]
         reason = next((ln for ln in after if not ln.startswith("C++ context")), reason)
     for tar in tars:
         found = re.search(re.escape(tar) + r":(\d+):(\w+)\.(\w+)", text)
@@ -552,12 +671,16 @@ def _explain(exc: Exception, tars: list[str], suspects=None) -> str:
             return f"{bad[0]}: sample {bad[1]} cannot be decoded ({reason[:200]}; PIL: {bad[2]})"
         files = sorted({w[0] for w in window})
         others = f" (and {len(files) - 1} other shard(s))" if len(files) > 1 else ""
-        return (f"{files[0]}{others}: DALI failed on one of samples {', '.join(w[1] for w in window[:8])}"
-                f"{' ...' if len(window) > 8 else ''} ({reason[:300]})")
+        return (
+            f"{files[0]}{others}: DALI failed on one of samples {', '.join(w[1] for w in window[:8])}"
+            f"{' ...' if len(window) > 8 else ''} ({reason[:300]})"
+        )
     return f"DALI pipeline failed on {Path(tars[0]).parent} ({reason[:300]})"
 
 
-def check_batch(label_tl, id_tl, label: torch.Tensor, ids: torch.Tensor, num_classes: int, num_samples: int) -> None:
+def check_batch(
+    label_tl, id_tl, label: torch.Tensor, ids: torch.Tensor, num_classes: int, num_samples: int
+) -> None:
     """Labels in 0..K-1 and ids in 0..N-1, or an error naming the shard and sample (a corrupt ``lbl`` or
     ``sid`` would otherwise be a traceback deep in the loss, or a silently wrong cache lookup)."""
     bad = (label < 0) | (label >= num_classes) | (ids < 0) | (ids >= num_samples)
@@ -566,12 +689,20 @@ def check_batch(label_tl, id_tl, label: torch.Tensor, ids: torch.Tensor, num_cla
     j = int(bad.nonzero()[0, 0])
     found = SOURCE_INFO.match(label_tl[j].source_info() or id_tl[j].source_info() or "")
     where = f"{found.group(1)}: sample {found.group(3)}" if found else "a shard"
-    raise SSKDError(f"{where}: label {int(label[j])} / id {int(ids[j])} outside 0..{num_classes - 1} / "
-                    f"0..{num_samples - 1} (corrupt shard; `sskd shard verify` checks it)")
+    raise SSKDError(
+        f"{where}: label {int(label[j])} / id {int(ids[j])} outside 0..{num_classes - 1} / "
+        f"0..{num_samples - 1} (corrupt shard; `sskd shard verify` checks it)"
+    )
 
 
 def manifest_info(loader: ViewLoader) -> dict[str, Any]:
     """What a cache or run needs to know about the views it was made from."""
-    return {"views": list(loader.view_names), "size": loader.size, "seed": loader.seed, "device": loader.device,
-            "pipeline_version": PIPELINE_VERSION, "subset_fraction": loader.subset_fraction,
-            "label_noise": loader.label_noise}
+    return {
+        "views": list(loader.view_names),
+        "size": loader.size,
+        "seed": loader.seed,
+        "device": loader.device,
+        "pipeline_version": PIPELINE_VERSION,
+        "subset_fraction": loader.subset_fraction,
+        "label_noise": loader.label_noise,
+    }

@@ -34,8 +34,12 @@ import numpy as np
 from sskd.atomic import private_tempdir
 
 ORDER_STREAM = 0x6F726472  # "ordr": apart from every other use of the seed
-ORDER_VERSION = 2  # 2: per-epoch shard and in-shard permutations, interleaved; 1: fixed shard list + DALI's buffer
-GROUP = 8  # shards read at once: consecutive shards of the permuted list are interleaved in groups of this many
+ORDER_VERSION = (
+    2  # 2: per-epoch shard and in-shard permutations, interleaved; 1: fixed shard list + DALI's buffer
+)
+GROUP = (
+    8  # shards read at once: consecutive shards of the permuted list are interleaved in groups of this many
+)
 MIN_CHUNK = 4  # samples taken from one shard before the next of its group
 MAX_SEGMENTS = 16_384  # index files per rank and epoch at most (DALI opens them at pipeline build)
 
@@ -57,7 +61,9 @@ class Shard:
     entry: dict | None = None  # its manifest entry (what the sample check needs: ids, sha256, checksums)
 
 
-def split_shards(folder: Path, manifest: dict[str, Any], split: str, keep_ids: np.ndarray | None = None) -> list[Shard]:
+def split_shards(
+    folder: Path, manifest: dict[str, Any], split: str, keep_ids: np.ndarray | None = None
+) -> list[Shard]:
     """The shards of ``split`` from the manifest (no index is read), restricted to ``keep_ids`` if given."""
     info = manifest["splits"][split]
     id_count = int(info.get("id_count", info["num_samples"]))
@@ -68,14 +74,18 @@ def split_shards(folder: Path, manifest: dict[str, Any], split: str, keep_ids: n
     out = []
     for entry in info["shards"]:
         n = int(entry["samples"])
-        ids = np.asarray(entry.get("ids") or np.arange(entry.get("first_id", 0), entry.get("first_id", 0) + n),
-                         dtype=np.int64)
+        ids = np.asarray(
+            entry.get("ids") or np.arange(entry.get("first_id", 0), entry.get("first_id", 0) + n),
+            dtype=np.int64,
+        )
         keep = None if mask is None else np.flatnonzero(mask[ids])
         out.append(Shard(str(folder / entry["file"]), str(folder / entry["index"]), ids, keep, entry))
     return out
 
 
-def epoch_sequence(shards: list[Shard], seed: int, epoch: int, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def epoch_sequence(
+    shards: list[Shard], seed: int, epoch: int, world_size: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """The epoch's whole sequence before the rank split: ``(shard number, index line)`` per position.
 
     The shard list is permuted, each shard's samples are permuted, and every :data:`GROUP` consecutive
@@ -94,7 +104,7 @@ def epoch_sequence(shards: list[Shard], seed: int, epoch: int, world_size: int =
     chunk = chunk_size(sum(len(lines) for _, lines in runs), world_size)
     shard_of, line_of = [], []
     for g in range(0, len(runs), GROUP):
-        group = runs[g:g + GROUP]
+        group = runs[g : g + GROUP]
         # chunk k of shard j sorts by (k, j): round-robin over the group, a shard dropping out when done
         keys, shard_parts, line_parts = [], [], []
         for j, (s, lines) in enumerate(group):
@@ -112,8 +122,9 @@ def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return (n * rank) // world_size, (n * (rank + 1)) // world_size
 
 
-def rank_segments(shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int
-                  ) -> list[tuple[int, np.ndarray]]:
+def rank_segments(
+    shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int
+) -> list[tuple[int, np.ndarray]]:
     """This rank's sequence as runs of one shard: ``[(shard number, index lines in reading order), ...]``."""
     shard_of, line_of = epoch_sequence(shards, seed, epoch, world_size)
     lo, hi = rank_range(len(shard_of), rank, world_size)
@@ -154,7 +165,9 @@ class SegmentFiles:
         self.dir = private_tempdir("sskd-order-")  # also removes those of killed processes
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
-    def write(self, shards: list[Shard], segments: list[tuple[int, np.ndarray]], tag: str) -> tuple[list[str], list[str]]:
+    def write(
+        self, shards: list[Shard], segments: list[tuple[int, np.ndarray]], tag: str
+    ) -> tuple[list[str], list[str]]:
         for old in self.dir.iterdir():
             old.unlink()
         lines_of: dict[int, list[bytes]] = {}

@@ -35,8 +35,17 @@ SLOT_PERM = 11  # the jigsaw view's permutation index
 SHARED_ROTATIONS = {"shared_rot90": 1, "shared_rot180": 2, "shared_rot270": 3}
 # The views of the SSKD paper, its code and HSSAKD (the presets below). Every registered view, jigsaw and
 # your own included, is in :func:`pipelines.view_registry.view_names`; ViewConfig accepts all of them.
-VIEW_NAMES = ("normal", "color_drop", "rotation", "crop_resize", "color_distort", "rot90", "rot180", "rot270",
-              *SHARED_ROTATIONS)
+VIEW_NAMES = (
+    "normal",
+    "color_drop",
+    "rotation",
+    "crop_resize",
+    "color_distort",
+    "rot90",
+    "rot180",
+    "rot270",
+    *SHARED_ROTATIONS,
+)
 PRESETS = {
     "paper": ("color_drop", "rotation", "crop_resize", "color_distort"),  # SSKD paper, Sec. 3.1
     "rotation": ("rot90", "rot180", "rot270"),  # the official SSKD code's views: each its own crop
@@ -65,8 +74,10 @@ class ViewConfig:
 
         for name in self.ss_views:
             if name == "normal" or name not in VIEWS:
-                raise SSKDError(f"unknown view {name!r}; choose from {', '.join(view_names()[1:])} "
-                                f"or a preset ({', '.join(PRESETS)})")
+                raise SSKDError(
+                    f"unknown view {name!r}; choose from {', '.join(view_names()[1:])} "
+                    f"or a preset ({', '.join(PRESETS)})"
+                )
 
     @classmethod
     def parse(cls, text: str | ViewConfig | None) -> ViewConfig:
@@ -81,8 +92,10 @@ class ViewConfig:
         if not names:  # ",," or " ": a list with no name in it is a slip, not a way to say none
             from sskd.errors import SSKDError
 
-            raise SSKDError(f"{text!r} names no view; give view names or a preset ({', '.join(PRESETS)}), "
-                            f"or none for the normal view only")
+            raise SSKDError(
+                f"{text!r} names no view; give view names or a preset ({', '.join(PRESETS)}), "
+                f"or none for the normal view only"
+            )
         return cls(names)
 
     @property
@@ -200,8 +213,11 @@ def view_params(ids: np.ndarray, shapes: np.ndarray, *, seed: int, epoch: int, v
     h_img, w_img = (np.asarray(shapes, dtype=f32)[:, i] for i in (0, 1))
     out = {"flip": np.floor(col(0, SLOT_FLIP) * f32(2)).astype(np.int32)}
     for view, name in enumerate(views):
-        out.update(get_view(name).params(lambda slot, view=view: col(view, slot), view=view, layout=layout,
-                                         h_img=h_img, w_img=w_img))
+        out.update(
+            get_view(name).params(
+                lambda slot, view=view: col(view, slot), view=view, layout=layout, h_img=h_img, w_img=w_img
+            )
+        )
     return out
 
 

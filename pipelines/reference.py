@@ -37,19 +37,22 @@ def crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, siz
     resize of the integer-rounded window stands in for it (within a tolerance).
     """
     if h > size or w > size:
-        return TF.resized_crop(img, round(y0), round(x0), max(1, round(h)), max(1, round(w)), [size, size],
-                               antialias=True)
+        return TF.resized_crop(
+            img, round(y0), round(x0), max(1, round(h)), max(1, round(w)), [size, size], antialias=True
+        )
     H, W = img.shape[1:]
     o = (torch.arange(size, dtype=torch.float64) + 0.5) / size
     ys, xs = (y0 + o * h) / H * 2 - 1, (x0 + o * w) / W * 2 - 1
     grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None].float()
-    out = torch.nn.functional.grid_sample(img[None].float(), grid, mode="bilinear", padding_mode="border",
-                                          align_corners=False)[0]
+    out = torch.nn.functional.grid_sample(
+        img[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[0]
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: int,
-                   normal: torch.Tensor | None = None) -> torch.Tensor:
+def reference_view(
+    img: torch.Tensor, prm: dict, *, name: str, view: int, size: int, normal: torch.Tensor | None = None
+) -> torch.Tensor:
     """One view (3, size, size) of a decoded uint8 image ``img`` (3, H, W) with the parameters of
     :func:`pipelines.plan.view_params` for this sample (row 0 of each array): uint8, or float 0-255 for
     colour distortion. The registered view's own reference (:meth:`pipelines.view_registry.View.reference`)
@@ -59,11 +62,13 @@ def reference_view(img: torch.Tensor, prm: dict, *, name: str, view: int, size: 
     return get_view(name).reference(img, prm, view=view, size=size, normal=normal).contiguous()
 
 
-def reference_views(img: torch.Tensor, sid: int, *, names, seed: int, epoch: int, size: int, layout: str,
-                    mean, std) -> torch.Tensor:
+def reference_views(
+    img: torch.Tensor, sid: int, *, names, seed: int, epoch: int, size: int, layout: str, mean, std
+) -> torch.Tensor:
     """All views (V, 3, size, size) float32, normalised, of one decoded uint8 image (3, H, W)."""
-    prm = plan.view_params(np.array([sid]), np.array([img.shape[1:]]), seed=seed, epoch=epoch, views=names,
-                           layout=layout)
+    prm = plan.view_params(
+        np.array([sid]), np.array([img.shape[1:]]), seed=seed, epoch=epoch, views=names, layout=layout
+    )
     views = []
     for i, n in enumerate(names):
         views.append(reference_view(img, prm, name=n, view=i, size=size, normal=views[0] if views else None))
@@ -81,7 +86,10 @@ class BaselineViews:
 
     def __init__(self, names, *, size: int, layout: str, mean, std):
         if layout == "imagenet":
-            base = [v2.RandomResizedCrop(size, scale=plan.RRC_SCALE, antialias=True), v2.RandomHorizontalFlip()]
+            base = [
+                v2.RandomResizedCrop(size, scale=plan.RRC_SCALE, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
         else:
             base = [v2.RandomCrop(size, padding=plan.PAD), v2.RandomHorizontalFlip()]
         tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -96,7 +104,9 @@ class BaselineViews:
                 raise SSKDError(f"view {n!r} has no torchvision baseline (View.baseline)")
             self.transforms.append(None if steps is None else v2.Compose([*steps, *tail]))
         # Views made from view 0 (SharedView) turn the baseline's view 0 by their k quarter turns.
-        self._turns = {i: getattr(get_view(n), "k", 0) for i, n in enumerate(names) if self.transforms[i] is None}
+        self._turns = {
+            i: getattr(get_view(n), "k", 0) for i, n in enumerate(names) if self.transforms[i] is None
+        }
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         views = []

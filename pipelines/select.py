@@ -50,6 +50,8 @@ def subset_folder(shards: str | Path, split: str, ids: list[int], out: str | Pat
         builder.add(sample_id, label, parts[ext], ext, src)
     # Not ids 0..N-1 as a full split has: the shard lists its ids and the split the range they come from.
     entry = dict(builder.finish(), ids=[int(i) for i in ids])
-    sub = dict(manifest, splits={"train": {"num_samples": len(ids), "id_count": n, "shards": [entry], "skipped": []}})
+    sub = dict(
+        manifest, splits={"train": {"num_samples": len(ids), "id_count": n, "shards": [entry], "skipped": []}}
+    )
     atomic.write_json(out / sfmt.MANIFEST, sub)
     return out

@@ -50,12 +50,15 @@ def subset_ids(labels: np.ndarray, fraction: float) -> np.ndarray:
         split = StratifiedShuffleSplit(n_splits=1, train_size=fraction, random_state=0)
         keep, _ = next(split.split(np.zeros(len(held)), labels[held]))
     except ValueError as exc:  # e.g. fewer kept samples than classes, or a class with one sample
-        raise SSKDError(f"data.subset_fraction={fraction}: no stratified subset of {len(held)} samples "
-                        f"({exc})") from None
+        raise SSKDError(
+            f"data.subset_fraction={fraction}: no stratified subset of {len(held)} samples ({exc})"
+        ) from None
     return np.sort(held[keep])
 
 
-def noisy_labels(labels: np.ndarray, rate: float, seed: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def noisy_labels(
+    labels: np.ndarray, rate: float, seed: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric label noise: ``(noisy labels by id, flipped ids sorted)``.
 
     ``round(rate * n)`` of the n held ids flip, each to one of the other ``num_classes - 1`` classes
@@ -77,7 +80,9 @@ def noisy_labels(labels: np.ndarray, rate: float, seed: int, num_classes: int) -
     return out, np.sort(flipped)
 
 
-def training_labels(labels: np.ndarray, fraction: float, rate: float, seed: int, num_classes: int) -> np.ndarray:
+def training_labels(
+    labels: np.ndarray, fraction: float, rate: float, seed: int, num_classes: int
+) -> np.ndarray:
     """The labels a run under these settings trains with, by id: noisy where flipped, -1 for ids outside
     the subset (what a method that reads every training label up front, CRD's sampler, must see)."""
     out, _ = noisy_labels(labels, rate, seed, num_classes)
@@ -134,8 +139,12 @@ def write_record(run: str | Path, loader) -> Path:
     ids with their noisy labels (what a later analysis or report needs to know exactly)."""
     from sskd import atomic
 
-    record: dict[str, Any] = {"subset_fraction": loader.subset_fraction, "label_noise": loader.label_noise,
-                              "seed": loader.seed, "train_samples": loader.num_samples}
+    record: dict[str, Any] = {
+        "subset_fraction": loader.subset_fraction,
+        "label_noise": loader.label_noise,
+        "seed": loader.seed,
+        "train_samples": loader.num_samples,
+    }
     if loader.kept_ids is not None:
         record["kept_ids"] = sorted(loader.kept_ids)
     if loader.label_map is not None:
@@ -148,7 +157,9 @@ def write_record(run: str | Path, loader) -> Path:
 
 def describe(fraction: float, rate: float) -> str:
     """A short label of a data setting, for logs: ``subset 25%, label noise 40%``."""
-    parts = ([f"subset {fraction:.0%}"] if fraction < 1 else []) + ([f"label noise {rate:.0%}"] if rate > 0 else [])
+    parts = ([f"subset {fraction:.0%}"] if fraction < 1 else []) + (
+        [f"label noise {rate:.0%}"] if rate > 0 else []
+    )
     return ", ".join(parts) or "full data, clean labels"
 
 

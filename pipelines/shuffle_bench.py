@@ -85,16 +85,28 @@ def dali_epoch(loader_args: dict, epoch: int, world: int, legacy: bool = False) 
         n = loader.rank_num_samples
         if legacy:
             tars, idxs = loader.tars, loader.idxs
-            kw = dict(shard_id=rank, num_shards=world, random_shuffle=True, initial_fill=LEGACY_BUFFER,
-                      seed=reader_seed(loader.seed, epoch), stick_to_shard=True)
+            kw = dict(
+                shard_id=rank,
+                num_shards=world,
+                random_shuffle=True,
+                initial_fill=LEGACY_BUFFER,
+                seed=reader_seed(loader.seed, epoch),
+                stick_to_shard=True,
+            )
         else:
             tars, idxs = loader.epoch_files(epoch)
             kw = dict(shard_id=0, num_shards=1, random_shuffle=False)
 
         @pipeline_def(batch_size=256, num_threads=1, device_id=None, prefetch_queue_depth=1)
         def ids_only():
-            sid = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=[sfmt.ID_EXT], dtypes=[types.INT64],
-                                        pad_last_batch=True, **kw)
+            sid = fn.readers.webdataset(
+                paths=tars,
+                index_paths=idxs,
+                ext=[sfmt.ID_EXT],
+                dtypes=[types.INT64],
+                pad_last_batch=True,
+                **kw,
+            )
             return fn.reshape(sid, shape=[])
 
         pipe = ids_only()
@@ -129,11 +141,14 @@ def measure(epochs: list[list[np.ndarray]], batch: int, n_id: int, probes: np.nd
         for k, p in enumerate(probes):
             ids = ranks[rank_of[e][p]]
             b0 = (pos_of[e][p] // batch) * batch
-            seen[k].append(ids[b0:b0 + batch])
+            seen[k].append(ids[b0 : b0 + batch])
     distinct = [len(np.setdiff1d(np.unique(np.concatenate(s)), [p])) for s, p in zip(seen, probes)]
-    return {"rank_change": float(np.mean(changes)) if changes else 0.0,
-            "position_corr": float(np.mean(corrs)) if corrs else 0.0,
-            "neighbours": float(np.mean(distinct)), "world_size": world}
+    return {
+        "rank_change": float(np.mean(changes)) if changes else 0.0,
+        "position_corr": float(np.mean(corrs)) if corrs else 0.0,
+        "neighbours": float(np.mean(distinct)),
+        "world_size": world,
+    }
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -144,8 +159,17 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def run(shards_dir: str | None, layout: str | None, world: int, epochs: int, batch: int, seed: int = 0,
-        n_probes: int = 2000, legacy: bool = False, progress=print) -> dict[str, Any]:
+def run(
+    shards_dir: str | None,
+    layout: str | None,
+    world: int,
+    epochs: int,
+    batch: int,
+    seed: int = 0,
+    n_probes: int = 2000,
+    legacy: bool = False,
+    progress=print,
+) -> dict[str, Any]:
     from shards.format import MANIFEST
 
     mode = "simulated"
@@ -156,7 +180,9 @@ def run(shards_dir: str | None, layout: str | None, world: int, epochs: int, bat
     else:
         folder = Path(shards_dir)
         if not (folder / MANIFEST).is_file():
-            raise SSKDError(f"{folder / MANIFEST}: not found (a shard folder, or a folder with its manifest.json)")
+            raise SSKDError(
+                f"{folder / MANIFEST}: not found (a shard folder, or a folder with its manifest.json)"
+            )
         manifest = json.loads((folder / MANIFEST).read_text())
         if "train" not in manifest.get("splits", {}):
             raise SSKDError(f"{folder / MANIFEST}: no train split")
@@ -173,29 +199,53 @@ def run(shards_dir: str | None, layout: str | None, world: int, epochs: int, bat
     rng = np.random.default_rng([seed, 0x9B0BE])
     probes = rng.choice(all_ids, size=min(n_probes, len(all_ids)), replace=False)
     t0 = time.perf_counter()
-    variants = {"order": (lambda e: dali_epoch(loader_args, e, world) if mode == "dali"
-                          else simulated_epoch(shards, seed, e, world)),
-                "ideal": (lambda e: ideal_epoch(all_ids, seed, e, world))}
+    variants = {
+        "order": (
+            lambda e: (
+                dali_epoch(loader_args, e, world)
+                if mode == "dali"
+                else simulated_epoch(shards, seed, e, world)
+            )
+        ),
+        "ideal": (lambda e: ideal_epoch(all_ids, seed, e, world)),
+    }
     if legacy:
-        variants["legacy"] = (lambda e: dali_epoch(loader_args, e, world, legacy=True) if mode == "dali"
-                              else legacy_simulated_epoch(shards, seed, e, world))
+        variants["legacy"] = lambda e: (
+            dali_epoch(loader_args, e, world, legacy=True)
+            if mode == "dali"
+            else legacy_simulated_epoch(shards, seed, e, world)
+        )
     figures = {}
     for name, make in variants.items():
         progress(f"{name}: {epochs} epochs x {world} ranks ...")
         figures[name] = measure([make(e) for e in range(epochs)], batch, n_id, probes)
-    out = {"rank_change": figures["order"]["rank_change"], "rank_change_ideal": figures["ideal"]["rank_change"],
-           "position_corr": figures["order"]["position_corr"], "position_corr_ideal": figures["ideal"]["position_corr"],
-           "neighbours": figures["order"]["neighbours"], "neighbours_ideal": figures["ideal"]["neighbours"],
-           "mode": mode, "source": source, "samples": n, "shards": len(shards), "world_size": world,
-           "epochs": epochs, "batch_size": batch, "seed": seed, "probes": len(probes),
-           "seconds": round(time.perf_counter() - t0, 1)}
+    out = {
+        "rank_change": figures["order"]["rank_change"],
+        "rank_change_ideal": figures["ideal"]["rank_change"],
+        "position_corr": figures["order"]["position_corr"],
+        "position_corr_ideal": figures["ideal"]["position_corr"],
+        "neighbours": figures["order"]["neighbours"],
+        "neighbours_ideal": figures["ideal"]["neighbours"],
+        "mode": mode,
+        "source": source,
+        "samples": n,
+        "shards": len(shards),
+        "world_size": world,
+        "epochs": epochs,
+        "batch_size": batch,
+        "seed": seed,
+        "probes": len(probes),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if legacy:
         out["legacy"] = {k: figures["legacy"][k] for k in ("rank_change", "position_corr", "neighbours")}
         out["legacy"]["mode"] = "dali" if mode == "dali" else "approximated (local window shuffle)"
     w = world
-    out["targets"] = {"rank_change >= 0.8 (1 - 1/W)": out["rank_change"] >= 0.8 * (1 - 1 / w),
-                      "|position_corr| <= 0.1": abs(out["position_corr"]) <= 0.1,
-                      "neighbours >= 0.5 ideal": out["neighbours"] >= 0.5 * out["neighbours_ideal"]}
+    out["targets"] = {
+        "rank_change >= 0.8 (1 - 1/W)": out["rank_change"] >= 0.8 * (1 - 1 / w),
+        "|position_corr| <= 0.1": abs(out["position_corr"]) <= 0.1,
+        "neighbours >= 0.5 ideal": out["neighbours"] >= 0.5 * out["neighbours_ideal"],
+    }
     return out
 
 
@@ -206,15 +256,33 @@ def cmd_bench_shuffle(args) -> int:
         raise SSKDError("--ranks must be >= 1, --epochs >= 2 and --batch-size >= 2")
     if bool(args.shards) == bool(args.layout):
         raise SSKDError("give --shards DIR or --layout SAMPLES:SHARDS (one of them)")
-    res = run(args.shards, args.layout, args.ranks, args.epochs, args.batch_size, seed=args.seed,
-              n_probes=args.probes, legacy=args.legacy, progress=lambda s: print(s, flush=True))
-    print(f"{res['source']} ({res['mode']}): {res['samples']:,} samples in {res['shards']:,} shards, "
-          f"{res['world_size']} ranks, {res['epochs']} epochs, batch {res['batch_size']} per rank")
+    res = run(
+        args.shards,
+        args.layout,
+        args.ranks,
+        args.epochs,
+        args.batch_size,
+        seed=args.seed,
+        n_probes=args.probes,
+        legacy=args.legacy,
+        progress=lambda s: print(s, flush=True),
+    )
+    print(
+        f"{res['source']} ({res['mode']}): {res['samples']:,} samples in {res['shards']:,} shards, "
+        f"{res['world_size']} ranks, {res['epochs']} epochs, batch {res['batch_size']} per rank"
+    )
     rows = [("this order", res["rank_change"], res["position_corr"], res["neighbours"])]
     if "legacy" in res:
         lg = res["legacy"]
         rows.append((f"before ({lg['mode']})", lg["rank_change"], lg["position_corr"], lg["neighbours"]))
-    rows.append(("ideal global shuffle", res["rank_change_ideal"], res["position_corr_ideal"], res["neighbours_ideal"]))
+    rows.append(
+        (
+            "ideal global shuffle",
+            res["rank_change_ideal"],
+            res["position_corr_ideal"],
+            res["neighbours_ideal"],
+        )
+    )
     print(f"{'order':<44} {'rank change':>11} {'position corr':>13} {'neighbours':>10}")
     for name, a, b, c in rows:
         print(f"{name:<44} {a:>11.3f} {b:>13.3f} {c:>10.1f}")
@@ -225,20 +293,32 @@ def cmd_bench_shuffle(args) -> int:
 
 
 def register_bench(bench_sub, fmt) -> None:
-    p = bench_sub.add_parser("shuffle", help="how the training order changes across epochs and ranks vs an ideal shuffle",
-                             description=__doc__, formatter_class=fmt,
-                             epilog="examples:\n  sskd bench shuffle --shards data/shards/digits --ranks 2 --epochs 4 --legacy\n"
-                                    "  sskd bench shuffle --layout 1281167:1024 --ranks 8 --epochs 10 --batch-size 32 "
-                                    "--json shuffle-w8.json")
-    p.add_argument("--shards", help="shard folder (measured through DALI) or a folder with only its manifest.json "
-                   "(simulated)")
-    p.add_argument("--layout", help="SAMPLES:SHARDS: simulate equal shards without any folder (1281167:1024 = ImageNet)")
+    p = bench_sub.add_parser(
+        "shuffle",
+        help="how the training order changes across epochs and ranks vs an ideal shuffle",
+        description=__doc__,
+        formatter_class=fmt,
+        epilog="examples:\n  sskd bench shuffle --shards data/shards/digits --ranks 2 --epochs 4 --legacy\n"
+        "  sskd bench shuffle --layout 1281167:1024 --ranks 8 --epochs 10 --batch-size 32 "
+        "--json shuffle-w8.json",
+    )
+    p.add_argument(
+        "--shards",
+        help="shard folder (measured through DALI) or a folder with only its manifest.json (simulated)",
+    )
+    p.add_argument(
+        "--layout", help="SAMPLES:SHARDS: simulate equal shards without any folder (1281167:1024 = ImageNet)"
+    )
     p.add_argument("--ranks", type=int, default=8, help="world size W")
     p.add_argument("--epochs", type=int, default=10, help="epochs E (consecutive pairs are compared)")
     p.add_argument("--batch-size", type=int, default=32, help="batch per rank (for the neighbours)")
     p.add_argument("--seed", type=int, default=0, help="plan seed")
     p.add_argument("--probes", type=int, default=2000, help="samples whose distinct neighbours are counted")
-    p.add_argument("--legacy", action="store_true", help="also measure the order before per-epoch permutations")
-    p.add_argument("--json", help="write rank_change, rank_change_ideal, position_corr, neighbours, "
-                   "neighbours_ideal, ... here")
+    p.add_argument(
+        "--legacy", action="store_true", help="also measure the order before per-epoch permutations"
+    )
+    p.add_argument(
+        "--json",
+        help="write rank_change, rank_change_ideal, position_corr, neighbours, neighbours_ideal, ... here",
+    )
     p.set_defaults(func=cmd_bench_shuffle)

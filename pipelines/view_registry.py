@@ -51,6 +51,7 @@ Uniforms = Callable[[int], np.ndarray]  # slot -> this view's float32 uniforms (
 
 def register_view(name: str) -> Callable[[type], type]:
     """Class decorator: ``@register_view("jigsaw")`` registers one instance of the class under ``name``."""
+
     def deco(cls: type) -> type:
         cls.name = name
         VIEWS.register(name)(cls())
@@ -73,7 +74,9 @@ class View:
     :class:`SharedView` for one made from view 0's pixels."""
 
     name: ClassVar[str] = ""
-    colour: ClassVar[bool] = False  # the finishing step applies this view's M (3, 3), T (3,) (pipelines.finish)
+    colour: ClassVar[bool] = (
+        False  # the finishing step applies this view's M (3, 3), T (3,) (pipelines.finish)
+    )
     luma: ClassVar[bool] = False  # made from the image's luma: DALI hands over one channel
     labels: ClassVar[tuple[str, ...]] = ()  # pretext label kinds this view carries (:meth:`label`)
 
@@ -184,11 +187,24 @@ class CropView(View):
         if self.luma and gray is not None:  # crop and resample the one luma channel made once per image
             img = gray
         if f"v{view}.start" in prm:  # CIFAR layout: a window of the image zero-padded by PAD
-            v = fn.slice(img, start=prm[f"v{view}.start"], shape=[size, size], axis_names="HW",
-                         out_of_bounds_policy="pad", fill_values=0)
+            v = fn.slice(
+                img,
+                start=prm[f"v{view}.start"],
+                shape=[size, size],
+                axis_names="HW",
+                out_of_bounds_policy="pad",
+                fill_values=0,
+            )
         else:  # random-resized-crop as one resize of a region of interest
-            v = fn.resize(img, size=[size, size], roi_start=prm[f"v{view}.roi_start"], roi_end=prm[f"v{view}.roi_end"],
-                          roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+            v = fn.resize(
+                img,
+                size=[size, size],
+                roi_start=prm[f"v{view}.roi_start"],
+                roi_end=prm[f"v{view}.roi_end"],
+                roi_relative=False,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
         if self.luma and gray is None:  # DALI's own luma of the crop: 20x faster on CPU than a 3x3 matrix
             v = fn.color_space_conversion(v, image_type=types.RGB, output_type=types.GRAY)
         return self.after_dali(v, prm, view=view, size=size)
@@ -210,7 +226,7 @@ class CropView(View):
         if f"v{view}.start" in prm:
             dy, dx = (int(a) for a in prm[f"v{view}.start"][0])
             padded = TF.pad(img, [plan.PAD] * 4, fill=0)
-            v = padded[:, plan.PAD + dy: plan.PAD + dy + size, plan.PAD + dx: plan.PAD + dx + size]
+            v = padded[:, plan.PAD + dy : plan.PAD + dy + size, plan.PAD + dx : plan.PAD + dx + size]
         else:
             (y0, x0), (y1, x1) = prm[f"v{view}.roi_start"][0], prm[f"v{view}.roi_end"][0]
             v = crop_resize(img, float(y0), float(x0), float(y1 - y0), float(x1 - x0), size)
@@ -226,7 +242,10 @@ class CropView(View):
         if self.zoom is not None:
             from torchvision.transforms import v2
 
-            geo = [v2.RandomResizedCrop(size, scale=self.zoom[layout], antialias=True), v2.RandomHorizontalFlip()]
+            geo = [
+                v2.RandomResizedCrop(size, scale=self.zoom[layout], antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
         extra = self.baseline_extra()
         return None if extra is None else [*geo, *extra]
 
@@ -305,8 +324,12 @@ class Rotation(CropView):
     def after_dali(self, v, prm, *, view, size):
         from nvidia.dali import fn, types
 
-        return fn.rotate(v, angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
-                         interp_type=types.INTERP_NN, keep_size=True)
+        return fn.rotate(
+            v,
+            angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
+            interp_type=types.INTERP_NN,
+            keep_size=True,
+        )
 
     def after_reference(self, v, prm, *, view, size):
         import torch
@@ -454,7 +477,9 @@ class Jigsaw(CropView):
         src = np.asarray(PERMUTATIONS, dtype=np.int32)[p]  # (n, 4) source tile of each output tile
         out = {"perm": p}
         for j in range(4):  # relative (y, x) start of the source tile of output tile j
-            out[f"tile{j}"] = np.stack([src[:, j] // 2, src[:, j] % 2], 1).astype(np.float32) * np.float32(0.5)
+            out[f"tile{j}"] = np.stack([src[:, j] // 2, src[:, j] % 2], 1).astype(np.float32) * np.float32(
+                0.5
+            )
         return out
 
     def label(self, kind, u, *, view, n):
@@ -470,8 +495,10 @@ class Jigsaw(CropView):
         from nvidia.dali import fn
 
         half = self._half(size)
-        tiles = [fn.slice(v, rel_start=prm[f"v{view}.tile{j}"], shape=[half, half], axis_names="HW")
-                 for j in range(4)]
+        tiles = [
+            fn.slice(v, rel_start=prm[f"v{view}.tile{j}"], shape=[half, half], axis_names="HW")
+            for j in range(4)
+        ]
         rows = [fn.cat(tiles[0], tiles[1], axis_name="W"), fn.cat(tiles[2], tiles[3], axis_name="W")]
         return fn.cat(*rows, axis_name="H")
 
@@ -490,6 +517,6 @@ def jigsaw_tiles(v, perm) -> Any:
     import torch
 
     h, w = v.shape[-2] // 2, v.shape[-1] // 2
-    tiles = [v[..., (t // 2) * h:(t // 2 + 1) * h, (t % 2) * w:(t % 2 + 1) * w] for t in range(4)]
+    tiles = [v[..., (t // 2) * h : (t // 2 + 1) * h, (t % 2) * w : (t % 2 + 1) * w] for t in range(4)]
     out = [tiles[p] for p in perm]
     return torch.cat([torch.cat(out[:2], dim=-1), torch.cat(out[2:], dim=-1)], dim=-2).contiguous()

@@ -13,17 +13,35 @@ from pipelines.select import subset_folder
 from sskd.atomic import atomic_path
 
 
-def render_views(shards: str | Path, epoch: int, ids: list[int], *, views: str | ViewConfig = "paper",
-                 seed: int = 0, size: int | None = None, batch_size: int = 64, threads: int = 2,
-                 split: str = "train", device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, ViewLoader]:
+def render_views(
+    shards: str | Path,
+    epoch: int,
+    ids: list[int],
+    *,
+    views: str | ViewConfig = "paper",
+    seed: int = 0,
+    size: int | None = None,
+    batch_size: int = 64,
+    threads: int = 2,
+    split: str = "train",
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, ViewLoader]:
     """Views of samples ``ids`` in ``epoch``: ``(ids (N,), labels (N,), views (N, V, 3, H, W) float32)``.
 
     The result equals what those samples get inside a full training epoch (views are keyed by id).
     """
     with tempfile.TemporaryDirectory(prefix="sskd-views-") as tmp:
         sub = subset_folder(shards, split, ids, Path(tmp) / "subset")
-        loader = ViewLoader(sub, "train", batch_size=min(batch_size, len(ids)), views=views, seed=seed,
-                            threads=threads, size=size, device=device)
+        loader = ViewLoader(
+            sub,
+            "train",
+            batch_size=min(batch_size, len(ids)),
+            views=views,
+            seed=seed,
+            threads=threads,
+            size=size,
+            device=device,
+        )
         got_ids, labels, tensors = [], [], []
         for batch in loader.epoch(epoch):
             got_ids.append(batch["id"].cpu().numpy())
@@ -35,7 +53,9 @@ def render_views(shards: str | Path, epoch: int, ids: list[int], *, views: str |
     return got[pos], np.concatenate(labels)[pos], np.concatenate(tensors)[pos].astype(np.float32), loader
 
 
-def save_grid(path: str | Path, ids, labels, views: np.ndarray, names, classes, mean, std, epoch: int) -> None:
+def save_grid(
+    path: str | Path, ids, labels, views: np.ndarray, names, classes, mean, std, epoch: int
+) -> None:
     """A row per sample, a column per view, labelled; pixels de-normalised for display."""
     import matplotlib
 

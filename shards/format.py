@@ -99,7 +99,9 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SSKDError(f"{path}: unreadable manifest ({exc})") from exc
     if not isinstance(manifest, dict):
-        raise SSKDError(f"{path}: not an sskd shard manifest (a JSON {_json_type(manifest)}, expected an object)")
+        raise SSKDError(
+            f"{path}: not an sskd shard manifest (a JSON {_json_type(manifest)}, expected an object)"
+        )
     if manifest.get("format") != FORMAT_NAME:
         raise SSKDError(f"{path}: not an sskd shard manifest (format={manifest.get('format')!r})")
     if manifest.get("version") != FORMAT_VERSION:
@@ -112,8 +114,15 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
-            int: "integer", float: "number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        type(None): "null",
+        int: "integer",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 def _shown(value: Any) -> str:
@@ -142,8 +151,10 @@ def plain_name(value: Any, where: str, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise SSKDError(f"{where}: manifest field {field} is {_shown(value)}, expected a file name")
     if "/" in value or "\\" in value or "\0" in value or value in (".", "..") or Path(value).is_absolute():
-        raise SSKDError(f"{where}: manifest field {field} is {json.dumps(value)[:200]}: not a plain file name inside the shard "
-                        "folder (no folder part, no '..', not absolute)")
+        raise SSKDError(
+            f"{where}: manifest field {field} is {json.dumps(value)[:200]}: not a plain file name inside the shard "
+            "folder (no folder part, no '..', not absolute)"
+        )
     return value
 
 
@@ -162,20 +173,37 @@ def check_manifest(manifest: dict[str, Any], where: str | Path) -> None:
     need("dataset", m["dataset"], isinstance(m["dataset"], str), "a string")
     need("layout", m["layout"], m["layout"] in LAYOUTS, " or ".join(json.dumps(x) for x in LAYOUTS))
     classes, k = m["classes"], m["num_classes"]
-    need("classes", classes, isinstance(classes, list) and all(isinstance(c, str) for c in classes),
-         "a list of class names")
+    need(
+        "classes",
+        classes,
+        isinstance(classes, list) and all(isinstance(c, str) for c in classes),
+        "a list of class names",
+    )
     need("num_classes", k, _is_int(k) and k >= 1, "a positive integer")
     need("num_classes", k, k == len(classes), f"the number of classes ({len(classes)})")
     if "image_ext" in m:
-        need("image_ext", m["image_ext"], m["image_ext"] in IMAGE_EXTS, " or ".join(json.dumps(x) for x in IMAGE_EXTS))
+        need(
+            "image_ext",
+            m["image_ext"],
+            m["image_ext"] in IMAGE_EXTS,
+            " or ".join(json.dumps(x) for x in IMAGE_EXTS),
+        )
     size = m.get("image_size")
-    need("image_size", size, size is None or (isinstance(size, list) and len(size) == 2
-                                               and all(_is_int(v) and v > 0 for v in size)),
-         "null or [height, width] in pixels")
+    need(
+        "image_size",
+        size,
+        size is None
+        or (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)),
+        "null or [height, width] in pixels",
+    )
     for field in ("mean", "std"):
         value = m[field]
-        need(field, value, isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value),
-             "a list of 3 numbers (r, g, b)")
+        need(
+            field,
+            value,
+            isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value),
+            "a list of 3 numbers (r, g, b)",
+        )
         need(field, value, all(math.isfinite(v) for v in value), "finite numbers")
     need("std", m["std"], all(v > 0 for v in m["std"]), "positive numbers (images are divided by it)")
     if "seed" in m:
@@ -191,8 +219,12 @@ def check_manifest(manifest: dict[str, Any], where: str | Path) -> None:
         n = info["num_samples"]
         need(f"{at}.num_samples", n, _is_int(n) and n >= 0, "a count (integer >= 0)")
         if "id_count" in info:
-            need(f"{at}.id_count", info["id_count"], _is_int(info["id_count"]) and info["id_count"] >= 0,
-                 "a count (integer >= 0)")
+            need(
+                f"{at}.id_count",
+                info["id_count"],
+                _is_int(info["id_count"]) and info["id_count"] >= 0,
+                "a count (integer >= 0)",
+            )
         need(f"{at}.skipped", info.get("skipped", []), isinstance(info.get("skipped", []), list), "a list")
         shards = info["shards"]
         need(f"{at}.shards", shards, isinstance(shards, list), "a list of shards")
@@ -202,7 +234,11 @@ def check_manifest(manifest: dict[str, Any], where: str | Path) -> None:
             for field in ("file", "index", "samples"):
                 if field not in entry:
                     raise SSKDError(f"{where}: manifest field {e}.{field} is missing")
-            for field in ("file", "index", "sums"):  # every file a shard entry names (sums: per-sample checksums)
+            for field in (
+                "file",
+                "index",
+                "sums",
+            ):  # every file a shard entry names (sums: per-sample checksums)
                 if field in entry:
                     plain_name(entry[field], str(where), f"{e}.{field}")
             for field in ("samples", "first_id", "bytes"):
@@ -214,8 +250,12 @@ def check_manifest(manifest: dict[str, Any], where: str | Path) -> None:
                     need(f"{e}.{field}", entry[field], isinstance(entry[field], str), "a hex string")
             if "ids" in entry:
                 ids = entry["ids"]
-                need(f"{e}.ids", ids, isinstance(ids, list) and all(_is_int(v) and v >= 0 for v in ids),
-                     "a list of sample ids")
+                need(
+                    f"{e}.ids",
+                    ids,
+                    isinstance(ids, list) and all(_is_int(v) and v >= 0 for v in ids),
+                    "a list of sample ids",
+                )
 
 
 def split_files(folder: str | Path, manifest: dict[str, Any], split: str) -> tuple[list[str], list[str]]:
@@ -233,8 +273,10 @@ def split_files(folder: str | Path, manifest: dict[str, Any], split: str) -> tup
         if not tar.is_file():
             raise SSKDError(f"{tar}: shard listed in the manifest is missing")
         if not idx.is_file():
-            raise SSKDError(f"{idx}: index of shard {entry['file']} is missing (rebuild it with "
-                            f"`sskd shard reindex {folder}`)")
+            raise SSKDError(
+                f"{idx}: index of shard {entry['file']} is missing (rebuild it with "
+                f"`sskd shard reindex {folder}`)"
+            )
         tars.append(str(tar))
         idxs.append(str(idx))
     return tars, idxs
@@ -244,5 +286,7 @@ def shard_paths(folder: str | Path, entry: dict[str, Any]) -> tuple[Path, Path]:
     """``folder/file`` and ``folder/index`` of a manifest's shard entry, each checked to be a plain name."""
     folder = Path(folder)
     where = str(folder / MANIFEST)
-    return (folder / plain_name(entry.get("file"), where, "file of a shard"),
-            folder / plain_name(entry.get("index"), where, "index of a shard"))
+    return (
+        folder / plain_name(entry.get("file"), where, "file of a shard"),
+        folder / plain_name(entry.get("index"), where, "index of a shard"),
+    )

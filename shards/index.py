@@ -40,8 +40,10 @@ _CHECKED: dict[tuple, None] = {}  # (tar, idx, sizes, mtimes, entry) already che
 
 
 def _fail(path, text: str) -> SSKDError:
-    return SSKDError(f"{path}: {text}; rebuild the index with `sskd shard reindex {Path(path).parent}` "
-                     "(or check the shard with `sskd shard verify`)")
+    return SSKDError(
+        f"{path}: {text}; rebuild the index with `sskd shard reindex {Path(path).parent}` "
+        "(or check the shard with `sskd shard verify`)"
+    )
 
 
 def parse_index(idx: str | Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
@@ -61,7 +63,9 @@ def parse_index(idx: str | Path) -> tuple[int, list[list[tuple[str, int, int, st
         if not tok or len(tok) % 4:
             raise _fail(idx, f"line {n} is damaged")
         try:
-            samples.append([(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)])
+            samples.append(
+                [(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)]
+            )
         except ValueError:
             raise _fail(idx, f"line {n} is damaged") from None
     return int(header[1]), samples
@@ -80,8 +84,9 @@ def _tar_member(fh, offset: int) -> tuple[str, int] | None:
     return info.name, info.size
 
 
-def check_shard(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None = None, *,
-                lenient: bool = False) -> None:
+def check_shard(
+    tar: str | Path, idx: str | Path, entry: dict[str, Any] | None = None, *, lenient: bool = False
+) -> None:
     """Check an index against its tar and the manifest ``entry``; raise :class:`SSKDError` naming the file.
 
     Checks: the header count against the lines and the manifest; sample keys are the manifest's ids
@@ -108,11 +113,20 @@ def check_shard(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None =
         if entry.get("samples") != count:
             raise _fail(idx, f"{count} samples, the manifest says {entry.get('samples')} for {tar.name}")
         if entry.get("bytes") is not None and entry["bytes"] != ts.st_size and not lenient:
-            cut = next(((m[0][3].split(".", 1)[0], name) for m in samples for _, off, size, name in m
-                        if off + size > ts.st_size), None)
+            cut = next(
+                (
+                    (m[0][3].split(".", 1)[0], name)
+                    for m in samples
+                    for _, off, size, name in m
+                    if off + size > ts.st_size
+                ),
+                None,
+            )
             where = f": it ends inside sample {cut[0]} (member {cut[1]})" if cut else ""
-            raise SSKDError(f"{tar}: {ts.st_size} bytes, the manifest says {entry['bytes']} (replaced or truncated "
-                            f"shard{where}; `sskd shard verify` checks it)")
+            raise SSKDError(
+                f"{tar}: {ts.st_size} bytes, the manifest says {entry['bytes']} (replaced or truncated "
+                f"shard{where}; `sskd shard verify` checks it)"
+            )
     ids = None
     if entry is not None:  # a split's shards hold ids first_id.. in order; a subset shard lists its own
         ids = entry.get("ids") or range(entry.get("first_id", 0), entry.get("first_id", 0) + count)
@@ -120,15 +134,25 @@ def check_shard(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None =
         names = {ext: (off, size, name) for ext, off, size, name in members}
         sample_key = members[0][3].split(".", 1)[0]
         if ids is not None and sample_key != fmt.sample_key(ids[i]):
-            raise _fail(idx, f"line {i + 2} is sample {sample_key}, expected {fmt.sample_key(ids[i])} "
-                             f"(an index of another shard?)")
-        if not any(e in names for e in fmt.IMAGE_EXTS) or fmt.ID_EXT not in names or fmt.LABEL_EXT not in names:
+            raise _fail(
+                idx,
+                f"line {i + 2} is sample {sample_key}, expected {fmt.sample_key(ids[i])} "
+                f"(an index of another shard?)",
+            )
+        if (
+            not any(e in names for e in fmt.IMAGE_EXTS)
+            or fmt.ID_EXT not in names
+            or fmt.LABEL_EXT not in names
+        ):
             raise _fail(idx, f"sample {sample_key} lacks an image, {fmt.ID_EXT} or {fmt.LABEL_EXT} entry")
         for ext, (off, size, name) in names.items():
             past_end = off + size > ts.st_size and not lenient  # lenient: check_lines names the cut samples
             if off % BLOCK or off < BLOCK or past_end or not name.startswith(sample_key + "."):
-                raise _fail(idx, f"sample {sample_key}: entry {name} ({off}+{size}) does not fit {tar.name} "
-                                 f"({ts.st_size} bytes)")
+                raise _fail(
+                    idx,
+                    f"sample {sample_key}: entry {name} ({off}+{size}) does not fit {tar.name} "
+                    f"({ts.st_size} bytes)",
+                )
             if ext in (fmt.ID_EXT, fmt.LABEL_EXT) and size != 8:
                 raise _fail(idx, f"sample {sample_key}: {name} has {size} bytes, not 8")
     whole = [i for i, m in enumerate(samples) if all(off + size <= ts.st_size for _, off, size, _ in m)]
@@ -137,7 +161,9 @@ def check_shard(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None =
         for i in picks[:HEADER_SAMPLES]:
             for _, off, size, name in samples[i]:
                 if _tar_member(fh, off) != (name, size):
-                    raise _fail(idx, f"the tar has no member {name} of {size} bytes at offset {off} (stale index)")
+                    raise _fail(
+                        idx, f"the tar has no member {name} of {size} bytes at offset {off} (stale index)"
+                    )
     _CHECKED[key] = None
 
 
@@ -157,9 +183,13 @@ def check_shard(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None =
 SUMS_MAGIC = "sskd-sums"
 SUMS_VERSION = 1
 SUMS_SUFFIX = ".sums"
-_VERIFIED: dict[tuple, np.ndarray] = {}  # per shard (files and their stat): which index lines passed check_lines
+_VERIFIED: dict[
+    tuple, np.ndarray
+] = {}  # per shard (files and their stat): which index lines passed check_lines
 _VERIFIED_MAX = 1 << 16  # shards remembered at most (one bool per sample each)
-_WHOLE: dict[tuple, dict] = {}  # shards without checksums: {} if the tar's sha256 is the manifest's, else what is bad
+_WHOLE: dict[
+    tuple, dict
+] = {}  # shards without checksums: {} if the tar's sha256 is the manifest's, else what is bad
 _WHOLE_BAD = -1  # key of _WHOLE's entry for a damaged tar in which no image fails to decode
 
 
@@ -180,7 +210,9 @@ def sums_bytes(lines: list[str], tar_sha256: str) -> bytes:
 
 
 def _sums_fail(path: Path, text: str) -> SSKDError:
-    return SSKDError(f"{path}: {text}; rebuild it from the intact tar with `sskd shard reindex {path.parent}`")
+    return SSKDError(
+        f"{path}: {text}; rebuild it from the intact tar with `sskd shard reindex {path.parent}`"
+    )
 
 
 def write_sums(tar: str | Path, idx: str | Path, sha256: str | None = None) -> Path:
@@ -192,8 +224,10 @@ def write_sums(tar: str | Path, idx: str | Path, sha256: str | None = None) -> P
     tar, idx = Path(tar), Path(idx)
     digest = sha256_file(tar)
     if sha256 is not None and digest != sha256:
-        raise SSKDError(f"{tar}: sha256 differs from the manifest (corrupted or replaced): no checksums are made "
-                        "from it; re-shard it (`sskd shard verify` names the damage)")
+        raise SSKDError(
+            f"{tar}: sha256 differs from the manifest (corrupted or replaced): no checksums are made "
+            "from it; re-shard it (`sskd shard verify` names the damage)"
+        )
     _, samples = parse_index(idx)
     size = tar.stat().st_size
     lines = []
@@ -246,30 +280,43 @@ def load_sums(tar: str | Path, entry: dict[str, Any] | None, samples: list | Non
     path, listed = _sums_file(tar, entry)
     if not path.is_file():
         if listed:
-            raise _sums_fail(path, f"the per-sample checksums of {tar.name} that the manifest lists are missing")
+            raise _sums_fail(
+                path, f"the per-sample checksums of {tar.name} that the manifest lists are missing"
+            )
         return None
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise _sums_fail(path, f"unreadable ({exc.strerror or exc})") from None
-    if listed is not None and entry.get("sums_sha256") and hashlib.sha256(raw).hexdigest() != entry["sums_sha256"]:
+    if (
+        listed is not None
+        and entry.get("sums_sha256")
+        and hashlib.sha256(raw).hexdigest() != entry["sums_sha256"]
+    ):
         raise _sums_fail(path, "sha256 differs from the manifest (damaged checksum file)")
     header, _, body = raw.partition(b"\n")
     tok = header.decode("ascii", "replace").split()
     if len(tok) != 5 or tok[0] != SUMS_MAGIC or tok[1] != f"v{SUMS_VERSION}" or not tok[2].isdigit():
         raise _sums_fail(path, "not an sskd checksum file (bad header)")
     if entry and entry.get("sha256") and tok[3] != entry["sha256"]:
-        raise _sums_fail(path, f"made for another {tar.name} (the tar's sha256 it records is not the manifest's)")
+        raise _sums_fail(
+            path, f"made for another {tar.name} (the tar's sha256 it records is not the manifest's)"
+        )
     if f"{zlib.crc32(body):08x}" != tok[4]:
         raise _sums_fail(path, "damaged (its own checksum does not match)")
     lines = body.decode("ascii", "replace").splitlines()
     if len(lines) != int(tok[2]) or (samples is not None and len(lines) != len(samples)):
-        raise _sums_fail(path, f"{len(lines)} lines for {len(samples) if samples is not None else tok[2]} samples")
+        raise _sums_fail(
+            path, f"{len(lines)} lines for {len(samples) if samples is not None else tok[2]} samples"
+        )
     if samples is not None:
         for i, (line, members) in enumerate(zip(lines, samples)):
             if line.split(" ", 1)[0] != members[0][3].split(".", 1)[0]:
-                raise _sums_fail(path, f"line {i + 2} is sample {line.split(' ', 1)[0]}, the index says "
-                                       f"{members[0][3].split('.', 1)[0]}")
+                raise _sums_fail(
+                    path,
+                    f"line {i + 2} is sample {line.split(' ', 1)[0]}, the index says "
+                    f"{members[0][3].split('.', 1)[0]}",
+                )
     return Sums(path, lines)
 
 
@@ -282,34 +329,41 @@ def sums_state(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None = 
         return str(exc).split(": ", 1)[-1].split(";", 1)[0]
 
 
-def _sample_problem(mv, size: int, members, sample_id: int, want: dict[str, int] | None,
-                    num_classes: int | None) -> str | None:
+def _sample_problem(
+    mv, size: int, members, sample_id: int, want: dict[str, int] | None, num_classes: int | None
+) -> str | None:
     """What is wrong with one sample's members (None: nothing): cut off, id or label not what they must be,
     bytes not their recorded checksum."""
     values = {}
     for ext, off, n, name in members:
         if off + n > size:
-            return f"member {name} is cut off (it ends at byte {off + n}, the file has {size}: truncated shard)"
+            return (
+                f"member {name} is cut off (it ends at byte {off + n}, the file has {size}: truncated shard)"
+            )
         if ext in (fmt.ID_EXT, fmt.LABEL_EXT):
-            values[ext] = int.from_bytes(mv[off:off + n], "little", signed=True)
+            values[ext] = int.from_bytes(mv[off : off + n], "little", signed=True)
         elif ext == fmt.CLS_EXT:
-            values[ext] = bytes(mv[off:off + n])
+            values[ext] = bytes(mv[off : off + n])
     names = {ext: name for ext, _, _, name in members}
     if values.get(fmt.ID_EXT, sample_id) != sample_id:
-        return (f"id {values[fmt.ID_EXT]} in member {names[fmt.ID_EXT]}, but the sample is {sample_id} (its key and "
-                "the manifest's order): a rewritten sample id")
+        return (
+            f"id {values[fmt.ID_EXT]} in member {names[fmt.ID_EXT]}, but the sample is {sample_id} (its key and "
+            "the manifest's order): a rewritten sample id"
+        )
     label = values.get(fmt.LABEL_EXT)
     if label is not None and num_classes is not None and not 0 <= label < num_classes:
         return f"label {label} outside 0..{num_classes - 1} (member {names[fmt.LABEL_EXT]})"
     cls = values.get(fmt.CLS_EXT)
     if cls is not None and label is not None and cls.strip() != str(label).encode():
-        return (f"label {label} in member {names[fmt.LABEL_EXT]}, but {names[fmt.CLS_EXT]} says "
-                f"{cls[:20].decode('ascii', 'replace')!r}")
+        return (
+            f"label {label} in member {names[fmt.LABEL_EXT]}, but {names[fmt.CLS_EXT]} says "
+            f"{cls[:20].decode('ascii', 'replace')!r}"
+        )
     if want is not None:
         if set(want) != set(names):
             return f"members {sorted(names)} are not the ones its checksums list ({sorted(want)})"
         for ext, off, n, name in members:
-            if zlib.crc32(mv[off:off + n]) != want[ext]:
+            if zlib.crc32(mv[off : off + n]) != want[ext]:
                 return f"member {name} differs from its recorded checksum (corrupted bytes)"
     return None
 
@@ -323,8 +377,14 @@ class LineCheck:
         self.problems, self.summed = problems, summed
 
 
-def check_lines(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None, lines=None, *,
-                num_classes: int | None = None) -> LineCheck:
+def check_lines(
+    tar: str | Path,
+    idx: str | Path,
+    entry: dict[str, Any] | None,
+    lines=None,
+    *,
+    num_classes: int | None = None,
+) -> LineCheck:
     """Check the samples at index ``lines`` (all if None) of one shard, reading their members where the
     index says: each member inside the file, ``sid`` = the sample's id (its key, the manifest's order),
     ``lbl`` in 0..K-1 and equal to ``cls``, and every member's crc32 equal to the recorded one.
@@ -346,8 +406,17 @@ def check_lines(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None, 
         ss = spath.stat()
     except OSError:
         ss = None
-    vkey = (str(tar), str(idx), ts.st_size, ts.st_mtime_ns, xs.st_size, xs.st_mtime_ns,
-            None if ss is None else (ss.st_size, ss.st_mtime_ns), repr(entry), num_classes)
+    vkey = (
+        str(tar),
+        str(idx),
+        ts.st_size,
+        ts.st_mtime_ns,
+        xs.st_size,
+        xs.st_mtime_ns,
+        None if ss is None else (ss.st_size, ss.st_mtime_ns),
+        repr(entry),
+        num_classes,
+    )
     done = _VERIFIED.get(vkey)
     if done is not None:  # checked before: only the lines not yet passed are read (no index parsed if none)
         todo = [int(i) for i in (range(len(done)) if lines is None else lines) if not done[int(i)]]
@@ -372,16 +441,23 @@ def check_lines(tar: str | Path, idx: str | Path, entry: dict[str, Any] | None, 
                 if sums is None and entry and entry.get("sha256"):
                     damaged = _WHOLE.get(vkey)
                     if damaged is None:
-                        damaged = {} if hashlib.sha256(mv).hexdigest() == entry["sha256"] else \
-                            _damage(mv, size, samples, ids, num_classes)
+                        damaged = (
+                            {}
+                            if hashlib.sha256(mv).hexdigest() == entry["sha256"]
+                            else _damage(mv, size, samples, ids, num_classes)
+                        )
                         _WHOLE[vkey] = damaged
                 for i in todo:
                     key = samples[i][0][3].split(".", 1)[0]
                     sample_id = int(ids[i]) if ids is not None else int(key)
-                    bad = _sample_problem(mv, size, samples[i], sample_id, sums.of(i) if sums else None, num_classes)
+                    bad = _sample_problem(
+                        mv, size, samples[i], sample_id, sums.of(i) if sums else None, num_classes
+                    )
                     if bad is None and damaged is not None and (i in damaged or _WHOLE_BAD in damaged):
-                        bad = damaged.get(i) or ("unverifiable: the shard's sha256 differs from the manifest, it has "
-                                                 "no per-sample checksums and no image in it fails to decode")
+                        bad = damaged.get(i) or (
+                            "unverifiable: the shard's sha256 differs from the manifest, it has "
+                            "no per-sample checksums and no image in it fails to decode"
+                        )
                     if bad is None:
                         done[i] = True
                     else:
@@ -414,12 +490,14 @@ def _damage(mv, size: int, samples, ids, num_classes: int | None) -> dict:
             if ext not in fmt.IMAGE_EXTS or off + n > size:
                 continue
             try:
-                with Image.open(io.BytesIO(mv[off:off + n])) as im:
+                with Image.open(io.BytesIO(mv[off : off + n])) as im:
                     im.load()
             except Exception as exc:  # noqa: BLE001 - whatever PIL refuses is named
                 why = str(exc).split(" <_io.", 1)[0][:120]
-                out[i] = (f"member {name} cannot be decoded ({type(exc).__name__}: {why}); the shard's sha256 differs "
-                          "from the manifest and it has no per-sample checksums")
+                out[i] = (
+                    f"member {name} cannot be decoded ({type(exc).__name__}: {why}); the shard's sha256 differs "
+                    "from the manifest and it has no per-sample checksums"
+                )
     return out or {_WHOLE_BAD: True}
 
 
@@ -452,8 +530,10 @@ def reindex(folder: str | Path, log_line=print) -> dict[str, str]:
             fresh = build_index(tar)
             n = int(fresh.split(b"\n", 1)[0].split()[1])
             if n != entry["samples"]:
-                raise SSKDError(f"{tar}: holds {n} samples, the manifest says {entry['samples']}: the tar itself "
-                                "is wrong (re-shard, or `sskd shard verify` for details)")
+                raise SSKDError(
+                    f"{tar}: holds {n} samples, the manifest says {entry['samples']}: the tar itself "
+                    "is wrong (re-shard, or `sskd shard verify` for details)"
+                )
             if idx.is_file() and idx.read_bytes() == fresh:
                 status = "ok"
             else:

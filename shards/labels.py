@@ -45,12 +45,18 @@ def split_labels(folder: str | Path, split: str) -> np.ndarray:
     for entry, tar, idx in zip(info["shards"], tars, idxs):
         check_shard(tar, idx, entry)  # the index fits its tar: members, 8-byte lbl, offsets, keys = ids
         _, samples = parse_index(idx)
-        ids = np.asarray(entry.get("ids") or range(entry.get("first_id", 0), entry.get("first_id", 0) + len(samples)),
-                         dtype=np.int64)
-        offsets = np.asarray([next(off for ext, off, _, _ in members if ext == fmt.LABEL_EXT) for members in samples],
-                             dtype=np.int64)
+        ids = np.asarray(
+            entry.get("ids") or range(entry.get("first_id", 0), entry.get("first_id", 0) + len(samples)),
+            dtype=np.int64,
+        )
+        offsets = np.asarray(
+            [next(off for ext, off, _, _ in members if ext == fmt.LABEL_EXT) for members in samples],
+            dtype=np.int64,
+        )
         if len(ids) and (ids.min() < 0 or ids.max() >= count):
-            raise SSKDError(f"{idx}: sample ids {ids.min()}..{ids.max()} lie outside the split's 0..{count - 1}")
+            raise SSKDError(
+                f"{idx}: sample ids {ids.min()}..{ids.max()} lie outside the split's 0..{count - 1}"
+            )
         try:
             data = np.memmap(tar, dtype=np.uint8, mode="r")
             raw = data[offsets[:, None] + np.arange(8)] if len(offsets) else np.zeros((0, 8), np.uint8)
@@ -60,7 +66,9 @@ def split_labels(folder: str | Path, split: str) -> np.ndarray:
         bad = np.flatnonzero((got < 0) | (got >= num_classes))
         if len(bad):
             i = int(bad[0])
-            raise SSKDError(f"{tar}: sample {fmt.sample_key(int(ids[i]))} has label {int(got[i])}, outside "
-                            f"0..{num_classes - 1} (damaged shard: `sskd shard verify {folder}`)")
+            raise SSKDError(
+                f"{tar}: sample {fmt.sample_key(int(ids[i]))} has label {int(got[i])}, outside "
+                f"0..{num_classes - 1} (damaged shard: `sskd shard verify {folder}`)"
+            )
         labels[ids] = got
     return labels

@@ -84,7 +84,9 @@ class ArraySource(Source):
     image_ext = "png"
     layout = "cifar"
 
-    def __init__(self, dataset, classes, arrays: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], mean, std):
+    def __init__(
+        self, dataset, classes, arrays: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], mean, std
+    ):
         self.dataset, self.classes, self.mean, self.std = dataset, classes, tuple(mean), tuple(std)
         self.arrays = {k: v[0] for k, v in arrays.items()}
         self.splits = {k: Split(paths=v[2], labels=[int(x) for x in v[1]]) for k, v in arrays.items()}
@@ -98,7 +100,10 @@ class ArraySource(Source):
 
     def listing(self, split: str) -> list[tuple[str, int, int]]:
         sp = self.splits[split]
-        return [(name, label, zlib.crc32(img.tobytes())) for name, label, img in zip(sp.paths, sp.labels, self.arrays[split])]
+        return [
+            (name, label, zlib.crc32(img.tobytes()))
+            for name, label, img in zip(sp.paths, sp.labels, self.arrays[split])
+        ]
 
 
 def digits_source(seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> ArraySource:
@@ -126,7 +131,9 @@ def digits_source(seed: int = 0, val_fraction: float = 0.2, size: int = 32) -> A
         "train": (rgb[tr], digits.target[tr], [f"sklearn-digits[{i}]" for i in tr]),
         "val": (rgb[va], digits.target[va], [f"sklearn-digits[{i}]" for i in va]),
     }
-    return ArraySource("digits", [str(i) for i in range(10)], arrays, train_px.mean(0).round(4), train_px.std(0).round(4))
+    return ArraySource(
+        "digits", [str(i) for i in range(10)], arrays, train_px.mean(0).round(4), train_px.std(0).round(4)
+    )
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -183,8 +190,9 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as fh:
             d = _CifarUnpickler(fh, encoding="bytes").load()
     except _Refused as exc:
-        raise SSKDError(f"{path}: refused to load: the pickle references {exc}, which the CIFAR-100 files "
-                        "never hold") from None
+        raise SSKDError(
+            f"{path}: refused to load: the pickle references {exc}, which the CIFAR-100 files never hold"
+        ) from None
     except Exception as exc:  # pickle raises many types on damaged input
         raise SSKDError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(d, dict):
@@ -208,7 +216,10 @@ def cifar100_source(src: str | Path) -> ArraySource:
     if (src / "cifar-100-python").is_dir():
         src = src / "cifar-100-python"
     meta_path = src / "meta"
-    names = [n.decode() if isinstance(n, bytes) else n for n in _field(_unpickle(meta_path), "fine_label_names", meta_path)]
+    names = [
+        n.decode() if isinstance(n, bytes) else n
+        for n in _field(_unpickle(meta_path), "fine_label_names", meta_path)
+    ]
     arrays = {}
     for split, fname in (("train", "train"), ("val", "test")):
         path = src / fname
@@ -221,16 +232,28 @@ def cifar100_source(src: str | Path) -> ArraySource:
             raise SSKDError(f"{path}: {len(data)} images but {len(labels)} fine_labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
             raise SSKDError(f"{path}: fine_labels outside 0..{len(names) - 1}")
-        files = [f.decode() if isinstance(f, bytes) else str(f) for f in d.get(b"filenames", d.get("filenames", []))]
+        files = [
+            f.decode() if isinstance(f, bytes) else str(f)
+            for f in d.get(b"filenames", d.get("filenames", []))
+        ]
         files = files if len(files) == len(data) else [f"{fname}[{i}]" for i in range(len(data))]
-        arrays[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, [f"{fname}/{f}" for f in files])
+        arrays[split] = (
+            data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(),
+            labels,
+            [f"{fname}/{f}" for f in files],
+        )
     source = ArraySource("cifar100", names, arrays, CIFAR100_MEAN, CIFAR100_STD)
     source.root = str(src.resolve())
     return source
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -271,8 +294,10 @@ def _images_in(folder: Path, skip_bad: bool = False) -> list[Path]:
             except OSError:
                 continue  # dangling or unreadable: encode() names it
             if not stat.S_ISREG(mode):
-                raise SSKDError(f"{p}: not a regular file ({_kind(mode)}), not an image; remove it, or use "
-                                "--skip-bad to skip it")
+                raise SSKDError(
+                    f"{p}: not a regular file ({_kind(mode)}), not an image; remove it, or use "
+                    "--skip-bad to skip it"
+                )
     return files
 
 
@@ -333,7 +358,9 @@ class FolderSource(Source):
             raise SSKDError(f"{path}: label file not found")
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         if len(lines) != len(files):
-            raise SSKDError(f"{path}: {len(lines)} labels for {len(files)} images in {val} (one line per image)")
+            raise SSKDError(
+                f"{path}: {len(lines)} labels for {len(files)} images in {val} (one line per image)"
+            )
         labels = []
         for n, text in enumerate(lines, 1):
             if not text.lstrip("-").isdigit() or not 0 <= int(text) < len(self.classes):
@@ -377,8 +404,9 @@ class FolderSource(Source):
         return out
 
 
-def sample_photo_tree(root: str | Path, classes: int = 8, per_class: int = 64, val_per_class: int = 16,
-                      seed: int = 0) -> Path:
+def sample_photo_tree(
+    root: str | Path, classes: int = 8, per_class: int = 64, val_per_class: int = 16, seed: int = 0
+) -> Path:
     """An ImageNet-layout folder of real photographs: crops of scikit-learn's two bundled photos.
 
     Writes ``root/train/n0000000k/*.JPEG`` and ``root/val/n0000000k/*.JPEG``: ~500x375 JPEG q90 (some at
@@ -398,7 +426,7 @@ def sample_photo_tree(root: str | Path, classes: int = 8, per_class: int = 64, v
                 photo = photos[(c + i) % 2]
                 h, w = int(rng.integers(300, 400)), int(rng.integers(400, 520))
                 y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
-                crop = Image.fromarray(photo[y:y + h, x:x + w])
+                crop = Image.fromarray(photo[y : y + h, x : x + w])
                 if c % 2:
                     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 crop.resize((500, 375) if i % 3 else (w, h)).save(d / f"img_{c}_{i}.JPEG", quality=90)

@@ -32,8 +32,10 @@ def _shard_samples(folder: Path, entry: dict, num_classes: int) -> list[str]:
     problems = [text for _, text in found.problems]
     if not found.summed and len(problems) == entry.get("samples") and "unverifiable" in problems[-1]:
         # damaged, no checksums, and every image decodes: one line for the shard, not one per sample
-        return [f"{tar}: sha256 differs from the manifest, and the shard has no per-sample checksums to say which "
-                "sample (`sskd shard reindex` adds them to intact shards)"]
+        return [
+            f"{tar}: sha256 differs from the manifest, and the shard has no per-sample checksums to say which "
+            "sample (`sskd shard reindex` adds them to intact shards)"
+        ]
     return problems
 
 
@@ -48,7 +50,9 @@ def check_samples(folder: str | Path, split: str | None = None) -> list[str]:
     folder = Path(folder)
     manifest = fmt.load_manifest(folder)
     if split is not None and split not in manifest["splits"]:
-        raise SSKDError(f"{folder / fmt.MANIFEST}: no split {split!r} (has {', '.join(sorted(manifest['splits']))})")
+        raise SSKDError(
+            f"{folder / fmt.MANIFEST}: no split {split!r} (has {', '.join(sorted(manifest['splits']))})"
+        )
     k = int(manifest["num_classes"])
     problems: list[str] = []
     for name in [split] if split is not None else list(manifest["splits"]):
@@ -79,9 +83,14 @@ def _dali_samples(tar: Path, idx: Path, n: int, threads: int = 2) -> list[tuple[
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=1)
     def pipe():
         img, sid, lbl = fn.readers.webdataset(
-            paths=[str(tar)], index_paths=[str(idx)], ext=["jpg;png", fmt.ID_EXT, fmt.LABEL_EXT],
-            dtypes=[types.UINT8, types.INT64, types.INT64], missing_component_behavior="error",
-            pad_last_batch=True, name="reader")
+            paths=[str(tar)],
+            index_paths=[str(idx)],
+            ext=["jpg;png", fmt.ID_EXT, fmt.LABEL_EXT],
+            dtypes=[types.UINT8, types.INT64, types.INT64],
+            missing_component_behavior="error",
+            pad_last_batch=True,
+            name="reader",
+        )
         return sid, lbl
 
     p = pipe()
@@ -122,19 +131,27 @@ def verify(folder: str | Path, *, dali: bool = True, log=print) -> list[str]:
                 problems.append(f"{tar}: {len(samples)} samples, manifest says {entry['samples']}")
             ids = [s[0] for s in samples]
             if ids != list(range(entry["first_id"], entry["first_id"] + len(ids))):
-                problems.append(f"{tar}: ids are not {entry['first_id']}..{entry['first_id'] + len(ids) - 1} in order")
+                problems.append(
+                    f"{tar}: ids are not {entry['first_id']}..{entry['first_id'] + len(ids) - 1} in order"
+                )
             bad = [s for s in samples if s[1] != s[2] or not 0 <= s[1] < k]
             if bad:
-                problems.append(f"{tar}: sample {fmt.sample_key(bad[0][0])}: label {bad[0][1]} / cls {bad[0][2]} "
-                                f"inconsistent or outside 0..{k - 1}")
+                problems.append(
+                    f"{tar}: sample {fmt.sample_key(bad[0][0])}: label {bad[0][1]} / cls {bad[0][2]} "
+                    f"inconsistent or outside 0..{k - 1}"
+                )
             if dali:
                 try:
                     via_dali = _dali_samples(tar, idx, entry["samples"])
                 except Exception as exc:
-                    problems.append(f"{tar}: DALI cannot read it with {idx.name} ({str(exc).splitlines()[0]})")
+                    problems.append(
+                        f"{tar}: DALI cannot read it with {idx.name} ({str(exc).splitlines()[0]})"
+                    )
                     continue
                 if via_dali != [(s[0], s[1]) for s in samples]:
-                    problems.append(f"{tar}: DALI reads other ids/labels than webdataset (stale index {idx.name}?)")
+                    problems.append(
+                        f"{tar}: DALI reads other ids/labels than webdataset (stale index {idx.name}?)"
+                    )
             seen_ids += ids
             log(f"ok   {entry['file']}: {len(samples)} samples")
         if sorted(seen_ids) != list(range(info["num_samples"])):

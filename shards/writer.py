@@ -72,11 +72,18 @@ def _encode(job: tuple[str, int]) -> tuple[int, bytes | None, str]:
         return index, None, str(exc)
 
 
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     """Add a member with a fixed header; returns (data offset, size) for the DALI index."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        len(data),
+        0,
+        0o644,
+        0,
+        0,
+        "",
+        "",
+    )
     offset = tar.offset + tarfile.BLOCKSIZE  # USTAR: one 512-byte header block per member
     tar.addfile(info, io.BytesIO(data))
     return offset, len(data)
@@ -91,18 +98,27 @@ class ShardBuilder:
         self.stem = fmt.shard_name(split, number)
         self.tar_tmp = atomic.tmp_name(out / f"{self.stem}.tar")
         # O_NOFOLLOW: a symbolic link planted at the temporary name is refused (ELOOP), never written through
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = (
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
         self.fh = os.fdopen(os.open(self.tar_tmp, flags, 0o666), "wb")
         self.tar = tarfile.open(fileobj=self.fh, mode="w", format=tarfile.USTAR_FORMAT)
         self.lines: list[str] = []
-        self.sums: list[str] = []  # per-sample checksum lines (shards.index: the loader checks them before decoding)
+        self.sums: list[
+            str
+        ] = []  # per-sample checksum lines (shards.index: the loader checks them before decoding)
         self.count = 0
 
     def add(self, sample_id: int, label: int, image: bytes, ext: str, src: str) -> None:
         key = fmt.sample_key(sample_id)
         meta = json.dumps({"id": sample_id, "label": label, "src": src}, sort_keys=True).encode()
-        parts = [(ext, image), (fmt.CLS_EXT, str(label).encode()), (fmt.ID_EXT, fmt.encode_int64(sample_id)),
-                 (fmt.LABEL_EXT, fmt.encode_int64(label)), (fmt.META_EXT, meta)]
+        parts = [
+            (ext, image),
+            (fmt.CLS_EXT, str(label).encode()),
+            (fmt.ID_EXT, fmt.encode_int64(sample_id)),
+            (fmt.LABEL_EXT, fmt.encode_int64(label)),
+            (fmt.META_EXT, meta),
+        ]
         entries = []
         for e, data in parts:
             name = f"{key}.{e}"
@@ -125,9 +141,16 @@ class ShardBuilder:
         atomic.write_bytes(sums_path(tar), sums)
         atomic.write_bytes(idx, (f"v1.2 {self.count}\n" + "\n".join(self.lines) + "\n").encode())
         self.tar_tmp.replace(tar)  # last: the tar under its name says the shard is complete
-        return {"file": tar.name, "index": idx.name, "samples": self.count, "first_id": self.first_id,
-                "bytes": tar.stat().st_size, "sha256": digest, "sums": sums_path(tar).name,
-                "sums_sha256": hashlib.sha256(sums).hexdigest()}
+        return {
+            "file": tar.name,
+            "index": idx.name,
+            "samples": self.count,
+            "first_id": self.first_id,
+            "bytes": tar.stat().st_size,
+            "sha256": digest,
+            "sums": sums_path(tar).name,
+            "sums_sha256": hashlib.sha256(sums).hexdigest(),
+        }
 
     def abort(self) -> None:
         """Drop the unfinished shard: close (a full disk may fail the last flush: ignored) and delete it."""
@@ -144,7 +167,9 @@ def _order(n: int, seed: int, split: str) -> np.ndarray:
     return np.random.default_rng([seed, salt]).permutation(n)
 
 
-def _items(source: Source, split: str, order: np.ndarray, start: int, workers: int) -> Iterator[tuple[int, bytes | None, str]]:
+def _items(
+    source: Source, split: str, order: np.ndarray, start: int, workers: int
+) -> Iterator[tuple[int, bytes | None, str]]:
     jobs = [(split, int(i)) for i in order[start:]]
     if workers <= 1:
         yield from map(_encode, jobs)
@@ -166,8 +191,10 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
     if opts.max_count < 1 or opts.max_size < 1:
         raise SSKDError("--max-count and --max-size must be positive")
     if opts.resume and opts.overwrite:
-        raise SSKDError("--resume and --overwrite exclude each other: --resume continues (or checks) the shards "
-                        f"in {out}, --overwrite replaces them")
+        raise SSKDError(
+            "--resume and --overwrite exclude each other: --resume continues (or checks) the shards "
+            f"in {out}, --overwrite replaces them"
+        )
     progress_path = out / PROGRESS
     if out.is_symlink() and not out.is_dir() or out.exists() and not out.is_dir():
         raise SSKDError(f"{out}: exists and is not a folder")
@@ -175,16 +202,22 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
     finished = (out / fmt.MANIFEST).exists()
     if entries and not (opts.resume or opts.overwrite):
         if finished:
-            raise SSKDError(f"{out}: holds finished shards ({fmt.MANIFEST}); nothing was changed (use --resume to "
-                            "check that they are complete, --overwrite to replace them, or choose a new folder)")
-        raise SSKDError(f"{out}: output folder is not empty (use --resume to continue an interrupted run, "
-                        "--overwrite to replace it, or choose a new folder)")
+            raise SSKDError(
+                f"{out}: holds finished shards ({fmt.MANIFEST}); nothing was changed (use --resume to "
+                "check that they are complete, --overwrite to replace them, or choose a new folder)"
+            )
+        raise SSKDError(
+            f"{out}: output folder is not empty (use --resume to continue an interrupted run, "
+            "--overwrite to replace it, or choose a new folder)"
+        )
     if opts.overwrite:
         foreign = sorted(p.name for p in entries if not _ours(p))
         if foreign:
-            raise SSKDError(f"{out}: --overwrite replaces only the files of a shard folder, and {foreign[0]} is not "
-                            f"one{f' (nor {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; nothing was "
-                            "changed: move them away or choose another folder")
+            raise SSKDError(
+                f"{out}: --overwrite replaces only the files of a shard folder, and {foreign[0]} is not "
+                f"one{f' (nor {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; nothing was "
+                "changed: move them away or choose another folder"
+            )
     atomic.check_writable_folder(out, "shard folder")  # a read-only mount, no permission
     try:
         lock = FolderLock(out, "shard folder").acquire()
@@ -202,8 +235,10 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
         try:
             _restore_aside(out)
         except OSError as err:
-            raise SSKDError(f"{exc}; putting the earlier shards back failed too ({err.strerror or err}): they are "
-                            f"in {out / ASIDE}, move them back by hand") from None
+            raise SSKDError(
+                f"{exc}; putting the earlier shards back failed too ({err.strerror or err}): they are "
+                f"in {out / ASIDE}, move them back by hand"
+            ) from None
         if isinstance(exc, SSKDError):
             raise SSKDError(f"{exc} (the earlier shards of {out} were put back)") from None
         raise
@@ -214,8 +249,11 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
 def _ours(path: Path) -> bool:
     """Whether ``path`` (in a shard folder) is a file this writer makes: what --overwrite may set aside."""
     name = path.name
-    return (name in (fmt.MANIFEST, PROGRESS, LISTING, LOCK_NAME, LOCK_NAME + ".excl", ASIDE)
-            or bool(_SHARD_FILE.match(name)) or (name.startswith(".") and name.endswith(atomic.TMP_SUFFIX)))
+    return (
+        name in (fmt.MANIFEST, PROGRESS, LISTING, LOCK_NAME, LOCK_NAME + ".excl", ASIDE)
+        or bool(_SHARD_FILE.match(name))
+        or (name.startswith(".") and name.endswith(atomic.TMP_SUFFIX))
+    )
 
 
 @contextlib.contextmanager
@@ -251,11 +289,15 @@ def _read_progress(path: Path) -> dict:
     try:
         done = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SSKDError(f"{path}: unreadable progress record ({exc}); rerun with --overwrite to start over, "
-                        "or write to a new folder") from None
+        raise SSKDError(
+            f"{path}: unreadable progress record ({exc}); rerun with --overwrite to start over, "
+            "or write to a new folder"
+        ) from None
     if not isinstance(done, dict) or not isinstance(done.get("splits", {}), dict):
-        raise SSKDError(f"{path}: not a progress record of `sskd shard`; rerun with --overwrite to start over, "
-                        "or write to a new folder")
+        raise SSKDError(
+            f"{path}: not a progress record of `sskd shard`; rerun with --overwrite to start over, "
+            "or write to a new folder"
+        )
     return done
 
 
@@ -275,11 +317,16 @@ def _check_finished(out: Path, source: Source, opts: ShardOptions, fingerprint: 
         # library's 1 GB --max-size and the CLI's 100 MB on 11 MB of digits) or --skip-bad where nothing
         # was skipped makes the same shards.
         entries = [e for info in manifest["splits"].values() for e in info["shards"]]
-        reached = {"max_count": max((e["samples"] for e in entries), default=0),
-                   "max_size": max((e.get("bytes", math.inf) for e in entries), default=0)}
+        reached = {
+            "max_count": max((e["samples"] for e in entries), default=0),
+            "max_size": max((e.get("bytes", math.inf) for e in entries), default=0),
+        }
         skipped = any(info.get("skipped") for info in manifest["splits"].values())
-        shown = {"max_count": ("--max-count", str), "max_size": ("--max-size", lambda v: f"{v / 1e6:g} MB"),
-                 "skip_bad": ("--skip-bad", lambda v: "on" if v else "off")}
+        shown = {
+            "max_count": ("--max-count", str),
+            "max_size": ("--max-size", lambda v: f"{v / 1e6:g} MB"),
+            "skip_bad": ("--skip-bad", lambda v: "on" if v else "off"),
+        }
         for key, (flag, text) in shown.items():
             then, now = settings.get(key), getattr(opts, key)
             if then == now:
@@ -295,19 +342,25 @@ def _check_finished(out: Path, source: Source, opts: ShardOptions, fingerprint: 
             if a == b:
                 continue
             if not isinstance(a, dict) or b is None:
-                diffs.append(f"the source has {'no' if b is None else 'a'} {split} split now, "
-                             f"{'one' if b is None else 'none'} then")
+                diffs.append(
+                    f"the source has {'no' if b is None else 'a'} {split} split now, "
+                    f"{'one' if b is None else 'none'} then"
+                )
             elif a.get("count") != b["count"]:
                 diffs.append(f"the source's {split} split has {b['count']} items now, {a.get('count')} then")
             else:
-                diffs.append(f"the source's {split} split has other items now (as many, {b['count']}, but other "
-                             "files, labels or contents)")
+                diffs.append(
+                    f"the source's {split} split has other items now (as many, {b['count']}, but other "
+                    "files, labels or contents)"
+                )
     else:  # written before the settings were recorded: compare what the manifest tells
         for split in sorted(set(manifest["splits"]) | set(source.splits)):
             info, items = manifest["splits"].get(split), source.splits.get(split)
             if info is None or items is None:
-                diffs.append(f"the source has {'no' if items is None else 'a'} {split} split now, "
-                             f"{'one' if items is None else 'none'} then")
+                diffs.append(
+                    f"the source has {'no' if items is None else 'a'} {split} split now, "
+                    f"{'one' if items is None else 'none'} then"
+                )
                 continue
             skipped = [s for s in info.get("skipped", []) if isinstance(s, dict)]
             then = info["num_samples"] + len(skipped) - len(items.skipped)
@@ -317,9 +370,11 @@ def _check_finished(out: Path, source: Source, opts: ShardOptions, fingerprint: 
             if largest > opts.max_count:
                 diffs.append(f"--max-count {opts.max_count} now, but a {split} shard holds {largest} samples")
     if diffs:
-        raise SSKDError(f"{out}: holds finished shards ({fmt.MANIFEST}) made from another source or with other "
-                        f"settings ({'; '.join(diffs)}); nothing was changed: shard into a new folder, or use "
-                        "--overwrite to replace them")
+        raise SSKDError(
+            f"{out}: holds finished shards ({fmt.MANIFEST}) made from another source or with other "
+            f"settings ({'; '.join(diffs)}); nothing was changed: shard into a new folder, or use "
+            "--overwrite to replace them"
+        )
     # leftovers of a run stopped just after it wrote its manifest
     (out / PROGRESS).unlink(missing_ok=True)
     (out / LISTING).unlink(missing_ok=True)
@@ -338,8 +393,10 @@ def _set_aside(out: Path) -> bool:
     aside = out / ASIDE
     if aside.is_symlink() or aside.exists() and not aside.is_dir():
         raise SSKDError(f"{aside}: not a folder this writer made (a link or a file); remove it, then rerun")
-    mine = sorted((p for p in out.iterdir() if _ours(p) and p.name not in (LOCK_NAME, LOCK_NAME + ".excl", ASIDE)),
-                  key=lambda p: p.name != fmt.MANIFEST)
+    mine = sorted(
+        (p for p in out.iterdir() if _ours(p) and p.name not in (LOCK_NAME, LOCK_NAME + ".excl", ASIDE)),
+        key=lambda p: p.name != fmt.MANIFEST,
+    )
     if aside.is_dir():
         if (out / fmt.MANIFEST).exists():  # stale: the run that replaced them had finished
             shutil.rmtree(aside)
@@ -386,10 +443,14 @@ def _write(source: Source, out: Path, opts: ShardOptions, progress_path: Path, s
     atomic.remove_stale_partials(out)
     done = _read_progress(progress_path) if opts.resume and not opts.overwrite else {}
     if done and done.get("options") != _opts_key(source, opts):
-        raise SSKDError(f"{progress_path}: the interrupted run used other options ({done.get('options')}); "
-                        "rerun with the same ones or write to a new folder")
+        raise SSKDError(
+            f"{progress_path}: the interrupted run used other options ({done.get('options')}); "
+            "rerun with the same ones or write to a new folder"
+        )
     listings = {split: source.listing(split) for split in SPLITS if split in source.splits}
-    fingerprint = {split: {"count": len(items), "sha256": _listing_sha256(items)} for split, items in listings.items()}
+    fingerprint = {
+        split: {"count": len(items), "sha256": _listing_sha256(items)} for split, items in listings.items()
+    }
     if (out / fmt.MANIFEST).exists() and not opts.overwrite:  # finished: never rewritten, only checked
         return _check_finished(out, source, opts, fingerprint)
     if done.get("source") and done["source"]["splits"] != fingerprint:
@@ -400,8 +461,11 @@ def _write(source: Source, out: Path, opts: ShardOptions, progress_path: Path, s
     if not done:  # a new run records what it is made from, for a later --resume to compare
         with _writing(out / LISTING):
             atomic.write_bytes(out / LISTING, gzip.compress(json.dumps(listings).encode(), mtime=0))
-    done = {"options": _opts_key(source, opts), "source": {"root": source.root, "splits": fingerprint},
-            "splits": done.get("splits", {})}
+    done = {
+        "options": _opts_key(source, opts),
+        "source": {"root": source.root, "splits": fingerprint},
+        "splits": done.get("splits", {}),
+    }
     _SOURCE = source
     target = progress_path  # the file being written, named if writing it fails (disk full, file-size limit)
     t0, total_bytes, total_samples = time.perf_counter(), 0, 0
@@ -445,7 +509,9 @@ def _write(source: Source, out: Path, opts: ShardOptions, progress_path: Path, s
                 finish()
             elif pending:  # bad items after the last shard: they belong to it
                 if not entries:
-                    raise SSKDError(f"split {split!r} of {source.dataset}: every image was bad, nothing to write")
+                    raise SSKDError(
+                        f"split {split!r} of {source.dataset}: every image was bad, nothing to write"
+                    )
                 entries[-1]["consumed"] += len(pending)
                 entries[-1]["skipped"] += pending
                 target = progress_path
@@ -464,9 +530,23 @@ def _write(source: Source, out: Path, opts: ShardOptions, progress_path: Path, s
         total_samples += next_id
         manifest_splits[split] = {
             "num_samples": next_id,
-            "shards": [{k: e[k] for k in ("file", "index", "samples", "first_id", "bytes", "sha256", "sums",
-                                          "sums_sha256") if k in e}
-                       for e in entries],
+            "shards": [
+                {
+                    k: e[k]
+                    for k in (
+                        "file",
+                        "index",
+                        "samples",
+                        "first_id",
+                        "bytes",
+                        "sha256",
+                        "sums",
+                        "sums_sha256",
+                    )
+                    if k in e
+                }
+                for e in entries
+            ],
             "skipped": skipped,
         }
     manifest = _manifest(source, opts, manifest_splits, fingerprint)
@@ -476,15 +556,27 @@ def _write(source: Source, out: Path, opts: ShardOptions, progress_path: Path, s
     (out / LISTING).unlink(missing_ok=True)
     _drop_aside(out)  # the earlier shards an --overwrite set aside: replaced for good now
     dt = time.perf_counter() - t0
-    log.info("%s: %d samples in %d shards, %.1f MB, %.1f s (%.0f images/s, %.1f MB/s)", out, total_samples,
-             sum(len(s["shards"]) for s in manifest_splits.values()), total_bytes / 1e6, dt,
-             total_samples / max(dt, 1e-9), total_bytes / 1e6 / max(dt, 1e-9))
+    log.info(
+        "%s: %d samples in %d shards, %.1f MB, %.1f s (%.0f images/s, %.1f MB/s)",
+        out,
+        total_samples,
+        sum(len(s["shards"]) for s in manifest_splits.values()),
+        total_bytes / 1e6,
+        dt,
+        total_samples / max(dt, 1e-9),
+        total_bytes / 1e6 / max(dt, 1e-9),
+    )
     return manifest
 
 
 def _opts_key(source: Source, opts: ShardOptions) -> dict:
-    return {"dataset": source.dataset, "seed": opts.seed, "max_count": opts.max_count, "max_size": opts.max_size,
-            "skip_bad": opts.skip_bad}
+    return {
+        "dataset": source.dataset,
+        "seed": opts.seed,
+        "max_count": opts.max_count,
+        "max_size": opts.max_size,
+        "skip_bad": opts.skip_bad,
+    }
 
 
 def _listing_sha256(items: list) -> str:
@@ -509,17 +601,24 @@ def _source_changes(out: Path, old: dict, listings: dict[str, list], root: str |
         b = {name: (label, size) for name, label, size in items}
         added, removed = sorted(b.keys() - a.keys()), sorted(a.keys() - b.keys())
         changed = sorted(n for n in a.keys() & b.keys() if a[n] != b[n])
-        what = [f"{len(x)} {word} (e.g. {x[0]})" for x, word in ((added, "added"), (removed, "removed"),
-                                                                   (changed, "changed")) if x]
+        what = [
+            f"{len(x)} {word} (e.g. {x[0]})"
+            for x, word in ((added, "added"), (removed, "removed"), (changed, "changed"))
+            if x
+        ]
         parts.append(f"{split}: " + (", ".join(what) or "the order of its items changed"))
     moved = f"; the source was {old.get('root')}, now {root}" if old.get("root") != root else ""
-    return (f"{out}: the source changed since the interrupted run started ({'; '.join(parts)}{moved}); resuming would "
-            "mix two datasets: shard into a new folder, or restore the source")
+    return (
+        f"{out}: the source changed since the interrupted run started ({'; '.join(parts)}{moved}); resuming would "
+        "mix two datasets: shard into a new folder, or restore the source"
+    )
 
 
 def _intact(out: Path, entry: dict) -> bool:
     try:
-        tar, idx = fmt.shard_paths(out, entry)  # a progress record names plain files of the folder, or nothing
+        tar, idx = fmt.shard_paths(
+            out, entry
+        )  # a progress record names plain files of the folder, or nothing
     except SSKDError:
         return False
     return tar.is_file() and idx.is_file() and sha256_file(tar) == entry["sha256"]
@@ -528,8 +627,14 @@ def _intact(out: Path, entry: dict) -> bool:
 def _bar(opts: ShardOptions, split: str, total: int, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"shard {split}", unit="img", disable=not opts.progress,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"shard {split}",
+        unit="img",
+        disable=not opts.progress,
+        dynamic_ncols=True,
+    )
 
 
 def _manifest(source: Source, opts: ShardOptions, splits: dict, fingerprint: dict) -> dict:
@@ -538,19 +643,39 @@ def _manifest(source: Source, opts: ShardOptions, splits: dict, fingerprint: dic
         shapes = {a.shape[1:3] for a in source.arrays.values() if len(a)}
         size = list(shapes.pop()) if len(shapes) == 1 else None
     return {
-        "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "dataset": source.dataset,
-        "layout": source.layout, "classes": source.classes, "num_classes": len(source.classes),
-        "image_ext": source.image_ext, "image_size": size, "mean": [float(m) for m in source.mean],
-        "std": [float(s) for s in source.std], "seed": opts.seed, "created_by": f"sskd {__version__}",
+        "format": fmt.FORMAT_NAME,
+        "version": fmt.FORMAT_VERSION,
+        "dataset": source.dataset,
+        "layout": source.layout,
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "image_ext": source.image_ext,
+        "image_size": size,
+        "mean": [float(m) for m in source.mean],
+        "std": [float(s) for s in source.std],
+        "seed": opts.seed,
+        "created_by": f"sskd {__version__}",
         "splits": splits,
         # what a later `--resume` of the finished folder compares (a finished folder is never rewritten)
-        "settings": {"max_count": opts.max_count, "max_size": opts.max_size, "skip_bad": opts.skip_bad,
-                     "source": fingerprint},
+        "settings": {
+            "max_count": opts.max_count,
+            "max_size": opts.max_size,
+            "skip_bad": opts.skip_bad,
+            "source": fingerprint,
+        },
     }
 
 
-def write_digits(out: str | Path, *, seed: int = 0, val_fraction: float = 0.2, max_count: int = 512,
-                 workers: int = 1, resume: bool = False, progress: bool = True) -> dict:
+def write_digits(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    max_count: int = 512,
+    workers: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Shard scikit-learn's digits (the embedded default dataset) into ``out``."""
     from shards.sources import digits_source
 

@@ -102,7 +102,9 @@ class Collected:
 def _bar(iterable: Iterable, total: int | None, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable, total=total, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False
+    )
 
 
 def collect(models: Any, loader, *, device: Any = None, progress: bool = False, desc: str = "analyze"):
@@ -183,7 +185,9 @@ def tsne_embed(feat: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> tup
     return emb, float(tsne.kl_divergence_)
 
 
-def plot_tsne(path: str | Path, emb: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str) -> None:
+def plot_tsne(
+    path: str | Path, emb: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str
+) -> None:
     """A scatter of the 2-D embedding coloured by class, with a legend; PNG written atomically (Agg)."""
     import matplotlib
 
@@ -200,13 +204,28 @@ def plot_tsne(path: str | Path, emb: np.ndarray, labels: np.ndarray, classes: Se
     for c in range(k):
         rows = labels == c
         if rows.any():
-            ax.scatter(emb[rows, 0], emb[rows, 1], s=8, color=colours[c], label=str(classes[c]), alpha=0.8,
-                       linewidths=0)
+            ax.scatter(
+                emb[rows, 0],
+                emb[rows, 1],
+                s=8,
+                color=colours[c],
+                label=str(classes[c]),
+                alpha=0.8,
+                linewidths=0,
+            )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol, fontsize=7, markerscale=2, frameon=False,
-              title="class", title_fontsize=8)
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        ncol=ncol,
+        fontsize=7,
+        markerscale=2,
+        frameon=False,
+        title="class",
+        title_fontsize=8,
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -244,12 +263,22 @@ def selection_batch(embed: Any, keep_ratio: float) -> dict[str, Any]:
     target = ss_targets(b, v, embed.device)
     correct = rearrange(target_rank(sim, target) == 0, "(b v) -> b v", b=b)
     kept = rearrange(select_rows(sim, target, keep_ratio), "(b v) -> b v", b=b)
-    return {"rows": np.full(v - 1, b, dtype=np.int64), "correct": correct.sum(0).cpu().numpy().astype(np.int64),
-            "kept": kept.sum(0).cpu().numpy().astype(np.int64)}
+    return {
+        "rows": np.full(v - 1, b, dtype=np.int64),
+        "correct": correct.sum(0).cpu().numpy().astype(np.int64),
+        "kept": kept.sum(0).cpu().numpy().astype(np.int64),
+    }
 
 
-def selection(teacher, loader, keep_ratio: float, *, device: Any = None, max_batches: int | None = None,
-              progress: bool = False) -> dict[str, Any]:
+def selection(
+    teacher,
+    loader,
+    keep_ratio: float,
+    *,
+    device: Any = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """SS accuracy and selective-transfer keep share of an SS teacher over a training loader's epoch 0.
 
     The teacher's outputs come from SSKD's own :meth:`sskd.methods.sskd.SSKD.teacher_outputs` (what
@@ -292,5 +321,10 @@ def selection(teacher, loader, keep_ratio: float, *, device: Any = None, max_bat
     def shares(r, c, k) -> dict[str, Any]:
         return {"rows": int(r), "ss_acc": float(c / r), "keep": float(k / r)}
 
-    return {"view_names": names, "views": {n: shares(r, c, k) for n, r, c, k in zip(names, rows, correct, kept)},
-            "overall": shares(rows.sum(), correct.sum(), kept.sum()), "batches": batches, "count": count}
+    return {
+        "view_names": names,
+        "views": {n: shares(r, c, k) for n, r, c, k in zip(names, rows, correct, kept)},
+        "overall": shares(rows.sum(), correct.sum(), kept.sum()),
+        "batches": batches,
+        "count": count,
+    }

@@ -116,7 +116,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         try:
             view = memoryview(data).cast("B")
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         except OSError as exc:  # os.write names no file: name the one being written (the CLI's line shows it)
             if exc.filename is None:
                 exc.filename = str(path)
@@ -126,9 +126,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 # What an errno of a failed write means for the user: the one table the writers and the CLI word it from.
-WRITE_ADVICE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EFBIG: "the file-size limit (ulimit -f) is reached", errno.EROFS: "write somewhere else",
-                errno.EACCES: "check the permissions"}
+WRITE_ADVICE = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file-size limit (ulimit -f) is reached",
+    errno.EROFS: "write somewhere else",
+    errno.EACCES: "check the permissions",
+}
 
 
 def os_error_reason(exc: OSError) -> str:
@@ -187,7 +191,7 @@ def private_tempdir(prefix: str) -> Path:
     root = Path(tempfile.gettempdir())
     for old in root.glob(f"{prefix}{host}-*-*"):
         try:
-            pid = int(old.name[len(prefix) + len(host) + 1:].split("-", 1)[0])
+            pid = int(old.name[len(prefix) + len(host) + 1 :].split("-", 1)[0])
             os.kill(pid, 0)
         except ValueError:
             continue

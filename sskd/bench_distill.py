@@ -65,7 +65,9 @@ def run_bench(args) -> dict:
 
     cls = method_class("student", args.method)
     if not cls.outputs:
-        raise SSKDError(f"--method {cls.name} uses no teacher outputs: nothing to compare live against cached")
+        raise SSKDError(
+            f"--method {cls.name} uses no teacher outputs: nothing to compare live against cached"
+        )
     views = resolve_views(load_config(None, [f"data.views={args.views}", f"student.method={cls.name}"]), cls)
     torch.manual_seed(0)
     loader = ViewLoader(args.shards, "train", batch_size=args.batch_size, views=views)
@@ -93,6 +95,7 @@ def run_bench(args) -> dict:
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
+
         return step
 
     class CEOnly(torch.nn.Module):  # the method's student model alone, CE on every view (see _ce_loss)
@@ -113,15 +116,30 @@ def run_bench(args) -> dict:
         arrays = teacher_arrays(ids, {n: torch.cat([o[n] for o in outs]) for n in cls.outputs}, None)
         write_chunk(chunk_path(cache, 0, 0, 0), arrays, 0, len(batches))
         specs = output_specs(cls, teacher, loader)
-        manifest = {"format": FORMAT, "version": VERSION, "complete": True, "binding": {}, "epochs": 1,
-                    "num_samples": loader.num_samples, "num_classes": k, "topk": None, "outputs": specs}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": True,
+            "binding": {},
+            "epochs": 1,
+            "num_samples": loader.num_samples,
+            "num_classes": k,
+            "topk": None,
+            "outputs": specs,
+        }
         (cache / "manifest.json").write_text(json.dumps(manifest))
         reader = CacheReader(cache, require_complete=False)  # a chunk of a few batches: its own index below
         reader._index[0] = _partial_index(reader, loader.num_samples)
         cached = make_step(cls(student(), None, num_classes=k))
-        times = _interleaved({"ce_step_s": make_step(CEOnly(student())), "live_step_s": make_step(live),
-                              "cached_step_s": lambda b: cached({**b, **reader.lookup(b["id"], 0)})},
-                             batches, args.warmup)
+        times = _interleaved(
+            {
+                "ce_step_s": make_step(CEOnly(student())),
+                "live_step_s": make_step(live),
+                "cached_step_s": lambda b: cached({**b, **reader.lookup(b["id"], 0)}),
+            },
+            batches,
+            args.warmup,
+        )
     res = {key: round(v, 5) for key, v in times.items()}
     res["method"] = cls.name
     res["live_over_cached"] = round(res["live_step_s"] / res["cached_step_s"], 2)
@@ -130,15 +148,26 @@ def run_bench(args) -> dict:
     if cls.name == "sskd":  # the keys of the first version of this benchmark
         res.update(sskd_live_step_s=res["live_step_s"], sskd_cached_step_s=res["cached_step_s"])
     res["disk_bytes_per_sample_epoch"] = bytes_per_sample(loader.num_views, specs, None)
-    res["config"] = {"method": cls.name, "teacher": args.teacher_arch, "student": args.student_arch,
-                     "views": list(loader.view_names), "batch_size": args.batch_size, "steps": args.steps,
-                     "threads": torch.get_num_threads()}
+    res["config"] = {
+        "method": cls.name,
+        "teacher": args.teacher_arch,
+        "student": args.student_arch,
+        "views": list(loader.view_names),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+    }
     res["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
-    print(f"{cls.name}: {args.teacher_arch} -> {args.student_arch}, {loader.num_views} views, batch {args.batch_size}, "
-          f"{args.steps} steps each")
+    print(
+        f"{cls.name}: {args.teacher_arch} -> {args.student_arch}, {loader.num_views} views, batch {args.batch_size}, "
+        f"{args.steps} steps each"
+    )
     print(f"{'variant':<16} {'step (s)':>9} {'vs CE':>7}")
-    for name, key in (("student, CE only", "ce_step_s"), (f"{cls.name} live", "live_step_s"),
-                      (f"{cls.name} cached", "cached_step_s")):
+    for name, key in (
+        ("student, CE only", "ce_step_s"),
+        (f"{cls.name} live", "live_step_s"),
+        (f"{cls.name} cached", "cached_step_s"),
+    ):
         print(f"{name:<16} {res[key]:>9.4f} {res[key] / res['ce_step_s']:>7.2f}")
     print(f"live / cached = {res['live_over_cached']:.2f}x; cached / CE = {res['cached_over_ce']:.3f}")
     if args.json:

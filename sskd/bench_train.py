@@ -40,13 +40,19 @@ from sskd.atomic import write_json
 
 
 def _machine(accelerator) -> dict:
-    info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "training_device": str(accelerator.device)}
+    info = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "training_device": str(accelerator.device),
+    }
     if hasattr(os, "getloadavg"):  # other work on the machine shares its cores (the figures move with it)
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(accelerator.device if accelerator.device.type == "cuda" else 0)
+        info["gpu"] = torch.cuda.get_device_name(
+            accelerator.device if accelerator.device.type == "cuda" else 0
+        )
     try:
         from nvidia import dali
 
@@ -74,8 +80,12 @@ def _bench_run(args, tmp: Path):
             raise SSKDError(f"--cache: method {cls.name} uses no teacher outputs: there is nothing to cache")
         if cls.cache_refusal:
             raise SSKDError(f"--cache: method {cls.name} does not use the cache: {cls.cache_refusal}")
-    sets = [f"data.views={args.views}", f"student.method={cls.name}", f"student.batch_size={args.batch_size}",
-            f"data.device={args.device}"]
+    sets = [
+        f"data.views={args.views}",
+        f"student.method={cls.name}",
+        f"student.batch_size={args.batch_size}",
+        f"data.device={args.device}",
+    ]
     if args.mixed_precision != "no":  # (YAML reads a bare ``no`` as false)
         sets.append(f"run.mixed_precision={args.mixed_precision}")
     if args.threads:
@@ -97,8 +107,11 @@ def _bench_run(args, tmp: Path):
     run = Run.__new__(Run)  # the loop's own object, without what a benchmark does not use
     run.cfg, run.st, run.out = cfg, cfg.student, tmp
     run.accelerator, run.main, run.world = accelerator, True, 1
-    run.phases, run.bar, run.state = [], None, {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0,
-                                                "skipped": 0}
+    run.phases, run.bar, run.state = (
+        [],
+        None,
+        {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0, "skipped": 0},
+    )
     run.init_step_state()
     run.method_cls = cls
     st = cfg.student
@@ -107,8 +120,9 @@ def _bench_run(args, tmp: Path):
     for p in method.parameters():  # as Run.enter_phase does for the main training
         p.requires_grad_(id(p) in active)
     method.set_phase(None)
-    optimizer = torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
-                                nesterov=st.nesterov)
+    optimizer = torch.optim.SGD(
+        params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay, nesterov=st.nesterov
+    )
     run.params = params
     run.method, run.optimizer = accelerator.prepare(method, optimizer)
     run.core = accelerator.unwrap_model(run.method)
@@ -176,19 +190,30 @@ def run_bench(args) -> dict:
         run, cls, views, teacher = _bench_run(args, tmp)
         cfg, accelerator = run.cfg, run.accelerator
         device = accelerator.device
-        loader_kw = {"batch_size": args.batch_size, "views": views, "train": True, "seed": cfg.run.seed,
-                     "device": pipeline_device(cfg.data.device), "threads": cfg.data.threads, "size": args.size,
-                     "torch_device": device}
+        loader_kw = {
+            "batch_size": args.batch_size,
+            "views": views,
+            "train": True,
+            "seed": cfg.run.seed,
+            "device": pipeline_device(cfg.data.device),
+            "threads": cfg.data.threads,
+            "size": args.size,
+            "torch_device": device,
+        }
         loader = ViewLoader(args.shards, "train", reuse_buffers=True, **loader_kw)  # as sskd.train._loaders
         run.train_loader = loader
         run.steps_per_epoch = max(1, len(loader))
-        run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer.optimizer, lr_factor(run.st, len(loader)))
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            run.optimizer.optimizer, lr_factor(run.st, len(loader))
+        )
         first = math.ceil(args.steps / 2)
         runs_timed = [first, args.steps - first]  # loader, preloaded, preloaded, loader
         need = args.warmup + first
         if need > len(loader):
-            raise SSKDError(f"{args.shards}: an epoch has only {len(loader)} batches of {args.batch_size}; "
-                            f"--warmup + half of --steps ({need}) must fit in one: lower --steps or --batch-size")
+            raise SSKDError(
+                f"{args.shards}: an epoch has only {len(loader)} batches of {args.batch_size}; "
+                f"--warmup + half of --steps ({need}) must fit in one: lower --steps or --batch-size"
+            )
         # The same batches the loader variant gets (an epoch is a pure function of its seed), owned copies
         # on the training device: the compute bound.
         preloaded = []
@@ -201,10 +226,16 @@ def run_bench(args) -> dict:
             hook = _cache_hook(cls, teacher, preloaded, loader, accelerator, tmp / "cache")
         run.method.train()
         log_every = cfg.run.log_every
-        order = [("loader", runs_timed[0]), ("preloaded", runs_timed[0]), ("preloaded", runs_timed[1]),
-                 ("loader", runs_timed[1])]
-        totals = {name: {"images": 0, "data_wait_s": 0.0, "step_s": 0.0, "logging_s": 0.0}
-                  for name in ("loader", "preloaded")}
+        order = [
+            ("loader", runs_timed[0]),
+            ("preloaded", runs_timed[0]),
+            ("preloaded", runs_timed[1]),
+            ("loader", runs_timed[1]),
+        ]
+        totals = {
+            name: {"images": 0, "data_wait_s": 0.0, "step_s": 0.0, "logging_s": 0.0}
+            for name in ("loader", "preloaded")
+        }
         for name, timed in order:
             if timed == 0:
                 continue
@@ -215,21 +246,39 @@ def run_bench(args) -> dict:
         metrics = tmp / "metrics.jsonl"
         logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
         run.metrics.close()
-    rates = {name: t["images"] / (t["data_wait_s"] + t["step_s"] + t["logging_s"]) for name, t in totals.items()}
+    rates = {
+        name: t["images"] / (t["data_wait_s"] + t["step_s"] + t["logging_s"]) for name, t in totals.items()
+    }
     lt = totals["loader"]
-    res = {"loader_images_per_s": round(rates["loader"], 2), "preloaded_images_per_s": round(rates["preloaded"], 2),
-           "ratio": round(rates["loader"] / rates["preloaded"], 3),
-           "time_split": {key: round(lt[key], 4) for key in ("data_wait_s", "step_s", "logging_s")},
-           "preloaded_time_split": {key: round(totals["preloaded"][key], 4)
-                                    for key in ("data_wait_s", "step_s", "logging_s")},
-           "timed_images": {name: t["images"] for name, t in totals.items()},
-           "metrics_lines": logged}
-    res["config"] = {"shards": str(args.shards), "method": cls.name, "teacher": args.teacher_arch,
-                     "student": args.student_arch, "views": list(loader.view_names), "size": loader.size,
-                     "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-                     "cache": bool(args.cache), "device": args.device, "dali_device": loader.device,
-                     "dali_threads": loader.threads, "mixed_precision": cfg.run.mixed_precision,
-                     "log_every": log_every, "order": [n for n, t in order if t]}
+    res = {
+        "loader_images_per_s": round(rates["loader"], 2),
+        "preloaded_images_per_s": round(rates["preloaded"], 2),
+        "ratio": round(rates["loader"] / rates["preloaded"], 3),
+        "time_split": {key: round(lt[key], 4) for key in ("data_wait_s", "step_s", "logging_s")},
+        "preloaded_time_split": {
+            key: round(totals["preloaded"][key], 4) for key in ("data_wait_s", "step_s", "logging_s")
+        },
+        "timed_images": {name: t["images"] for name, t in totals.items()},
+        "metrics_lines": logged,
+    }
+    res["config"] = {
+        "shards": str(args.shards),
+        "method": cls.name,
+        "teacher": args.teacher_arch,
+        "student": args.student_arch,
+        "views": list(loader.view_names),
+        "size": loader.size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "cache": bool(args.cache),
+        "device": args.device,
+        "dali_device": loader.device,
+        "dali_threads": loader.threads,
+        "mixed_precision": cfg.run.mixed_precision,
+        "log_every": log_every,
+        "order": [n for n, t in order if t],
+    }
     res["machine"] = _machine(accelerator)
     res["machine"]["load_avg_1m_before"] = load_before
     print(format_table(res))
@@ -249,11 +298,21 @@ def _cache_hook(cls, teacher, batches, loader, accelerator, cache: Path):
     with torch.inference_mode(), accelerator.autocast():
         outs = [cls.teacher_outputs(teacher, b["views"]) for b in batches]
     ids = np.concatenate([b["id"].cpu().numpy() for b in batches])
-    arrays = teacher_arrays(ids, {n: torch.cat([o[n].float().cpu() for o in outs]) for n in cls.outputs}, None)
+    arrays = teacher_arrays(
+        ids, {n: torch.cat([o[n].float().cpu() for o in outs]) for n in cls.outputs}, None
+    )
     write_chunk(chunk_path(cache, 0, 0, 0), arrays, 0, len(batches))
-    manifest = {"format": FORMAT, "version": VERSION, "complete": True, "binding": {}, "epochs": 1,
-                "num_samples": loader.num_samples, "num_classes": loader.num_classes, "topk": None,
-                "outputs": output_specs(cls, teacher, loader)}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": True,
+        "binding": {},
+        "epochs": 1,
+        "num_samples": loader.num_samples,
+        "num_classes": loader.num_classes,
+        "topk": None,
+        "outputs": output_specs(cls, teacher, loader),
+    }
     (cache / "manifest.json").write_text(json.dumps(manifest))
     reader = CacheReader(cache, require_complete=False)  # a chunk of a few batches: its own index below
     reader._index[0] = _partial_index(reader, loader.num_samples)
@@ -267,52 +326,74 @@ def _cache_hook(cls, teacher, batches, loader, accelerator, cache: Path):
 
 def format_table(res: dict) -> str:
     c = res["config"]
-    lines = [(f"{c['method']}: {c['teacher']} -> {c['student']}, views {', '.join(c['views'])} at {c['size']} px, "
-              f"batch {c['batch_size']}, {c['steps']} timed steps per variant, DALI {c['dali_device']} "
-              f"({c['dali_threads']} threads), training on {res['machine']['training_device']}"
-              f"{', teacher from a cache' if c['cache'] else ''}"),
-             f"{'variant':<11} {'images/s':>10}", "-" * 22,
-             f"{'loader':<11} {res['loader_images_per_s']:>10.2f}",
-             f"{'preloaded':<11} {res['preloaded_images_per_s']:>10.2f}"]
+    lines = [
+        (
+            f"{c['method']}: {c['teacher']} -> {c['student']}, views {', '.join(c['views'])} at {c['size']} px, "
+            f"batch {c['batch_size']}, {c['steps']} timed steps per variant, DALI {c['dali_device']} "
+            f"({c['dali_threads']} threads), training on {res['machine']['training_device']}"
+            f"{', teacher from a cache' if c['cache'] else ''}"
+        ),
+        f"{'variant':<11} {'images/s':>10}",
+        "-" * 22,
+        f"{'loader':<11} {res['loader_images_per_s']:>10.2f}",
+        f"{'preloaded':<11} {res['preloaded_images_per_s']:>10.2f}",
+    ]
     s = res["time_split"]
     total = sum(s.values()) or 1.0
     lines.append(f"loader / preloaded = {res['ratio']:.3f}")
-    lines.append("loader-fed time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.3f} s ({100 * v / total:.1f} %)"
-                                                 for k, v in s.items()))
+    lines.append(
+        "loader-fed time: "
+        + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.3f} s ({100 * v / total:.1f} %)" for k, v in s.items())
+    )
     return "\n".join(lines)
 
 
 def register_bench(bench_sub, fmt) -> None:
     p = bench_sub.add_parser(
-        "train", help="images/s of training steps fed by the DALI loader vs on pre-loaded batches",
+        "train",
+        help="images/s of training steps fed by the DALI loader vs on pre-loaded batches",
         formatter_class=fmt,
         description="Measures in one run the images/s of the training loop's own steps (sskd.train.train_step, "
-                    "its optimizer, lr schedule and metrics line) fed by the DALI ViewLoader with the "
-                    "method's views, against the same steps on the same batches loaded into memory "
-                    "beforehand (the compute bound); prints the ratio and where the loader-fed time goes "
-                    "(waiting for data, the step, logging). Runs in the order loader, preloaded, preloaded, "
-                    "loader, each after --warmup untimed steps. Models are freshly initialised.",
+        "its optimizer, lr schedule and metrics line) fed by the DALI ViewLoader with the "
+        "method's views, against the same steps on the same batches loaded into memory "
+        "beforehand (the compute bound); prints the ratio and where the loader-fed time goes "
+        "(waiting for data, the step, logging). Runs in the order loader, preloaded, preloaded, "
+        "loader, each after --warmup untimed steps. Models are freshly initialised.",
         epilog="example:\n  sskd bench train --shards data/shards/digits --method sskd --teacher-arch resnet32x4 "
-               "--student-arch resnet8x4 --json train.json\n"
-               "  sskd bench train --shards data/shards/photos --method kd --teacher-arch torchvision:resnet34 "
-               "--student-arch torchvision:resnet18 --cache --device gpu --batch-size 128 --json train-gpu.json")
+        "--student-arch resnet8x4 --json train.json\n"
+        "  sskd bench train --shards data/shards/photos --method kd --teacher-arch torchvision:resnet34 "
+        "--student-arch torchvision:resnet18 --cache --device gpu --batch-size 128 --json train-gpu.json",
+    )
     from sskd.methods import METHODS
 
     p.add_argument("--shards", required=True, help="shard folder")
-    p.add_argument("--method", choices=METHODS["student"].names(), default="sskd", help="the student method to train")
+    p.add_argument(
+        "--method", choices=METHODS["student"].names(), default="sskd", help="the student method to train"
+    )
     p.add_argument("--teacher-arch", required=True, help="teacher architecture (freshly initialised)")
     p.add_argument("--student-arch", required=True, help="student architecture")
-    p.add_argument("--cache", action="store_true",
-                   help="teacher outputs from a cache of these batches built first in a temporary folder")
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="teacher outputs from a cache of these batches built first in a temporary folder",
+    )
     p.add_argument("--views", default="auto", help="SS views (auto: the method's own)")
     p.add_argument("--size", type=int, help="view size (default: the layout's, 32 or 224)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (split over its two runs)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each run")
-    p.add_argument("--log-every", type=int, default=5,
-                   help="steps between metrics lines, as run.log_every (each run also logs at its last step)")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="where DALI makes the views (auto: gpu when CUDA is present); training uses CUDA when present")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=5,
+        help="steps between metrics lines, as run.log_every (each run also logs at its last step)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="where DALI makes the views (auto: gpu when CUDA is present); training uses CUDA when present",
+    )
     p.add_argument("--threads", type=int, help="DALI threads (default: data.threads)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
     p.add_argument("--json", help="write the results here")

@@ -40,8 +40,17 @@ log = logging.getLogger(__name__)
 FORMAT = "sskd-teacher-cache"
 VERSION = 3  # 3: the method's named outputs; 2: chunks named by their first batch, CRC-32 per chunk
 MANIFEST = "manifest.json"
-BINDING_FIELDS = ("method", "teacher_weights_sha256", "shards_manifest_sha256", "seed", "views", "size",
-                  "pipeline_version", "device_type", "split")
+BINDING_FIELDS = (
+    "method",
+    "teacher_weights_sha256",
+    "shards_manifest_sha256",
+    "seed",
+    "views",
+    "size",
+    "pipeline_version",
+    "device_type",
+    "split",
+)
 _DT = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
 _NP_DT = {np.dtype(v): k for k, v in _DT.items()}
 
@@ -80,8 +89,9 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
     return f"{crc:08x}"
 
 
-def teacher_arrays(ids: np.ndarray, outputs: dict[str, torch.Tensor], topk: int | None,
-                   topk_names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def teacher_arrays(
+    ids: np.ndarray, outputs: dict[str, torch.Tensor], topk: int | None, topk_names: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
     """The stored form of a run of batches: ids (n,) and each output (n, V, ...) in fp16, or as top-K."""
     arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64)}
     for name, value in outputs.items():
@@ -104,14 +114,24 @@ def write_chunk(path: Path, arrays: dict[str, np.ndarray], first_batch: int, bat
     from safetensors.numpy import save
 
     # One metadata key: safetensors writes several in a random order, and chunks are byte-deterministic.
-    meta = {"sskd": json.dumps({"first_batch": first_batch, "batches": batches, "crc32": checksum(arrays)},
-                               sort_keys=True)}
+    meta = {
+        "sskd": json.dumps(
+            {"first_batch": first_batch, "batches": batches, "crc32": checksum(arrays)}, sort_keys=True
+        )
+    }
     data = save(arrays, metadata=meta)  # the bytes save_file writes; written here so errors keep their errno
     try:
         atomic.write_bytes(path, data)
     except OSError as exc:
-        raise SSKDError(atomic.write_error(path, exc, "cache chunk", kept="the chunks written before it are kept: "
-                                           "free space, then rerun the same command with --resume")) from None
+        raise SSKDError(
+            atomic.write_error(
+                path,
+                exc,
+                "cache chunk",
+                kept="the chunks written before it are kept: "
+                "free space, then rerun the same command with --resume",
+            )
+        ) from None
 
 
 def _header(path: Path) -> tuple[int, dict[str, Any], int]:
@@ -127,17 +147,26 @@ def _header(path: Path) -> tuple[int, dict[str, Any], int]:
         raise SSKDError(f"{path}: unreadable cache chunk ({exc})") from exc
     try:
         meta = json.loads((header.get("__metadata__") or {})["sskd"])
-        meta = {"first_batch": int(meta["first_batch"]), "batches": int(meta["batches"]), "crc32": str(meta["crc32"])}
+        meta = {
+            "first_batch": int(meta["first_batch"]),
+            "batches": int(meta["batches"]),
+            "crc32": str(meta["crc32"]),
+        }
     except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-        raise SSKDError(f"{path}: cache chunk without its batch range and checksum (made by an older sskd? "
-                        "rebuild the cache)") from None
+        raise SSKDError(
+            f"{path}: cache chunk without its batch range and checksum (made by an older sskd? "
+            "rebuild the cache)"
+        ) from None
     header["__metadata__"] = meta
     for name, t in header.items():
         if name == "__metadata__":
             continue
         if t.get("dtype") not in _DT or 8 + n + t["data_offsets"][1] > size:
-            raise SSKDError(f"{path}: truncated cache chunk ({size} bytes, header needs {8 + n + t['data_offsets'][1]})"
-                            if t.get("dtype") in _DT else f"{path}: unknown dtype in cache chunk")
+            raise SSKDError(
+                f"{path}: truncated cache chunk ({size} bytes, header needs {8 + n + t['data_offsets'][1]})"
+                if t.get("dtype") in _DT
+                else f"{path}: unknown dtype in cache chunk"
+            )
     if "ids" not in header:
         raise SSKDError(f"{path}: cache chunk has no 'ids'")
     return n, header, size
@@ -151,9 +180,17 @@ def chunk_meta(path: Path) -> dict[str, int | str]:
 def map_chunk(path: Path) -> dict[str, np.ndarray]:
     """Memory-map every tensor of a chunk; a truncated or damaged file is an error naming it."""
     n, header, _ = _header(path)
-    return {name: np.memmap(path, dtype=_DT[t["dtype"]], mode="r", offset=8 + n + t["data_offsets"][0],
-                            shape=tuple(t["shape"]))
-            for name, t in header.items() if name != "__metadata__"}
+    return {
+        name: np.memmap(
+            path,
+            dtype=_DT[t["dtype"]],
+            mode="r",
+            offset=8 + n + t["data_offsets"][0],
+            shape=tuple(t["shape"]),
+        )
+        for name, t in header.items()
+        if name != "__metadata__"
+    }
 
 
 def verify_chunk(path: Path, arrays: dict[str, np.ndarray] | None = None) -> None:
@@ -161,8 +198,10 @@ def verify_chunk(path: Path, arrays: dict[str, np.ndarray] | None = None) -> Non
     arrays = map_chunk(path) if arrays is None else arrays
     want = chunk_meta(path)["crc32"]
     if checksum(arrays) != want:
-        raise SSKDError(f"{path}: checksum mismatch (the chunk is damaged); rebuild its epoch: delete the file and "
-                        "run `sskd cache ... --resume`")
+        raise SSKDError(
+            f"{path}: checksum mismatch (the chunk is damaged); rebuild its epoch: delete the file and "
+            "run `sskd cache ... --resume`"
+        )
 
 
 def read_manifest(cache: Path) -> dict[str, Any]:
@@ -173,8 +212,10 @@ def read_manifest(cache: Path) -> dict[str, Any]:
     if m.get("format") != FORMAT:
         raise SSKDError(f"{path}: not an sskd teacher cache")
     if m.get("version") != VERSION:
-        raise SSKDError(f"{path}: a cache of format version {m.get('version')}; this sskd reads version {VERSION}: "
-                        "rebuild it with `sskd cache`")
+        raise SSKDError(
+            f"{path}: a cache of format version {m.get('version')}; this sskd reads version {VERSION}: "
+            "rebuild it with `sskd cache`"
+        )
     return m
 
 
@@ -183,27 +224,35 @@ def check_binding(manifest: dict[str, Any], expected: dict[str, Any], where: str
     for field in BINDING_FIELDS:
         have, want = manifest["binding"].get(field), expected.get(field)
         if have != want:
-            raise SSKDError(f"{where}: cache was made with {field}={have!r} but this run has {want!r}; "
-                            "rebuild it with `sskd cache` for this run")
+            raise SSKDError(
+                f"{where}: cache was made with {field}={have!r} but this run has {want!r}; "
+                "rebuild it with `sskd cache` for this run"
+            )
     # Data settings: a cache of the whole split serves any few-shot subset of it (outputs are keyed by id);
     # a subset's cache serves only that subset. Label noise is recorded, not compared: teacher outputs
     # never read labels. Caches from before these fields hold the whole split.
     have = manifest["binding"].get("subset_fraction", 1.0)
     want = expected.get("subset_fraction", 1.0)
     if have != 1.0 and have != want:
-        raise SSKDError(f"{where}: cache holds the data.subset_fraction={have} subset but this run has "
-                        f"{want}; rebuild it with `sskd cache` for this run (or cache the whole split)")
+        raise SSKDError(
+            f"{where}: cache holds the data.subset_fraction={have} subset but this run has "
+            f"{want}; rebuild it with `sskd cache` for this run (or cache the whole split)"
+        )
 
 
 class CacheReader:
     """Cached teacher outputs by (sample id, epoch), for any method that declares them."""
 
-    def __init__(self, cache: str | Path, expected: dict[str, Any] | None = None, require_complete: bool = True):
+    def __init__(
+        self, cache: str | Path, expected: dict[str, Any] | None = None, require_complete: bool = True
+    ):
         self.path = Path(cache)
         self.manifest = read_manifest(self.path)
         if require_complete and not self.manifest.get("complete"):
-            raise SSKDError(f"{self.path / MANIFEST}: the cache is incomplete (interrupted?); finish it with "
-                            "`sskd cache ... --resume`")
+            raise SSKDError(
+                f"{self.path / MANIFEST}: the cache is incomplete (interrupted?); finish it with "
+                "`sskd cache ... --resume`"
+            )
         if expected is not None:
             check_binding(self.manifest, expected, str(self.path))
         self.epochs = int(self.manifest["epochs"])
@@ -231,45 +280,61 @@ class CacheReader:
             meta = header["__metadata__"]
             rank = f.name.split("-b")[0]
             if f.name != f"{rank}-b{meta['first_batch']:06d}.safetensors":
-                raise SSKDError(f"{f}: holds the chunk that starts at batch {meta['first_batch']} (renamed or "
-                                "copied from another chunk): rebuild the cache with `sskd cache`")
+                raise SSKDError(
+                    f"{f}: holds the chunk that starts at batch {meta['first_batch']} (renamed or "
+                    "copied from another chunk): rebuild the cache with `sskd cache`"
+                )
             total += int(np.prod(header["ids"]["shape"]))
             by_rank.setdefault(rank, []).append((meta["first_batch"], meta["batches"], f))
         for rank, chunks in sorted(by_rank.items()):
             expect = 0
             for first, batches, f in sorted(chunks, key=lambda c: c[0]):
                 if first > expect:
-                    raise SSKDError(f"{folder}: the chunk of rank {rank[1:]} for batches {expect}..{first - 1} of "
-                                    f"epoch {epoch} is missing (the next one is {f.name}); rebuild it: "
-                                    "`sskd cache ... --resume` writes what is missing")
+                    raise SSKDError(
+                        f"{folder}: the chunk of rank {rank[1:]} for batches {expect}..{first - 1} of "
+                        f"epoch {epoch} is missing (the next one is {f.name}); rebuild it: "
+                        "`sskd cache ... --resume` writes what is missing"
+                    )
                 if first < expect:
-                    raise SSKDError(f"{f}: its batches {first}..{first + batches - 1} are also in another chunk of "
-                                    f"epoch {epoch} (a duplicated chunk); remove the extra file or rebuild the cache")
+                    raise SSKDError(
+                        f"{f}: its batches {first}..{first + batches - 1} are also in another chunk of "
+                        f"epoch {epoch} (a duplicated chunk); remove the extra file or rebuild the cache"
+                    )
                 expect = first + batches
         if total != self.num_samples:
-            raise SSKDError(f"{folder}: the chunks of epoch {epoch} hold {total} samples, the cache has "
-                            f"{self.num_samples} per epoch ({'a chunk is missing' if total < self.num_samples else 'a chunk is there twice'}); "
-                            "rebuild it: `sskd cache ... --resume` writes what is missing")
+            raise SSKDError(
+                f"{folder}: the chunks of epoch {epoch} hold {total} samples, the cache has "
+                f"{self.num_samples} per epoch ({'a chunk is missing' if total < self.num_samples else 'a chunk is there twice'}); "
+                "rebuild it: `sskd cache ... --resume` writes what is missing"
+            )
         return files
 
     def _epoch(self, epoch: int):
         if epoch not in self._index:
             self._index.clear()  # one epoch's maps at a time: memory maps are a per-process budget
             files = self.files.get(epoch) or self._files(epoch)
-            chunks, which, row = [], np.full(self.num_samples, -1, np.int64), np.zeros(self.num_samples, np.int64)
+            chunks, which, row = (
+                [],
+                np.full(self.num_samples, -1, np.int64),
+                np.zeros(self.num_samples, np.int64),
+            )
             for c, f in enumerate(files):
                 arrays = map_chunk(f)
                 ids = np.asarray(arrays["ids"])
                 if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
                     raise SSKDError(f"{f}: sample ids outside 0..{self.num_samples - 1}")
                 if (which[ids] >= 0).any():
-                    raise SSKDError(f"{f}: sample {int(ids[(which[ids] >= 0).argmax()])} is cached twice in epoch {epoch}")
+                    raise SSKDError(
+                        f"{f}: sample {int(ids[(which[ids] >= 0).argmax()])} is cached twice in epoch {epoch}"
+                    )
                 which[ids], row[ids] = c, np.arange(len(ids))
                 chunks.append(dict(arrays, __path__=f))
             missing = np.flatnonzero(which < 0)
             if len(missing):
-                raise SSKDError(f"{epoch_dir(self.path, epoch)}: {len(missing)} samples missing from the cache "
-                                f"(e.g. id {int(missing[0])})")
+                raise SSKDError(
+                    f"{epoch_dir(self.path, epoch)}: {len(missing)} samples missing from the cache "
+                    f"(e.g. id {int(missing[0])})"
+                )
             self._index[epoch] = (chunks, which, row)
         return self._index[epoch]
 
@@ -297,8 +362,12 @@ class CacheReader:
         name = output["name"]
         if name in arr:
             return np.asarray(arr[name][rows], dtype=np.float32)
-        return dense_from_topk(np.asarray(arr[f"{name}.topv"][rows], np.float32), np.asarray(arr[f"{name}.topi"][rows]),
-                               np.asarray(arr[f"{name}.lse"][rows], np.float32), int(output["shape"][-1]))
+        return dense_from_topk(
+            np.asarray(arr[f"{name}.topv"][rows], np.float32),
+            np.asarray(arr[f"{name}.topi"][rows]),
+            np.asarray(arr[f"{name}.lse"][rows], np.float32),
+            int(output["shape"][-1]),
+        )
 
     def verify(self, log_line=None) -> list[str]:
         """Every epoch's coverage and every chunk's checksum; returns the problems (empty = all good)."""

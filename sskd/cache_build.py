@@ -41,12 +41,16 @@ def cache_method(cfg: Config, *, refuse: bool = True):
     if not cls.outputs:
         raise SSKDError(f"--method {cls.name} uses no teacher outputs: there is nothing to cache for it")
     if refuse and cls.cache_refusal:
-        raise SSKDError(f"--method {cls.name} does not use the cache: {cls.cache_refusal} (`sskd cache --dry-run` "
-                        "prints what it would need)")
+        raise SSKDError(
+            f"--method {cls.name} does not use the cache: {cls.cache_refusal} (`sskd cache --dry-run` "
+            "prints what it would need)"
+        )
     return cls
 
 
-def dry_run(cfg: Config, teacher: str, epochs: int, topk: int | None = None, split: str = "train") -> dict[str, Any]:
+def dry_run(
+    cfg: Config, teacher: str, epochs: int, topk: int | None = None, split: str = "train"
+) -> dict[str, Any]:
     """What a cache for this run would hold and weigh, without writing anything; printed by ``--dry-run``."""
     from pipelines import ViewLoader
     from shards.format import load_manifest
@@ -57,19 +61,37 @@ def dry_run(cfg: Config, teacher: str, epochs: int, topk: int | None = None, spl
     shards_manifest = load_manifest(cfg.data.shards)
     model, info = load_teacher(teacher, shards_manifest)
     cls.check_teacher(info, teacher, cfg)
-    loader = ViewLoader(cfg.data.shards, split, batch_size=1, views=resolve_views(cfg, cls), size=cfg.data.size,
-                        subset_fraction=cfg.data.subset_fraction)
+    loader = ViewLoader(
+        cfg.data.shards,
+        split,
+        batch_size=1,
+        views=resolve_views(cfg, cls),
+        size=cfg.data.size,
+        subset_fraction=cfg.data.subset_fraction,
+    )
     outputs = output_specs(cls, freeze(model), loader)
     per = bytes_per_sample(loader.num_views, outputs, topk)
-    report = {"method": cls.name, "views": list(loader.view_names), "outputs": outputs, "topk": topk,
-              "bytes_per_sample_epoch": per, "num_samples": loader.num_samples,
-              "gb_per_epoch": round(per * loader.num_samples / 1e9, 3), "epochs": epochs,
-              "gb_total": round(per * loader.num_samples * epochs / 1e9, 3), "refused": cls.cache_refusal}
-    shapes = ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}{' (top-K)' if topk and o['topk'] else ''}"
-                       for o in outputs)
-    print(f"--method {cls.name}: per sample and view {shapes}; {loader.num_views} views: {per:,} bytes per sample "
-          f"per epoch; {report['gb_per_epoch']} GB per epoch of {loader.num_samples:,} samples, "
-          f"{report['gb_total']} GB for {epochs} epochs")
+    report = {
+        "method": cls.name,
+        "views": list(loader.view_names),
+        "outputs": outputs,
+        "topk": topk,
+        "bytes_per_sample_epoch": per,
+        "num_samples": loader.num_samples,
+        "gb_per_epoch": round(per * loader.num_samples / 1e9, 3),
+        "epochs": epochs,
+        "gb_total": round(per * loader.num_samples * epochs / 1e9, 3),
+        "refused": cls.cache_refusal,
+    }
+    shapes = ", ".join(
+        f"{o['name']} {'x'.join(map(str, o['shape']))}{' (top-K)' if topk and o['topk'] else ''}"
+        for o in outputs
+    )
+    print(
+        f"--method {cls.name}: per sample and view {shapes}; {loader.num_views} views: {per:,} bytes per sample "
+        f"per epoch; {report['gb_per_epoch']} GB per epoch of {loader.num_samples:,} samples, "
+        f"{report['gb_total']} GB for {epochs} epochs"
+    )
     if cls.cache_refusal:
         print(f"not cached: {cls.cache_refusal}")
     return report
@@ -87,12 +109,19 @@ def binding_for(cfg: Config, teacher: dict[str, Any], split: str = "train") -> d
     cls = cache_method(cfg)
     views = resolve_views(cfg, cls)
     layout = load_manifest(cfg.data.shards)["layout"]
-    return {"method": cls.name, "teacher_weights_sha256": teacher.get("weights_sha256"),
-            "shards_manifest_sha256": manifest_sha256(cfg.data.shards), "seed": cfg.run.seed,
-            "views": list(views.names) if views is not None else ["normal"], "size": cfg.data.size or DEFAULT_SIZE[layout],
-            "pipeline_version": PIPELINE_VERSION, "device_type": pipeline_device(cfg.data.device), "split": split,
-            "subset_fraction": cfg.data.subset_fraction if split == "train" else 1.0,
-            "label_noise": cfg.data.label_noise if split == "train" else 0.0}
+    return {
+        "method": cls.name,
+        "teacher_weights_sha256": teacher.get("weights_sha256"),
+        "shards_manifest_sha256": manifest_sha256(cfg.data.shards),
+        "seed": cfg.run.seed,
+        "views": list(views.names) if views is not None else ["normal"],
+        "size": cfg.data.size or DEFAULT_SIZE[layout],
+        "pipeline_version": PIPELINE_VERSION,
+        "device_type": pipeline_device(cfg.data.device),
+        "split": split,
+        "subset_fraction": cfg.data.subset_fraction if split == "train" else 1.0,
+        "label_noise": cfg.data.label_noise if split == "train" else 0.0,
+    }
 
 
 def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
@@ -108,8 +137,10 @@ def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
     reader = CacheReader(cache, expected=binding_for(job.cfg, info))
     missing = [n for n in cls.outputs if n not in {o["name"] for o in reader.outputs}]
     if missing:
-        raise SSKDError(f"{cache}: holds no {', '.join(missing)} for --method {cls.name}; rebuild it with "
-                        f"`sskd cache --method {cls.name}`")
+        raise SSKDError(
+            f"{cache}: holds no {', '.join(missing)} for --method {cls.name}; rebuild it with "
+            f"`sskd cache --method {cls.name}`"
+        )
 
     def hook(batch, epoch):
         out = reader.lookup(batch["id"], epoch)
@@ -144,9 +175,19 @@ def resume_point(cache: Path, epoch: int, rank: int) -> int:
     return done
 
 
-def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk: int | None = None,
-                split: str = "train", batch_size: int = 256, chunk_batches: int = 20, resume: bool = False,
-                progress: bool = True) -> Path:
+def build_cache(
+    cfg: Config,
+    teacher: str,
+    out: str | Path,
+    epochs: int,
+    *,
+    topk: int | None = None,
+    split: str = "train",
+    batch_size: int = 256,
+    chunk_batches: int = 20,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
     """Run the frozen teacher over epochs 0..E-1 of the training views and store its outputs.
 
     The main process holds the cache folder's lock for the build. On SIGTERM or SIGINT each rank
@@ -157,7 +198,11 @@ def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk
     from sskd.lock import FolderLock
 
     out = Path(out)
-    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--chunk-batches", chunk_batches)):
+    for name, value in (
+        ("--epochs", epochs),
+        ("--batch-size", batch_size),
+        ("--chunk-batches", chunk_batches),
+    ):
         if value < 1:
             raise SSKDError(f"{name} must be >= 1, not {value}")
     accelerator = make_accelerator(cfg.run.mixed_precision, 1, cfg.data.device)
@@ -166,14 +211,20 @@ def build_cache(cfg: Config, teacher: str, out: str | Path, epochs: int, *, topk
         try:
             lock = FolderLock(out, "cache folder").acquire()
         except (SSKDError, OSError) as exc:
-            error = str(exc) if isinstance(exc, SSKDError) else f"{out}: cannot write the cache here ({exc.strerror})"
+            error = (
+                str(exc)
+                if isinstance(exc, SSKDError)
+                else f"{out}: cannot write the cache here ({exc.strerror})"
+            )
     from sskd.dist import agree_on_error
 
     error = agree_on_error(accelerator, error)
     if error:
         raise SSKDError(error)
     try:
-        return _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator)
+        return _build(
+            cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -183,8 +234,15 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     try:
         atomic.write_json(out / MANIFEST, manifest)
     except OSError as exc:
-        raise SSKDError(atomic.write_error(out / MANIFEST, exc, "cache manifest", kept="the chunks written so far "
-                                           "are kept: free space, then rerun the same command with --resume")) from None
+        raise SSKDError(
+            atomic.write_error(
+                out / MANIFEST,
+                exc,
+                "cache manifest",
+                kept="the chunks written so far "
+                "are kept: free space, then rerun the same command with --resume",
+            )
+        ) from None
 
 
 def output_specs(cls, model, loader) -> list[dict[str, Any]]:
@@ -196,7 +254,9 @@ def output_specs(cls, model, loader) -> list[dict[str, Any]]:
     return [{"name": n, "shape": list(outs[n].shape[2:]), "topk": n in cls.topk_outputs} for n in cls.outputs]
 
 
-def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator) -> Path:
+def _build(
+    cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator
+) -> Path:
     from pipelines import PIPELINE_VERSION, ViewLoader
     from shards.format import load_manifest
     from sskd import __version__
@@ -211,23 +271,50 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
     model, info = load_teacher(teacher, shards_manifest)
     cls.check_teacher(info, teacher, cfg)
     model = freeze(model).to(accelerator.device)
-    loader = ViewLoader(cfg.data.shards, split, batch_size=batch_size, views=resolve_views(cfg, cls),
-                        seed=cfg.run.seed, rank=rank, world_size=world, device=pipeline_device(cfg.data.device),
-                        threads=cfg.data.threads, size=cfg.data.size, torch_device=accelerator.device,
-                        reuse_buffers=True, subset_fraction=cfg.data.subset_fraction)
+    loader = ViewLoader(
+        cfg.data.shards,
+        split,
+        batch_size=batch_size,
+        views=resolve_views(cfg, cls),
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world,
+        device=pipeline_device(cfg.data.device),
+        threads=cfg.data.threads,
+        size=cfg.data.size,
+        torch_device=accelerator.device,
+        reuse_buffers=True,
+        subset_fraction=cfg.data.subset_fraction,
+    )
     outputs = output_specs(cls, model, loader)
     if topk is not None:
         sizes = [o["shape"][-1] for o in outputs if o["topk"]]
         if not sizes:
             raise SSKDError(f"--topk: method {cls.name} stores no output as top-K (leave --topk out)")
         if not 0 < topk < min(sizes):
-            raise SSKDError(f"--topk {topk}: must be between 1 and {min(sizes) - 1} (or leave it out for all logits)")
-    manifest = {"format": FORMAT, "version": VERSION, "complete": False, "binding": binding_for(cfg, info, split),
-                "method": cls.name, "outputs": outputs, "epochs": epochs, "num_samples": loader.num_samples,
-                "views": list(loader.view_names), "num_views": loader.num_views,
-                "num_classes": shards_manifest["num_classes"], "topk": topk, "world_size": world,
-                "chunk_batches": chunk_batches, "batch_size": batch_size, "teacher": str(teacher),
-                "created_by": f"sskd {__version__}", "pipeline_version": PIPELINE_VERSION}
+            raise SSKDError(
+                f"--topk {topk}: must be between 1 and {min(sizes) - 1} (or leave it out for all logits)"
+            )
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "complete": False,
+        "binding": binding_for(cfg, info, split),
+        "method": cls.name,
+        "outputs": outputs,
+        "epochs": epochs,
+        "num_samples": loader.num_samples,
+        "views": list(loader.view_names),
+        "num_views": loader.num_views,
+        "num_classes": shards_manifest["num_classes"],
+        "topk": topk,
+        "world_size": world,
+        "chunk_batches": chunk_batches,
+        "batch_size": batch_size,
+        "teacher": str(teacher),
+        "created_by": f"sskd {__version__}",
+        "pipeline_version": PIPELINE_VERSION,
+    }
     per = bytes_per_sample(loader.num_views, outputs, topk)
     need = per * loader.num_samples * epochs
     existing = (out / MANIFEST).is_file()
@@ -239,8 +326,10 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
         check_binding(old, manifest["binding"], str(out))
         for field in ("epochs", "topk", "world_size", "batch_size"):
             if old.get(field) != manifest[field]:
-                raise SSKDError(f"{out}: the cache was started with {field}={old.get(field)!r}, not {manifest[field]!r}; "
-                                "resume with the same settings")
+                raise SSKDError(
+                    f"{out}: the cache was started with {field}={old.get(field)!r}, not {manifest[field]!r}; "
+                    "resume with the same settings"
+                )
         if old.get("complete"):
             try:
                 CacheReader(out)  # every epoch's chunk list: a chunk deleted or copied since is made again
@@ -254,10 +343,20 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
                 return out
     elif main:
         free = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free
-        log.info("cache: %d samples x %d epochs x %d views, %d bytes per sample per epoch: %.2f GB needed, "
-                 "%.1f GB free", loader.num_samples, epochs, loader.num_views, per, need / 1e9, free / 1e9)
+        log.info(
+            "cache: %d samples x %d epochs x %d views, %d bytes per sample per epoch: %.2f GB needed, "
+            "%.1f GB free",
+            loader.num_samples,
+            epochs,
+            loader.num_views,
+            per,
+            need / 1e9,
+            free / 1e9,
+        )
         if need > free:
-            raise SSKDError(f"{out}: the cache needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free")
+            raise SSKDError(
+                f"{out}: the cache needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free"
+            )
         _write_manifest(out, manifest)
     if main:  # under the lock: partial files of a killed writer are garbage
         atomic.remove_stale_partials(out, recursive=True)
@@ -265,7 +364,13 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
     n_batches = len(loader)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=epochs * n_batches, desc="cache", unit="batch", disable=not (main and progress), dynamic_ncols=True)
+    bar = tqdm(
+        total=epochs * n_batches,
+        desc="cache",
+        unit="batch",
+        disable=not (main and progress),
+        dynamic_ncols=True,
+    )
     with StopRequest() as request:
         for epoch in range(epochs):
             first = resume_point(out, epoch, rank)
@@ -277,8 +382,12 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
             def flush(start: int) -> None:
                 ids = np.concatenate([p[0] for p in pending])
                 outs = {n: torch.cat([p[1][n] for p in pending]) for n in cls.outputs}
-                write_chunk(chunk_path(out, epoch, rank, start), teacher_arrays(ids, outs, topk, cls.topk_outputs),
-                            start, len(pending))
+                write_chunk(
+                    chunk_path(out, epoch, rank, start),
+                    teacher_arrays(ids, outs, topk, cls.topk_outputs),
+                    start,
+                    len(pending),
+                )
                 pending.clear()
 
             start = first
@@ -293,9 +402,13 @@ def _build(cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, re
                     start = i + 1
                 if signum and (i < n_batches - 1 or epoch < epochs - 1):
                     bar.close()
-                    raise Interrupted(f"stopped by {request.describe(signum)} in epoch {epoch} after batch {i} "
-                                      f"(rank {rank}); the batches made so far are saved: rerun the same command with "
-                                      "--resume to finish the cache", signum, quiet=not main)
+                    raise Interrupted(
+                        f"stopped by {request.describe(signum)} in epoch {epoch} after batch {i} "
+                        f"(rank {rank}); the batches made so far are saved: rerun the same command with "
+                        "--resume to finish the cache",
+                        signum,
+                        quiet=not main,
+                    )
     bar.close()
     accelerator.wait_for_everyone()
     if main:

@@ -97,7 +97,11 @@ def os_error_line(exc: OSError) -> str:
 
     if exc.filename is None:
         return os_error_reason(exc)
-    where = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else str(exc.filename)
+    where = (
+        os.fsdecode(exc.filename)
+        if isinstance(exc.filename, (str, bytes, os.PathLike))
+        else str(exc.filename)
+    )
     if exc.filename2 is not None:
         where += f" -> {os.fsdecode(exc.filename2)}"
     return f"{where}: {os_error_reason(exc)}"
@@ -105,9 +109,13 @@ def os_error_line(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write (EFBIG) instead of killing us
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a file-size limit fails the write (EFBIG) instead of killing us
     args_in = sys.argv[1:] if argv is None else list(argv)
-    command = supervised_command(args_in) if argv is None else None  # the console entry only, not in-process calls
+    command = (
+        supervised_command(args_in) if argv is None else None
+    )  # the console entry only, not in-process calls
     if command:
         from sskd.supervisor import supervise
 
@@ -150,7 +158,9 @@ def _guarded(func) -> int:
     except BrokenPipeError:  # `sskd methods | head`: the reader has gone; nothing to say to it
         sys.stderr.close()
         return 0
-    except OSError as exc:  # disk full, file-size limit, read-only folder, permissions: the file and the reason
+    except (
+        OSError
+    ) as exc:  # disk full, file-size limit, read-only folder, permissions: the file and the reason
         logging.getLogger("sskd").debug("OSError", exc_info=True)
         print(f"sskd: error: {os_error_line(exc)}", file=sys.stderr)
         return 1

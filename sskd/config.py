@@ -24,8 +24,15 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 
-def bound(default: Any = MISSING, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-          choices: tuple[str, ...] | None = None, factory: Any = MISSING) -> Any:
+def bound(
+    default: Any = MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    factory: Any = MISSING,
+) -> Any:
     """A dataclass field with the range or choices :func:`validate` checks (None always passes)."""
     meta = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("choices", choices)) if v is not None}
     if factory is not MISSING:
@@ -41,8 +48,12 @@ class DataConfig:
     # SS views: auto (the method's own: `rotation` for SSKD, `shared_rotation` for HSSAKD), a preset
     # (`rotation` = the official SSKD code, `paper` = the paper's four transforms) or a comma list
     views: str = "auto"
-    size: int | None = bound(None, ge=8)  # output size; None = from the shard manifest (32 CIFAR/digits, 224 ImageNet)
-    device: str = bound("auto", choices=("auto", "cpu", "gpu"))  # DALI device: auto = gpu when CUDA is present
+    size: int | None = bound(
+        None, ge=8
+    )  # output size; None = from the shard manifest (32 CIFAR/digits, 224 ImageNet)
+    device: str = bound(
+        "auto", choices=("auto", "cpu", "gpu")
+    )  # DALI device: auto = gpu when CUDA is present
     threads: int = bound(2, ge=1)  # DALI worker threads per process
     eval_batch_size: int = bound(256, ge=1)
     # Robustness settings (SSKD Sec. 4.3), training split only (pipelines.settings): few-shot keeps this
@@ -82,7 +93,9 @@ class RunConfig:
     seed: int = bound(0, ge=0)
     mixed_precision: str = bound("no", choices=("no", "bf16", "fp16"))  # fp16 needs a GPU
     log_every: int = bound(50, ge=1)  # optimizer steps between metric lines
-    ckpt_every: int = bound(500, ge=0)  # optimizer steps between mid-epoch checkpoints (0 = only at epoch ends)
+    ckpt_every: int = bound(
+        500, ge=0
+    )  # optimizer steps between mid-epoch checkpoints (0 = only at epoch ends)
     eval_every: int = bound(1, ge=0)  # epochs between evaluations (0 = only at the end)
     global_ss_batch: bool = False  # all-gather SS embeddings across ranks for one global similarity matrix
     progress: bool = True
@@ -121,7 +134,10 @@ class Config:
 
 
 FIXED_SECTIONS = ("data", "teacher", "ss_head", "student", "run")
-OLD_METHOD_NAMES = {("teacher", "teacher"): "ce", ("ss_head", "ss_head"): "sskd"}  # before the method registry
+OLD_METHOD_NAMES = {
+    ("teacher", "teacher"): "ce",
+    ("ss_head", "ss_head"): "sskd",
+}  # before the method registry
 
 
 def method_sections() -> dict[str, type]:
@@ -136,8 +152,14 @@ def _suggest(name: str, options: list[str]) -> str:
 
 
 def _type_error(where: str, value: Any, want: str, hint: str = "") -> SSKDError:
-    what = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
+    what = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
     return SSKDError(f"{where}: expected {want}, got {what} ({value!r}){hint}")
 
 
@@ -175,7 +197,9 @@ def _coerce(value: Any, hint: Any, where: str, *, cli: bool = False) -> Any:
         elif cli and type(value) is int:  # --set student.milestones=30
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise _type_error(where, value, "a list", " (write it as [a, b])" if isinstance(value, str) else "")
+            raise _type_error(
+                where, value, "a list", " (write it as [a, b])" if isinstance(value, str) else ""
+            )
         if "str" in text:  # list[str]: names (run.log_with)
             for v in value:
                 if not isinstance(v, str):
@@ -222,8 +246,10 @@ def apply_values(cfg: Config, values: dict[str, Any], source: str, *, cli: bool 
         raise SSKDError(f"{source}: expected a mapping of config sections, got {type(values).__name__}")
     for section, body in values.items():
         if section == "loss":  # before the method seam the SSKD weights lived in `loss:`
-            log.warning("%s: the `loss:` section is now `sskd:` (KD's own weights are in `kd:`); reading it as `sskd:`",
-                        source)
+            log.warning(
+                "%s: the `loss:` section is now `sskd:` (KD's own weights are in `kd:`); reading it as `sskd:`",
+                source,
+            )
             section = "sskd"
         known = [*FIXED_SECTIONS, *sorted(method_sections())]
         if section not in known:
@@ -291,8 +317,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise SSKDError(f"--set {item!r}: expected section.key=value (e.g. student.lr=0.01)")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        apply_values(cfg, {section: {key: _override_value(section, key, value, f"--set {item}")}},
-                     f"--set {item}", cli=True)
+        apply_values(
+            cfg,
+            {section: {key: _override_value(section, key, value, f"--set {item}")}},
+            f"--set {item}",
+            cli=True,
+        )
     validate(cfg)
     return cfg
 
@@ -309,9 +339,16 @@ def _check_bounds(name: str, section: Any) -> None:
                 continue
             if isinstance(v, float) and not math.isfinite(v):  # NaN passes every comparison
                 raise SSKDError(f"{where} must be a finite number, not {v!r}")
-            if ("ge" in meta and v < meta["ge"]) or ("gt" in meta and v <= meta["gt"]) or ("le" in meta and v > meta["le"]):
-                rule = " and ".join(f"{op} {meta[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
-                                    if key in meta)
+            if (
+                ("ge" in meta and v < meta["ge"])
+                or ("gt" in meta and v <= meta["gt"])
+                or ("le" in meta and v > meta["le"])
+            ):
+                rule = " and ".join(
+                    f"{op} {meta[key]:g}"
+                    for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
+                    if key in meta
+                )
                 raise SSKDError(f"{where} must be {rule}, not {v!r}")
 
 
@@ -363,4 +400,3 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-

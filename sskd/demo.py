@@ -28,15 +28,19 @@ TEACHER_PARTS = {"sskd": "teacher-ss", "hssakd": "teacher-hssakd"}  # train-ss-h
 STUDENT_TEACHER = {"ce": None, "kd": "teacher", "sskd": "teacher-ss", "hssakd": "teacher-hssakd"}
 
 
-def demo_config(shards: Path, fast: bool = False, progress: bool = True, overrides: tuple[str, ...] = ()) -> Config:
+def demo_config(
+    shards: Path, fast: bool = False, progress: bool = True, overrides: tuple[str, ...] = ()
+) -> Config:
     """The demo's recipe; ``overrides`` (``section.key=value``, as ``--set``) come last, after ``fast``."""
     sets = [f"data.shards={shards}", f"run.progress={str(progress).lower()}"]
     if fast:  # half the schedule (tests, smoke runs): every stage still runs through the same code
         import yaml
 
         recipe = yaml.safe_load(DEMO_CONFIG.read_text())
-        sets += [f"{stage}.epochs={max(1, int(recipe[stage]['epochs']) // 2)}"
-                 for stage in ("teacher", "ss_head", "student")]
+        sets += [
+            f"{stage}.epochs={max(1, int(recipe[stage]['epochs']) // 2)}"
+            for stage in ("teacher", "ss_head", "student")
+        ]
     return load_config(DEMO_CONFIG, [*sets, *overrides])
 
 
@@ -48,11 +52,18 @@ def _stage(job: Job) -> dict[str, Any]:
     started = time.perf_counter()
     train(job)
     info = runs.load_model_info(job.out)
-    log.info("%s: done in %.0f s, val top-1 %.2f%%", job.out, time.perf_counter() - started, info.get("top1", float("nan")))
+    log.info(
+        "%s: done in %.0f s, val top-1 %.2f%%",
+        job.out,
+        time.perf_counter() - started,
+        info.get("top1", float("nan")),
+    )
     return info
 
 
-def run_demo(out: Path, fast: bool = False, progress: bool = True, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_demo(
+    out: Path, fast: bool = False, progress: bool = True, overrides: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run the demo into ``out``; returns the results dict also written to ``out/results.json``.
 
     ``overrides``: config overrides for every stage after ``fast`` (tests shorten the students with them)."""
@@ -68,12 +79,20 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True, overrides: tu
     def stage(kind: str, name: str, method: str, teacher: str | None = None) -> dict[str, Any]:
         getattr(cfg, kind).method = method
         info = run_info(cfg, kind)
-        job = Job(stage=kind, cfg=cfg, out=out / name, build=builder(cfg, kind, info, teacher=teacher), info=info,
-                  resume=True)
+        job = Job(
+            stage=kind,
+            cfg=cfg,
+            out=out / name,
+            build=builder(cfg, kind, info, teacher=teacher),
+            info=info,
+            resume=True,
+        )
         return _stage(job)
 
     teacher = stage("teacher", "teacher", "ce")
-    heads = {method: stage("ss_head", name, method, str(out / "teacher")) for method, name in TEACHER_PARTS.items()}
+    heads = {
+        method: stage("ss_head", name, method, str(out / "teacher")) for method, name in TEACHER_PARTS.items()
+    }
     students = {}
     for method in STUDENT_METHODS:
         teacher_run = STUDENT_TEACHER[method] and str(out / STUDENT_TEACHER[method])
@@ -83,13 +102,18 @@ def run_demo(out: Path, fast: bool = False, progress: bool = True, overrides: tu
         "teacher": {"arch": teacher["arch"], "top1": teacher["top1"], "top5": teacher["top5"]},
         "teacher_ss_head": {"arch": heads["sskd"]["arch"], "top1": heads["sskd"]["top1"]},
         "teacher_branches": {"arch": heads["hssakd"]["arch"], "top1": heads["hssakd"]["top1"]},
-        "students": {m: {"arch": s["arch"], "top1": s["top1"], "top5": s["top5"]} for m, s in students.items()},
+        "students": {
+            m: {"arch": s["arch"], "top1": s["top1"], "top5": s["top5"]} for m, s in students.items()
+        },
         "fast": fast,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(out / "results.json", results)
-    plot_curves(out, ["teacher", *TEACHER_PARTS.values(), *[f"student-{m}" for m in STUDENT_METHODS]],
-                out / "curves.png")
+    plot_curves(
+        out,
+        ["teacher", *TEACHER_PARTS.values(), *[f"student-{m}" for m in STUDENT_METHODS]],
+        out / "curves.png",
+    )
     print(results_table(results))
     print(f"results: {out / 'results.json'}   curves: {out / 'curves.png'}")
     return results
@@ -118,7 +142,9 @@ def plot_curves(out: Path, names: list[str], path: Path) -> None:
         if train_recs:
             ax_loss.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], label=name)
         if eval_recs:
-            ax_acc.plot([r["epoch"] + 1 for r in eval_recs], [r["top1"] for r in eval_recs], marker="o", label=name)
+            ax_acc.plot(
+                [r["epoch"] + 1 for r in eval_recs], [r["top1"] for r in eval_recs], marker="o", label=name
+            )
     ax_loss.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):

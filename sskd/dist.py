@@ -25,8 +25,13 @@ def pipeline_device(requested: str = "auto") -> str:
     return requested
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: str = "auto",
-                     find_unused_parameters: bool = False, **trackers):
+def make_accelerator(
+    mixed_precision: str = "no",
+    grad_accum: int = 1,
+    device: str = "auto",
+    find_unused_parameters: bool = False,
+    **trackers,
+):
     """An :class:`accelerate.Accelerator` for this process.
 
     Without CUDA it is built with ``cpu=True`` so torch.distributed uses gloo; this is how
@@ -46,7 +51,10 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, device: s
     # Accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
     # precision. Several stages in one process (the demo, tests, notebooks) may differ in precision, so
     # the per-run part of the state is dropped; the process group (PartialState) is kept.
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+    if (
+        AcceleratorState._shared_state
+        and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision
+    ):
         AcceleratorState._reset_state(reset_partial_state=False)
     handlers = []
     if find_unused_parameters:  # methods with pre-training phases leave some parameters without a gradient

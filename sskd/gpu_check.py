@@ -43,8 +43,15 @@ def _write(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_step(name: str, cmd: list[str], *, timeout: float, logs: Path, json_path: Path | None = None,
-             env: dict | None = None) -> dict:
+def run_step(
+    name: str,
+    cmd: list[str],
+    *,
+    timeout: float,
+    logs: Path,
+    json_path: Path | None = None,
+    env: dict | None = None,
+) -> dict:
     """Run ``cmd`` (no shell) under ``timeout`` seconds; its record for the report. A command that runs
     past its time is killed with its process group, and the record says so."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -55,10 +62,13 @@ def run_step(name: str, cmd: list[str], *, timeout: float, logs: Path, json_path
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         try:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+            )
         except OSError as exc:
-            rec.update(returncode=None, timed_out=False, wall_s=0.0, error=str(exc), json=None, output_tail="")
+            rec.update(
+                returncode=None, timed_out=False, wall_s=0.0, error=str(exc), json=None, output_tail=""
+            )
             return rec
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
@@ -125,8 +135,12 @@ def pytest_counts(junit: Path) -> dict:
 
 
 def machine_info() -> dict:
-    info = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "host": platform.node()}
+    info = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
     try:
         import torch
 
@@ -134,7 +148,9 @@ def machine_info() -> dict:
         info["torch_cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+            info["nccl"] = (
+                ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+            )
     except Exception as exc:  # noqa: BLE001 - the report says what went wrong instead of crashing
         info["torch_error"] = str(exc)
     info["dali"] = dali_version()
@@ -184,15 +200,25 @@ def main(argv: list[str] | None = None) -> int:
         cuda, why = False, f"torch could not be imported ({exc})"
     else:
         why = "torch.cuda.is_available() is False"
-    report: dict = {"cuda": cuda, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                    "budget_s": args.budget, "machine": machine_info(), "skipped": []}
+    report: dict = {
+        "cuda": cuda,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "budget_s": args.budget,
+        "machine": machine_info(),
+        "skipped": [],
+    }
     if not cuda:
-        report["skipped"] = [{"check": name, "reason": "no CUDA device"}
-                             for name in ("pytest_gpu", "bench_pipeline", "bench_distill", "bench_train")]
-        report.update(message=f"no CUDA device visible ({why}): nothing to check on this machine",
-                      wall_s=round(time.perf_counter() - t0, 2), ok=True)
+        report["skipped"] = [
+            {"check": name, "reason": "no CUDA device"}
+            for name in ("pytest_gpu", "bench_pipeline", "bench_distill", "bench_train")
+        ]
+        report.update(
+            message=f"no CUDA device visible ({why}): nothing to check on this machine",
+            wall_s=round(time.perf_counter() - t0, 2),
+            ok=True,
+        )
         _write(report_path, report)
-        print(f"gpu-check: no CUDA device visible ({why}); wrote {report_path} with \"cuda\": false")
+        print(f'gpu-check: no CUDA device visible ({why}); wrote {report_path} with "cuda": false')
         return 0
     budget = Budget(args.budget)
     dali = report["machine"]["dali"] is not None
@@ -205,14 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     def step(name, cmd, own, json_path=None):
         left = budget.timeout(own)
         if left < 5:
-            report["skipped"].append({"check": name, "reason": f"out of time: {budget.left():.0f} s of the "
-                                                               f"{args.budget:.0f} s budget left"})
+            report["skipped"].append(
+                {
+                    "check": name,
+                    "reason": f"out of time: {budget.left():.0f} s of the {args.budget:.0f} s budget left",
+                }
+            )
             report[name] = {"command": " ".join(cmd), "ran": False}
             return None
         print(f"gpu-check: {name} (up to {left:.0f} s) ...", flush=True)
         rec = run_step(name, cmd, timeout=left, logs=logs, json_path=json_path, env=env)
-        print(f"gpu-check: {name}: {'ok' if rec['ok'] else 'FAILED'} in {rec['wall_s']:.0f} s"
-              f"{' (timed out)' if rec['timed_out'] else ''}", flush=True)
+        print(
+            f"gpu-check: {name}: {'ok' if rec['ok'] else 'FAILED'} in {rec['wall_s']:.0f} s"
+            f"{' (timed out)' if rec['timed_out'] else ''}",
+            flush=True,
+        )
         _write(report_path, report)  # what is known so far, should the next step hang the node
         return rec
 
@@ -222,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         junit.unlink()
     targets = ["tests"] if dali else ["tests/test_gpu.py"]
     if not dali:
-        report["skipped"].append({"check": "pytest_gpu (DALI tests)", "reason": "nvidia.dali is not installed: only "
-                                  "tests/test_gpu.py runs (its DALI tests skip themselves); test_pipelines.py and "
-                                  "test_views_registry.py import DALI"})
+        report["skipped"].append(
+            {
+                "check": "pytest_gpu (DALI tests)",
+                "reason": "nvidia.dali is not installed: only "
+                "tests/test_gpu.py runs (its DALI tests skip themselves); test_pipelines.py and "
+                "test_views_registry.py import DALI",
+            }
+        )
     cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *targets]
     rec = step("pytest_gpu", cmd, 200)
     if rec is not None:
@@ -235,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     dali_checks = ("bench_pipeline", "bench_distill", "bench_train")
     if not dali:
         for name in dali_checks:
-            report["skipped"].append({"check": name, "reason": "nvidia.dali is not installed: it reads the shards "
-                                      "through the DALI ViewLoader"})
+            report["skipped"].append(
+                {
+                    "check": name,
+                    "reason": "nvidia.dali is not installed: it reads the shards through the DALI ViewLoader",
+                }
+            )
     else:
         digits, photos = data / "digits", data / "photos"
         for folder in (digits, photos):  # a folder left by an interrupted check: `sskd shard` refuses it
@@ -246,66 +288,193 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(folder)
         shard_recs = {}
         if not (digits / "manifest.json").is_file():
-            shard_recs["digits"] = step("shards_digits", [*sskd, "shard", "digits", str(digits), "--no-progress"], 60)
+            shard_recs["digits"] = step(
+                "shards_digits", [*sskd, "shard", "digits", str(digits), "--no-progress"], 60
+            )
         if not (photos / "manifest.json").is_file():
-            shard_recs["photos"] = step("shards_photos", [*sskd, "shard", "photos", str(photos), "--classes", "8",
-                                                          "--per-class", "128", "--workers", str(min(cpus, 16)),
-                                                          "--no-progress"], 90)
+            shard_recs["photos"] = step(
+                "shards_photos",
+                [
+                    *sskd,
+                    "shard",
+                    "photos",
+                    str(photos),
+                    "--classes",
+                    "8",
+                    "--per-class",
+                    "128",
+                    "--workers",
+                    str(min(cpus, 16)),
+                    "--no-progress",
+                ],
+                90,
+            )
         report["shards"] = {"digits": str(digits), "photos": str(photos), "made": shard_recs}
         have_digits, have_photos = (digits / "manifest.json").is_file(), (photos / "manifest.json").is_file()
         # bench pipeline at 224 px: DALI on the GPU against torchvision with every CPU core as workers
         if have_photos:
             j = out / "bench-pipeline.json"
-            rec = step("bench_pipeline", [*sskd, "bench", "pipeline", "--shards", str(photos), "--device", "gpu",
-                                          "--views", "paper", "--size", "224", "--batch-size", "32", "--threads",
-                                          str(cpus), "--images", "2048", "--warmup", "2", "--rounds", "1",
-                                          "--no-progress", "--json", str(j)], 120, j)
+            rec = step(
+                "bench_pipeline",
+                [
+                    *sskd,
+                    "bench",
+                    "pipeline",
+                    "--shards",
+                    str(photos),
+                    "--device",
+                    "gpu",
+                    "--views",
+                    "paper",
+                    "--size",
+                    "224",
+                    "--batch-size",
+                    "32",
+                    "--threads",
+                    str(cpus),
+                    "--images",
+                    "2048",
+                    "--warmup",
+                    "2",
+                    "--rounds",
+                    "1",
+                    "--no-progress",
+                    "--json",
+                    str(j),
+                ],
+                120,
+                j,
+            )
             if rec is not None:
-                rec["note"] = (f"DALI device gpu with {cpus} CPU threads vs the torchvision DataLoader with {cpus} "
-                               "workers (--threads sets both)")
+                rec["note"] = (
+                    f"DALI device gpu with {cpus} CPU threads vs the torchvision DataLoader with {cpus} "
+                    "workers (--threads sets both)"
+                )
                 report["bench_pipeline"] = rec
         else:
-            report["skipped"].append({"check": "bench_pipeline", "reason": "the 224 px photo shards were not made"})
+            report["skipped"].append(
+                {"check": "bench_pipeline", "reason": "the 224 px photo shards were not made"}
+            )
         if have_digits:
             j = out / "bench-distill.json"
-            rec = step("bench_distill", [*sskd, "bench", "distill", "--shards", str(digits), "--teacher-arch",
-                                         "resnet32x4", "--student-arch", "resnet8x4", "--steps", "10", "--warmup", "2",
-                                         "--json", str(j)], 90, j)
+            rec = step(
+                "bench_distill",
+                [
+                    *sskd,
+                    "bench",
+                    "distill",
+                    "--shards",
+                    str(digits),
+                    "--teacher-arch",
+                    "resnet32x4",
+                    "--student-arch",
+                    "resnet8x4",
+                    "--steps",
+                    "10",
+                    "--warmup",
+                    "2",
+                    "--json",
+                    str(j),
+                ],
+                90,
+                j,
+            )
             if rec is not None:
-                rec["note"] = ("sskd bench distill has no --device option: its models and batches stay on the CPU, "
-                               "so these are CPU step times even on a GPU node")
+                rec["note"] = (
+                    "sskd bench distill has no --device option: its models and batches stay on the CPU, "
+                    "so these are CPU step times even on a GPU node"
+                )
                 report["bench_distill"] = rec
         else:
             report["skipped"].append({"check": "bench_distill", "reason": "the digits shards were not made"})
         train = {}
-        runs = [("digits", digits, have_digits, ["--method", "sskd", "--teacher-arch", "resnet32x4",
-                                                   "--student-arch", "resnet8x4", "--batch-size", "64"]),
-                ("photos", photos, have_photos, ["--method", "kd", "--teacher-arch", "torchvision:resnet34",
-                                                   "--student-arch", "torchvision:resnet18", "--batch-size", "64"])]
+        runs = [
+            (
+                "digits",
+                digits,
+                have_digits,
+                [
+                    "--method",
+                    "sskd",
+                    "--teacher-arch",
+                    "resnet32x4",
+                    "--student-arch",
+                    "resnet8x4",
+                    "--batch-size",
+                    "64",
+                ],
+            ),
+            (
+                "photos",
+                photos,
+                have_photos,
+                [
+                    "--method",
+                    "kd",
+                    "--teacher-arch",
+                    "torchvision:resnet34",
+                    "--student-arch",
+                    "torchvision:resnet18",
+                    "--batch-size",
+                    "64",
+                ],
+            ),
+        ]
         for label, folder, have, extra in runs:
             if not have:
-                report["skipped"].append({"check": f"bench_train ({label})", "reason": f"the {label} shards were not made"})
+                report["skipped"].append(
+                    {"check": f"bench_train ({label})", "reason": f"the {label} shards were not made"}
+                )
                 continue
             j = out / f"bench-train-{label}.json"
-            rec = step(f"bench_train_{label}", [*sskd, "bench", "train", "--shards", str(folder), "--device", "gpu",
-                                                *extra, "--steps", "10", "--warmup", "2", "--threads",
-                                                str(min(cpus, 8)), "--json", str(j)], 90, j)
+            rec = step(
+                f"bench_train_{label}",
+                [
+                    *sskd,
+                    "bench",
+                    "train",
+                    "--shards",
+                    str(folder),
+                    "--device",
+                    "gpu",
+                    *extra,
+                    "--steps",
+                    "10",
+                    "--warmup",
+                    "2",
+                    "--threads",
+                    str(min(cpus, 8)),
+                    "--json",
+                    str(j),
+                ],
+                90,
+                j,
+            )
             if rec is not None:
                 train[label] = rec
         if train:
             report["bench_train"] = train
-    checks = [report.get("pytest_gpu"), report.get("bench_pipeline"), report.get("bench_distill"),
-              *(report.get("bench_train") or {}).values()]
+    checks = [
+        report.get("pytest_gpu"),
+        report.get("bench_pipeline"),
+        report.get("bench_distill"),
+        *(report.get("bench_train") or {}).values(),
+    ]
     ran = [c for c in checks if c and c.get("ran", True)]
     report["ok"] = bool(ran) and all(c.get("ok") for c in ran)
     report["wall_s"] = round(time.perf_counter() - t0, 2)
     _write(report_path, report)
-    failed = [name for name in ("pytest_gpu", "bench_pipeline", "bench_distill")
-              if report.get(name) and report[name].get("ran", True) and not report[name].get("ok")]
+    failed = [
+        name
+        for name in ("pytest_gpu", "bench_pipeline", "bench_distill")
+        if report.get(name) and report[name].get("ran", True) and not report[name].get("ok")
+    ]
     failed += [f"bench_train ({k})" for k, v in (report.get("bench_train") or {}).items() if not v.get("ok")]
     skipped = ", ".join(s["check"] for s in report["skipped"])
-    print(f"gpu-check: {'all checks passed' if report['ok'] else 'FAILED: ' + ', '.join(failed) if failed else 'no check ran'}"
-          f" in {report['wall_s']:.0f} s{'; skipped: ' + skipped if skipped else ''}; wrote {report_path}")
+    print(
+        f"gpu-check: {'all checks passed' if report['ok'] else 'FAILED: ' + ', '.join(failed) if failed else 'no check ran'}"
+        f" in {report['wall_s']:.0f} s{'; skipped: ' + skipped if skipped else ''}; wrote {report_path}"
+    )
     return 0 if report["ok"] else 1
 
 

@@ -41,14 +41,21 @@ class SSModel(nn.Module):
         # contrastive (the default) records nothing, as runs made before the pretext tasks existed
         return {} if self.pretext == "contrastive" else {"pretext": self.pretext}
 
-    def __init__(self, backbone: nn.Module, num_classes: int | None = None, head: nn.Module | None = None,
-                 pretext: str = "contrastive"):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int | None = None,
+        head: nn.Module | None = None,
+        pretext: str = "contrastive",
+    ):
         from sskd.pretext import get_pretext, head_width
 
         super().__init__()
         self.pretext = get_pretext(pretext).name
         self.backbone = backbone
-        self.head = head if head is not None else SSHead(backbone.feat_dim, head_width(pretext, backbone.feat_dim))
+        self.head = (
+            head if head is not None else SSHead(backbone.feat_dim, head_width(pretext, backbone.feat_dim))
+        )
         self.feat_dim = backbone.feat_dim
 
     def forward(self, x: torch.Tensor, features: bool | str = False) -> SSOutput:

@@ -48,15 +48,20 @@ def main(argv: list[str]) -> int:
         launch_command(args)
     except SignalException as exc:
         name = _signal_name(exc.sigval)
-        print(f"sskd: the launcher got {name} and stopped its ranks (a training run writes checkpoints/last.pt "
-              "first: rerun the same command with --resume to continue)", file=sys.stderr)
+        print(
+            f"sskd: the launcher got {name} and stopped its ranks (a training run writes checkpoints/last.pt "
+            "first: rerun the same command with --resume to continue)",
+            file=sys.stderr,
+        )
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
         how = f"died by {failure.signal_name()}" if code < 0 else f"exited with status {code}"
-        print(f"sskd: rank {rank} {how} (its own message is above); the launcher stopped the other ranks",
-              file=sys.stderr)
+        print(
+            f"sskd: rank {rank} {how} (its own message is above); the launcher stopped the other ranks",
+            file=sys.stderr,
+        )
         return 128 - code if code < 0 else code or 1
     except subprocess.CalledProcessError as exc:  # one process, without torch.distributed's launcher
         code = exc.returncode
@@ -64,14 +69,22 @@ def main(argv: list[str]) -> int:
         print(f"sskd: the command {how} (its own message is above)", file=sys.stderr)
         return 128 - code if code < 0 else code
     except KeyboardInterrupt:  # one process: Ctrl-C reached it too; it saves and stops on its own
-        print("sskd: interrupted (a training run writes checkpoints/last.pt first: rerun the same command with "
-              "--resume to continue)", file=sys.stderr)
+        print(
+            "sskd: interrupted (a training run writes checkpoints/last.pt first: rerun the same command with "
+            "--resume to continue)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
 
 def register(sub, fmt) -> None:
     """Listed in ``sskd --help``; ``sskd.cli.main`` hands ``sskd launch ...`` to :func:`main` unparsed."""
-    sub.add_parser("launch", help="accelerate launch -m sskd COMMAND ..., ending in one line (no launcher "
-                   "traceback on Ctrl-C, SIGTERM or a failed rank)", description=__doc__, formatter_class=fmt,
-                   add_help=False)
+    sub.add_parser(
+        "launch",
+        help="accelerate launch -m sskd COMMAND ..., ending in one line (no launcher "
+        "traceback on Ctrl-C, SIGTERM or a failed rank)",
+        description=__doc__,
+        formatter_class=fmt,
+        add_help=False,
+    )

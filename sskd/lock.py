@@ -25,7 +25,13 @@ from sskd.errors import SSKDError
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+_NO_FLOCK = {
+    errno.ENOLCK,
+    errno.ENOSYS,
+    errno.EINVAL,
+    errno.EOPNOTSUPP,
+    getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+}
 
 
 def _holder_text(path: Path) -> tuple[str, dict]:
@@ -65,8 +71,14 @@ class FolderLock:
         return self._fd is not None or self._owns_file
 
     def _record(self) -> bytes:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": round(time.time(), 1),
-                           "command": " ".join(sys.argv)}).encode()
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "time": round(time.time(), 1),
+                "command": " ".join(sys.argv),
+            }
+        ).encode()
 
     def acquire(self) -> FolderLock:
         """Take the lock or raise :class:`SSKDError` naming its holder."""
@@ -77,16 +89,20 @@ class FolderLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as exc:
             if exc.errno == errno.ELOOP or self.path.is_symlink():
-                raise SSKDError(f"{self.path}: is a symbolic link; sskd writes its lock file itself, never through "
-                                "a link: remove the link") from None
+                raise SSKDError(
+                    f"{self.path}: is a symbolic link; sskd writes its lock file itself, never through "
+                    "a link: remove the link"
+                ) from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             who, _ = _holder_text(self.path)
-            raise SSKDError(f"{self.folder}: this {self.what} is in use by {who}; wait for that job to end or "
-                            "stop it (two writers would corrupt it)") from None
+            raise SSKDError(
+                f"{self.folder}: this {self.what} is in use by {who}; wait for that job to end or "
+                "stop it (two writers would corrupt it)"
+            ) from None
         except OSError as exc:
             os.close(fd)
             if exc.errno not in _NO_FLOCK:
@@ -110,8 +126,10 @@ class FolderLock:
                 if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
                     self.path.with_suffix(".excl").unlink(missing_ok=True)  # stale: its process is gone
                     continue
-                raise SSKDError(f"{self.folder}: this {self.what} is in use by {who} (no flock on this "
-                                f"filesystem; if that job is gone, delete {self.path.with_suffix('.excl')})") from None
+                raise SSKDError(
+                    f"{self.folder}: this {self.what} is in use by {who} (no flock on this "
+                    f"filesystem; if that job is gone, delete {self.path.with_suffix('.excl')})"
+                ) from None
             os.write(fd, self._record())
             os.close(fd)
             self._owns_file = True

@@ -82,7 +82,9 @@ class Pretext:
     def check_views(self, names: tuple[str, ...]) -> None:
         """Refuse a view set the task cannot use (one line)."""
 
-    def predictions(self, z: torch.Tensor, batch: dict[str, Any], gather=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def predictions(
+        self, z: torch.Tensor, batch: dict[str, Any], gather=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score rows and their targets from the SS head's outputs ``z`` (b, V, e).
 
         Args:
@@ -157,14 +159,18 @@ class _LabelTask(Pretext):
 
         missing = [n for n in names[1:] if self.label not in get_view(n).labels]
         if missing:
-            raise SSKDError(f"sskd.pretext {self.name}: view {missing[0]} carries no {self.label} label; use views "
-                            f"that do (--views {self.views}, or leave --views out)")
+            raise SSKDError(
+                f"sskd.pretext {self.name}: view {missing[0]} carries no {self.label} label; use views "
+                f"that do (--views {self.views}, or leave --views out)"
+            )
 
     def predictions(self, z, batch, gather=None):
         key = f"{self.label}_label"
         if key not in batch:
-            raise SSKDError(f"sskd.pretext {self.name}: the batch carries no {key} (none of its views has a "
-                            f"{self.label} label)")
+            raise SSKDError(
+                f"sskd.pretext {self.name}: the batch carries no {key} (none of its views has a "
+                f"{self.label} label)"
+            )
         labels = batch[key].to(z.device)
         if self.skip_normal:
             z, labels = z[:, 1:], labels[:, 1:]
@@ -202,6 +208,8 @@ def check_teacher_pretext(info: dict[str, Any], source: str, pretext: str) -> No
     """A student distilling pretext X needs a teacher whose head learnt X; one line otherwise."""
     have = teacher_pretext(info)
     if have != pretext:
-        raise SSKDError(f"--teacher {source}: its SS head was trained for the {have} pretext task, not sskd.pretext "
-                        f"{pretext}; pass --set sskd.pretext={have}, or train a {pretext} head with `sskd "
-                        f"train-ss-head --method sskd --set sskd.pretext={pretext} ...`")
+        raise SSKDError(
+            f"--teacher {source}: its SS head was trained for the {have} pretext task, not sskd.pretext "
+            f"{pretext}; pass --set sskd.pretext={have}, or train a {pretext} head with `sskd "
+            f"train-ss-head --method sskd --set sskd.pretext={pretext} ...`"
+        )

@@ -73,16 +73,23 @@ def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
         plan = _read_json(plan_path)
         entries = plan.get("runs")
         keys = {"kind", "folder", "setting", "method", "label", "teacher", "student", "seed"}
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and (e.get("kind") != "student" or
-                                                                             keys <= set(e)) for e in entries):
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and (e.get("kind") != "student" or keys <= set(e)) for e in entries
+        ):
             raise SSKDError(f"{plan_path}: runs: not the list of runs `sskd sweep` writes")
         for entry in entries:
             folder = d / str(entry.get("folder"))
             rec_path = folder / "sweep.json"
             rec = _read_json(rec_path) if rec_path.is_file() else {}
             if entry["kind"] != "student":
-                found.append({**entry, "path": folder, "status": rec.get("status", "todo"),
-                              "wall_s": rec.get("wall_s")})
+                found.append(
+                    {
+                        **entry,
+                        "path": folder,
+                        "status": rec.get("status", "todo"),
+                        "wall_s": rec.get("wall_s"),
+                    }
+                )
                 continue
             if rec.get("status") != "done" or not (folder / "model.json").is_file():
                 found.append({**entry, "path": folder, "status": rec.get("status", "todo")})
@@ -94,8 +101,18 @@ def collect(dirs: list[str | Path]) -> list[dict[str, Any]]:
                     raise SSKDError(f"{model_json}: no {key} (trained without a val split?)")
             top1, top5 = _number(info, "top1", model_json), _number(info, "top5", model_json)
             best = _number(info, "best_top1", model_json) if "best_top1" in info else top1
-            found.append({**entry, "path": folder, "status": "done", "wall_s": rec.get("wall_s"),
-                          "top1": top1, "top5": top5, "best_top1": best, "curve": _curve(folder / "metrics.jsonl")})
+            found.append(
+                {
+                    **entry,
+                    "path": folder,
+                    "status": "done",
+                    "wall_s": rec.get("wall_s"),
+                    "top1": top1,
+                    "top5": top5,
+                    "best_top1": best,
+                    "curve": _curve(folder / "metrics.jsonl"),
+                }
+            )
     return found
 
 
@@ -137,15 +154,28 @@ def summarise(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
         setting, label, teacher, student = key
         runs = sorted(groups[key], key=lambda r: r["seed"])
         top1, top5, best = ([r[k] for r in runs] for k in ("top1", "top5", "best_top1"))
-        row: dict[str, Any] = {"setting": setting, "method": label, "name": runs[0]["method"], "teacher": teacher,
-                               "student": student, "n": len(runs), "seeds": [r["seed"] for r in runs],
-                               "top1_runs": top1}
+        row: dict[str, Any] = {
+            "setting": setting,
+            "method": label,
+            "name": runs[0]["method"],
+            "teacher": teacher,
+            "student": student,
+            "n": len(runs),
+            "seeds": [r["seed"] for r in runs],
+            "top1_runs": top1,
+        }
         for name, values in (("top1", top1), ("top5", top5), ("best_top1", best)):
             row[f"{name}_mean"], row[f"{name}_std"] = _stats(values)
         mine = {r["seed"]: r["top1"] for r in runs}
         for base in ("ce", "kd"):
-            ref = next((v for (s, n, lab, t, st), v in by_name.items()
-                        if s == setting and n == base and lab == base and t == teacher and st == student), None)
+            ref = next(
+                (
+                    v
+                    for (s, n, lab, t, st), v in by_name.items()
+                    if s == setting and n == base and lab == base and t == teacher and st == student
+                ),
+                None,
+            )
             row[f"delta_{base}"] = paired(mine, ref) if ref is not None and label != base else None
         walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
         row["wall_s_mean"] = sum(walls) / len(walls) if walls else None
@@ -194,14 +224,21 @@ def _plots(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         lows = [r["top1_mean"] - r["top1_std"] for r in sub]
         ax.set_ylim(max(0, min(lows) - 5), min(100, max(r["top1_mean"] + r["top1_std"] for r in sub) + 2))
         ax.set_title(f"{teacher} → {student}")
-        ax.legend(fontsize=8, ncol=min(len(methods), 6), loc="upper center", bbox_to_anchor=(0.5, -0.08),
-                  frameon=False)
+        ax.legend(
+            fontsize=8,
+            ncol=min(len(methods), 6),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.08),
+            frameon=False,
+        )
         fig.tight_layout()
         path = out_dir / f"{stem}-bars{suffix}.png"
         _save(fig, path)
         written.append(path)
         # learning curves: one panel per setting
-        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False, sharey=True
+        )
         for ax, s in zip(axes[0], settings):
             for r in (r for r in sub if r["setting"] == s):
                 if r["curve"]:
@@ -233,28 +270,44 @@ def render(rows: list[dict], found: list[dict], dirs: list[str], pictures: list[
     done = [r for r in found if r["status"] == "done"]
     missing = [r for r in found if r["kind"] == "student" and r["status"] != "done"]
     walls = [r["wall_s"] for r in found if r.get("wall_s") is not None]
-    lines.append(f"{len(done)} finished runs ({sum(1 for r in done if r['kind'] == 'student')} students); "
-                 f"{len(missing)} student runs not finished; wall time of the runs {sum(walls) / 60:.1f} min.")
-    lines += ["", "Top-1 / top-5: val accuracy (%) at the last epoch, mean ± sample std over the n seeds; best: "
-              "the best epoch's top-1. Δ: the paired difference in final top-1 over the seeds both ran, mean "
-              "[95% t interval]; * where the interval excludes 0 (otherwise the difference is within the noise "
-              "of these seeds).", ""]
+    lines.append(
+        f"{len(done)} finished runs ({sum(1 for r in done if r['kind'] == 'student')} students); "
+        f"{len(missing)} student runs not finished; wall time of the runs {sum(walls) / 60:.1f} min."
+    )
+    lines += [
+        "",
+        "Top-1 / top-5: val accuracy (%) at the last epoch, mean ± sample std over the n seeds; best: "
+        "the best epoch's top-1. Δ: the paired difference in final top-1 over the seeds both ran, mean "
+        "[95% t interval]; * where the interval excludes 0 (otherwise the difference is within the noise "
+        "of these seeds).",
+        "",
+    ]
     for setting in dict.fromkeys(r["setting"] for r in rows):
-        lines += [f"## {setting}", "", "| method | teacher → student | n | top-1 | top-5 | best top-1 | Δ vs CE | "
-                  "Δ vs KD | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {setting}",
+            "",
+            "| method | teacher → student | n | top-1 | top-5 | best top-1 | Δ vs CE | Δ vs KD | s / run |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["setting"] == setting):
             wall = f"{r['wall_s_mean']:.0f}" if r["wall_s_mean"] is not None else "—"
-            lines.append(f"| {r['method']} | {r['teacher']} → {r['student']} | {r['n']} | "
-                         f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['top5_mean']:.2f} ± {r['top5_std']:.2f} | "
-                         f"{r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} | {_fmt_delta(r['delta_ce'])} | "
-                         f"{_fmt_delta(r['delta_kd'])} | {wall} |")
+            lines.append(
+                f"| {r['method']} | {r['teacher']} → {r['student']} | {r['n']} | "
+                f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['top5_mean']:.2f} ± {r['top5_std']:.2f} | "
+                f"{r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} | {_fmt_delta(r['delta_ce'])} | "
+                f"{_fmt_delta(r['delta_kd'])} | {wall} |"
+            )
         lines.append("")
     for p in pictures:
         rel = p.relative_to(out.parent) if p.is_relative_to(out.parent) else p
         lines += [f"![{p.stem}]({rel})", ""]
     if missing:
-        lines += ["Not finished: " + ", ".join(str(r["folder"]) for r in missing[:20])
-                  + (" ..." if len(missing) > 20 else ""), ""]
+        lines += [
+            "Not finished: "
+            + ", ".join(str(r["folder"]) for r in missing[:20])
+            + (" ..." if len(missing) > 20 else ""),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -268,21 +321,38 @@ def cmd_report(args) -> int:
     pictures = [] if args.no_plots else _plots(rows, out.parent, out.stem)
     atomic.write_bytes(out, render(rows, found, args.dirs, pictures, out).encode())
     if args.json:
-        atomic.write_json(args.json, {"rows": [{k: v for k, v in r.items() if k != "curve"}
-                                               | {"curve": {str(e): v for e, v in r["curve"].items()}} for r in rows]})
-    print(f"{out}: {len(rows)} rows from {sum(r['n'] for r in rows)} runs" +
-          (f"; pictures {', '.join(p.name for p in pictures)}" if pictures else ""))
+        atomic.write_json(
+            args.json,
+            {
+                "rows": [
+                    {k: v for k, v in r.items() if k != "curve"}
+                    | {"curve": {str(e): v for e, v in r["curve"].items()}}
+                    for r in rows
+                ]
+            },
+        )
+    print(
+        f"{out}: {len(rows)} rows from {sum(r['n'] for r in rows)} runs"
+        + (f"; pictures {', '.join(p.name for p in pictures)}" if pictures else "")
+    )
     return 0
 
 
 def register(sub, fmt) -> None:
-    p = sub.add_parser("report", help="tables and pictures of one or more sweeps: mean ± std, paired Δ to CE/KD",
-                       description=__doc__, formatter_class=fmt,
-                       epilog="example:\n  sskd report sweeps/digits --out sweeps/digits/report.md "
-                              "--json sweeps/digits/report.json")
+    p = sub.add_parser(
+        "report",
+        help="tables and pictures of one or more sweeps: mean ± std, paired Δ to CE/KD",
+        description=__doc__,
+        formatter_class=fmt,
+        epilog="example:\n  sskd report sweeps/digits --out sweeps/digits/report.md "
+        "--json sweeps/digits/report.json",
+    )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="folders written by `sskd sweep`")
     p.add_argument("--out", required=True, help="markdown report to write (PNGs go beside it)")
-    p.add_argument("--json", help="also write the rows as JSON: {\"rows\": [{setting, method, teacher, student, n, "
-                   "top1_mean, top1_std, top5_mean, top5_std, best_top1_mean, delta_ce, delta_kd, ...}]}")
+    p.add_argument(
+        "--json",
+        help='also write the rows as JSON: {"rows": [{setting, method, teacher, student, n, '
+        "top1_mean, top1_std, top5_mean, top5_std, best_top1_mean, delta_ce, delta_kd, ...}]}",
+    )
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.set_defaults(func=cmd_report)

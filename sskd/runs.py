@@ -60,7 +60,16 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 TRACKER_FOLDERS = {"tensorboard": TRACKER_PROJECT, "wandb": "wandb", "mlflow": "mlruns", "aim": ".aim"}
 DATA_RECORD = "data.json"  # pipelines.settings.RECORD (not imported: this module stays light)
 # what a run writes ("tb": the hand-made TensorBoard writer's folder of older runs)
-RUN_ENTRIES = (CONFIG, METRICS, MODEL_WEIGHTS, MODEL_INFO, CHECKPOINTS, DATA_RECORD, "tb", *TRACKER_FOLDERS.values())
+RUN_ENTRIES = (
+    CONFIG,
+    METRICS,
+    MODEL_WEIGHTS,
+    MODEL_INFO,
+    CHECKPOINTS,
+    DATA_RECORD,
+    "tb",
+    *TRACKER_FOLDERS.values(),
+)
 START_MARKER = ".new-run.json"  # a new run's start, until its first checkpoint (NewRun)
 REPLACED_PREFIX = ".replaced-"  # RUN/.replaced-<time>-<pid>/: the run an --overwrite replaces, until then
 _REPLACED_NAME = re.compile(r"\.replaced-[\w.-]+")
@@ -87,8 +96,10 @@ def refuse_link(path: Path, what: str = "file") -> SSKDError:
         target = f" (to {os.readlink(path)})"
     except OSError:
         target = ""
-    return SSKDError(f"{path}: is a symbolic link{target}; sskd writes its {what} itself, never through a link: "
-                     "remove the link")
+    return SSKDError(
+        f"{path}: is a symbolic link{target}; sskd writes its {what} itself, never through a link: "
+        "remove the link"
+    )
 
 
 def _remove(path: Path) -> None:
@@ -120,15 +131,21 @@ def claim_run(run: Path, *, resume: bool, overwrite: bool) -> FolderLock:
         NewRun.recover(run)
         found = earlier_work(run)
         if found and not (resume or overwrite):
-            raise SSKDError(f"{run}: holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
-                            "--overwrite to replace it (or choose another --out)")
+            raise SSKDError(
+                f"{run}: holds an earlier run ({', '.join(found)}); pass --resume to continue it or "
+                "--overwrite to replace it (or choose another --out)"
+            )
         if resume:
             links = linked_files(run)
             if links:
                 raise refuse_link(links[0], "run files")
         if found and overwrite:
-            log.info("%s: --overwrite: the earlier run (%s) is replaced once this run's checks pass (set aside "
-                     "until its first checkpoint)", run, ", ".join(found))
+            log.info(
+                "%s: --overwrite: the earlier run (%s) is replaced once this run's checks pass (set aside "
+                "until its first checkpoint)",
+                run,
+                ", ".join(found),
+            )
         n = atomic.remove_stale_partials(run, recursive=True)
         if n:
             log.info("%s: removed %d temporary file(s) left by an interrupted writer", run, n)
@@ -158,11 +175,19 @@ class NewRun:
         found = earlier_work(self.run)
         name = f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}" if found else None
         try:
-            atomic.write_json(self.run / START_MARKER, {"replaced": name, "entries": found, "pid": os.getpid(),
-                                                        "time": round(time.time(), 1)})
+            atomic.write_json(
+                self.run / START_MARKER,
+                {"replaced": name, "entries": found, "pid": os.getpid(), "time": round(time.time(), 1)},
+            )
         except OSError as exc:
-            raise SSKDError(atomic.write_error(self.run / START_MARKER, exc, "run's start marker",
-                                               kept="nothing in the folder was changed")) from None
+            raise SSKDError(
+                atomic.write_error(
+                    self.run / START_MARKER,
+                    exc,
+                    "run's start marker",
+                    kept="nothing in the folder was changed",
+                )
+            ) from None
         self.active = True
         if found:
             self.replaced = self.run / name
@@ -171,9 +196,15 @@ class NewRun:
                 for entry in found:  # renames in one folder: the earlier run's files are moved, never copied
                     os.replace(self.run / entry, self.replaced / entry)
             except OSError as exc:  # the caller's rollback moves back what was moved
-                raise SSKDError(f"{self.run}: cannot set the earlier run aside ({exc.strerror or exc})") from None
-            log.info("%s: the earlier run (%s) is set aside in %s until this run's first checkpoint", self.run,
-                     ", ".join(found), name)
+                raise SSKDError(
+                    f"{self.run}: cannot set the earlier run aside ({exc.strerror or exc})"
+                ) from None
+            log.info(
+                "%s: the earlier run (%s) is set aside in %s until this run's first checkpoint",
+                self.run,
+                ", ".join(found),
+                name,
+            )
 
     def commit(self) -> None:
         if not self.active:
@@ -195,8 +226,12 @@ class NewRun:
         """Undo a start that died before its first checkpoint; drop a replaced run whose successor committed."""
         if os.path.lexists(run / START_MARKER):
             marker = _read_marker(run)
-            log.warning("%s: an earlier start of a run here stopped before its first checkpoint: removing what it "
-                        "wrote%s", run, " and putting back the run it was replacing" if marker.get("replaced") else "")
+            log.warning(
+                "%s: an earlier start of a run here stopped before its first checkpoint: removing what it "
+                "wrote%s",
+                run,
+                " and putting back the run it was replacing" if marker.get("replaced") else "",
+            )
             _undo_start(run, marker)
         for stray in run.glob(f"{REPLACED_PREFIX}*"):  # its new run committed, then died before deleting it
             if _REPLACED_NAME.fullmatch(stray.name):
@@ -212,10 +247,13 @@ def _read_marker(run: Path) -> dict[str, Any]:
         replaced = marker.get("replaced")
         entries = marker.get("entries") or []
     except (OSError, ValueError, AttributeError) as exc:
-        raise SSKDError(f"{path}: unreadable ({exc}); it records an unfinished start of a run: look at the folder, "
-                        "then delete it") from None
-    if (replaced is not None and not (isinstance(replaced, str) and _REPLACED_NAME.fullmatch(replaced))) or \
-            not all(isinstance(e, str) and e in RUN_ENTRIES for e in entries):
+        raise SSKDError(
+            f"{path}: unreadable ({exc}); it records an unfinished start of a run: look at the folder, "
+            "then delete it"
+        ) from None
+    if (
+        replaced is not None and not (isinstance(replaced, str) and _REPLACED_NAME.fullmatch(replaced))
+    ) or not all(isinstance(e, str) and e in RUN_ENTRIES for e in entries):
         raise SSKDError(f"{path}: not written by sskd (names outside the run folder's own); delete it")
     return {"replaced": replaced, "entries": entries}
 
@@ -255,11 +293,12 @@ def save_model(run: Path, module: torch.nn.Module, info: dict[str, Any]) -> None
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     data = save(state)  # the bytes save_file writes; written here so a full disk is an OSError with its errno
-    kept = (f"{run / CHECKPOINTS / 'last.pt'} holds the trained state: free space, then rerun the command with "
-            "--resume to export it")
+    kept = (
+        f"{run / CHECKPOINTS / 'last.pt'} holds the trained state: free space, then rerun the command with "
+        "--resume to export it"
+    )
     (run / MODEL_INFO).unlink(missing_ok=True)
-    for path, payload in ((run / MODEL_WEIGHTS, data),
-                          (run / MODEL_INFO, None)):
+    for path, payload in ((run / MODEL_WEIGHTS, data), (run / MODEL_INFO, None)):
         try:
             if payload is None:
                 atomic.write_json(path, dict(info, weights_sha256=hashlib.sha256(data).hexdigest()))
@@ -303,8 +342,10 @@ def load_weights(run: str | Path, module: torch.nn.Module) -> None:
         raise SSKDError(f"{path}: cannot read weights ({exc.strerror or exc})") from None
     have = hashlib.sha256(data).hexdigest()
     if isinstance(want, str) and have != want:
-        raise SSKDError(f"{path}: sha256 {have[:16]}... is not the {want[:16]}... that {MODEL_INFO} records: the "
-                        "weights were changed or damaged after the run wrote them; restore the file (or retrain)")
+        raise SSKDError(
+            f"{path}: sha256 {have[:16]}... is not the {want[:16]}... that {MODEL_INFO} records: the "
+            "weights were changed or damaged after the run wrote them; restore the file (or retrain)"
+        )
     try:
         state = load(data)
     except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -312,7 +353,9 @@ def load_weights(run: str | Path, module: torch.nn.Module) -> None:
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise SSKDError(f"{path}: weights do not fit the model ({str(exc).splitlines()[-1].strip()})") from exc
+        raise SSKDError(
+            f"{path}: weights do not fit the model ({str(exc).splitlines()[-1].strip()})"
+        ) from exc
     if missing or unexpected:
         raise SSKDError(
             f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -322,7 +365,19 @@ def load_weights(run: str | Path, module: torch.nn.Module) -> None:
 # What ``torch.load(weights_only=True)`` admits, and so all a checkpoint may hold (numpy values and paths
 # are converted when saved; anything else is a bug caught at the first checkpoint, not at the resume).
 # Exact types: an IntEnum or a str subclass would be pickled as its own class, and refused.
-_CKPT_LEAVES = (str, bytes, bytearray, bool, int, float, complex, type(None), torch.Size, torch.device, torch.dtype)
+_CKPT_LEAVES = (
+    str,
+    bytes,
+    bytearray,
+    bool,
+    int,
+    float,
+    complex,
+    type(None),
+    torch.Size,
+    torch.device,
+    torch.dtype,
+)
 
 
 def _loadable(value: Any, where: str) -> Any:
@@ -345,8 +400,10 @@ def _loadable(value: Any, where: str) -> Any:
         return value.item()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    raise TypeError(f"checkpoint entry {where} is a {type(value).__module__}.{type(value).__qualname__}, "
-                    "which torch.load(weights_only=True) refuses: store tensors, containers and plain values")
+    raise TypeError(
+        f"checkpoint entry {where} is a {type(value).__module__}.{type(value).__qualname__}, "
+        "which torch.load(weights_only=True) refuses: store tensors, containers and plain values"
+    )
 
 
 def save_checkpoint(run: Path, name: str, state: dict[str, Any]) -> Path:
@@ -395,16 +452,28 @@ def checkpoint_damage(path: Path) -> str | None:
                     fh.seek(info.header_offset + 26)
                     n_name, n_extra = struct.unpack("<HH", fh.read(4))
                     end = info.header_offset + 30 + n_name + n_extra + info.compress_size
-                    if info.flag_bits & 0x08:  # a data descriptor follows: signature, crc, sizes (4 or 8 bytes)
+                    if (
+                        info.flag_bits & 0x08
+                    ):  # a data descriptor follows: signature, crc, sizes (4 or 8 bytes)
                         fh.seek(end)
                         head = fh.read(4)
-                        end += (4 if head == b"PK\x07\x08" else 0) + 4 + (16 if info.file_size >= 0xFFFFFFFF
-                                                                         or info.compress_size >= 0xFFFFFFFF else 8)
+                        end += (
+                            (4 if head == b"PK\x07\x08" else 0)
+                            + 4
+                            + (16 if info.file_size >= 0xFFFFFFFF or info.compress_size >= 0xFFFFFFFF else 8)
+                        )
                     expect = end
                 if expect != zf.start_dir:
                     return "the zip directory does not start where the last record ends"
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
-            NotImplementedError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        struct.error,
+        NotImplementedError,
+    ) as exc:
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return None
 
@@ -428,24 +497,35 @@ def load_checkpoint(run: Path, name: str = "last") -> dict[str, Any] | None:
         other = ""
         best = run / CHECKPOINTS / "best.pt"
         if name != "best" and best.is_file() and not best.is_symlink():
-            other = (f"; {best} is intact (copy it over {path.name} to resume from that earlier state)"
-                     if checkpoint_damage(best) is None else f"; {best} is damaged too")
-        raise SSKDError(f"{path}: damaged checkpoint ({damage}: its bytes changed on disk after it was written); "
-                        f"not used{other}; or delete it to start over") from None
+            other = (
+                f"; {best} is intact (copy it over {path.name} to resume from that earlier state)"
+                if checkpoint_damage(best) is None
+                else f"; {best} is damaged too"
+            )
+        raise SSKDError(
+            f"{path}: damaged checkpoint ({damage}: its bytes changed on disk after it was written); "
+            f"not used{other}; or delete it to start over"
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"GLOBAL ([\w.]*\w)", str(exc))
         if refused:
-            raise SSKDError(f"{path}: refused to load: it references {refused.group(1)}, which weights_only "
-                            "loading does not admit (written by an older sskd, or not by sskd); nothing in it "
-                            "was run: delete it, or --overwrite the run, to start over") from None
+            raise SSKDError(
+                f"{path}: refused to load: it references {refused.group(1)}, which weights_only "
+                "loading does not admit (written by an older sskd, or not by sskd); nothing in it "
+                "was run: delete it, or --overwrite the run, to start over"
+            ) from None
         reason = re.search(r"Unsupported operand \d+", str(exc))
-        raise SSKDError(f"{path}: damaged checkpoint (not a pickle torch can read: "
-                        f"{reason.group(0) if reason else 'UnpicklingError'}); delete it to start over") from None
+        raise SSKDError(
+            f"{path}: damaged checkpoint (not a pickle torch can read: "
+            f"{reason.group(0) if reason else 'UnpicklingError'}); delete it to start over"
+        ) from None
     except Exception as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        reason = f"{type(exc).__name__}: {first[:200]}" if first else f"{type(exc).__name__}: empty or cut short"
+        reason = (
+            f"{type(exc).__name__}: {first[:200]}" if first else f"{type(exc).__name__}: empty or cut short"
+        )
         raise SSKDError(f"{path}: damaged checkpoint ({reason}); delete it to start over") from exc
 
 
@@ -492,8 +572,9 @@ def accelerator_trackers(names: list[str], run: Path) -> dict[str, Any]:
     return {"log_with": names, "project_dir": str(run)}
 
 
-def start_trackers(accelerator, run: Path, config: dict[str, Any], wanted: list[str] = (),
-                   resume_step: int | None = None) -> None:
+def start_trackers(
+    accelerator, run: Path, config: dict[str, Any], wanted: list[str] = (), resume_step: int | None = None
+) -> None:
     """``accelerator.init_trackers`` with the flattened run config, everything written under ``run``.
 
     Services that want a server stay local: W&B runs offline (``WANDB_MODE`` unless set) in ``RUN/wandb``
@@ -503,8 +584,10 @@ def start_trackers(accelerator, run: Path, config: dict[str, Any], wanted: list[
     names = [str(t) for t in accelerator.log_with]
     dropped = [n for n in wanted if n not in names]  # Accelerate skips a tracker it finds no package for
     if dropped:
-        raise SSKDError(f"--log-with {dropped[0]}: Accelerate does not find the {dropped[0]} package "
-                        f"(pip install {dropped[0]})")
+        raise SSKDError(
+            f"--log-with {dropped[0]}: Accelerate does not find the {dropped[0]} package "
+            f"(pip install {dropped[0]})"
+        )
     if not names:
         return
     kwargs: dict[str, dict[str, Any]] = {}
@@ -529,11 +612,16 @@ def start_trackers(accelerator, run: Path, config: dict[str, Any], wanted: list[
             with contextlib.suppress(Exception):
                 tracker.finish()
         accelerator.trackers = []
-        raise SSKDError(f"--log-with {','.join(names)}: cannot start the tracker ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+        raise SSKDError(
+            f"--log-with {','.join(names)}: cannot start the tracker ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+        ) from exc
     if accelerator.is_main_process:
-        where = ", ".join(f"{n} -> {run / TRACKER_FOLDERS[n]}" for n in names
-                          if not (n == "mlflow" and "MLFLOW_TRACKING_URI" in os.environ))
+        where = ", ".join(
+            f"{n} -> {run / TRACKER_FOLDERS[n]}"
+            for n in names
+            if not (n == "mlflow" and "MLFLOW_TRACKING_URI" in os.environ)
+        )
         log.info("%s: logging to %s", run, where or ", ".join(names))
 
 
@@ -559,8 +647,9 @@ class MetricsLog:
     never goes back (W&B drops records whose step does).
     """
 
-    def __init__(self, run: Path, enabled: bool = True, keep_until: tuple[int, int] | None = None,
-                 accelerator=None):
+    def __init__(
+        self, run: Path, enabled: bool = True, keep_until: tuple[int, int] | None = None, accelerator=None
+    ):
         self.path = run / METRICS
         self.enabled = enabled
         self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
@@ -576,8 +665,9 @@ class MetricsLog:
                 try:
                     atomic.write_bytes(self.path, text.encode())
                 except OSError as exc:
-                    raise SSKDError(atomic.write_error(self.path, exc, "metrics log",
-                                                       kept="the log is left as it was")) from None
+                    raise SSKDError(
+                        atomic.write_error(self.path, exc, "metrics log", kept="the log is left as it was")
+                    ) from None
             for r in records:
                 self._note(r)
 
@@ -597,9 +687,16 @@ class MetricsLog:
         self._note(record)
         if self.accelerator is not None:
             kind = record.get("kind", "train")
-            values = {f"{kind}/{k}": v for k, v in record.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time", "phase")}
-            self.accelerator.log(values, step=self.tracker_step(record.get("phase", 0), record.get("step", 0)))
+            values = {
+                f"{kind}/{k}": v
+                for k, v in record.items()
+                if isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and k not in ("step", "time", "phase")
+            }
+            self.accelerator.log(
+                values, step=self.tracker_step(record.get("phase", 0), record.get("step", 0))
+            )
 
     def close(self) -> None:
         finish_trackers(self.accelerator)
@@ -620,7 +717,7 @@ def append_line(path: Path, line: str, what: str = "file") -> None:
     try:
         view = memoryview(line.encode())
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except OSError as exc:
         raise SSKDError(atomic.write_error(path, exc, what)) from None
     finally:

@@ -26,8 +26,14 @@ def manifest_sha256(shards: str | Path) -> str:
     return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
 
 
-def new_model(arch: str, num_classes: int, *, wrapper: str | None = None, wrapper_args: dict | None = None,
-              pretrained: bool = False) -> torch.nn.Module:
+def new_model(
+    arch: str,
+    num_classes: int,
+    *,
+    wrapper: str | None = None,
+    wrapper_args: dict | None = None,
+    pretrained: bool = False,
+) -> torch.nn.Module:
     """A fresh model by registry name, optionally wrapped with its parts (``ss_head``, ``branches``)."""
     from sskd.models import create_model
 
@@ -45,7 +51,12 @@ def describe_model(module: torch.nn.Module) -> dict[str, Any]:
     """What ``model.json`` says so the model can be rebuilt: its wrapper and the wrapper's arguments."""
     wrapper = getattr(module, "wrapper", None)
     args = dict(module.wrapper_args()) if wrapper and hasattr(module, "wrapper_args") else {}
-    return {"wrapper": wrapper, "wrapper_args": args, "has_head": wrapper == "ss_head", "feat_dim": module.feat_dim}
+    return {
+        "wrapper": wrapper,
+        "wrapper_args": args,
+        "has_head": wrapper == "ss_head",
+        "feat_dim": module.feat_dim,
+    }
 
 
 def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -55,7 +66,9 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         if field not in info:
             raise SSKDError(f"{Path(run) / runs.MODEL_INFO}: field {field!r} is missing")
     wrapper = info.get("wrapper", "ss_head" if info.get("has_head") else None)
-    model = new_model(info["arch"], info["num_classes"], wrapper=wrapper, wrapper_args=info.get("wrapper_args"))
+    model = new_model(
+        info["arch"], info["num_classes"], wrapper=wrapper, wrapper_args=info.get("wrapper_args")
+    )
     runs.load_weights(run, model)
     return model, info
 
@@ -63,8 +76,14 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The teacher's ``model.json`` (or a torchvision stand-in), checked against the shards; no weights."""
     if source.startswith(TORCHVISION_PREFIX):
-        return {"arch": source, "num_classes": manifest["num_classes"], "has_head": False, "wrapper": None,
-                "stage": "torchvision-pretrained", "weights_sha256": "torchvision-pretrained:" + source}
+        return {
+            "arch": source,
+            "num_classes": manifest["num_classes"],
+            "has_head": False,
+            "wrapper": None,
+            "stage": "torchvision-pretrained",
+            "weights_sha256": "torchvision-pretrained:" + source,
+        }
     info = runs.load_model_info(source)
     if info.get("num_classes") != manifest["num_classes"]:
         raise SSKDError(
@@ -72,7 +91,9 @@ def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
             f"({manifest['dataset']}) have {manifest['num_classes']}"
         )
     if info.get("classes") and info["classes"] != manifest["classes"]:
-        raise SSKDError(f"--teacher {source}: teacher's class names differ from the shards' ({manifest['dataset']})")
+        raise SSKDError(
+            f"--teacher {source}: teacher's class names differ from the shards' ({manifest['dataset']})"
+        )
     return info
 
 
@@ -99,7 +120,9 @@ def teacher_backbone(ctx) -> torch.nn.Module:
         raise SSKDError("train-ss-head needs --teacher RUN (a train-teacher run or torchvision:NAME)")
     model, info = load_teacher(ctx.teacher, ctx.manifest)
     backbone = getattr(model, "backbone", model)
-    ctx.info.update(arch=info["arch"], teacher_source=str(ctx.teacher), teacher_weights_sha256=info.get("weights_sha256"))
+    ctx.info.update(
+        arch=info["arch"], teacher_source=str(ctx.teacher), teacher_weights_sha256=info.get("weights_sha256")
+    )
     return backbone
 
 
@@ -108,11 +131,16 @@ def run_info(cfg: Config, stage: str) -> dict[str, Any]:
     from sskd.methods import resolve_views, stage_method
 
     views = resolve_views(cfg, stage_method(cfg, stage))  # a method's fixed views refuse another --views here
-    return {"shards_sha256": manifest_sha256(cfg.data.shards), "seed": cfg.run.seed,
-            "views": ",".join(views.ss_views) if views is not None and views.ss_views else "none"}
+    return {
+        "shards_sha256": manifest_sha256(cfg.data.shards),
+        "seed": cfg.run.seed,
+        "views": ",".join(views.ss_views) if views is not None and views.ss_views else "none",
+    }
 
 
-def builder(cfg: Config, stage: str, info_out: dict[str, Any], *, teacher: str | None = None, cached: bool = False):
+def builder(
+    cfg: Config, stage: str, info_out: dict[str, Any], *, teacher: str | None = None, cached: bool = False
+):
     """``build(manifest) -> Method`` for ``stage``: the method the config names, made by its own ``build``."""
 
     def build(manifest):
@@ -122,11 +150,15 @@ def builder(cfg: Config, stage: str, info_out: dict[str, Any], *, teacher: str |
         if stage == "student" and not cls.needs_teacher and teacher is not None:
             import logging
 
-            logging.getLogger(__name__).info("--method %s uses no teacher: --teacher %s is ignored", cls.name, teacher)
+            logging.getLogger(__name__).info(
+                "--method %s uses no teacher: --teacher %s is ignored", cls.name, teacher
+            )
         # The student first, from the run seed: building a live teacher draws random initial weights
         # (then overwritten), which must not change the student's, so live and cached runs start alike.
         torch.manual_seed(cfg.run.seed)
-        ctx = BuildContext(cfg=cfg, stage=stage, manifest=manifest, teacher=teacher, cached=cached, info=info_out)
+        ctx = BuildContext(
+            cfg=cfg, stage=stage, manifest=manifest, teacher=teacher, cached=cached, info=info_out
+        )
         info_out.setdefault("arch", ctx.arch)
         info_out["method"] = cls.name
         return cls.build(ctx)

@@ -28,7 +28,10 @@ import threading
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")  # set for the ranks `accelerate launch` / torchrun start
+_LAUNCHER_ENV = (
+    "TORCHELASTIC_RUN_ID",
+    "LOCAL_RANK",
+)  # set for the ranks `accelerate launch` / torchrun start
 PARENT_ENV = "SSKD_PARENT_PID"  # set by sskd's own parents (sweep, supervisor) for the commands they start
 _PR_SET_PDEATHSIG = 1
 
@@ -109,13 +112,18 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signum = self.signum or signum
-        log.warning("%s received: stopping after the current step (checkpoint first)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: stopping after the current step (checkpoint first)", signal.Signals(signum).name
+        )
 
     def poll(self) -> int | None:
         """The signal to stop for, if any; a dead launcher counts as SIGTERM."""
         if self.signum is None and self._parent is not None and os.getppid() != self._parent:
-            log.warning("the parent process (pid %d: launcher, sweep or supervisor) is gone: stopping after the "
-                        "current step", self._parent)
+            log.warning(
+                "the parent process (pid %d: launcher, sweep or supervisor) is gone: stopping after the "
+                "current step",
+                self._parent,
+            )
             self.signum, self.orphaned = signal.SIGTERM, True
         return self.signum
 

@@ -19,7 +19,11 @@ _CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"}
 def supervised_command(args_in: list[str]) -> str | None:
     """The command to supervise, if this process should: the real console entry, not already a supervised
     child, not a rank of a launcher (the launcher names a rank's signal itself), not switched off."""
-    if os.name != "posix" or os.environ.get(SUPERVISED_ENV) or threading.current_thread() is not threading.main_thread():
+    if (
+        os.name != "posix"
+        or os.environ.get(SUPERVISED_ENV)
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return None
     if any(k in os.environ for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")):
         return None
@@ -61,11 +65,15 @@ def _check_shards_after_crash(args_in: list[str], command: str) -> None:
     if len(problems) > 20:
         print(f"sskd: ... and {len(problems) - 20} more", file=sys.stderr)
     if problems and command != "cache":
-        print("sskd: rerun with --resume --skip-bad to leave such samples out (or rewrite the shards)",
-              file=sys.stderr)
+        print(
+            "sskd: rerun with --resume --skip-bad to leave such samples out (or rewrite the shards)",
+            file=sys.stderr,
+        )
     elif not problems:
-        print(f"sskd: no sample of {folder} is damaged (bytes, ids, labels): the crash does not come from the data",
-              file=sys.stderr)
+        print(
+            f"sskd: no sample of {folder} is damaged (bytes, ids, labels): the crash does not come from the data",
+            file=sys.stderr,
+        )
 
 
 def supervise(args_in: list[str], command: str) -> int:
@@ -90,8 +98,12 @@ def supervise(args_in: list[str], command: str) -> int:
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    handled = {signal.SIGINT: forward, signal.SIGTERM: forward, signal.SIGHUP: forward,
-               signal.SIGTSTP: stop_along(proc)}  # Ctrl-Z stops both, `fg` resumes both
+    handled = {
+        signal.SIGINT: forward,
+        signal.SIGTERM: forward,
+        signal.SIGHUP: forward,
+        signal.SIGTSTP: stop_along(proc),
+    }  # Ctrl-Z stops both, `fg` resumes both
     old = {s: signal.signal(s, h) for s, h in handled.items()}
     try:
         rc = proc.wait()
@@ -105,14 +117,19 @@ def supervise(args_in: list[str], command: str) -> int:
     except ValueError:
         name = f"signal {-rc}"
     if -rc in forwarded:  # it was stopped (outside a training step, where it would have saved first)
-        print(f"sskd: {command} stopped by {name}; rerun it with --resume to continue from its last checkpoint",
-              file=sys.stderr)
+        print(
+            f"sskd: {command} stopped by {name}; rerun it with --resume to continue from its last checkpoint",
+            file=sys.stderr,
+        )
         return 128 - rc
     why = {"SIGKILL": " (the kernel's out-of-memory killer, or kill -9)"}.get(name, "")
     if name in _CRASH_SIGNALS:
         why = " (a crash inside native code: DALI's decoder or torch)"
-    print(f"sskd: error: `sskd {command}` died by {name}{why}; its last checkpoint is kept: rerun the same "
-          "command with --resume", file=sys.stderr)
+    print(
+        f"sskd: error: `sskd {command}` died by {name}{why}; its last checkpoint is kept: rerun the same "
+        "command with --resume",
+        file=sys.stderr,
+    )
     if name in _CRASH_SIGNALS:
         _check_shards_after_crash(args_in, command)
     return 128 - rc

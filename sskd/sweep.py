@@ -133,22 +133,30 @@ def load_spec(path: str | Path) -> Spec:
     for i, p in enumerate(pairs):
         for role in ("teacher", "student"):
             if p.get(role) is not None and not _folder_safe(str(p[role])):
-                raise _fail(str(path), f"pairs[{i}].{role}: {str(p[role])!r} is not an architecture name (it names "
-                                       "the runs' folder under --out: no '/', '\\' or '..')")
+                raise _fail(
+                    str(path),
+                    f"pairs[{i}].{role}: {str(p[role])!r} is not an architecture name (it names "
+                    "the runs' folder under --out: no '/', '\\' or '..')",
+                )
     methods = []
     for i, m in enumerate(raw["methods"]):
         entry = {"name": m} if isinstance(m, str) else dict(m or {})
         name = entry.get("name")
         if name not in METHODS["student"].names():
-            raise _fail(str(path), f"methods[{i}]: {name!r} is not a distill method "
-                                   f"({', '.join(METHODS['student'].names())})")
+            raise _fail(
+                str(path),
+                f"methods[{i}]: {name!r} is not a distill method ({', '.join(METHODS['student'].names())})",
+            )
         sets = entry.get("set") or {}
         if not isinstance(sets, dict):
             raise _fail(str(path), f"methods[{i}].set: a mapping section.key: value")
         label = str(entry.get("label", name))
         if not _folder_safe(label):
-            raise _fail(str(path), f"methods[{i}].label: {label!r} is not a folder name (no '/', '\\' or '..'; "
-                                   "it names the runs' folder under --out)")
+            raise _fail(
+                str(path),
+                f"methods[{i}].label: {label!r} is not a folder name (no '/', '\\' or '..'; "
+                "it names the runs' folder under --out)",
+            )
         methods.append(MethodSpec(name=name, label=label, sets=sets))
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
@@ -165,10 +173,17 @@ def load_spec(path: str | Path) -> Spec:
     sets = raw.get("set") or {}
     if not isinstance(sets, dict):
         raise _fail(str(path), "set: a mapping section.key: value")
-    return Spec(shards=str(raw["shards"]), pairs=[{k: str(v) for k, v in p.items()} for p in pairs],
-                methods=methods, seeds=seeds, settings={str(k): dict(v or {}) for k, v in settings.items()},
-                sets=sets, config=raw.get("config"), teacher_seed=int(raw.get("teacher_seed", 0)),
-                name=str(raw.get("name", path.stem)))
+    return Spec(
+        shards=str(raw["shards"]),
+        pairs=[{k: str(v) for k, v in p.items()} for p in pairs],
+        methods=methods,
+        seeds=seeds,
+        settings={str(k): dict(v or {}) for k, v in settings.items()},
+        sets=sets,
+        config=raw.get("config"),
+        teacher_seed=int(raw.get("teacher_seed", 0)),
+        name=str(raw.get("name", path.stem)),
+    )
 
 
 def _set_args(values: dict[str, Any]) -> list[str]:
@@ -214,9 +229,21 @@ def plan(spec: Spec, out: Path) -> list[PlannedRun]:
             if t_arch.startswith("torchvision:"):
                 teachers[t_arch] = t_arch
             else:
-                run = PlannedRun("teacher", out / "teachers" / t_arch,
-                                 ["train-teacher", "--arch", t_arch, *pair_common, "--seed", str(spec.teacher_seed),
-                                  *base_sets], "teacher", {"teacher": t_arch})
+                run = PlannedRun(
+                    "teacher",
+                    out / "teachers" / t_arch,
+                    [
+                        "train-teacher",
+                        "--arch",
+                        t_arch,
+                        *pair_common,
+                        "--seed",
+                        str(spec.teacher_seed),
+                        *base_sets,
+                    ],
+                    "teacher",
+                    {"teacher": t_arch},
+                )
                 teachers[t_arch] = run
                 runs.append(run)
         for m in spec.methods:
@@ -225,17 +252,33 @@ def plan(spec: Spec, out: Path) -> list[PlannedRun]:
                 continue
             # A head run per (teacher, head method, that method's overrides): sskd's pretext, say, shapes it.
             own = {k: v for k, v in m.sets.items() if k.split(".")[0] in (head, "ss_head")}
-            suffix = "-" + hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:6] if own else ""
+            suffix = (
+                "-" + hashlib.sha1(json.dumps(own, sort_keys=True).encode()).hexdigest()[:6] if own else ""
+            )
             key = (t_arch, head, json.dumps(own, sort_keys=True))
             if key in heads:
                 heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] = heads[key]
                 continue
             src = teachers[t_arch]
             src_path = src if isinstance(src, str) else str(src.folder)
-            run = PlannedRun("head", out / "teachers" / f"{t_arch.replace(':', '-')}-{head}{suffix}",
-                             ["train-ss-head", "--method", head, "--teacher", src_path, *pair_common,
-                              "--seed", str(spec.teacher_seed), *base_sets, *_set_args(own)],
-                             "ss_head", {"teacher": t_arch, "method": head})
+            run = PlannedRun(
+                "head",
+                out / "teachers" / f"{t_arch.replace(':', '-')}-{head}{suffix}",
+                [
+                    "train-ss-head",
+                    "--method",
+                    head,
+                    "--teacher",
+                    src_path,
+                    *pair_common,
+                    "--seed",
+                    str(spec.teacher_seed),
+                    *base_sets,
+                    *_set_args(own),
+                ],
+                "ss_head",
+                {"teacher": t_arch, "method": head},
+            )
             heads[key] = heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] = run
             runs.append(run)
     for setting, overrides in spec.settings.items():
@@ -247,17 +290,47 @@ def plan(spec: Spec, out: Path) -> list[PlannedRun]:
                 teacher_args: list[str] = []
                 if cls.needs_teacher:
                     head = _head_method(m.name)
-                    src = heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] if head else teachers[t_arch]
+                    src = (
+                        heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))]
+                        if head
+                        else teachers[t_arch]
+                    )
                     teacher_args = ["--teacher", src if isinstance(src, str) else str(src.folder)]
                 pair_name = f"{(t_arch or 'none').replace(':', '-')}-{s_arch}"
                 for seed in spec.seeds:
                     folder = out / "runs" / setting / m.label / pair_name / f"seed{seed}"
-                    args = ["distill", "--method", m.name, *teacher_args, "--student", s_arch, *pair_common,
-                            "--seed", str(seed), *base_sets, *_set_args(m.sets), *_set_args(overrides)]
-                    runs.append(PlannedRun("student", folder, args, "student",
-                                           {"setting": setting, "method": m.name, "label": m.label,
-                                            "pair": pair_name, "teacher": t_arch, "student": s_arch,
-                                            "uses_teacher": cls.needs_teacher, "seed": seed}))
+                    args = [
+                        "distill",
+                        "--method",
+                        m.name,
+                        *teacher_args,
+                        "--student",
+                        s_arch,
+                        *pair_common,
+                        "--seed",
+                        str(seed),
+                        *base_sets,
+                        *_set_args(m.sets),
+                        *_set_args(overrides),
+                    ]
+                    runs.append(
+                        PlannedRun(
+                            "student",
+                            folder,
+                            args,
+                            "student",
+                            {
+                                "setting": setting,
+                                "method": m.name,
+                                "label": m.label,
+                                "pair": pair_name,
+                                "teacher": t_arch,
+                                "student": s_arch,
+                                "uses_teacher": cls.needs_teacher,
+                                "seed": seed,
+                            },
+                        )
+                    )
     return runs
 
 
@@ -333,8 +406,13 @@ class _Child:
             with open(self.log_path, "ab") as fh:
                 fh.write(f"\n$ {shlex.join(self.argv)}\n".encode())
                 fh.flush()
-                self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, env=child_env(),
-                                             preexec_fn=die_with_parent())
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(),
+                    preexec_fn=die_with_parent(),
+                )
                 signal.signal(signal.SIGTSTP, stop_along(self.proc))  # Ctrl-Z stops it too; `fg` resumes it
                 while True:
                     try:
@@ -357,7 +435,9 @@ def _last_error(log_path: Path) -> str:
     return (errs or lines or [""])[-1][:300]
 
 
-def execute(runs: list[PlannedRun], launcher: str | None, keep_going: bool = False, progress: bool = True) -> int:
+def execute(
+    runs: list[PlannedRun], launcher: str | None, keep_going: bool = False, progress: bool = True
+) -> int:
     """Run what is not done yet, in order; returns the exit status (0, or the failing run's)."""
     from tqdm import tqdm
 
@@ -369,8 +449,10 @@ def execute(runs: list[PlannedRun], launcher: str | None, keep_going: bool = Fal
         status = _status(run)
         rec = run.record()
         if rec.get("args") and rec["args"] != run.args and status in ("done", "partial"):
-            raise SSKDError(f"{run.folder}: was run with another command than the spec gives now "
-                            f"({shlex.join(rec['args'])}); move it away or sweep into another --out")
+            raise SSKDError(
+                f"{run.folder}: was run with another command than the spec gives now "
+                f"({shlex.join(rec['args'])}); move it away or sweep into another --out"
+            )
         if status == "done":
             bar.update(1)
             continue
@@ -381,30 +463,53 @@ def execute(runs: list[PlannedRun], launcher: str | None, keep_going: bool = Fal
             log.warning("%s: skipped: %s failed", run.folder, deps[0].folder)
             bar.update(1)
             continue
-        args = [*run.args, "--out", str(run.folder), "--no-progress"] + (["--resume"] if status == "partial" else [])
+        args = [*run.args, "--out", str(run.folder), "--no-progress"] + (
+            ["--resume"] if status == "partial" else []
+        )
         run.folder.mkdir(parents=True, exist_ok=True)
         started = time.time()
         base = {"args": run.args, "command": shlex.join(prefix + args), "kind": run.kind, **run.meta}
         atomic.write_json(run.folder / RECORD, {**base, "status": "running", "started": started})
         bar.set_postfix_str(f"{run.kind} {run.folder.name if run.kind != 'student' else run.meta['label']}")
-        log.info("[%d/%d] %s%s", i, len(runs), shlex.join(["sskd", *args]), " (resuming)" if status == "partial" else "")
+        log.info(
+            "[%d/%d] %s%s",
+            i,
+            len(runs),
+            shlex.join(["sskd", *args]),
+            " (resuming)" if status == "partial" else "",
+        )
         child = _Child(prefix + args, run.folder / OUTPUT)
         rc = child.run()
         wall = round(time.time() - started, 1)
         if rc == 0 and (run.folder / "model.json").is_file():
             result = _result(run.folder)
-            atomic.write_json(run.folder / RECORD, {**base, "status": "done", "wall_s": wall, "result": result})
-            log.info("[%d/%d] %s: top-1 %s in %.0f s", i, len(runs), run.folder, result.get("top1", "-"), wall)
+            atomic.write_json(
+                run.folder / RECORD, {**base, "status": "done", "wall_s": wall, "result": result}
+            )
+            log.info(
+                "[%d/%d] %s: top-1 %s in %.0f s", i, len(runs), run.folder, result.get("top1", "-"), wall
+            )
             if child.interrupted:  # it finished as the signal came: stop here all the same
                 bar.close()
-                log.warning("sweep: stopped by signal %d after %s; rerun the same `sskd sweep` to go on",
-                            child.interrupted, run.folder)
+                log.warning(
+                    "sweep: stopped by signal %d after %s; rerun the same `sskd sweep` to go on",
+                    child.interrupted,
+                    run.folder,
+                )
                 return 128 + child.interrupted
         else:
             why = _last_error(run.folder / OUTPUT)
             interrupted = rc < 0 or rc >= 128 or bool(child.interrupted)  # the run saved; a rerun resumes it
-            atomic.write_json(run.folder / RECORD, {**base, "status": "interrupted" if interrupted else "failed",
-                                                    "rc": rc, "wall_s": wall, "error": why})
+            atomic.write_json(
+                run.folder / RECORD,
+                {
+                    **base,
+                    "status": "interrupted" if interrupted else "failed",
+                    "rc": rc,
+                    "wall_s": wall,
+                    "error": why,
+                },
+            )
             if interrupted:
                 bar.close()
                 log.warning("%s: interrupted; rerun the same `sskd sweep` to resume it", run.folder)
@@ -426,8 +531,10 @@ def cmd_sweep(args) -> int:
     runs = plan(spec, out)
     for run in runs:  # what a spec names (labels, settings, architectures) stays under --out
         if not inside(run.folder, out):
-            raise SSKDError(f"{args.spec}: the run folder {run.folder} lies outside --out {out}; rename what "
-                            "the spec puts into it (a label, setting or architecture)")
+            raise SSKDError(
+                f"{args.spec}: the run folder {run.folder} lies outside --out {out}; rename what "
+                "the spec puts into it (a label, setting or architecture)"
+            )
     cache: dict = {}
     for run in runs:  # resolves every run's config: a typo in the spec fails here, before any training
         try:
@@ -437,18 +544,31 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print(f"{'run':<62} {'status':<8} {'steps':>7} {'images':>10}")
         for run in runs:
-            print(f"{str(run.folder.relative_to(out)):<62} {_status(run):<8} {run.steps:>7,} {run.images:>10,}")
+            print(
+                f"{str(run.folder.relative_to(out)):<62} {_status(run):<8} {run.steps:>7,} {run.images:>10,}"
+            )
         todo = [r for r in runs if _status(r) != "done"]
-        print(f"{len(runs)} runs ({len(todo)} to do): {sum(r.steps for r in todo):,} steps, "
-              f"{sum(r.images for r in todo):,} images still to train (one process each; a launcher's ranks "
-              "share them)")
+        print(
+            f"{len(runs)} runs ({len(todo)} to do): {sum(r.steps for r in todo):,} steps, "
+            f"{sum(r.images for r in todo):,} images still to train (one process each; a launcher's ranks "
+            "share them)"
+        )
         return 0
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out / "spec.yaml", Path(args.spec).read_bytes())
-    atomic.write_json(out / "plan.json", {"name": spec.name, "settings": list(spec.settings), "seeds": spec.seeds,
-                                          "methods": [m.label for m in spec.methods],
-                                          "runs": [{"kind": r.kind, "folder": str(r.folder.relative_to(out)),
-                                                    "steps": r.steps, **r.meta} for r in runs]})
+    atomic.write_json(
+        out / "plan.json",
+        {
+            "name": spec.name,
+            "settings": list(spec.settings),
+            "seeds": spec.seeds,
+            "methods": [m.label for m in spec.methods],
+            "runs": [
+                {"kind": r.kind, "folder": str(r.folder.relative_to(out)), "steps": r.steps, **r.meta}
+                for r in runs
+            ],
+        },
+    )
     return execute(runs, args.launcher, keep_going=args.keep_going, progress=not args.no_progress)
 
 
@@ -475,16 +595,29 @@ examples:
 
 
 def register(sub, fmt) -> None:
-    p = sub.add_parser("sweep", help="a grid of methods x pairs x seeds x data settings, resumable",
-                       description=__doc__.split("\n\n")[0] + "\n\nTeachers train once on the full clean data "
-                       "and are shared; settings act on the students. A rerun skips finished runs and resumes "
-                       "an interrupted one.", epilog=EXAMPLE_SPEC, formatter_class=fmt)
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of methods x pairs x seeds x data settings, resumable",
+        description=__doc__.split("\n\n")[0] + "\n\nTeachers train once on the full clean data "
+        "and are shared; settings act on the students. A rerun skips finished runs and resumes "
+        "an interrupted one.",
+        epilog=EXAMPLE_SPEC,
+        formatter_class=fmt,
+    )
     p.add_argument("spec", help="sweep spec (YAML; keys below)")
     p.add_argument("--out", required=True, help="sweep folder (teachers/, runs/, plan.json)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs, their status and steps; train nothing")
-    p.add_argument("--launcher", help='run every command under this prefix, e.g. "sskd launch --config_file '
-                   'launch/accelerate/multi_gpu.yaml" (default: this Python, one process)')
-    p.add_argument("--keep-going", action="store_true", help="after a failed run, go on with the runs that do "
-                   "not depend on it (default: stop)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list the runs, their status and steps; train nothing"
+    )
+    p.add_argument(
+        "--launcher",
+        help='run every command under this prefix, e.g. "sskd launch --config_file '
+        'launch/accelerate/multi_gpu.yaml" (default: this Python, one process)',
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a failed run, go on with the runs that do not depend on it (default: stop)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)

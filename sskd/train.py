@@ -42,7 +42,9 @@ class Job:
     info: dict[str, Any] = field(default_factory=dict)  # extra fields for model.json
     resume: bool = False
     overwrite: bool = False  # replace an earlier run in ``out`` (else it is refused unless resuming)
-    batch_hook: Callable[[dict[str, Any], int], dict[str, Any]] | None = None  # e.g. add cached teacher outputs
+    batch_hook: Callable[[dict[str, Any], int], dict[str, Any]] | None = (
+        None  # e.g. add cached teacher outputs
+    )
     data_epoch: Callable[[int], int] | None = None  # augmentation epoch of a training epoch (cache: e mod E)
 
 
@@ -77,15 +79,27 @@ def _loaders(job: Job, accelerator, views):
         skip_bad=cfg.data.skip_bad,  # bad samples left out of train and val (pipelines.loader)
     )
     # The loop is done with a batch before it asks for the next: no copy of DALI's buffers needed.
-    train = ViewLoader(cfg.data.shards, "train", batch_size=st.batch_size, views=views, train=True,
-                       reuse_buffers=True, subset_fraction=cfg.data.subset_fraction,
-                       label_noise=cfg.data.label_noise, **common)
+    train = ViewLoader(
+        cfg.data.shards,
+        "train",
+        batch_size=st.batch_size,
+        views=views,
+        train=True,
+        reuse_buffers=True,
+        subset_fraction=cfg.data.subset_fraction,
+        label_noise=cfg.data.label_noise,
+        **common,
+    )
     if train.subset_fraction < 1 or train.label_noise > 0:
         from pipelines.settings import describe
 
-        log.info("%s: training on %s: %d of the split's samples%s", job.out,
-                 describe(train.subset_fraction, train.label_noise), train.num_samples,
-                 f", {len(train.flipped_ids)} labels flipped" if train.label_noise else "")
+        log.info(
+            "%s: training on %s: %d of the split's samples%s",
+            job.out,
+            describe(train.subset_fraction, train.label_noise),
+            train.num_samples,
+            f", {len(train.flipped_ids)} labels flipped" if train.label_noise else "",
+        )
         # RUN/data.json is written with the run's other files (open_outputs), once every check has passed
     val = None
     if "val" in train.manifest["splits"]:
@@ -103,22 +117,41 @@ class Run:
 
         self.job, self.cfg, self.out = job, job.cfg, job.out
         self.st: StageConfig = getattr(job.cfg, job.stage)
-        self.accelerator, self.main, self.world = accelerator, accelerator.is_main_process, accelerator.num_processes
+        self.accelerator, self.main, self.world = (
+            accelerator,
+            accelerator.is_main_process,
+            accelerator.num_processes,
+        )
         # Built before the loaders so a bad teacher or architecture fails before any data is touched.
         method = job.build(load_manifest(self.cfg.data.shards))
         self.method_cls = stage_method(self.cfg, job.stage)
-        self.train_loader, self.val_loader = _loaders(job, accelerator, resolve_views(self.cfg, self.method_cls))
+        self.train_loader, self.val_loader = _loaders(
+            job, accelerator, resolve_views(self.cfg, self.method_cls)
+        )
         self.params = method.phase_parameters(None)
         st = self.st
-        optimizer = torch.optim.SGD(self.params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay,
-                                    nesterov=st.nesterov)
+        optimizer = torch.optim.SGD(
+            self.params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay, nesterov=st.nesterov
+        )
         self.steps_per_epoch = max(1, len(self.train_loader) // st.grad_accum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(st, self.steps_per_epoch))
-        if accelerator.is_main_process and st.schedule == "step" and st.gamma != 1 and st.milestones \
-                and min(st.milestones) >= st.epochs:
-            log.warning("%s.milestones %s all fall at or after epoch %d: the lr stays %g for the whole run "
-                        "(set --set %s.milestones=[...] or %s.schedule=cosine)", job.stage, st.milestones,
-                        st.epochs, st.lr, job.stage, job.stage)
+        if (
+            accelerator.is_main_process
+            and st.schedule == "step"
+            and st.gamma != 1
+            and st.milestones
+            and min(st.milestones) >= st.epochs
+        ):
+            log.warning(
+                "%s.milestones %s all fall at or after epoch %d: the lr stays %g for the whole run "
+                "(set --set %s.milestones=[...] or %s.schedule=cosine)",
+                job.stage,
+                st.milestones,
+                st.epochs,
+                st.lr,
+                job.stage,
+                job.stage,
+            )
         self.total_steps = min(st.epochs * self.steps_per_epoch, st.max_steps or math.inf)
         if self.world > 1:
             method.all_gather = make_gather(accelerator)
@@ -153,8 +186,12 @@ class Run:
         self._good: torch.Tensor | None = None  # skip: micro-batches of the interval whose terms were finite
         self._skipped = 0  # skip: optimizer steps skipped in the interval
         self._buffers: list[torch.Tensor] | None = None  # skip: the buffers as the accumulation window began
-        self.start: runs.NewRun | None = None  # a new run's start, undone if it fails before its first checkpoint
-        self.last_step: int | None = None  # the step checkpoints/last.pt holds (this process wrote or resumed)
+        self.start: runs.NewRun | None = (
+            None  # a new run's start, undone if it fails before its first checkpoint
+        )
+        self.last_step: int | None = (
+            None  # the step checkpoints/last.pt holds (this process wrote or resumed)
+        )
 
     @property
     def finished(self) -> bool:
@@ -174,8 +211,13 @@ class Run:
         else:
             phase = self.phases[index]
             self.params = self.core.phase_parameters(phase.name)
-            optimizer = torch.optim.SGD(self.params, lr=phase.lr or st.lr, momentum=st.momentum,
-                                        weight_decay=st.weight_decay, nesterov=st.nesterov)
+            optimizer = torch.optim.SGD(
+                self.params,
+                lr=phase.lr or st.lr,
+                momentum=st.momentum,
+                weight_decay=st.weight_decay,
+                nesterov=st.nesterov,
+            )
             self.optimizer = self.accelerator.prepare(optimizer)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant lr
             self.epochs = phase.epochs
@@ -189,7 +231,9 @@ class Run:
         if self.bar is not None:
             self.bar.reset(total=self.total_steps)
             self.bar.update(self.state["step"])
-            self.bar.set_description(f"{self.job.stage} ({self.phase_name})" if self.phase_name else self.job.stage)
+            self.bar.set_description(
+                f"{self.job.stage} ({self.phase_name})" if self.phase_name else self.job.stage
+            )
 
     def checkpoint(self, name: str) -> None:
         """Write ``checkpoints/<name>.pt`` with every rank's reader position (a collective: all ranks call).
@@ -197,7 +241,9 @@ class Run:
         Never a state with a non-finite loss behind it or non-finite weights: that stops the run instead."""
         self.check_finite()
         self.accelerator.wait_for_everyone()
-        data = self.train_loader.state()  # where each rank's reader stands, to resume without re-making batches
+        data = (
+            self.train_loader.state()
+        )  # where each rank's reader stands, to resume without re-making batches
         if self.world == 1:
             data_states = [data]
         else:
@@ -208,18 +254,22 @@ class Run:
         if self.main:
             scaler = self.accelerator.scaler
             try:
-                runs.save_checkpoint(self.out, name, {
-                    "model": self.core.state_dict(),
-                    "optimizer": self.optimizer.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "config": self.cfg.to_dict(),
-                    "stage": self.job.stage,
-                    "info": self.job.info,
-                    "world_size": self.world,
-                    "data_state": data_states,
-                    **self.state,
-                })
+                runs.save_checkpoint(
+                    self.out,
+                    name,
+                    {
+                        "model": self.core.state_dict(),
+                        "optimizer": self.optimizer.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "config": self.cfg.to_dict(),
+                        "stage": self.job.stage,
+                        "info": self.job.info,
+                        "world_size": self.world,
+                        "data_state": data_states,
+                        **self.state,
+                    },
+                )
             except SSKDError as exc:  # a full disk: every rank stops with the main process's line
                 error = str(exc)
         error = agree_on_error(self.accelerator, error)
@@ -259,21 +309,32 @@ class Run:
         are over those) and how many optimizer steps were skipped."""
         sums = dict(self._sums)
         if self.skip_nonfinite:
-            sums[_GOOD] = self._good if self._good is not None else torch.zeros((), device=self.accelerator.device)
+            sums[_GOOD] = (
+                self._good if self._good is not None else torch.zeros((), device=self.accelerator.device)
+            )
         else:
             sums[_NONFINITE] = self._nonfinite_flag()
         rec = _reduce(sums, self.accelerator, self._micro, self._seen)
         if rec.pop(_NONFINITE, 0):
             self.stop_nonfinite()
         dt = time.perf_counter() - self._t0
-        rec.update(kind="train", step=self.state["step"], epoch=epoch, lr=self.scheduler.get_last_lr()[0],
-                   images_per_s=round(self._seen * self.world / dt, 1), world_size=self.world, **self._phase_tag())
+        rec.update(
+            kind="train",
+            step=self.state["step"],
+            epoch=epoch,
+            lr=self.scheduler.get_last_lr()[0],
+            images_per_s=round(self._seen * self.world / dt, 1),
+            world_size=self.world,
+            **self._phase_tag(),
+        )
         if self.skip_nonfinite:
             rec["skipped"] = self._skipped
         self.metrics.write(rec)
         if self.bar is not None:
             loss = rec.get("loss")
-            self.bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", img_s=f"{rec['images_per_s']:.0f}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}" if loss is not None else "-", img_s=f"{rec['images_per_s']:.0f}"
+            )
         self._sums, self._seen, self._micro, self._t0 = {}, 0, 0, time.perf_counter()
         self._good, self._skipped = None, 0
 
@@ -296,9 +357,13 @@ class Run:
             good = (~anybad).float()
             self._good = good if self._good is None else self._good + good
             return anybad
-        code = (self.state["step"] + 1) * _EPOCH_CODE + self.state["epoch"]  # the optimizer step this batch is in
-        first, values = self._nf_first.get(keys) or (torch.zeros(len(keys), dtype=torch.long, device=vec.device),
-                                                     torch.zeros(len(keys), device=vec.device))
+        code = (self.state["step"] + 1) * _EPOCH_CODE + self.state[
+            "epoch"
+        ]  # the optimizer step this batch is in
+        first, values = self._nf_first.get(keys) or (
+            torch.zeros(len(keys), dtype=torch.long, device=vec.device),
+            torch.zeros(len(keys), device=vec.device),
+        )
         new = bad & (first == 0)
         self._nf_first[keys] = (torch.where(new, code, first), torch.where(new, vec, values))
         return None
@@ -315,7 +380,11 @@ class Run:
         get the same answer. One device sync (and under DDP one small all-reduce) per optimizer step: the
         price of skipping, paid only when asked for. Under fp16 the gradients are the GradScaler's to check
         (it skips such steps itself and lowers its scale)."""
-        flag = self._window_bad.float() if self._window_bad is not None else torch.zeros((), device=self.accelerator.device)
+        flag = (
+            self._window_bad.float()
+            if self._window_bad is not None
+            else torch.zeros((), device=self.accelerator.device)
+        )
         self._window_bad = None
         if self.accelerator.scaler is None:
             grads = [p.grad for p in self.params if p.grad is not None]
@@ -329,10 +398,17 @@ class Run:
     def check_finite(self) -> None:
         """Before a checkpoint (all ranks): stop if a term went non-finite since the last look, or if the
         weights are not finite; one small all-reduce under DDP, next to the checkpoint's own collectives."""
-        flags = [self._nonfinite_flag() if not self.skip_nonfinite else torch.zeros((), device=self.accelerator.device)]
+        flags = [
+            self._nonfinite_flag()
+            if not self.skip_nonfinite
+            else torch.zeros((), device=self.accelerator.device)
+        ]
         tensors = [t for t in self.core.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
-        flags.append(torch.stack([(~torch.isfinite(t)).any() for t in tensors]).any().float() if tensors
-                     else torch.zeros((), device=self.accelerator.device))
+        flags.append(
+            torch.stack([(~torch.isfinite(t)).any() for t in tensors]).any().float()
+            if tensors
+            else torch.zeros((), device=self.accelerator.device)
+        )
         vec = torch.stack([f.to(self.accelerator.device) for f in flags])
         if self.world > 1:
             vec = self.accelerator.reduce(vec, "sum")
@@ -340,8 +416,10 @@ class Run:
         if loss_bad:
             self.stop_nonfinite()
         if weights_bad:
-            raise SSKDError(f"{self.out}: the model's weights are not finite after step {self.state['step']} (epoch "
-                            f"{self.state['epoch']}){self._phase_text()}; stopped without saving them{self._kept_text()}")
+            raise SSKDError(
+                f"{self.out}: the model's weights are not finite after step {self.state['step']} (epoch "
+                f"{self.state['epoch']}){self._phase_text()}; stopped without saving them{self._kept_text()}"
+            )
 
     def stop_nonfinite(self) -> None:
         """Raise the one-line error for the first non-finite step (all ranks, with the same message)."""
@@ -355,15 +433,19 @@ class Run:
 
             seen = gather_object(seen)
         if not seen:  # cannot happen (a rank flagged it); keep the message honest anyway
-            raise SSKDError(f"{self.out}: a loss term became non-finite by step {self.state['step']}; stopped"
-                            f"{self._kept_text()}")
+            raise SSKDError(
+                f"{self.out}: a loss term became non-finite by step {self.state['step']}; stopped"
+                f"{self._kept_text()}"
+            )
         code = min(c for c, _, _ in seen)
         terms = sorted({(k, v) for c, k, v in seen if c == code}, key=lambda kv: kv[0])
         step, epoch = divmod(code, _EPOCH_CODE)
         text = ", ".join(f"{k}={v}" for k, v in dict(terms).items())
-        raise SSKDError(f"{self.out}: the loss became non-finite at step {step} (epoch {epoch}){self._phase_text()}: "
-                        f"{text}; stopped{self._kept_text()}; lower the lr, or set run.nonfinite=skip to skip "
-                        "such steps")
+        raise SSKDError(
+            f"{self.out}: the loss became non-finite at step {step} (epoch {epoch}){self._phase_text()}: "
+            f"{text}; stopped{self._kept_text()}; lower the lr, or set run.nonfinite=skip to skip "
+            "such steps"
+        )
 
     def _phase_text(self) -> str:
         return f", phase {self.phase_name}" if self.phase_name else ""
@@ -405,9 +487,17 @@ def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
     if ckpt.get("stage") not in (None, stage):
         raise SSKDError(f"{path}: is a {ckpt['stage']!r} checkpoint, this command trains {stage!r}")
     fixed = {k.format(stage=stage) for k in FIXED_FOR_RESUME}
-    sections = {stage, "data", "run", run.method_cls.section}  # other stages' and methods' sections do not act here
-    diffs = [d for d in diff_configs(ckpt.get("config", {}), run.cfg.to_dict())
-             if d[0].split(".")[0] in sections and d[0] not in IGNORED_FOR_RESUME]
+    sections = {
+        stage,
+        "data",
+        "run",
+        run.method_cls.section,
+    }  # other stages' and methods' sections do not act here
+    diffs = [
+        d
+        for d in diff_configs(ckpt.get("config", {}), run.cfg.to_dict())
+        if d[0].split(".")[0] in sections and d[0] not in IGNORED_FOR_RESUME
+    ]
     saved_info = ckpt.get("info") or {}
     for key in ("shards_sha256", "teacher_weights_sha256", "views"):
         if saved_info.get(key) and run.job.info.get(key) and saved_info[key] != run.job.info[key]:
@@ -416,9 +506,15 @@ def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
             fixed.add(key)
     refused = [f"{k} was {a!r}, now {b!r}" for k, a, b in diffs if k in fixed]
     if refused:
-        raise SSKDError(f"{run.out}: cannot resume: {'; '.join(refused)} (start a new --out, or --overwrite this run)")
+        raise SSKDError(
+            f"{run.out}: cannot resume: {'; '.join(refused)} (start a new --out, or --overwrite this run)"
+        )
     if diffs:
-        log.warning("%s: resuming with changed settings: %s", run.out, ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs))
+        log.warning(
+            "%s: resuming with changed settings: %s",
+            run.out,
+            ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs),
+        )
 
 
 def restore(run: Run) -> None:
@@ -447,16 +543,31 @@ def restore(run: Run) -> None:
     old_batch = (ckpt.get("config", {}).get(run.job.stage) or {}).get("batch_size", run.st.batch_size)
     if run.state["batch"] and (old_world, old_batch) != (run.world, run.st.batch_size):
         # A rank's position in an epoch means other samples under another rank count or batch size.
-        log.warning("%s: the checkpoint stopped in epoch %d at batch %d with %d rank(s) x batch %d; with %d x %d "
-                    "that position means other samples, so epoch %d restarts from its first batch (its first "
-                    "%d batches are seen twice)", run.out, run.state["epoch"], run.state["batch"], old_world, old_batch,
-                    run.world, run.st.batch_size, run.state["epoch"], run.state["batch"])
+        log.warning(
+            "%s: the checkpoint stopped in epoch %d at batch %d with %d rank(s) x batch %d; with %d x %d "
+            "that position means other samples, so epoch %d restarts from its first batch (its first "
+            "%d batches are seen twice)",
+            run.out,
+            run.state["epoch"],
+            run.state["batch"],
+            old_world,
+            old_batch,
+            run.world,
+            run.st.batch_size,
+            run.state["epoch"],
+            run.state["batch"],
+        )
         run.state["batch"] = 0
     elif len(data_states) == run.world:
         run.resume_data = data_states[run.accelerator.process_index]
     run.last_step = run.state["step"]
-    log.info("resumed %s at step %d (epoch %d, batch %d)", run.out, run.state["step"], run.state["epoch"],
-             run.state["batch"])
+    log.info(
+        "resumed %s at step %d (epoch %d, batch %d)",
+        run.out,
+        run.state["step"],
+        run.state["epoch"],
+        run.state["batch"],
+    )
 
 
 def open_outputs(run: Run) -> None:
@@ -478,20 +589,34 @@ def open_outputs(run: Run) -> None:
             except OSError as exc:
                 raise SSKDError(atomic.write_error(run.out / runs.DATA_RECORD, exc, "data record")) from None
     keep_until = (run.state["phase"], run.state["step"]) if run.job.resume else None
-    run.metrics = runs.MetricsLog(run.out, enabled=run.main, keep_until=keep_until, accelerator=run.accelerator)
-    runs.start_trackers(run.accelerator, run.out, run.cfg.to_dict(), run.cfg.run.log_with,
-                        resume_step=run.metrics.tracker_step(*keep_until) if keep_until else None)
+    run.metrics = runs.MetricsLog(
+        run.out, enabled=run.main, keep_until=keep_until, accelerator=run.accelerator
+    )
+    runs.start_trackers(
+        run.accelerator,
+        run.out,
+        run.cfg.to_dict(),
+        run.cfg.run.log_with,
+        resume_step=run.metrics.tracker_step(*keep_until) if keep_until else None,
+    )
     if run.main and run.cfg.run.progress:
         from tqdm.auto import tqdm
 
-        run.bar = tqdm(total=run.total_steps, initial=run.state["step"], desc=run.job.stage, unit="step",
-                       dynamic_ncols=True)
+        run.bar = tqdm(
+            total=run.total_steps,
+            initial=run.state["step"],
+            desc=run.job.stage,
+            unit="step",
+            dynamic_ncols=True,
+        )
 
 
 def train_step(run: Run, batch: dict[str, Any]) -> None:
     """Forward, backward and (every ``grad_accum`` micro-batches) an optimizer step; sums the terms."""
     accelerator, st = run.accelerator, run.st
-    if run.skip_nonfinite and run._buffers is None:  # a window's first micro-batch: its forward moves BN statistics
+    if (
+        run.skip_nonfinite and run._buffers is None
+    ):  # a window's first micro-batch: its forward moves BN statistics
         run._buffers = [b.detach().clone() for b in run.core.buffers()]
     with accelerator.accumulate(run.method):
         out = run.method(batch)
@@ -504,14 +629,18 @@ def train_step(run: Run, batch: dict[str, Any]) -> None:
             run._skipped += 1
             run.state["skipped"] += 1
             if run.state["skipped"] == 1:
-                log.warning("%s: non-finite loss or gradients at step %d (epoch %d): its optimizer step is skipped "
-                            "(run.nonfinite=skip; skipped steps are counted in metrics.jsonl)", run.out,
-                            run.state["step"] + 1, run.state["epoch"])
+                log.warning(
+                    "%s: non-finite loss or gradients at step %d (epoch %d): its optimizer step is skipped "
+                    "(run.nonfinite=skip; skipped steps are counted in metrics.jsonl)",
+                    run.out,
+                    run.state["step"] + 1,
+                    run.state["epoch"],
+                )
             with torch.no_grad():  # the window's forwards leave no trace either (BN running statistics)
                 for buf, saved in zip(run.core.buffers(), run._buffers):
                     buf.copy_(saved)
         if not skip or accelerator.scaler is not None:  # fp16: the GradScaler skips a step whose gradients
-            run.optimizer.step()                          # are not finite (and keeps its own state right)
+            run.optimizer.step()  # are not finite (and keeps its own state right)
         run.optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
             run._buffers = None
@@ -521,10 +650,14 @@ def train_step(run: Run, batch: dict[str, Any]) -> None:
     for k, v in out.items():
         if k != "logits" and torch.is_tensor(v) and v.ndim == 0:
             v = v.detach().float()
-            if anybad is not None:  # skip mode: a micro-batch with a non-finite term is left out of the averages
+            if (
+                anybad is not None
+            ):  # skip mode: a micro-batch with a non-finite term is left out of the averages
                 v = torch.where(anybad, torch.zeros_like(v), v)
             run._sums[k] = run._sums.get(k, 0) + v
-    run._sums["correct"] = run._sums.get("correct", 0) + (out["logits"].argmax(1) == batch["label"]).sum().float()
+    run._sums["correct"] = (
+        run._sums.get("correct", 0) + (out["logits"].argmax(1) == batch["label"]).sum().float()
+    )
 
 
 def run_epoch(run: Run, stop: StopFlag) -> None:
@@ -534,8 +667,9 @@ def run_epoch(run: Run, stop: StopFlag) -> None:
     views_epoch = run.job.data_epoch(epoch) if run.job.data_epoch else epoch
     # Kept on the run: a reader stopped mid-epoch (max_steps) stays open, so the final checkpoint holds
     # its DALI position and a later --resume continues it instead of re-making the batches.
-    run.batches = batches = run.train_loader.epoch(views_epoch, start_batch=state["batch"],
-                                                   resume_state=run.resume_data)
+    run.batches = batches = run.train_loader.epoch(
+        views_epoch, start_batch=state["batch"], resume_state=run.resume_data
+    )
     run.resume_data = None
     run.core.set_epoch(epoch)
     for batch in batches:
@@ -557,9 +691,13 @@ def run_epoch(run: Run, stop: StopFlag) -> None:
         signum = stop.should_stop()
         if signum:
             run.checkpoint("last")
-            raise Interrupted(f"stopped by {stop.request.describe(signum)} after step {state['step']} (epoch {epoch}, "
-                              f"batch {state['batch']}); {run.out}/checkpoints/last.pt holds it: rerun the same "
-                              "command with --resume to continue", signum, quiet=not run.main)
+            raise Interrupted(
+                f"stopped by {stop.request.describe(signum)} after step {state['step']} (epoch {epoch}, "
+                f"batch {state['batch']}); {run.out}/checkpoints/last.pt holds it: rerun the same "
+                "command with --resume to continue",
+                signum,
+                quiet=not run.main,
+            )
     if state["batch"] >= len(run.train_loader):  # the epoch ran to its end
         state["epoch"], state["batch"] = epoch + 1, 0
         if run.phase_name is None and run.cfg.run.eval_every and state["epoch"] % run.cfg.run.eval_every == 0:
@@ -577,14 +715,24 @@ def export(run: Run) -> dict[str, Any]:
     final = run.last_eval if fresh else run.evaluate(epoch)
     run.check_finite()  # the evaluation may have written best.pt; the weights exported are checked either way
     if state["skipped"] and run.main:
-        log.warning("%s: %d optimizer step(s) were skipped for a non-finite loss or gradients (run.nonfinite=skip)",
-                    run.out, state["skipped"])
+        log.warning(
+            "%s: %d optimizer step(s) were skipped for a non-finite loss or gradients (run.nonfinite=skip)",
+            run.out,
+            state["skipped"],
+        )
     if run.main:
         module = run.core.trainable_module()
         manifest = run.train_loader.manifest
-        info = {"stage": run.job.stage, "steps": state["step"], "epochs_done": state["epoch"], **describe_model(module),
-                "num_classes": manifest["num_classes"], "classes": manifest["classes"], **run.job.info,
-                **run.core.export_info()}
+        info = {
+            "stage": run.job.stage,
+            "steps": state["step"],
+            "epochs_done": state["epoch"],
+            **describe_model(module),
+            "num_classes": manifest["num_classes"],
+            "classes": manifest["classes"],
+            **run.job.info,
+            **run.core.export_info(),
+        }
         if final is not None:
             info.update(top1=final["top1"], top5=final["top5"], best_top1=state["best_top1"])
         if state["skipped"]:
@@ -592,8 +740,12 @@ def export(run: Run) -> dict[str, Any]:
         runs.save_model(run.out, module, info)
     run.accelerator.wait_for_everyone()
     # Each rank's own weights: DDP keeps them identical, and tests check that it did.
-    return dict(final or {}, world_size=run.world, rank=run.accelerator.process_index,
-                rank_weights_sha256=_weights_digest(run.core))
+    return dict(
+        final or {},
+        world_size=run.world,
+        rank=run.accelerator.process_index,
+        rank_weights_sha256=_weights_digest(run.core),
+    )
 
 
 def train(job: Job) -> dict[str, Any]:
@@ -603,9 +755,13 @@ def train(job: Job) -> dict[str, Any]:
     is raised; ``--resume`` then continues exactly.
     """
     st = getattr(job.cfg, job.stage)
-    accelerator = make_accelerator(job.cfg.run.mixed_precision, st.grad_accum, job.cfg.data.device,
-                                   find_unused_parameters=stage_method(job.cfg, job.stage).has_phases,
-                                   **runs.accelerator_trackers(job.cfg.run.log_with, job.out))
+    accelerator = make_accelerator(
+        job.cfg.run.mixed_precision,
+        st.grad_accum,
+        job.cfg.data.device,
+        find_unused_parameters=stage_method(job.cfg, job.stage).has_phases,
+        **runs.accelerator_trackers(job.cfg.run.log_with, job.out),
+    )
     torch.manual_seed(job.cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
     lock = claim_folder(job, accelerator)
     # A new run (not a resume) can be undone until its first checkpoint: a start that fails on bad data,
@@ -627,8 +783,12 @@ def train(job: Job) -> dict[str, Any]:
                         run_epoch(run, stop)
                     if run.phase_name is None:
                         break
-                    log.info("%s: pre-training phase %r done after %d steps", run.out, run.phase_name,
-                             run.state["step"])
+                    log.info(
+                        "%s: pre-training phase %r done after %d steps",
+                        run.out,
+                        run.phase_name,
+                        run.state["step"],
+                    )
                     run.state.update(phase=run.state["phase"] + 1, step=0, epoch=0, batch=0)
                     run.batches = None  # the phase's reader position is of no use to the next phase
                     run.enter_phase()
@@ -647,8 +807,13 @@ def train(job: Job) -> dict[str, Any]:
             try:
                 start.rollback()
             except Exception as exc:  # the first error is the one to report; say what could not be undone
-                log.error("%s: could not undo this run's start (%s: %s); look at %s", job.out, type(exc).__name__,
-                          exc, job.out)
+                log.error(
+                    "%s: could not undo this run's start (%s: %s); look at %s",
+                    job.out,
+                    type(exc).__name__,
+                    exc,
+                    job.out,
+                )
         raise
     finally:
         if lock is not None:
@@ -682,8 +847,11 @@ def _reduce(sums: dict[str, torch.Tensor], accelerator, n_micro: int, seen: int)
     extra = {k: values[keys.index(k)] for k in (_NONFINITE, _GOOD) if k in sums}
     denom = extra.get(_GOOD, n_micro)
     # 6 significant digits, not decimals: some terms live near 1e-5 (PKT's) and would log as 1e-06
-    rec = {k: float(f"{v / denom:.6g}") if denom else None for k, v in zip(keys, values)
-           if k != "correct" and k not in extra}
+    rec = {
+        k: float(f"{v / denom:.6g}") if denom else None
+        for k, v in zip(keys, values)
+        if k != "correct" and k not in extra
+    }
     rec["train_top1"] = round(100.0 * values[keys.index("correct")] / max(1, seen), 3)
     if _NONFINITE in extra:
         rec[_NONFINITE] = extra[_NONFINITE]

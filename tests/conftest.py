@@ -44,7 +44,9 @@ def digits_shards(tmp_path_factory):
 def photo_tree(tmp_path_factory):
     from shards.sources import sample_photo_tree
 
-    return sample_photo_tree(tmp_path_factory.mktemp("photos") / "src", classes=4, per_class=12, val_per_class=4)
+    return sample_photo_tree(
+        tmp_path_factory.mktemp("photos") / "src", classes=4, per_class=12, val_per_class=4
+    )
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,17 @@ from pathlib import Path
 
 import torch
 
-FAST = ["--no-progress", "--batch-size", "32", "--seed", "3", "--set", "run.log_every=1",
-        "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "32",
+    "--seed",
+    "3",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 STUDENTS = ("ce", "kd", "sskd")
 
 
@@ -33,7 +42,9 @@ def fingerprint(path: Path) -> dict:
     flat = torch.cat([state[k].double().flatten() for k in sorted(state)])
     gen = torch.Generator().manual_seed(1234)
     proj = torch.randn(32, flat.numel(), generator=gen, dtype=torch.float64) @ flat
-    digest = hashlib.sha256(b"".join(state[k].contiguous().numpy().tobytes() for k in sorted(state))).hexdigest()
+    digest = hashlib.sha256(
+        b"".join(state[k].contiguous().numpy().tobytes() for k in sorted(state))
+    ).hexdigest()
     return {"sha256": digest, "proj": [round(float(p), 9) for p in proj], "numel": int(flat.numel())}
 
 
@@ -54,14 +65,56 @@ def golden_runs(shards: Path, root: Path) -> dict[str, dict]:
 
 def _runs(run, shards: Path, root: Path) -> dict[str, dict]:
 
-    run("train-teacher", "--shards", shards, "--arch", "resnet8", "--out", root / "t", "--max-steps", 4, *FAST)
-    run("train-ss-head", "--teacher", root / "t", "--shards", shards, "--out", root / "ss", "--max-steps", 3, *FAST)
+    run(
+        "train-teacher", "--shards", shards, "--arch", "resnet8", "--out", root / "t", "--max-steps", 4, *FAST
+    )
+    run(
+        "train-ss-head",
+        "--teacher",
+        root / "t",
+        "--shards",
+        shards,
+        "--out",
+        root / "ss",
+        "--max-steps",
+        3,
+        *FAST,
+    )
     for method in STUDENTS:
         teacher = [] if method == "ce" else ["--teacher", root / "ss"]
-        run("distill", *teacher, "--student", "resnet8", "--method", method, "--shards", shards,
-            "--out", root / method, "--max-steps", 3, *FAST)
-    run("distill", "--teacher", root / "ss", "--student", "resnet8", "--method", "sskd", "--views", "paper",
-        "--shards", shards, "--out", root / "sskd-paper", "--max-steps", 2, *FAST)
+        run(
+            "distill",
+            *teacher,
+            "--student",
+            "resnet8",
+            "--method",
+            method,
+            "--shards",
+            shards,
+            "--out",
+            root / method,
+            "--max-steps",
+            3,
+            *FAST,
+        )
+    run(
+        "distill",
+        "--teacher",
+        root / "ss",
+        "--student",
+        "resnet8",
+        "--method",
+        "sskd",
+        "--views",
+        "paper",
+        "--shards",
+        shards,
+        "--out",
+        root / "sskd-paper",
+        "--max-steps",
+        2,
+        *FAST,
+    )
     names = ["t", "ss", *STUDENTS, "sskd-paper"]
     return {name: fingerprint(root / name / "model.safetensors") for name in names}
 

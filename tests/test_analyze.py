@@ -11,7 +11,15 @@ import torch
 from sskd.analyze import Collected, class_kl, collect, linear_cka, selection_batch
 from sskd.cli import main as sskd_main
 
-FAST = ["--no-progress", "--batch-size", "32", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "32",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 
 
 def run(*args) -> int:
@@ -56,11 +64,14 @@ def test_linear_cka_against_the_formula():
     q, _ = np.linalg.qr(rng.normal(size=(12, 12)))  # an orthogonal rotation of the features
     assert linear_cka(x @ q, y) == pytest.approx(linear_cka(x, y), rel=1e-9)
     assert linear_cka(3.7 * x, 0.01 * y) == pytest.approx(linear_cka(x, y), rel=1e-9)  # isotropic scaling
-    assert linear_cka(x + 5.0, y) == pytest.approx(linear_cka(x, y), rel=1e-9)  # centring: offsets do not count
+    assert linear_cka(x + 5.0, y) == pytest.approx(
+        linear_cka(x, y), rel=1e-9
+    )  # centring: offsets do not count
     wide = rng.normal(size=(60, 300))  # wider than the sample count
     assert linear_cka(x, wide) == pytest.approx(cka_reference(x, wide), rel=1e-9)
     assert linear_cka(torch.from_numpy(x).float(), torch.from_numpy(y).float()) == pytest.approx(
-        cka_reference(x, y), rel=1e-5)  # tensors are accepted too
+        cka_reference(x, y), rel=1e-5
+    )  # tensors are accepted too
     with pytest.raises(Exception, match="rows"):
         linear_cka(x, y[:10])
 
@@ -95,10 +106,12 @@ def test_selection_batch_counts():
 
 
 def test_help_texts(capsys):
-    for args, needles in ((["analyze"], ["similarity", "tsne", "selection", "example:"]),
-                          (["analyze", "similarity"], ["temperature 1", "natural log", "linear CKA", "example:"]),
-                          (["analyze", "tsne"], ["random_state", "example:"]),
-                          (["analyze", "selection"], ["select_rows", "ss_ratio", "example:"])):
+    for args, needles in (
+        (["analyze"], ["similarity", "tsne", "selection", "example:"]),
+        (["analyze", "similarity"], ["temperature 1", "natural log", "linear CKA", "example:"]),
+        (["analyze", "tsne"], ["random_state", "example:"]),
+        (["analyze", "selection"], ["select_rows", "ss_ratio", "example:"]),
+    ):
         with pytest.raises(SystemExit) as exc:
             run(*args, "--help")
         assert exc.value.code == 0
@@ -114,12 +127,51 @@ def test_help_texts(capsys):
 def runs(digits_shards, tmp_path_factory):
     """A tiny teacher, its SS head (an SSModel run) and another model of another width."""
     root = tmp_path_factory.mktemp("analyze-runs")
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", root / "t",
-               "--max-steps", 3, *FAST) == 0
-    assert run("train-ss-head", "--teacher", root / "t", "--shards", digits_shards, "--out", root / "t-ss",
-               "--max-steps", 2, *FAST) == 0
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "wrn_16_2", "--out", root / "other",
-               "--max-steps", 2, *FAST) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            root / "t",
+            "--max-steps",
+            3,
+            *FAST,
+        )
+        == 0
+    )
+    assert (
+        run(
+            "train-ss-head",
+            "--teacher",
+            root / "t",
+            "--shards",
+            digits_shards,
+            "--out",
+            root / "t-ss",
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "wrn_16_2",
+            "--out",
+            root / "other",
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
     return root
 
 
@@ -138,15 +190,43 @@ def _n_val(shards) -> int:
 
 def test_similarity_of_a_model_with_itself(runs, digits_shards, tmp_path):
     n_val = _n_val(digits_shards)
-    assert run("analyze", "similarity", "--teacher", runs / "t", "--student", runs / "t", "--shards", digits_shards,
-               "--no-progress", "--json", tmp_path / "self.json") == 0
+    assert (
+        run(
+            "analyze",
+            "similarity",
+            "--teacher",
+            runs / "t",
+            "--student",
+            runs / "t",
+            "--shards",
+            digits_shards,
+            "--no-progress",
+            "--json",
+            tmp_path / "self.json",
+        )
+        == 0
+    )
     same = json.loads((tmp_path / "self.json").read_text())
     assert {"kl", "cka", "count", "teacher", "student"} <= same.keys()
     assert same["kl"] == pytest.approx(0.0, abs=1e-12) and same["cka"] == pytest.approx(1.0, abs=1e-9)
     assert same["count"] == n_val
     # The SS-head teacher answers features=True with its backbone's: the same model as t.
-    assert run("analyze", "similarity", "--teacher", runs / "t-ss", "--student", runs / "t", "--shards",
-               digits_shards, "--no-progress", "--json", tmp_path / "wrapped.json") == 0
+    assert (
+        run(
+            "analyze",
+            "similarity",
+            "--teacher",
+            runs / "t-ss",
+            "--student",
+            runs / "t",
+            "--shards",
+            digits_shards,
+            "--no-progress",
+            "--json",
+            tmp_path / "wrapped.json",
+        )
+        == 0
+    )
     wrapped = json.loads((tmp_path / "wrapped.json").read_text())
     assert wrapped["kl"] == pytest.approx(0.0, abs=1e-12) and wrapped["cka"] == pytest.approx(1.0, abs=1e-9)
 
@@ -154,23 +234,54 @@ def test_similarity_of_a_model_with_itself(runs, digits_shards, tmp_path):
 def test_similarity_of_two_models_equals_numpy(runs, digits_shards, tmp_path):
     n_val = _n_val(digits_shards)
     # Another model of another feature width (resnet8: 64, wrn_16_2: 128).
-    assert run("analyze", "similarity", "--teacher", runs / "t-ss", "--student", runs / "other", "--shards",
-               digits_shards, "--no-progress", "--json", tmp_path / "other.json") == 0
+    assert (
+        run(
+            "analyze",
+            "similarity",
+            "--teacher",
+            runs / "t-ss",
+            "--student",
+            runs / "other",
+            "--shards",
+            digits_shards,
+            "--no-progress",
+            "--json",
+            tmp_path / "other.json",
+        )
+        == 0
+    )
     other = json.loads((tmp_path / "other.json").read_text())
     assert other["teacher"] == str(runs / "t-ss") and other["student"] == str(runs / "other")
     t, s = _val_collect(runs, ["t-ss", "other"], digits_shards)
     assert isinstance(t, Collected) and t.feat.shape[1] != s.feat.shape[1] and t.count == n_val
     assert other["kl"] > 0
     assert other["kl"] == pytest.approx(kl_reference(t.logits, s.logits), rel=1e-6)
-    assert other["cka"] == pytest.approx(cka_reference(t.feat.astype(np.float64), s.feat.astype(np.float64)),
-                                         rel=1e-6)
+    assert other["cka"] == pytest.approx(
+        cka_reference(t.feat.astype(np.float64), s.feat.astype(np.float64)), rel=1e-6
+    )
     assert 0 < other["cka"] < 1
 
 
 def test_tsne_writes_a_png(runs, digits_shards, tmp_path):
     out = tmp_path / "pics" / "tsne.png"
-    assert run("analyze", "tsne", "--model", runs / "other", "--shards", digits_shards, "--out", out,
-               "--max-samples", 60, "--no-progress", "--json", tmp_path / "tsne.json") == 0
+    assert (
+        run(
+            "analyze",
+            "tsne",
+            "--model",
+            runs / "other",
+            "--shards",
+            digits_shards,
+            "--out",
+            out,
+            "--max-samples",
+            60,
+            "--no-progress",
+            "--json",
+            tmp_path / "tsne.json",
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib
 
@@ -194,8 +305,24 @@ def test_selection_matches_select_rows_by_hand(runs, digits_shards, tmp_path):
     from sskd.losses import select_rows
     from sskd.stages import load_run_model
 
-    assert run("analyze", "selection", "--teacher", runs / "t-ss", "--shards", digits_shards, "--batch-size", 32,
-               "--max-batches", 1, "--no-progress", "--json", tmp_path / "sel.json") == 0
+    assert (
+        run(
+            "analyze",
+            "selection",
+            "--teacher",
+            runs / "t-ss",
+            "--shards",
+            digits_shards,
+            "--batch-size",
+            32,
+            "--max-batches",
+            1,
+            "--no-progress",
+            "--json",
+            tmp_path / "sel.json",
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "sel.json").read_text())
     names = ViewConfig.parse("rotation").ss_views  # SSKD's default views (the run's data.views is auto)
     assert result["view_names"] == list(names) and sorted(result["views"]) == sorted(names)
@@ -211,7 +338,9 @@ def test_selection_matches_select_rows_by_hand(runs, digits_shards, tmp_path):
     batch = next(iter(loader.epoch(0)))
     b, v = batch["views"].shape[:2]
     with torch.no_grad():
-        z = rearrange(model(rearrange(batch["views"], "b v c h w -> (b v) c h w")).embed, "(b v) d -> b v d", b=b)
+        z = rearrange(
+            model(rearrange(batch["views"], "b v c h w -> (b v) c h w")).embed, "(b v) d -> b v d", b=b
+        )
     zn = torch.nn.functional.normalize(z, dim=-1)
     sim = torch.einsum("bvd,cd->bvc", zn[:, 1:], zn[:, 0]).reshape(b * (v - 1), b)  # rows (image, view)
     target = torch.arange(b).repeat_interleave(v - 1)
@@ -223,7 +352,9 @@ def test_selection_matches_select_rows_by_hand(runs, digits_shards, tmp_path):
 
 
 def test_selection_refuses_a_teacher_without_ss_head(runs, digits_shards, capsys):
-    assert run("analyze", "selection", "--teacher", runs / "t", "--shards", digits_shards, "--no-progress") == 2
+    assert (
+        run("analyze", "selection", "--teacher", runs / "t", "--shards", digits_shards, "--no-progress") == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sskd: error:")
     assert "no SS head" in err[0] and f"sskd train-ss-head --teacher {runs / 't'}" in err[0]
@@ -249,9 +380,18 @@ def test_bad_inputs_are_one_line_errors(runs, digits_shards, tmp_path, capsys):
     (rot / "model.json").write_text(json.dumps(info))
     cases = [
         (["selection", "--teacher", rot, "--shards", digits_shards], "trained for the rotation pretext task"),
-        (["similarity", "--teacher", empty, "--student", runs / "t", "--shards", digits_shards], "missing model.json"),
-        (["tsne", "--model", fake, "--shards", digits_shards, "--out", tmp_path / "x.png"], "model.json: num_classes is 100"),
-        (["similarity", "--teacher", runs / "t", "--student", runs / "t", "--shards", no_val], "manifest.json: no 'val' split"),
+        (
+            ["similarity", "--teacher", empty, "--student", runs / "t", "--shards", digits_shards],
+            "missing model.json",
+        ),
+        (
+            ["tsne", "--model", fake, "--shards", digits_shards, "--out", tmp_path / "x.png"],
+            "model.json: num_classes is 100",
+        ),
+        (
+            ["similarity", "--teacher", runs / "t", "--student", runs / "t", "--shards", no_val],
+            "manifest.json: no 'val' split",
+        ),
         (["selection", "--teacher", fake, "--shards", digits_shards], "no SS head"),
     ]
     for args, needle in cases:

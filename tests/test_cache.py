@@ -28,9 +28,36 @@ def run(*args):
 @pytest.fixture(scope="module")
 def ss_teacher(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache_teacher")
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", root / "t", "--max-steps", 3, *FAST) == 0
-    assert run("train-ss-head", "--teacher", root / "t", "--shards", digits_shards, "--out", root / "ss", "--max-steps", 2,
-               *FAST) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            root / "t",
+            "--max-steps",
+            3,
+            *FAST,
+        )
+        == 0
+    )
+    assert (
+        run(
+            "train-ss-head",
+            "--teacher",
+            root / "t",
+            "--shards",
+            digits_shards,
+            "--out",
+            root / "ss",
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
     return root / "ss"
 
 
@@ -41,7 +68,15 @@ def cfg_for(shards, *extra):
 @pytest.fixture(scope="module")
 def cache(ss_teacher, digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "c"
-    build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4, progress=False)
+    build_cache(
+        cfg_for(digits_shards),
+        str(ss_teacher),
+        out,
+        epochs=2,
+        batch_size=128,
+        chunk_batches=4,
+        progress=False,
+    )
     return out
 
 
@@ -74,15 +109,34 @@ def test_manifest_binds_the_cache(cache, ss_teacher, digits_shards):
     info = json.loads((ss_teacher / "model.json").read_text())
     good = binding_for(cfg_for(digits_shards), info)
     CacheReader(cache, expected=good)  # accepted
-    for field, value in [("teacher_weights_sha256", "0" * 64), ("shards_manifest_sha256", "f" * 64), ("seed", 1),
-                         ("views", ["normal", "rot90"]), ("size", 64), ("pipeline_version", 0), ("device_type", "gpu")]:
+    for field, value in [
+        ("teacher_weights_sha256", "0" * 64),
+        ("shards_manifest_sha256", "f" * 64),
+        ("seed", 1),
+        ("views", ["normal", "rot90"]),
+        ("size", 64),
+        ("pipeline_version", 0),
+        ("device_type", "gpu"),
+    ]:
         with pytest.raises(SSKDError, match=f"{field}="):
             CacheReader(cache, expected=dict(good, **{field: value}))
 
 
 def test_distill_from_cache_refuses_other_seed_and_runs(cache, ss_teacher, digits_shards, tmp_path, capsys):
-    common = ["distill", "--teacher", ss_teacher, "--cache", cache, "--student", "resnet8", "--method", "sskd",
-              "--shards", digits_shards, *FAST]
+    common = [
+        "distill",
+        "--teacher",
+        ss_teacher,
+        "--cache",
+        cache,
+        "--student",
+        "resnet8",
+        "--method",
+        "sskd",
+        "--shards",
+        digits_shards,
+        *FAST,
+    ]
     assert run(*common, "--out", tmp_path / "bad", "--seed", "5", "--max-steps", 1) == 2
     assert "seed=0" in capsys.readouterr().err
     assert run(*common, "--out", tmp_path / "s", "--max-steps", 3, "--set", "run.log_every=1") == 0
@@ -91,7 +145,7 @@ def test_distill_from_cache_refuses_other_seed_and_runs(cache, ss_teacher, digit
     # A live run with the same seed starts from the same student on the same batch: its first CE (which
     # no teacher output enters) is identical, whether or not a teacher model was built.
     i = common.index("--cache")
-    live = common[:i] + common[i + 2:]
+    live = common[:i] + common[i + 2 :]
     assert run(*live, "--out", tmp_path / "live", "--max-steps", 1, "--set", "run.log_every=1") == 0
     first = [next(r for r in read_metrics(tmp_path / d) if r["kind"] == "train") for d in ("s", "live")]
     assert first[0]["step"] == first[1]["step"] == 1 and first[0]["ce"] == first[1]["ce"]
@@ -134,17 +188,39 @@ def test_interrupted_cache_resumes_to_the_same_files(ss_teacher, digits_shards, 
     monkeypatch.setattr(cb, "write_chunk", dying)
     out = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
-        build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4,
-                    progress=False)
+        build_cache(
+            cfg_for(digits_shards),
+            str(ss_teacher),
+            out,
+            epochs=2,
+            batch_size=128,
+            chunk_batches=4,
+            progress=False,
+        )
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     with pytest.raises(SSKDError, match="incomplete"):
         CacheReader(out)
     monkeypatch.setattr(cb, "write_chunk", real)
     with pytest.raises(SSKDError, match="--resume"):
-        build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4,
-                    progress=False)
-    build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=2, batch_size=128, chunk_batches=4,
-                resume=True, progress=False)
+        build_cache(
+            cfg_for(digits_shards),
+            str(ss_teacher),
+            out,
+            epochs=2,
+            batch_size=128,
+            chunk_batches=4,
+            progress=False,
+        )
+    build_cache(
+        cfg_for(digits_shards),
+        str(ss_teacher),
+        out,
+        epochs=2,
+        batch_size=128,
+        chunk_batches=4,
+        resume=True,
+        progress=False,
+    )
     for f in sorted(cache.glob("epoch-*/*.safetensors")):
         assert (out / f.relative_to(cache)).read_bytes() == f.read_bytes(), f.name
 
@@ -162,7 +238,9 @@ def test_topk_reconstruction_keeps_top_probabilities_and_rest_mass():
 
 def test_topk_cache_round_trip(ss_teacher, digits_shards, tmp_path):
     out = tmp_path / "k"
-    build_cache(cfg_for(digits_shards), str(ss_teacher), out, epochs=1, topk=3, batch_size=256, progress=False)
+    build_cache(
+        cfg_for(digits_shards), str(ss_teacher), out, epochs=1, topk=3, batch_size=256, progress=False
+    )
     reader = CacheReader(out)
     got = reader.lookup(torch.tensor([5, 1000, 7]), 0)
     assert got["t_logits"].shape == (3, 4, 10) and got["t_embed"].shape == (3, 4, 64)
@@ -170,18 +248,47 @@ def test_topk_cache_round_trip(ss_teacher, digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_cache_covers_every_sample_once(ss_teacher, digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
-           "--main_process_port", "29588", "-m", "sskd", "cache", "--teacher", str(ss_teacher), "--shards",
-           str(digits_shards), "--epochs", "1", "--out", str(tmp_path / "c"), "--batch-size", "128", "--no-progress"]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )  # CPU ranks (gloo) even on a GPU node
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu.yaml"),
+        "--main_process_port",
+        "29588",
+        "-m",
+        "sskd",
+        "cache",
+        "--teacher",
+        str(ss_teacher),
+        "--shards",
+        str(digits_shards),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "c"),
+        "--batch-size",
+        "128",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["world_size"] == 2 and m["complete"]
     from sskd.cache import map_chunk
 
-    per_rank = {r: np.concatenate([np.asarray(map_chunk(f)["ids"]) for f in sorted((tmp_path / "c" / "epoch-0000").glob(f"r{r:03d}-*"))])
-                for r in (0, 1)}
+    per_rank = {
+        r: np.concatenate(
+            [
+                np.asarray(map_chunk(f)["ids"])
+                for f in sorted((tmp_path / "c" / "epoch-0000").glob(f"r{r:03d}-*"))
+            ]
+        )
+        for r in (0, 1)
+    }
     assert per_rank[0].size and per_rank[1].size and not set(per_rank[0]) & set(per_rank[1])
     assert sorted(np.concatenate(list(per_rank.values())).tolist()) == list(range(1437))
 
@@ -222,8 +329,9 @@ def test_a_damaged_chunk_of_a_later_epoch_fails_when_the_run_starts(cache, tmp_p
         CacheReader(c)
 
 
-def test_sigterm_saves_the_batches_made_and_resume_finishes_identically(ss_teacher, digits_shards, cache, tmp_path,
-                                                                       monkeypatch, capsys):
+def test_sigterm_saves_the_batches_made_and_resume_finishes_identically(
+    ss_teacher, digits_shards, cache, tmp_path, monkeypatch, capsys
+):
     import signal
 
     import sskd.cache_build as cb
@@ -238,14 +346,30 @@ def test_sigterm_saves_the_batches_made_and_resume_finishes_identically(ss_teach
 
     monkeypatch.setattr(cb, "write_chunk", write_then_signal)
     out = tmp_path / "c"
-    args = ["cache", "--teacher", ss_teacher, "--shards", digits_shards, "--epochs", 2, "--out", out,
-            "--batch-size", 128, "--chunk-batches", 4, "--no-progress"]
+    args = [
+        "cache",
+        "--teacher",
+        ss_teacher,
+        "--shards",
+        digits_shards,
+        "--epochs",
+        2,
+        "--out",
+        out,
+        "--batch-size",
+        128,
+        "--chunk-batches",
+        4,
+        "--no-progress",
+    ]
     assert run(*args) == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("sskd: stopped by SIGTERM in epoch 0 after batch 4") and "--resume" in err
     # the batch in flight when the signal came was saved as its own chunk
-    assert [p.name for p in sorted((out / "epoch-0000").glob("*.safetensors"))] == ["r000-b000000.safetensors",
-                                                                                     "r000-b000004.safetensors"]
+    assert [p.name for p in sorted((out / "epoch-0000").glob("*.safetensors"))] == [
+        "r000-b000000.safetensors",
+        "r000-b000004.safetensors",
+    ]
     monkeypatch.setattr(cb, "write_chunk", real)
     assert run(*args, "--resume") == 0
     reader, ref = CacheReader(out), CacheReader(cache)
@@ -273,7 +397,10 @@ def test_dry_run_prints_the_size_and_writes_nothing(ss_teacher, digits_shards, t
     assert run("cache", "--dry-run", "--teacher", ss_teacher, "--shards", digits_shards, "--epochs", 3) == 0
     out = capsys.readouterr().out
     # 8 (id) + 4 views x (10 logits + 64 embed) x 2 bytes = 600
-    assert "--method sskd: per sample and view logits 10, embed 64; 4 views: 600 bytes per sample per epoch" in out
+    assert (
+        "--method sskd: per sample and view logits 10, embed 64; 4 views: 600 bytes per sample per epoch"
+        in out
+    )
     assert "1,437 samples" in out and not list(tmp_path.iterdir())
     assert run("cache", "--teacher", ss_teacher, "--shards", digits_shards, "--epochs", 3) == 2
     assert "--out is required" in capsys.readouterr().err

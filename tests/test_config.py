@@ -8,7 +8,12 @@ from sskd.errors import SSKDError
 
 def test_defaults_are_the_official_sskd_recipe():
     cfg = Config()
-    assert (cfg.student.lr, cfg.student.momentum, cfg.student.weight_decay, cfg.student.batch_size) == (0.05, 0.9, 5e-4, 64)
+    assert (cfg.student.lr, cfg.student.momentum, cfg.student.weight_decay, cfg.student.batch_size) == (
+        0.05,
+        0.9,
+        5e-4,
+        64,
+    )
     assert cfg.student.milestones == [150, 180, 210] and cfg.student.epochs == 240
     assert (cfg.ss_head.epochs, cfg.ss_head.milestones) == (60, [30, 45])
     loss = cfg.section("sskd")
@@ -89,15 +94,20 @@ def test_zero_valued_flags_reach_the_config():
     assert _resolved("--lr", "0").teacher.lr == 0.0
     assert _resolved("--seed", "0", "--set", "run.seed=5").run.seed == 5  # --set still wins
     assert _resolved("--set", "run.seed=5", "--seed", "0").run.seed == 5
-    for argv, needle in [(["--epochs", "0"], "teacher.epochs must be >= 1, not 0"),
-                         (["--batch-size", "0"], "teacher.batch_size must be >= 1, not 0"),
-                         (["--max-steps", "0"], "teacher.max_steps must be >= 1, not 0"),
-                         (["--lr", "-1"], "teacher.lr must be >= 0, not -1.0"),
-                         (["--threads", "0"], "data.threads must be >= 1, not 0"),
-                         (["--views", "rotation,spin"], "data.views: unknown view 'spin'"),
-                         (["--set", "sskd.ss_ratio=1.5"], "sskd.ss_ratio must be > 0 and <= 1, not 1.5"),
-                         (["--set", "kd.ss_T=1"], "unknown config key 'kd.ss_T' ('ss_T' is a key of section 'sskd')"),
-                         (["--method", "hssakd", "--set", "student.method=nope"], "student.method: unknown distill method 'nope'")]:
+    for argv, needle in [
+        (["--epochs", "0"], "teacher.epochs must be >= 1, not 0"),
+        (["--batch-size", "0"], "teacher.batch_size must be >= 1, not 0"),
+        (["--max-steps", "0"], "teacher.max_steps must be >= 1, not 0"),
+        (["--lr", "-1"], "teacher.lr must be >= 0, not -1.0"),
+        (["--threads", "0"], "data.threads must be >= 1, not 0"),
+        (["--views", "rotation,spin"], "data.views: unknown view 'spin'"),
+        (["--set", "sskd.ss_ratio=1.5"], "sskd.ss_ratio must be > 0 and <= 1, not 1.5"),
+        (["--set", "kd.ss_T=1"], "unknown config key 'kd.ss_T' ('ss_T' is a key of section 'sskd')"),
+        (
+            ["--method", "hssakd", "--set", "student.method=nope"],
+            "student.method: unknown distill method 'nope'",
+        ),
+    ]:
         with pytest.raises(SSKDError) as err:
             _resolved(*argv)
         assert needle in str(err.value) and "\n" not in str(err.value), argv

@@ -23,7 +23,15 @@ from sskd.models import create_model
 from sskd.runs import file_sha256, load_model_info, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--no-progress", "--batch-size", "16", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "16",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 K64 = ["--set", "crd.nce_k=64"]
 
 
@@ -33,14 +41,20 @@ def run(*args) -> int:
 
 # ---- the pure functions against the formulas ----------------------------------------------------------
 
+
 def test_scores_and_nce_loss_are_the_formulas():
     g = torch.Generator().manual_seed(0)
     n, d, b, k, T = 10, 4, 2, 3, 0.5
-    bank, v = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(b, d, generator=g, dtype=torch.float64)
+    bank, v = (
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        torch.randn(b, d, generator=g, dtype=torch.float64),
+    )
     idx = torch.tensor([[4, 0, 7, 9], [1, 2, 3, 8]])
     p = crd_scores(bank, v, idx, T)
-    want = [[math.exp(sum(bank[j, c].item() * v[i, c].item() for c in range(d)) / T) for j in idx[i].tolist()]
-            for i in range(b)]
+    want = [
+        [math.exp(sum(bank[j, c].item() * v[i, c].item() for c in range(d)) / T) for j in idx[i].tolist()]
+        for i in range(b)
+    ]
     assert p.flatten().tolist() == pytest.approx([x for row in want for x in row], rel=1e-12)
     z = 3.0
     mpn, eps = k / n, 1e-7
@@ -96,16 +110,20 @@ def test_more_negatives_than_other_class_samples_are_drawn_with_replacement(capl
         s = NegativeSampler(labels, 4, seed=0, classes=["a", "b"])
     assert [r.getMessage() for r in caplog.records] == [
         "crd: class 'a' has 3 samples of other classes, fewer than crd.nce_k=4: its negatives are drawn with "
-        "replacement, as RepDistiller does"]
+        "replacement, as RepDistiller does"
+    ]
     out = s.draw(np.array([0, 5]), epoch=1)
     assert (labels[out[0, 1:]] == 1).all()  # class a: 4 of the 3 b samples, so with repeats
     assert len(set(out[1, 1:].tolist())) == 4 and (labels[out[1, 1:]] == 0).all()  # class b: 4 of 5, distinct
-    assert (NegativeSampler(labels, 4, seed=0).draw(np.array([5, 0]), 1) == out[::-1]).all()  # (seed, epoch, id)
+    assert (
+        NegativeSampler(labels, 4, seed=0).draw(np.array([5, 0]), 1) == out[::-1]
+    ).all()  # (seed, epoch, id)
     with pytest.raises(SSKDError, match="class 'a' has no samples of other classes"):
         NegativeSampler(np.array([0, 0, 0]), 2, seed=0, classes=["a"])
 
 
 # ---- labels from the shards ---------------------------------------------------------------------------
+
 
 def _writer_labels(folder: Path) -> dict[int, int]:
     """id -> label from the `.cls` text members (what the writer put there), through tarfile, not the index."""
@@ -137,7 +155,9 @@ def test_split_labels_are_the_labels_the_writer_wrote(digits_shards, tmp_path):
     with open(bad / entry["file"], "r+b") as fh:
         fh.seek(off)
         fh.write((77).to_bytes(8, "little"))
-    with pytest.raises(SSKDError, match=rf"{entry['file']}: sample 0*{entry['first_id'] + 3} has label 77, outside 0..9"):
+    with pytest.raises(
+        SSKDError, match=rf"{entry['file']}: sample 0*{entry['first_id'] + 3} has label 77, outside 0..9"
+    ):
         split_labels(bad, "train")
     (bad / entry["index"]).unlink()
     with pytest.raises(SSKDError, match=f"index of shard {entry['file']} is missing"):
@@ -145,6 +165,7 @@ def test_split_labels_are_the_labels_the_writer_wrote(digits_shards, tmp_path):
 
 
 # ---- the method ---------------------------------------------------------------------------------------
+
 
 def crd_method(seed=0, **cfg):
     torch.manual_seed(seed)
@@ -155,7 +176,11 @@ def crd_method(seed=0, **cfg):
 def a_batch(ids, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.tensor(ids)
-    return {"views": torch.randn(len(ids), 1, 3, 32, 32, generator=g), "label": torch.from_numpy(LABELS)[ids], "id": ids}
+    return {
+        "views": torch.randn(len(ids), 1, 3, 32, 32, generator=g),
+        "label": torch.from_numpy(LABELS)[ids],
+        "id": ids,
+    }
 
 
 def test_the_crd_term_is_the_two_sided_nce_with_z_from_the_first_batch():
@@ -206,7 +231,9 @@ def test_a_training_step_moves_exactly_the_batch_rows_to_unit_norm():
 def test_banks_are_extra_state_not_buffers_and_round_trip():
     method = crd_method().train()
     method(a_batch([3, 17, 22]))
-    assert not any(b is method.bank_s or b is method.bank_t for b in method.buffers())  # DDP never broadcasts them
+    assert not any(
+        b is method.bank_s or b is method.bank_t for b in method.buffers()
+    )  # DDP never broadcasts them
     state = method.state_dict()
     assert state["_extra_state"].shape == (2, 41, 128)
     other = crd_method(seed=9)
@@ -223,23 +250,75 @@ def test_banks_are_extra_state_not_buffers_and_round_trip():
 
 # ---- the commands -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def teacher(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("crd_teacher") / "t"
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 2,
-               "--no-progress", "--batch-size", 16) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            "--no-progress",
+            "--batch-size",
+            16,
+        )
+        == 0
+    )
     return out
 
 
 def distill(teacher, shards, out, *extra):
-    return run("distill", "--method", "crd", "--teacher", teacher, "--student", "resnet8", "--shards", shards,
-               "--out", out, *FAST, *K64, *extra)
+    return run(
+        "distill",
+        "--method",
+        "crd",
+        "--teacher",
+        teacher,
+        "--student",
+        "resnet8",
+        "--shards",
+        shards,
+        "--out",
+        out,
+        *FAST,
+        *K64,
+        *extra,
+    )
 
 
 def test_two_optimizer_steps_through_the_cli(teacher, digits_shards, tmp_path):
-    assert sskd_main(["distill", "--method", "crd", "--teacher", str(teacher), "--student", "resnet8", "--shards",
-                      str(digits_shards), "--out", str(tmp_path / "s"), "--max-steps", "2", "--no-progress",
-                      "--batch-size", "16", "--set", "crd.nce_k=64"]) == 0
+    assert (
+        sskd_main(
+            [
+                "distill",
+                "--method",
+                "crd",
+                "--teacher",
+                str(teacher),
+                "--student",
+                "resnet8",
+                "--shards",
+                str(digits_shards),
+                "--out",
+                str(tmp_path / "s"),
+                "--max-steps",
+                "2",
+                "--no-progress",
+                "--batch-size",
+                "16",
+                "--set",
+                "crd.nce_k=64",
+            ]
+        )
+        == 0
+    )
     info = load_model_info(tmp_path / "s")
     assert (info["method"], info["steps"]) == ("crd", 2)
     rec = [r for r in read_metrics(tmp_path / "s") if r["kind"] == "train"][-1]
@@ -257,25 +336,62 @@ def test_resume_equals_uninterrupted_weights_and_banks(teacher, digits_shards, t
     assert distill(teacher, digits_shards, tmp_path / "cut", "--max-steps", 2, *common) == 0
     assert distill(teacher, digits_shards, tmp_path / "cut", "--max-steps", 4, "--resume", *common) == 0
     assert load_model_info(tmp_path / "cut")["steps"] == 4
-    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
+    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(
+        tmp_path / "full" / "model.safetensors"
+    )
     assert torch.equal(_banks(tmp_path / "cut"), _banks(tmp_path / "full"))  # both banks and both Z
     capsys.readouterr()
     # A checkpoint whose banks have another size does not resume: one line naming both sizes.
-    assert distill(teacher, digits_shards, tmp_path / "cut", "--max-steps", 6, "--resume", *common,
-                   "--set", "crd.feat_dim=64") == 2
+    assert (
+        distill(
+            teacher,
+            digits_shards,
+            tmp_path / "cut",
+            "--max-steps",
+            6,
+            "--resume",
+            *common,
+            "--set",
+            "crd.feat_dim=64",
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"sskd: error: {tmp_path / 'cut' / 'checkpoints' / 'last.pt'}: its CRD memory bank holds "
-                          "1437 samples x 128 dims, this run's holds 1437 samples x 64 dims"), err
+    assert err.startswith(
+        f"sskd: error: {tmp_path / 'cut' / 'checkpoints' / 'last.pt'}: its CRD memory bank holds "
+        "1437 samples x 128 dims, this run's holds 1437 samples x 64 dims"
+    ), err
 
 
 def test_cached_teacher_features_give_the_live_terms(teacher, digits_shards, tmp_path):
-    assert run("cache", "--method", "crd", "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
-               "--out", tmp_path / "c", "--batch-size", 256, "--no-progress") == 0
+    assert (
+        run(
+            "cache",
+            "--method",
+            "crd",
+            "--teacher",
+            teacher,
+            "--shards",
+            digits_shards,
+            "--epochs",
+            1,
+            "--out",
+            tmp_path / "c",
+            "--batch-size",
+            256,
+            "--no-progress",
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert [(o["name"], o["shape"]) for o in manifest["outputs"]] == [("feat", [64]), ("logits", [10])]
     assert distill(teacher, digits_shards, tmp_path / "live", "--max-steps", 1) == 0
-    assert distill(teacher, digits_shards, tmp_path / "cached", "--max-steps", 1, "--cache", tmp_path / "c") == 0
-    live, cached = (next(r for r in read_metrics(tmp_path / d) if r["kind"] == "train") for d in ("live", "cached"))
+    assert (
+        distill(teacher, digits_shards, tmp_path / "cached", "--max-steps", 1, "--cache", tmp_path / "c") == 0
+    )
+    live, cached = (
+        next(r for r in read_metrics(tmp_path / d) if r["kind"] == "train") for d in ("live", "cached")
+    )
     assert cached["ce"] == live["ce"]  # same student, same batch
     for k in ("crd", "kd", "loss"):  # the teacher's outputs as fp16
         assert cached[k] == pytest.approx(live[k], rel=1e-2, abs=1e-4), k
@@ -283,10 +399,22 @@ def test_cached_teacher_features_give_the_live_terms(teacher, digits_shards, tmp
 
 @pytest.mark.slow
 def test_two_ranks_keep_identical_banks_covering_both_ranks_samples(teacher, digits_shards, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
-           "--main_process_port", "29631", str(REPO / "tests/scripts/crd_probe.py"), str(digits_shards), str(teacher),
-           str(tmp_path / "run")]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )  # CPU ranks (gloo) even on a GPU node
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu.yaml"),
+        "--main_process_port",
+        "29631",
+        str(REPO / "tests/scripts/crd_probe.py"),
+        str(digits_shards),
+        str(teacher),
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     p0, p1 = (json.loads((tmp_path / "run" / f"crd-probe-rank{r}.json").read_text()) for r in (0, 1))

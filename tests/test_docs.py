@@ -64,7 +64,7 @@ def test_every_documented_command_parses(where, args):
     words = shlex.split(args)
     if words[0] == "launch":  # `sskd launch [accelerate launch options] COMMAND ...`: the command is ours
         commands = next(a for a in parser._actions if a.dest == "command").choices
-        words = words[next(i for i, w in enumerate(words) if i > 0 and w in commands):]
+        words = words[next(i for i, w in enumerate(words) if i > 0 and w in commands) :]
     try:
         parser.parse_args(words)
     except SystemExit as exc:  # argparse's way of saying "unknown command, flag or value"
@@ -79,12 +79,16 @@ def methods_table() -> str:
         return METHODS[r["role"]].get(r["name"]).__module__.startswith("sskd.methods.")
 
     commands = {"student": "distill", "teacher": "train-teacher", "head": "train-ss-head"}
-    rows = ["| command | `--method` | what it is | views | teacher run it needs | `sskd cache` | paper |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| command | `--method` | what it is | views | teacher run it needs | `sskd cache` | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for role in ("student", "teacher", "head"):
         for r in (r for r in describe() if r["role"] == role and shipped(r)):
-            rows.append(f"| `{commands[role]}` | `{r['name']}` | {r['summary']} | {r['views']} | "
-                        f"{r['teacher'] or '—'} | {'yes' if r['cache'] else '—'} | {r['paper'] or '—'} |")
+            rows.append(
+                f"| `{commands[role]}` | `{r['name']}` | {r['summary']} | {r['views']} | "
+                f"{r['teacher'] or '—'} | {'yes' if r['cache'] else '—'} | {r['paper'] or '—'} |"
+            )
     return "\n".join(rows).replace("|  |", "| — |")
 
 
@@ -97,7 +101,9 @@ def test_readme_methods_table_is_generated():
     want = f"{head}{TABLE_START}\n{methods_table()}\n{TABLE_END}{tail}"
     if os.environ.get("SSKD_UPDATE_DOCS"):
         readme.write_text(want)
-    assert text == want, "README's methods table is stale: SSKD_UPDATE_DOCS=1 python -m pytest tests/test_docs.py"
+    assert text == want, (
+        "README's methods table is stale: SSKD_UPDATE_DOCS=1 python -m pytest tests/test_docs.py"
+    )
 
 
 def test_readme_is_a_five_minute_read():

@@ -55,15 +55,20 @@ def _kill_holder(folder: Path) -> None:
 
 # ---- item 3: a sweep label (or architecture) may not lead out of --out ------------------------------------
 
-@pytest.mark.parametrize("method, pair, field", [
-    ({"name": "ce", "label": "../../escaped"}, {"student": "resnet8"}, "methods[0].label"),
-    ({"name": "ce", "label": "a/b"}, {"student": "resnet8"}, "methods[0].label"),
-    ({"name": "ce", "label": "/tmp/abs"}, {"student": "resnet8"}, "methods[0].label"),
-    ({"name": "ce", "label": ".."}, {"student": "resnet8"}, "methods[0].label"),
-    ("kd", {"teacher": "../../../t", "student": "resnet8"}, "pairs[0].teacher"),
-])
-def test_a_sweep_label_leading_out_of_out_is_refused_naming_the_spec_and_label(tmp_path, digits_shards, capsys,
-                                                                                 method, pair, field):
+
+@pytest.mark.parametrize(
+    "method, pair, field",
+    [
+        ({"name": "ce", "label": "../../escaped"}, {"student": "resnet8"}, "methods[0].label"),
+        ({"name": "ce", "label": "a/b"}, {"student": "resnet8"}, "methods[0].label"),
+        ({"name": "ce", "label": "/tmp/abs"}, {"student": "resnet8"}, "methods[0].label"),
+        ({"name": "ce", "label": ".."}, {"student": "resnet8"}, "methods[0].label"),
+        ("kd", {"teacher": "../../../t", "student": "resnet8"}, "pairs[0].teacher"),
+    ],
+)
+def test_a_sweep_label_leading_out_of_out_is_refused_naming_the_spec_and_label(
+    tmp_path, digits_shards, capsys, method, pair, field
+):
     spec = write_spec(tmp_path / "spec.yaml", shards=str(digits_shards), pairs=[pair], methods=[method])
     out = tmp_path / "deep" / "sw"
     assert sskd_main(["sweep", str(spec), "--out", str(out), "--no-progress"]) == 2
@@ -86,27 +91,49 @@ def test_every_planned_run_folder_lies_inside_out(tmp_path):
 
 # ---- item 12: SIGKILL of the sweep leaves no orphan holding the run's lock ------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("launcher, how", [(None, "sigkill"), ("accelerate", "sigkill"), (None, "ctrl-c")])
-def test_a_sigkilled_sweep_stops_its_running_command_which_checkpoints_and_frees_the_lock(tmp_path, digits_shards,
-                                                                                                  request, launcher, how):
+def test_a_sigkilled_sweep_stops_its_running_command_which_checkpoints_and_frees_the_lock(
+    tmp_path, digits_shards, request, launcher, how
+):
     """The command (or its launcher, which passes SIGTERM on to its ranks) gets SIGTERM when the sweep dies.
     A Ctrl-C (SIGINT to the sweep's process group) reaches the command once, through the sweep: twice (the
     terminal's and the sweep's) meant "stop now", without the checkpoint of the step in flight."""
     import torch
 
-    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"student": "resnet8"}], methods=["ce"],
-                      set={"student.max_steps": 100000, "student.batch_size": 16, "run.log_every": 1,
-                           "run.ckpt_every": 2, "run.eval_every": 0})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        shards=str(digits_shards),
+        pairs=[{"student": "resnet8"}],
+        methods=["ce"],
+        set={
+            "student.max_steps": 100000,
+            "student.batch_size": 16,
+            "run.log_every": 1,
+            "run.ckpt_every": 2,
+            "run.eval_every": 0,
+        },
+    )
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if launcher:
-        cmd += ["--launcher", f"{sys.executable} -m accelerate.commands.launch --config_file "
-                              f"{REPO / 'launch/accelerate/cpu.yaml'} --main_process_port 29673"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+        cmd += [
+            "--launcher",
+            f"{sys.executable} -m accelerate.commands.launch --config_file "
+            f"{REPO / 'launch/accelerate/cpu.yaml'} --main_process_port 29673",
+        ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     run_dir = out / "runs/full/ce/none-resnet8/seed0"
     request.addfinalizer(lambda: _kill_holder(run_dir))  # no orphan outlives a failed test
     deadline = time.time() + 300
@@ -120,7 +147,9 @@ def test_a_sigkilled_sweep_stops_its_running_command_which_checkpoints_and_frees
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err[-3000:]
     else:
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep's group: the sweep alone (its command has a group of its own)
+        os.killpg(
+            proc.pid, signal.SIGKILL
+        )  # the sweep's group: the sweep alone (its command has a group of its own)
         proc.communicate(timeout=60)
     t0 = time.time()
     while not _lock_free(run_dir):  # the command noticed, wrote its checkpoint and exited
@@ -134,12 +163,16 @@ def test_a_sigkilled_sweep_stops_its_running_command_which_checkpoints_and_frees
     else:  # a repeated SIGTERM is harmless (torch's launcher itself sends its ranks two; seen here under load)
         assert log.count(f"{name} received") >= 1, log[-2000:]
     step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"]
-    logged = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"train"' in ln]
+    logged = [
+        json.loads(ln)["step"]
+        for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in ln
+    ]
     assert step >= 2 and logged[-1] == step  # stopped right after a checkpointed step
 
 
 # ---- item 11: `sskd report` over a torn model.json / metrics.jsonl -----------------------------------------
+
 
 def fabricate(root: Path, seeds=(0, 1)) -> Path:
     """A finished sweep folder (as `sskd sweep` leaves it) with two CE and two KD students."""
@@ -148,24 +181,41 @@ def fabricate(root: Path, seeds=(0, 1)) -> Path:
         for seed in seeds:
             folder = f"runs/full/{method}/resnet20-resnet8/seed{seed}"
             (root / folder).mkdir(parents=True)
-            (root / folder / "model.json").write_text(json.dumps({"top1": 90.0 + seed, "top5": 99.0,
-                                                                  "best_top1": 91.0}))
+            (root / folder / "model.json").write_text(
+                json.dumps({"top1": 90.0 + seed, "top5": 99.0, "best_top1": 91.0})
+            )
             (root / folder / "sweep.json").write_text(json.dumps({"status": "done", "wall_s": 1.0}))
-            (root / folder / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "epoch": 0, "top1": 80.0}) + "\n")
-            runs.append({"kind": "student", "folder": folder, "setting": "full", "method": method, "label": method,
-                         "teacher": "resnet20", "student": "resnet8", "seed": seed, "pair": "resnet20-resnet8"})
+            (root / folder / "metrics.jsonl").write_text(
+                json.dumps({"kind": "eval", "epoch": 0, "top1": 80.0}) + "\n"
+            )
+            runs.append(
+                {
+                    "kind": "student",
+                    "folder": folder,
+                    "setting": "full",
+                    "method": method,
+                    "label": method,
+                    "teacher": "resnet20",
+                    "student": "resnet8",
+                    "seed": seed,
+                    "pair": "resnet20-resnet8",
+                }
+            )
     (root / "plan.json").write_text(json.dumps({"runs": runs}))
     return root
 
 
-@pytest.mark.parametrize("name, damage", [
-    ("model.json", lambda b: b[: len(b) // 2]),  # torn mid-write
-    ("model.json", lambda b: b""),
-    ("model.json", lambda b: b"\xff\xfe\x00garbage"),  # not text at all
-    ("model.json", lambda b: b"[1, 2]"),  # JSON, but not a record
-    ("model.json", lambda b: b'{"top1": "ninety", "top5": 99}'),
-    ("sweep.json", lambda b: b[:7]),
-])
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("model.json", lambda b: b[: len(b) // 2]),  # torn mid-write
+        ("model.json", lambda b: b""),
+        ("model.json", lambda b: b"\xff\xfe\x00garbage"),  # not text at all
+        ("model.json", lambda b: b"[1, 2]"),  # JSON, but not a record
+        ("model.json", lambda b: b'{"top1": "ninety", "top5": 99}'),
+        ("sweep.json", lambda b: b[:7]),
+    ],
+)
 def test_report_over_a_damaged_run_record_is_one_line_naming_the_file(tmp_path, capsys, name, damage):
     sweep = fabricate(tmp_path / "sw")
     bad = sweep / "runs/full/kd/resnet20-resnet8/seed1" / name
@@ -186,18 +236,37 @@ def test_report_over_a_torn_plan_is_one_line_naming_it(tmp_path, capsys):
 def test_report_skips_a_torn_or_foreign_metrics_line(tmp_path):
     sweep = fabricate(tmp_path / "sw")
     metrics = sweep / "runs/full/kd/resnet20-resnet8/seed1" / "metrics.jsonl"
-    metrics.write_bytes(metrics.read_bytes() + b'3\n"text"\n{"kind": "eval", "epoch": "x", "top1": 1}\n\xff\xfe\n'
-                        + json.dumps({"kind": "eval", "epoch": 1, "top1": 85.0}).encode() + b'\n{"kind": "ev')
-    assert sskd_main(["report", str(sweep), "--out", str(tmp_path / "r.md"), "--no-plots",
-                      "--json", str(tmp_path / "r.json")]) == 0
+    metrics.write_bytes(
+        metrics.read_bytes()
+        + b'3\n"text"\n{"kind": "eval", "epoch": "x", "top1": 1}\n\xff\xfe\n'
+        + json.dumps({"kind": "eval", "epoch": 1, "top1": 85.0}).encode()
+        + b'\n{"kind": "ev'
+    )
+    assert (
+        sskd_main(
+            [
+                "report",
+                str(sweep),
+                "--out",
+                str(tmp_path / "r.md"),
+                "--no-plots",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     kd = next(r for r in json.loads((tmp_path / "r.json").read_text())["rows"] if r["method"] == "kd")
     assert kd["curve"] == {"0": 80.0, "1": 85.0}  # epoch 1 from seed 1 only; the torn lines skipped
 
 
 # ---- item 11: an OSError escaping a command, a file-size limit ---------------------------------------------
 
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EFBIG])
-def test_an_oserror_escaping_a_command_is_one_line_naming_the_file_and_reason(tmp_path, capsys, monkeypatch, code):
+def test_an_oserror_escaping_a_command_is_one_line_naming_the_file_and_reason(
+    tmp_path, capsys, monkeypatch, code
+):
     import sskd.report
 
     sweep = fabricate(tmp_path / "sw")
@@ -223,8 +292,15 @@ def test_a_file_size_limit_fails_the_write_with_one_line_instead_of_killing_the_
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", MPLCONFIGDIR=str(tmp_path / "mpl"))
-    proc = subprocess.run([sys.executable, "-m", "sskd", "report", str(sweep), "--out", str(tmp_path / "r.md")],
-                          cwd=REPO, env=env, preexec_fn=small_files, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sskd", "report", str(sweep), "--out", str(tmp_path / "r.md")],
+        cwd=REPO,
+        env=env,
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
     line = one_line_error(proc.stderr)
     assert str(tmp_path / "r-bars.png") in line and os.strerror(errno.EFBIG) in line, line
@@ -233,15 +309,41 @@ def test_a_file_size_limit_fails_the_write_with_one_line_instead_of_killing_the_
 
 # ---- item 11: Ctrl-C of the launcher ------------------------------------------------------------------------
 
+
 def _launch(shards, out, port, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
-    cmd = [sys.executable, "-m", "sskd", "launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
-           "--main_process_port", str(port),
-           "train-teacher", "--shards", str(shards), "--arch", "resnet8", "--out", str(out), "--no-progress",
-           "--batch-size", "16", "--set", "run.log_every=1", "--set", "run.eval_every=0", "--set", "run.ckpt_every=0",
-           *map(str, extra)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )  # CPU ranks (gloo) even on a GPU node
+    cmd = [
+        sys.executable,
+        "-m",
+        "sskd",
+        "launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu.yaml"),
+        "--main_process_port",
+        str(port),
+        "train-teacher",
+        "--shards",
+        str(shards),
+        "--arch",
+        "resnet8",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "16",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "run.eval_every=0",
+        "--set",
+        "run.ckpt_every=0",
+        *map(str, extra),
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 @pytest.mark.slow
@@ -278,19 +380,51 @@ def test_a_failing_rank_under_sskd_launch_is_its_line_and_its_status(tmp_path):
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("sskd: ")]
     assert lines[0].startswith("sskd: error: ") and str(tmp_path / "no-shards") in lines[0], err[-3000:]
-    assert re.fullmatch(r"sskd: rank [01] exited with status 2 \(its own message is above\); the launcher stopped "
-                        r"the other ranks", lines[-1]), err[-3000:]
+    assert re.fullmatch(
+        r"sskd: rank [01] exited with status 2 \(its own message is above\); the launcher stopped "
+        r"the other ranks",
+        lines[-1],
+    ), err[-3000:]
 
 
 # ---- item 4: a command that dies by a signal does not vanish silently ------------------------------------------
 
+
 def _train(shards, out, *extra, env=None):
     """`sskd train-teacher` as a user starts it (the console entry: supervised), in a session of its own."""
-    cmd = [sys.executable, "-m", "sskd", "train-teacher", "--shards", str(shards), "--arch", "resnet8", "--out",
-           str(out), "--no-progress", "--batch-size", "16", "--set", "run.log_every=1", "--set", "run.eval_every=0",
-           "--set", "run.ckpt_every=2", "--max-steps", "100000", *map(str, extra)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sskd",
+        "train-teacher",
+        "--shards",
+        str(shards),
+        "--arch",
+        "resnet8",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "16",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "run.eval_every=0",
+        "--set",
+        "run.ckpt_every=2",
+        "--max-steps",
+        "100000",
+        *map(str, extra),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_checkpoint(out: Path, proc) -> int:
@@ -305,7 +439,9 @@ def _wait_for_checkpoint(out: Path, proc) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_command_dying_by_sigsegv_is_one_line_naming_the_signal_and_command(tmp_path, digits_shards, request):
+def test_a_command_dying_by_sigsegv_is_one_line_naming_the_signal_and_command(
+    tmp_path, digits_shards, request
+):
     """The supervisor names the signal and the command, then checks the shards for the sample it may come from:
     here a validation image whose bytes were flipped (training never reads it: eval_every=0)."""
     import shutil
@@ -330,13 +466,19 @@ def test_a_command_dying_by_sigsegv_is_one_line_naming_the_signal_and_command(tm
     assert proc.returncode == 128 + signal.SIGSEGV, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     line = next(ln for ln in err.splitlines() if ln.startswith("sskd: error: "))
-    assert line.startswith("sskd: error: `sskd train-teacher` died by SIGSEGV") and "--resume" in line, err[-3000:]
-    after = err.split(line, 1)[1]  # the shards are checked (or, without shards.verify.check_samples, the check named)
+    assert line.startswith("sskd: error: `sskd train-teacher` died by SIGSEGV") and "--resume" in line, err[
+        -3000:
+    ]
+    after = err.split(line, 1)[
+        1
+    ]  # the shards are checked (or, without shards.verify.check_samples, the check named)
     from shards import verify
 
     if hasattr(verify, "check_samples"):
         key = member.name.split(".")[0]
-        assert any(str(shards / "val-000001.tar") in ln and key in ln for ln in after.splitlines()), err[-3000:]
+        assert any(str(shards / "val-000001.tar") in ln and key in ln for ln in after.splitlines()), err[
+            -3000:
+        ]
         assert "--skip-bad" in after
     else:
         assert f"sskd shard verify {shards}" in after
@@ -346,8 +488,9 @@ def test_a_command_dying_by_sigsegv_is_one_line_naming_the_signal_and_command(tm
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
-def test_a_supervised_command_stops_cleanly_on_ctrl_c_or_when_its_supervisor_is_killed(tmp_path, digits_shards,
-                                                                                       request, how):
+def test_a_supervised_command_stops_cleanly_on_ctrl_c_or_when_its_supervisor_is_killed(
+    tmp_path, digits_shards, request, how
+):
     """Ctrl-C reaches the training process once (a second SIGINT would mean "stop now", without the checkpoint);
     a SIGKILLed `sskd` process leaves no orphan holding the run folder."""
     import torch
@@ -370,7 +513,9 @@ def test_a_supervised_command_stops_cleanly_on_ctrl_c_or_when_its_supervisor_is_
             assert time.time() - t0 < 60, "the training process still holds the run folder"
             time.sleep(0.3)
     step = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
-    logged = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in ln]
+    logged = [
+        json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in ln
+    ]
     assert step >= 2 and logged[-1] == step  # it stopped right after writing its checkpoint
     assert _lock_free(out)
 

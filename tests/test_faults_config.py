@@ -30,40 +30,58 @@ def _refused(capsys, argv, needle, out=None):
 
 
 def _teacher_cmd(shards, out, *extra):
-    return ["train-teacher", "--shards", shards, "--arch", "resnet8", "--out", out, "--max-steps", 1,
-            "--no-progress", *extra]
+    return [
+        "train-teacher",
+        "--shards",
+        shards,
+        "--arch",
+        "resnet8",
+        "--out",
+        out,
+        "--max-steps",
+        1,
+        "--no-progress",
+        *extra,
+    ]
 
 
 # ---- 5: non-finite (and obviously invalid) numbers are refused at start, naming the key -------------------
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--set", "teacher.lr=nan"], "teacher.lr: 'nan' is not a finite number"),
-    (["--set", "teacher.lr=.nan"], "teacher.lr: nan is not a finite number"),
-    (["--lr", "inf"], "teacher.lr: 'inf' is not a finite number"),
-    (["--lr=-inf"], "teacher.lr: '-inf' is not a finite number"),
-    (["--set", "teacher.momentum=nan"], "teacher.momentum"),
-    (["--set", "teacher.weight_decay=.inf"], "teacher.weight_decay: inf is not a finite number"),
-    (["--set", "teacher.warmup_epochs=nan"], "teacher.warmup_epochs"),
-    (["--set", "teacher.clip_grad=inf"], "teacher.clip_grad"),
-    (["--set", "sskd.ss_T=nan"], "sskd.ss_T: 'nan' is not a finite number"),
-    (["--set", "kd.kd_weight=inf"], "kd.kd_weight"),
-    (["--set", "teacher.epochs=.inf"], "teacher.epochs: inf is not a finite number"),
-    (["--set", "teacher.weight_decay=-0.1"], "teacher.weight_decay must be >= 0, not -0.1"),
-    (["--set", "kd.T=-4"], "kd.T must be > 0, not -4.0"),
-])
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--set", "teacher.lr=nan"], "teacher.lr: 'nan' is not a finite number"),
+        (["--set", "teacher.lr=.nan"], "teacher.lr: nan is not a finite number"),
+        (["--lr", "inf"], "teacher.lr: 'inf' is not a finite number"),
+        (["--lr=-inf"], "teacher.lr: '-inf' is not a finite number"),
+        (["--set", "teacher.momentum=nan"], "teacher.momentum"),
+        (["--set", "teacher.weight_decay=.inf"], "teacher.weight_decay: inf is not a finite number"),
+        (["--set", "teacher.warmup_epochs=nan"], "teacher.warmup_epochs"),
+        (["--set", "teacher.clip_grad=inf"], "teacher.clip_grad"),
+        (["--set", "sskd.ss_T=nan"], "sskd.ss_T: 'nan' is not a finite number"),
+        (["--set", "kd.kd_weight=inf"], "kd.kd_weight"),
+        (["--set", "teacher.epochs=.inf"], "teacher.epochs: inf is not a finite number"),
+        (["--set", "teacher.weight_decay=-0.1"], "teacher.weight_decay must be >= 0, not -0.1"),
+        (["--set", "kd.T=-4"], "kd.T must be > 0, not -4.0"),
+    ],
+)
 def test_non_finite_and_negative_values_are_refused_naming_the_key(capsys, tmp_path, extra, needle):
     out = tmp_path / "t"
     _refused(capsys, _teacher_cmd(tmp_path / "no-shards", out, *extra), needle, out)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("teacher:\n  lr: .nan\n", "teacher.lr: nan is not a finite number"),
-    ("teacher:\n  lr: .inf\n", "teacher.lr: inf is not a finite number"),
-    ("teacher:\n  lr: -.inf\n", "teacher.lr: -inf is not a finite number"),
-    ("teacher:\n  momentum: nan\n", "teacher.momentum: 'nan' is not a finite number"),  # a string to YAML
-    ("sskd:\n  kd_T: .inf\n", "sskd.kd_T: inf is not a finite number"),
-    ("data:\n  subset_fraction: .nan\n", "data.subset_fraction"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("teacher:\n  lr: .nan\n", "teacher.lr: nan is not a finite number"),
+        ("teacher:\n  lr: .inf\n", "teacher.lr: inf is not a finite number"),
+        ("teacher:\n  lr: -.inf\n", "teacher.lr: -inf is not a finite number"),
+        ("teacher:\n  momentum: nan\n", "teacher.momentum: 'nan' is not a finite number"),  # a string to YAML
+        ("sskd:\n  kd_T: .inf\n", "sskd.kd_T: inf is not a finite number"),
+        ("data:\n  subset_fraction: .nan\n", "data.subset_fraction"),
+    ],
+)
 def test_non_finite_values_in_a_recipe_are_refused(capsys, tmp_path, text, needle):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
@@ -88,21 +106,43 @@ def test_finite_values_still_load():
 
 # ---- 7: a method whose terms need SS views refuses a view set without them --------------------------------
 
-@pytest.mark.parametrize("command, method, views, needle", [
-    ("distill", "sskd", "none", "method 'sskd' (distill) needs at least 1 SS view beside the normal view "
-                                "(its own: rotation; leave --views out or name views), not 'none'"),
-    ("distill", "sskd", "", "method 'sskd' (distill) needs at least 1 SS view"),
-    ("train-ss-head", "sskd", "none", "method 'sskd' (train-ss-head) needs at least 1 SS view"),
-    ("distill", "hssakd", "none", "method 'hssakd' trains on its own views (shared_rotation)"),
-    ("distill", "kdss", "", "method 'kdss' trains on its own views (shared_rotation)"),
-    ("train-ss-head", "kdss", "none", "method 'kdss' trains on its own views"),
-    ("train-teacher", "hssakd", "none", "method 'hssakd' trains on its own views"),
-])
-def test_a_method_that_needs_ss_views_refuses_none_before_training(capsys, digits_shards, tmp_path, command, method,
-                                                                   views, needle):
+
+@pytest.mark.parametrize(
+    "command, method, views, needle",
+    [
+        (
+            "distill",
+            "sskd",
+            "none",
+            "method 'sskd' (distill) needs at least 1 SS view beside the normal view "
+            "(its own: rotation; leave --views out or name views), not 'none'",
+        ),
+        ("distill", "sskd", "", "method 'sskd' (distill) needs at least 1 SS view"),
+        ("train-ss-head", "sskd", "none", "method 'sskd' (train-ss-head) needs at least 1 SS view"),
+        ("distill", "hssakd", "none", "method 'hssakd' trains on its own views (shared_rotation)"),
+        ("distill", "kdss", "", "method 'kdss' trains on its own views (shared_rotation)"),
+        ("train-ss-head", "kdss", "none", "method 'kdss' trains on its own views"),
+        ("train-teacher", "hssakd", "none", "method 'hssakd' trains on its own views"),
+    ],
+)
+def test_a_method_that_needs_ss_views_refuses_none_before_training(
+    capsys, digits_shards, tmp_path, command, method, views, needle
+):
     out = tmp_path / "run"
-    argv = [command, "--method", method, "--shards", digits_shards, "--out", out, "--views", views, "--max-steps", 1,
-            "--no-progress"]
+    argv = [
+        command,
+        "--method",
+        method,
+        "--shards",
+        digits_shards,
+        "--out",
+        out,
+        "--views",
+        views,
+        "--max-steps",
+        1,
+        "--no-progress",
+    ]
     if command != "train-teacher":
         argv += ["--teacher", tmp_path / "no-teacher"]  # refused before the teacher is even looked for
     if command == "distill":
@@ -124,7 +164,10 @@ def test_the_rule_is_declared_by_the_method():
     class TwoViews(sskd_cls):  # not registered: the check reads the class, not the registry
         min_ss_views = 2
 
-    assert resolve_views(load_config(None, ["data.views=rot90,rot180"]), TwoViews).ss_views == ("rot90", "rot180")
+    assert resolve_views(load_config(None, ["data.views=rot90,rot180"]), TwoViews).ss_views == (
+        "rot90",
+        "rot180",
+    )
     with pytest.raises(SSKDError, match=r"needs at least 2 SS views beside the normal view .* not 'rot90'"):
         resolve_views(load_config(None, ["data.views=rot90"]), TwoViews)
     # methods on the normal view only are unaffected by --views none
@@ -134,26 +177,33 @@ def test_the_rule_is_declared_by_the_method():
 
 # ---- 9: values of the wrong type are type errors naming the key -------------------------------------------
 
-@pytest.mark.parametrize("text, needle", [
-    ("teacher:\n  batch_size: true\n", "teacher.batch_size: expected an integer, got a boolean (True)"),
-    ("teacher:\n  epochs: [3]\n", "teacher.epochs: expected an integer, got a list ([3])"),
-    ("teacher:\n  epochs: 2.5\n", "teacher.epochs: 2.5 is not a whole number"),
-    ("teacher:\n  lr: false\n", "teacher.lr: expected a number, got a boolean (False)"),
-    ("teacher:\n  lr: {a: 1}\n", "teacher.lr: expected a number, got a mapping"),
-    ("teacher:\n  lr: fast\n", "teacher.lr: 'fast' is not a valid float"),
-    ("teacher:\n  batch_size: null\n", "teacher.batch_size: may not be empty"),
-    ("teacher:\n  nesterov: 2\n", "teacher.nesterov: expected true or false, got a number (2)"),
-    ("teacher:\n  nesterov: [true]\n", "teacher.nesterov: expected true or false, got a list"),
-    ("teacher:\n  nesterov: maybe\n", "teacher.nesterov: expected true or false, got a string ('maybe')"),
-    ("teacher:\n  arch: 18\n", "teacher.arch: expected a string, got a number (18) (quote it)"),
-    ("teacher:\n  schedule: [step]\n", "teacher.schedule: expected a string, got a list"),
-    ("teacher:\n  milestones: '30,60'\n", "teacher.milestones: expected a list, got a string ('30,60')"),
-    ("teacher:\n  milestones: 30\n", "teacher.milestones: expected a list, got a number (30)"),
-    ("teacher:\n  milestones: [30, true]\n", "teacher.milestones: expected an integer, got a boolean (True)"),
-    ("teacher:\n  milestones: [30.5]\n", "teacher.milestones: 30.5 is not a whole number"),
-    ("run:\n  log_with: tensorboard\n", "run.log_with: expected a list, got a string ('tensorboard')"),
-    ("run:\n  seed: yes\n", "run.seed: expected an integer, got a boolean (True)"),
-])
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("teacher:\n  batch_size: true\n", "teacher.batch_size: expected an integer, got a boolean (True)"),
+        ("teacher:\n  epochs: [3]\n", "teacher.epochs: expected an integer, got a list ([3])"),
+        ("teacher:\n  epochs: 2.5\n", "teacher.epochs: 2.5 is not a whole number"),
+        ("teacher:\n  lr: false\n", "teacher.lr: expected a number, got a boolean (False)"),
+        ("teacher:\n  lr: {a: 1}\n", "teacher.lr: expected a number, got a mapping"),
+        ("teacher:\n  lr: fast\n", "teacher.lr: 'fast' is not a valid float"),
+        ("teacher:\n  batch_size: null\n", "teacher.batch_size: may not be empty"),
+        ("teacher:\n  nesterov: 2\n", "teacher.nesterov: expected true or false, got a number (2)"),
+        ("teacher:\n  nesterov: [true]\n", "teacher.nesterov: expected true or false, got a list"),
+        ("teacher:\n  nesterov: maybe\n", "teacher.nesterov: expected true or false, got a string ('maybe')"),
+        ("teacher:\n  arch: 18\n", "teacher.arch: expected a string, got a number (18) (quote it)"),
+        ("teacher:\n  schedule: [step]\n", "teacher.schedule: expected a string, got a list"),
+        ("teacher:\n  milestones: '30,60'\n", "teacher.milestones: expected a list, got a string ('30,60')"),
+        ("teacher:\n  milestones: 30\n", "teacher.milestones: expected a list, got a number (30)"),
+        (
+            "teacher:\n  milestones: [30, true]\n",
+            "teacher.milestones: expected an integer, got a boolean (True)",
+        ),
+        ("teacher:\n  milestones: [30.5]\n", "teacher.milestones: 30.5 is not a whole number"),
+        ("run:\n  log_with: tensorboard\n", "run.log_with: expected a list, got a string ('tensorboard')"),
+        ("run:\n  seed: yes\n", "run.seed: expected an integer, got a boolean (True)"),
+    ],
+)
 def test_wrong_types_in_a_recipe_are_type_errors(capsys, tmp_path, text, needle):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
@@ -162,16 +212,22 @@ def test_wrong_types_in_a_recipe_are_type_errors(capsys, tmp_path, text, needle)
     assert str(recipe) in line
 
 
-@pytest.mark.parametrize("item, needle", [
-    ("teacher.batch_size=true", "--set teacher.batch_size=true: teacher.batch_size: expected an integer, got a boolean"),
-    ("teacher.batch_size=[64]", "teacher.batch_size: expected an integer, got a list"),
-    ("teacher.lr=yes", "teacher.lr: expected a number, got a boolean"),
-    ("run.progress=2", "run.progress: expected true or false, got a number (2)"),
-    ("run.seed=null", "run.seed: may not be empty"),
-    ("teacher.schedule=[step]", "teacher.schedule: expected a string, got a list"),
-    ("teacher.milestones=[1,true]", "teacher.milestones: expected an integer, got a boolean"),
-    ("teacher.milestones={a: 1}", "teacher.milestones: expected a list, got a mapping"),
-])
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        (
+            "teacher.batch_size=true",
+            "--set teacher.batch_size=true: teacher.batch_size: expected an integer, got a boolean",
+        ),
+        ("teacher.batch_size=[64]", "teacher.batch_size: expected an integer, got a list"),
+        ("teacher.lr=yes", "teacher.lr: expected a number, got a boolean"),
+        ("run.progress=2", "run.progress: expected true or false, got a number (2)"),
+        ("run.seed=null", "run.seed: may not be empty"),
+        ("teacher.schedule=[step]", "teacher.schedule: expected a string, got a list"),
+        ("teacher.milestones=[1,true]", "teacher.milestones: expected an integer, got a boolean"),
+        ("teacher.milestones={a: 1}", "teacher.milestones: expected a list, got a mapping"),
+    ],
+)
 def test_wrong_types_in_set_overrides_are_type_errors(capsys, tmp_path, item, needle):
     out = tmp_path / "t"
     _refused(capsys, _teacher_cmd(tmp_path / "no-shards", out, "--set", item), needle, out)
@@ -179,15 +235,31 @@ def test_wrong_types_in_set_overrides_are_type_errors(capsys, tmp_path, item, ne
 
 def test_right_types_still_load_and_the_word_no_stays_a_word(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("teacher:\n  lr: 1e-3\n  epochs: 3.0\n  batch_size: '32'\n  nesterov: yes\n  milestones: [1, 2]\n"
-                      "run:\n  mixed_precision: no\n  progress: off\n  log_with: [tensorboard]\n")
+    recipe.write_text(
+        "teacher:\n  lr: 1e-3\n  epochs: 3.0\n  batch_size: '32'\n  nesterov: yes\n  milestones: [1, 2]\n"
+        "run:\n  mixed_precision: no\n  progress: off\n  log_with: [tensorboard]\n"
+    )
     cfg = load_config(recipe)
     assert (cfg.teacher.lr, cfg.teacher.epochs, cfg.teacher.batch_size) == (1e-3, 3, 32)
     assert cfg.teacher.nesterov is True and cfg.teacher.milestones == [1, 2]
-    assert cfg.run.mixed_precision == "no" and cfg.run.progress is False and cfg.run.log_with == ["tensorboard"]
-    cfg = load_config(None, ["run.mixed_precision=no", "run.progress=0", "teacher.milestones=30,60", "data.shards=2024",
-                             "run.log_with=tensorboard", "student.milestones=[5]", "teacher.max_steps=null"])
-    assert cfg.run.mixed_precision == "no" and cfg.run.progress is False and cfg.teacher.milestones == [30, 60]
+    assert (
+        cfg.run.mixed_precision == "no" and cfg.run.progress is False and cfg.run.log_with == ["tensorboard"]
+    )
+    cfg = load_config(
+        None,
+        [
+            "run.mixed_precision=no",
+            "run.progress=0",
+            "teacher.milestones=30,60",
+            "data.shards=2024",
+            "run.log_with=tensorboard",
+            "student.milestones=[5]",
+            "teacher.max_steps=null",
+        ],
+    )
+    assert (
+        cfg.run.mixed_precision == "no" and cfg.run.progress is False and cfg.teacher.milestones == [30, 60]
+    )
     assert cfg.data.shards == "2024" and cfg.run.log_with == ["tensorboard"] and cfg.student.milestones == [5]
     assert cfg.teacher.max_steps is None
     assert load_config(None, ["run.mixed_precision=false"]).run.mixed_precision == "no"  # a sweep's YAML `no`
@@ -197,33 +269,65 @@ def test_mixed_precision_no_through_the_flags():
     from sskd.cli import build_parser
     from sskd.commands import resolve_config
 
-    args = build_parser().parse_args(["train-teacher", "--shards", "s", "--out", "o", "--mixed-precision", "no",
-                                      "--lr", "0.2", "--batch-size", "8", "--views", "none"])
+    args = build_parser().parse_args(
+        [
+            "train-teacher",
+            "--shards",
+            "s",
+            "--out",
+            "o",
+            "--mixed-precision",
+            "no",
+            "--lr",
+            "0.2",
+            "--batch-size",
+            "8",
+            "--views",
+            "none",
+        ]
+    )
     cfg = resolve_config(args, "teacher")
-    assert (cfg.run.mixed_precision, cfg.teacher.lr, cfg.teacher.batch_size, cfg.data.views) == ("no", 0.2, 8, "none")
+    assert (cfg.run.mixed_precision, cfg.teacher.lr, cfg.teacher.batch_size, cfg.data.views) == (
+        "no",
+        0.2,
+        8,
+        "none",
+    )
 
 
 # ---- 11: malformed values: one line naming the key or option, exit 2, no traceback --------------------------
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--set", "teacher.milestones=[1,"], "--set teacher.milestones=[1,: teacher.milestones: '[1,' is not a valid value"),
-    (["--set", "teacher.lr={"], "teacher.lr: '{' is not a valid value"),
-    (["--set", "run.log_with=[a"], "run.log_with: '[a' is not a valid value"),
-    (["--views", ",,"], "data.views: ',,' names no view"),
-    (["--views", " , "], "data.views: ',' names no view"),
-    (["--set", "data.views=,"], "data.views: ',' names no view"),
-])
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (
+            ["--set", "teacher.milestones=[1,"],
+            "--set teacher.milestones=[1,: teacher.milestones: '[1,' is not a valid value",
+        ),
+        (["--set", "teacher.lr={"], "teacher.lr: '{' is not a valid value"),
+        (["--set", "run.log_with=[a"], "run.log_with: '[a' is not a valid value"),
+        (["--views", ",,"], "data.views: ',,' names no view"),
+        (["--views", " , "], "data.views: ',' names no view"),
+        (["--set", "data.views=,"], "data.views: ',' names no view"),
+    ],
+)
 def test_malformed_values_are_one_line(capsys, tmp_path, extra, needle):
     out = tmp_path / "t"
     _refused(capsys, _teacher_cmd(tmp_path / "no-shards", out, *extra), needle, out)
 
 
 def test_a_malformed_view_list_through_the_views_command(capsys, digits_shards, tmp_path):
-    _refused(capsys, ["views", "--shards", digits_shards, "--views", ",,", "--out", tmp_path / "v.png"], "names no view",
-             tmp_path / "v.png")
+    _refused(
+        capsys,
+        ["views", "--shards", digits_shards, "--views", ",,", "--out", tmp_path / "v.png"],
+        "names no view",
+        tmp_path / "v.png",
+    )
 
 
 # ---- 10: CRD on data smaller than nce_k draws with replacement, as RepDistiller -----------------------------
+
 
 def test_crd_negatives_on_the_digits_with_and_without_replacement(digits_shards):
     """At 16,384 (> the 1,291..1,297 samples of other classes each digit has) the negatives repeat, stay in other
@@ -263,13 +367,38 @@ def test_crd_trains_on_the_digits_at_the_default_nce_k(digits_shards, tmp_path, 
     assert main([str(a) for a in _teacher_cmd(digits_shards, teacher, "--batch-size", 8)]) == 0
     caplog.clear()
     with caplog.at_level("INFO"):
-        rc = main([str(a) for a in ["distill", "--method", "crd", "--teacher", teacher, "--student", "resnet8",
-                                    "--shards", digits_shards, "--out", student, "--max-steps", 2, "--batch-size", 8,
-                                    "--no-progress", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]])
+        rc = main(
+            [
+                str(a)
+                for a in [
+                    "distill",
+                    "--method",
+                    "crd",
+                    "--teacher",
+                    teacher,
+                    "--student",
+                    "resnet8",
+                    "--shards",
+                    digits_shards,
+                    "--out",
+                    student,
+                    "--max-steps",
+                    2,
+                    "--batch-size",
+                    8,
+                    "--no-progress",
+                    "--set",
+                    "run.log_every=1",
+                    "--set",
+                    "data.eval_batch_size=128",
+                ]
+            ]
+        )
     assert rc == 0
     said = [r.getMessage() for r in caplog.records if "drawn with replacement" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("crd: 10 classes have fewer samples of other classes than "
-                                                 "crd.nce_k=16384"), said
+    assert len(said) == 1 and said[0].startswith(
+        "crd: 10 classes have fewer samples of other classes than crd.nce_k=16384"
+    ), said
     info = load_model_info(student)
     assert (info["method"], info["steps"]) == ("crd", 2)
     rec = [r for r in read_metrics(student) if r["kind"] == "train"][-1]

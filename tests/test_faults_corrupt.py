@@ -105,53 +105,82 @@ def corrupt(src: Path, dst: Path, kind: str, seed: int) -> dict:
     elif kind == "overwrite":  # a random range of the image's data overwritten by random bytes
         a = off + rng.randrange(size // 2)
         n = rng.randint(1, off + size - a)
-        data[a:a + n] = bytes(rng.randrange(256) for _ in range(n))
+        data[a : a + n] = bytes(rng.randrange(256) for _ in range(n))
     elif kind == "magic":  # the image's first bytes (its format's signature) zeroed: no decoder takes it
-        data[off:off + 16] = bytes(16)
+        data[off : off + 16] = bytes(16)
     elif kind == "zero":  # the second half of the image zeroed
-        data[off + size // 2:off + size] = bytes(size - size // 2)
+        data[off + size // 2 : off + size] = bytes(size - size // 2)
     elif kind == "truncate":  # the tar cut inside this sample's image: it and every later sample are cut off
-        del data[off + rng.randrange(1, size):]
+        del data[off + rng.randrange(1, size) :]
         bad = list(range(first + line, first + len(samples)))
     elif kind == "sid":  # the id rewritten to another valid id of the split (item 8)
         other = rng.choice([i for i in range(m["splits"]["train"]["num_samples"]) if i != first + line])
         o = member["sid"][0]
-        data[o:o + 8] = int(other).to_bytes(8, "little", signed=True)
+        data[o : o + 8] = int(other).to_bytes(8, "little", signed=True)
     elif kind == "sid-swap":  # two samples' ids swapped: both valid, both wrong
         line2 = (line + 1 + rng.randrange(len(samples) - 1)) % len(samples)
         o1 = member["sid"][0]
         o2 = next(o for ext, o, _, _ in samples[line2] if ext == "sid")
-        data[o1:o1 + 8], data[o2:o2 + 8] = data[o2:o2 + 8], data[o1:o1 + 8]
+        data[o1 : o1 + 8], data[o2 : o2 + 8] = data[o2 : o2 + 8], data[o1 : o1 + 8]
         bad = sorted([first + line, first + line2])
     elif kind == "lbl":  # the label rewritten to another valid class (cls left as it was)
         o = member["lbl"][0]
-        old = int.from_bytes(data[o:o + 8], "little")
-        data[o:o + 8] = ((old + 1 + rng.randrange(m["num_classes"] - 1)) % m["num_classes"]).to_bytes(8, "little")
+        old = int.from_bytes(data[o : o + 8], "little")
+        data[o : o + 8] = ((old + 1 + rng.randrange(m["num_classes"] - 1)) % m["num_classes"]).to_bytes(
+            8, "little"
+        )
     elif kind == "json":  # one byte of the provenance record
         o, n = member["json"]
         data[o + rng.randrange(n)] ^= 0x20
     else:
         raise ValueError(kind)
     _replace(tar, bytes(data))
-    return {"name": f"{src.parent.name}/{kind}/{seed}", "folder": str(folder), "tar": str(tar),
-            "bad": bad, "total": m["splits"]["train"]["num_samples"]}
+    return {
+        "name": f"{src.parent.name}/{kind}/{seed}",
+        "folder": str(folder),
+        "tar": str(tar),
+        "bad": bad,
+        "total": m["splits"]["train"]["num_samples"],
+    }
 
 
-DIGITS_CASES = ([("flip", s) for s in range(5)] + [("overwrite", 0), ("overwrite", 1), ("zero", 0),
-                                                   ("truncate", 0), ("truncate", 1), ("sid", 0), ("sid", 1),
-                                                   ("sid-swap", 0), ("lbl", 0), ("json", 0)])
-PHOTO_CASES = [("head", s) for s in range(4)] + [("flip", 0), ("flip", 1), ("overwrite", 0), ("truncate", 0),
-                                                 ("sid", 0)]
+DIGITS_CASES = [("flip", s) for s in range(5)] + [
+    ("overwrite", 0),
+    ("overwrite", 1),
+    ("zero", 0),
+    ("truncate", 0),
+    ("truncate", 1),
+    ("sid", 0),
+    ("sid", 1),
+    ("sid-swap", 0),
+    ("lbl", 0),
+    ("json", 0),
+]
+PHOTO_CASES = [("head", s) for s in range(4)] + [
+    ("flip", 0),
+    ("flip", 1),
+    ("overwrite", 0),
+    ("truncate", 0),
+    ("sid", 0),
+]
 
 
 def _run_worker(cases: list[dict], timeout: int = 400) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(cases)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     # a signal (SIGSEGV: -11, SIGABRT: -6) is a negative return code; the case after the last one printed crashed
-    assert proc.returncode == 0, (f"worker exited {proc.returncode} after {len(done)} results "
-                                  f"(last: {done[-1]['name'] if done else None}): {proc.stderr[-3000:]}")
+    assert proc.returncode == 0, (
+        f"worker exited {proc.returncode} after {len(done)} results "
+        f"(last: {done[-1]['name'] if done else None}): {proc.stderr[-3000:]}"
+    )
     return done
 
 
@@ -174,12 +203,17 @@ def _check_results(cases: list[dict], results: list[dict]) -> None:
 
 
 def test_corrupted_png_shards_never_crash_and_name_shard_and_sample(digits_shards, tmp_path):
-    cases = [dict(corrupt(digits_shards, tmp_path / f"{k}-{s}", k, s), size=None, skip=True) for k, s in DIGITS_CASES]
+    cases = [
+        dict(corrupt(digits_shards, tmp_path / f"{k}-{s}", k, s), size=None, skip=True)
+        for k, s in DIGITS_CASES
+    ]
     _check_results(cases, _run_worker(cases))
 
 
 def test_corrupted_jpeg_shards_never_crash_and_name_shard_and_sample(photo_shards, tmp_path):
-    cases = [dict(corrupt(photo_shards, tmp_path / f"{k}-{s}", k, s), size=64, skip=True) for k, s in PHOTO_CASES]
+    cases = [
+        dict(corrupt(photo_shards, tmp_path / f"{k}-{s}", k, s), size=64, skip=True) for k, s in PHOTO_CASES
+    ]
     # shards written before checksums: a tar whose sha256 is not the manifest's is checked image by image
     # (these bytes made DALI's decoder crash the process: SIGSEGV)
     for k, s in [("magic", 0), ("magic", 1)]:
@@ -197,16 +231,37 @@ def test_train_teacher_stops_in_one_line_and_skip_bad_completes(digits_shards, t
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
 
     def train(out: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "sskd", "train-teacher", "--shards", case["folder"], "--arch", "resnet8",
-               "--out", str(tmp_path / out), "--max-steps", "2", "--batch-size", "32", "--no-progress",
-               "--set", "data.eval_batch_size=128", "--set", "run.eval_every=0", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sskd",
+            "train-teacher",
+            "--shards",
+            case["folder"],
+            "--arch",
+            "resnet8",
+            "--out",
+            str(tmp_path / out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "32",
+            "--no-progress",
+            "--set",
+            "data.eval_batch_size=128",
+            "--set",
+            "run.eval_every=0",
+            *extra,
+        ]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     stopped = train("stop")
     assert stopped.returncode == 2, stopped.stderr[-2000:]
     errors = [ln for ln in stopped.stderr.splitlines() if ln.startswith("sskd: error:")]
     assert len(errors) == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
-    assert errors[0].startswith(f"sskd: error: {case['tar']}: sample {key}: member {key}.png differs"), errors[0]
+    assert errors[0].startswith(f"sskd: error: {case['tar']}: sample {key}: member {key}.png differs"), (
+        errors[0]
+    )
     skipped = train("skip", "--skip-bad")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "leaving out 1 bad sample(s) of split 'train'" in skipped.stderr and key in skipped.stderr
@@ -222,13 +277,17 @@ def test_rewritten_id_is_caught_without_checksums_and_by_the_batch_order(digits_
     with caplog.at_level(logging.WARNING, logger="pipelines.loader"), pytest.raises(SSKDError) as err:
         for _ in ViewLoader(folder, "train", batch_size=128, views=None).epoch(0):
             pass
-    assert str(err.value).startswith(f"{case['tar']}: sample {key}: id ") and "rewritten sample id" in str(err.value)
+    assert str(err.value).startswith(f"{case['tar']}: sample {key}: id ") and "rewritten sample id" in str(
+        err.value
+    )
     assert sum("no per-sample checksums" in r.getMessage() for r in caplog.records) == 1
     # the cheap defence behind it: each batch's ids are the ones the epoch's order puts there
     with pytest.raises(SSKDError) as err:
         for _ in ViewLoader(folder, "train", batch_size=128, views=None, verify_samples=False).epoch(0):
             pass
-    assert str(err.value).startswith(f"{case['tar']}: sample {key}: read as id ") and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{case['tar']}: sample {key}: read as id ") and "\n" not in str(
+        err.value
+    )
     with pytest.raises(SSKDError, match=f"sample {key}: read as id "):  # the evaluation order too
         for _ in ViewLoader(folder, "train", batch_size=128, train=False, verify_samples=False).epoch(0):
             pass
@@ -256,7 +315,9 @@ def test_sums_rebuilt_for_old_shards_are_the_writers_and_are_used(digits_shards,
     with caplog.at_level(logging.WARNING, logger="pipelines.loader"), pytest.raises(SSKDError) as err:
         ViewLoader(folder, "train", batch_size=128, views=None).epoch(0).__next__()
     key = f"{e['first_id'] + 5:09d}"
-    assert str(err.value).startswith(f"{tar}: sample {key}: member {key}.png differs from its recorded checksum")
+    assert str(err.value).startswith(
+        f"{tar}: sample {key}: member {key}.png differs from its recorded checksum"
+    )
     assert not any("no per-sample checksums" in r.getMessage() for r in caplog.records)
     # sums are never made from a tar that differs from the manifest (they would vouch for the damage)
     with pytest.raises(SSKDError, match="sha256 differs from the manifest"):
@@ -278,7 +339,9 @@ def test_shard_verify_names_every_bad_sample(digits_shards, tmp_path, capsys):
     # a damaged checksum file is one line naming it, never trusted
     sums = folder / json.loads((folder / "manifest.json").read_text())["splits"]["val"]["shards"][0]["sums"]
     _replace(sums, sums.read_bytes().replace(b" png:", b" png:0", 1))
-    assert any(ln.startswith(f"{sums}: sha256 differs from the manifest") for ln in check_samples(folder, "val"))
+    assert any(
+        ln.startswith(f"{sums}: sha256 differs from the manifest") for ln in check_samples(folder, "val")
+    )
 
 
 def test_duplicated_ids_in_the_manifest_are_refused(digits_shards, tmp_path):
@@ -305,7 +368,9 @@ def test_the_check_changes_no_batch(digits_shards):
         assert set(x) == set(y) and all(np.array_equal(x[k].numpy(), y[k].numpy()) for k in x)
 
 
-def test_shard_reindex_adds_checksums_to_old_shards_but_never_for_a_damaged_tar(digits_shards, tmp_path, capsys):
+def test_shard_reindex_adds_checksums_to_old_shards_but_never_for_a_damaged_tar(
+    digits_shards, tmp_path, capsys
+):
     from sskd.cli import main
 
     folder = _link_copy(digits_shards, tmp_path / "old")
@@ -320,11 +385,15 @@ def test_shard_reindex_adds_checksums_to_old_shards_but_never_for_a_damaged_tar(
     assert main(["shard", "reindex", str(folder), "--list"]) == 0
     out = capsys.readouterr().out
     lines = [ln.split() for ln in out.splitlines()]
-    assert ["checksums", "added", "train-000000.sums"] in lines and ["checksums", "refused", tar.name] in [ln[:3] for ln in lines]
+    assert ["checksums", "added", "train-000000.sums"] in lines and ["checksums", "refused", tar.name] in [
+        ln[:3] for ln in lines
+    ]
     assert (folder / "manifest.json").read_bytes() == manifest
     assert sorted(p.name for p in folder.glob("*.sums")) == sorted(
-        p.name for p in digits_shards.glob("*.sums") if p.name != sums_path(tar).name)
+        p.name for p in digits_shards.glob("*.sums") if p.name != sums_path(tar).name
+    )
     # the damaged shard, left without checksums, is still checked whole: its damaged sample is named
     assert check_samples(folder, "train") == [
         f"{tar}: sample {e['first_id']:09d}: member {e['first_id']:09d}.png cannot be decoded "
-        f"({check_samples(folder, 'train')[0].split('cannot be decoded (', 1)[1]}"]
+        f"({check_samples(folder, 'train')[0].split('cannot be decoded (', 1)[1]}"
+    ]

@@ -24,7 +24,15 @@ from sskd.models import create_model
 from sskd.models.connectors import Connector, ConvReg, Paraphraser, ShapeError, Translator, VIDRegressor
 from sskd.runs import read_metrics
 
-FAST = ["--no-progress", "--batch-size", "16", "--set", "run.log_every=1", "--set", "data.eval_batch_size=256"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "16",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=256",
+]
 
 
 def run(*args) -> int:
@@ -38,7 +46,9 @@ def rand(*shape, seed=0):
 # -- the losses, from the formulas -------------------------------------------------------------------------
 
 
-def avg_pool(f, out):  # non-overlapping average pooling by an integer factor (what adaptive pooling does here)
+def avg_pool(
+    f, out
+):  # non-overlapping average pooling by an integer factor (what adaptive pooling does here)
     k = f.shape[2] // out
     b, c = f.shape[:2]
     return f.reshape(b, c, out, k, out, k).mean(dim=(3, 5))
@@ -61,18 +71,23 @@ def test_hint_loss_is_the_mean_of_squared_differences():
 
 
 def test_at_loss_pools_the_larger_map_and_sums_the_layers_whatever_the_channels():
-    s_maps = [rand(2, 3, 8, 8, seed=1), rand(2, 5, 2, 2, seed=2)]  # layer 0 larger than the teacher's, layer 1 smaller
+    s_maps = [
+        rand(2, 3, 8, 8, seed=1),
+        rand(2, 5, 2, 2, seed=2),
+    ]  # layer 0 larger than the teacher's, layer 1 smaller
     t_maps = [rand(2, 7, 4, 4, seed=3), rand(2, 4, 4, 4, seed=4)]
     pairs = [(avg_pool(s_maps[0], 4), t_maps[0]), (s_maps[1], avg_pool(t_maps[1], 2))]
     want = sum(((attention_by_hand(s) - attention_by_hand(t)) ** 2).mean().item() for s, t in pairs)
     assert at_loss(s_maps, t_maps).item() == pytest.approx(want, rel=1e-5)
     assert attention_map(s_maps[0], 3).norm(dim=1).tolist() == pytest.approx([1.0, 1.0])
-    assert attention_map(s_maps[1], 3)[0].tolist() == pytest.approx(attention_by_hand(s_maps[1], 3)[0].tolist(),
-                                                                        rel=1e-5)
+    assert attention_map(s_maps[1], 3)[0].tolist() == pytest.approx(
+        attention_by_hand(s_maps[1], 3)[0].tolist(), rel=1e-5
+    )
     # against the teacher's attention maps (a cache's form): the same while only student maps are pooled
     t_att = [attention_map(t_maps[0])]
     assert at_loss_from_attention(s_maps[:1], t_att, [(4, 4)]).item() == pytest.approx(
-        at_loss(s_maps[:1], t_maps[:1]).item(), rel=1e-6)
+        at_loss(s_maps[:1], t_maps[:1]).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="smaller than the teacher"):
         at_loss_from_attention(s_maps[1:], [attention_map(t_maps[1])], [(4, 4)])
     with pytest.raises(ValueError, match="2 student maps but 1 teacher"):
@@ -82,7 +97,9 @@ def test_at_loss_pools_the_larger_map_and_sums_the_layers_whatever_the_channels(
 def test_vid_starts_at_variance_5_and_is_the_gaussian_nll_mean():
     reg = VIDRegressor(3, 4, 4)
     assert vid_variance(reg.log_scale, reg.eps).tolist() == pytest.approx([5.0] * 4, abs=1e-6)
-    assert reg.log_scale.shape == (4,) and not any(m.bias is not None for m in reg.regressor if hasattr(m, "bias"))
+    assert reg.log_scale.shape == (4,) and not any(
+        m.bias is not None for m in reg.regressor if hasattr(m, "bias")
+    )
     mu, t, log_scale = rand(2, 3, 2, 2, seed=1), rand(2, 3, 2, 2, seed=2), rand(3, seed=3)
     total = 0.0
     for n in range(2):
@@ -100,8 +117,15 @@ def test_vid_starts_at_variance_5_and_is_the_gaussian_nll_mean():
 def test_ab_loss_margin_cases_layer_weights_and_scale():
     m = 1.0
     # (s, t): off-teacher pushes s below -m, on-teacher pushes s above m; t = 0 counts as off
-    cases = [(0.5, -1.0, (0.5 + m) ** 2), (-1.5, -1.0, 0.0), (-m, -1.0, 0.0), (0.2, 0.0, (0.2 + m) ** 2),
-             (0.3, 2.0, (0.3 - m) ** 2), (1.5, 2.0, 0.0), (-2.0, 0.5, (-2.0 - m) ** 2)]
+    cases = [
+        (0.5, -1.0, (0.5 + m) ** 2),
+        (-1.5, -1.0, 0.0),
+        (-m, -1.0, 0.0),
+        (0.2, 0.0, (0.2 + m) ** 2),
+        (0.3, 2.0, (0.3 - m) ** 2),
+        (1.5, 2.0, 0.0),
+        (-2.0, 0.5, (-2.0 - m) ** 2),
+    ]
     s = torch.tensor([c[0] for c in cases], dtype=torch.float64).view(1, len(cases), 1, 1)
     t = torch.tensor([c[1] for c in cases], dtype=torch.float64).view(1, len(cases), 1, 1)
     per = sum(c[2] for c in cases)
@@ -110,7 +134,8 @@ def test_ab_loss_margin_cases_layer_weights_and_scale():
     s2, t2 = torch.cat([s, s]), torch.cat([t, t])
     assert ab_loss([s2, s2], [t2, t2], margin=m).item() == pytest.approx((0.5 + 1.0) * 2 * per / 2 * 3 / 1000)
     assert ab_loss([s], [t], margin=0.0).item() == pytest.approx(
-        sum(c0 ** 2 * ((c0 > 0) and (c1 <= 0) or (c0 <= 0) and (c1 > 0)) for c0, c1, _ in cases) * 3 / 1000)
+        sum(c0**2 * ((c0 > 0) and (c1 <= 0) or (c0 <= 0) and (c1 > 0)) for c0, c1, _ in cases) * 3 / 1000
+    )
 
 
 def test_ft_factor_is_normalised_and_the_loss_is_l1_after_pooling():
@@ -121,14 +146,21 @@ def test_ft_factor_is_normalised_and_the_loss_is_l1_after_pooling():
     s, t = rand(2, 3, 8, 8, seed=2), rand(2, 3, 4, 4, seed=3)
     diff = attention_by_hand(avg_pool(s, 4)) - attention_by_hand(t)
     assert ft_loss(s, t).item() == pytest.approx(diff.abs().mean().item(), rel=1e-5)
-    assert ft_loss(s, t, p2=2).item() == pytest.approx((diff ** 2).mean().item(), rel=1e-5)
+    assert ft_loss(s, t, p2=2).item() == pytest.approx((diff**2).mean().item(), rel=1e-5)
 
 
 # -- the helper modules' shapes ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("s, t, kind", [((64, 32, 32), (32, 16, 16), "Conv2d"), ((480, 8, 8), (128, 16, 16), "ConvTranspose2d"),
-                                        ((16, 8, 8), (256, 8, 8), "Conv2d"), ((8, 10, 10), (4, 8, 8), "Conv2d")])
+@pytest.mark.parametrize(
+    "s, t, kind",
+    [
+        ((64, 32, 32), (32, 16, 16), "Conv2d"),
+        ((480, 8, 8), (128, 16, 16), "ConvTranspose2d"),
+        ((16, 8, 8), (256, 8, 8), "Conv2d"),
+        ((8, 10, 10), (4, 8, 8), "Conv2d"),
+    ],
+)
 def test_convreg_bridges_twice_half_and_larger_sizes(s, t, kind):
     reg = ConvReg(s, t).eval()
     assert type(reg.conv).__name__ == kind and reg(torch.randn(2, *s)).shape == (2, *t)
@@ -140,7 +172,12 @@ def test_connectors_shapes_and_what_they_refuse():
     conn = Connector([(64, 32, 32), (128, 16, 16)], [(64, 32, 32), (256, 8, 8)]).eval()
     assert type(conn.connectors[0]).__name__ == "Identity" and not list(conn.connectors[0].parameters())
     assert not isinstance(conn.connectors[1].relu, torch.nn.ReLU)  # AB's connector has no ReLU
-    assert [o.shape for o in conn([torch.randn(1, 64, 32, 32), torch.randn(1, 128, 16, 16)])][1] == (1, 256, 8, 8)
+    assert [o.shape for o in conn([torch.randn(1, 64, 32, 32), torch.randn(1, 128, 16, 16)])][1] == (
+        1,
+        256,
+        8,
+        8,
+    )
     factor_t, rec = Paraphraser(256)(torch.randn(2, 256, 8, 8))
     assert factor_t.shape == (2, 128, 8, 8) and rec.shape == (2, 256, 8, 8)
     assert Translator(464, 256)(torch.randn(2, 464, 4, 4)).shape == (2, 128, 4, 4)
@@ -151,14 +188,25 @@ def test_each_method_sizes_its_modules_for_a_cross_architecture_pair(t_arch, s_a
     teacher, x = create_model(t_arch, 100).eval(), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         t_maps = teacher(x, features=True).maps
+
     def ids(params):
         return {id(p) for p in params}
 
     for name in ("fitnet", "vid", "ab", "ft", "at"):
-        method = create_method(name, student=create_model(s_arch, 100), teacher=teacher, num_classes=100).eval()
+        method = create_method(
+            name, student=create_model(s_arch, 100), teacher=teacher, num_classes=100
+        ).eval()
         student = ids(method.student.parameters())
-        if name in ("fitnet", "ab", "ft"):  # who trains in the pre-training phase, and who in the main training
-            helper = ids(getattr(method, {"fitnet": "regressor", "ab": "connector", "ft": "paraphraser"}[name]).parameters())
+        if name in (
+            "fitnet",
+            "ab",
+            "ft",
+        ):  # who trains in the pre-training phase, and who in the main training
+            helper = ids(
+                getattr(
+                    method, {"fitnet": "regressor", "ab": "connector", "ft": "paraphraser"}[name]
+                ).parameters()
+            )
             phase = ids(method.phase_parameters(method.phases()[0].name))
             main = ids(method.phase_parameters(None))
             assert helper and helper <= phase and (helper <= main) == (name == "fitnet")
@@ -173,7 +221,8 @@ def test_each_method_sizes_its_modules_for_a_cross_architecture_pair(t_arch, s_a
                 assert [o.shape for o in method.connector(s_maps)] == [m.shape for m in t_maps]
             elif name == "vid":
                 assert [r(s, t)[0].shape[1] for r, s, t in zip(method.regressors, s_maps, t_maps)] == [
-                    m.shape[1] for m in t_maps]
+                    m.shape[1] for m in t_maps
+                ]
             elif name == "ft":
                 assert method.translator(s_maps[-1]).shape[1] == method.paraphraser(t_maps[-1])[0].shape[1]
             else:  # a student map smaller than the teacher's: the teacher's map is pooled, so not from a cache
@@ -186,48 +235,120 @@ def test_each_method_sizes_its_modules_for_a_cross_architecture_pair(t_arch, s_a
 @pytest.fixture(scope="module")
 def teacher(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("feature") / "t"
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 2, *FAST) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
     return out
 
 
-TERMS = {"fitnet": {"ce", "kd", "hint"}, "at": {"ce", "kd", "at"}, "vid": {"ce", "kd", "vid"}, "ab": {"ce"},
-         "ft": {"ce", "kd", "ft"}}
+TERMS = {
+    "fitnet": {"ce", "kd", "hint"},
+    "at": {"ce", "kd", "at"},
+    "vid": {"ce", "kd", "vid"},
+    "ab": {"ce"},
+    "ft": {"ce", "kd", "ft"},
+}
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_two_steps_through_the_cli(name, teacher, digits_shards, tmp_path):
-    phase_off = {"fitnet": "fitnet.hint_epochs=0", "ab": "ab.init_epochs=0", "ft": "ft.init_epochs=0"}.get(name)
+    phase_off = {"fitnet": "fitnet.hint_epochs=0", "ab": "ab.init_epochs=0", "ft": "ft.init_epochs=0"}.get(
+        name
+    )
     extra = ["--set", phase_off] if phase_off else []
-    assert run("distill", "--method", name, "--teacher", teacher, "--student", "resnet8", "--shards", digits_shards,
-               "--out", tmp_path / name, "--max-steps", 2, *FAST, *extra) == 0
+    assert (
+        run(
+            "distill",
+            "--method",
+            name,
+            "--teacher",
+            teacher,
+            "--student",
+            "resnet8",
+            "--shards",
+            digits_shards,
+            "--out",
+            tmp_path / name,
+            "--max-steps",
+            2,
+            *FAST,
+            *extra,
+        )
+        == 0
+    )
     recs = [r for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
     assert [r["step"] for r in recs] == [1, 2] and TERMS[name] <= recs[0].keys()
     assert all(math.isfinite(r["loss"]) for r in recs)
 
 
-PHASES = {"ab": ("ab.init_epochs=1", "init"), "ft": ("ft.init_epochs=1", "init"),
-          "fitnet": ("fitnet.hint_epochs=1", "hint")}
+PHASES = {
+    "ab": ("ab.init_epochs=1", "init"),
+    "ft": ("ft.init_epochs=1", "init"),
+    "fitnet": ("fitnet.hint_epochs=1", "hint"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PHASES))
-def test_the_phase_runs_first_and_trains_only_its_parameters(name, teacher, digits_shards, tmp_path, monkeypatch):
+def test_the_phase_runs_first_and_trains_only_its_parameters(
+    name, teacher, digits_shards, tmp_path, monkeypatch
+):
     import sskd.train as tr
 
     snaps, real = {}, tr.Run.enter_phase
 
     def spy(self):  # the method's parameters as each phase starts: index 0 (the phase) and 1 (main)
-        snaps[self.state["phase"]] = (self.core, {n: p.detach().clone() for n, p in self.core.named_parameters()})
+        snaps[self.state["phase"]] = (
+            self.core,
+            {n: p.detach().clone() for n, p in self.core.named_parameters()},
+        )
         real(self)
 
     monkeypatch.setattr(tr.Run, "enter_phase", spy)
     setting, phase = PHASES[name]
-    assert run("distill", "--method", name, "--teacher", teacher, "--student", "resnet8", "--shards", digits_shards,
-               "--out", tmp_path / "o", "--set", setting, "--set", "student.epochs=1", "--batch-size", 256,
-               "--set", "run.eval_every=0", "--set", "run.log_every=1", "--no-progress") == 0
+    assert (
+        run(
+            "distill",
+            "--method",
+            name,
+            "--teacher",
+            teacher,
+            "--student",
+            "resnet8",
+            "--shards",
+            digits_shards,
+            "--out",
+            tmp_path / "o",
+            "--set",
+            setting,
+            "--set",
+            "student.epochs=1",
+            "--batch-size",
+            256,
+            "--set",
+            "run.eval_every=0",
+            "--set",
+            "run.log_every=1",
+            "--no-progress",
+        )
+        == 0
+    )
     recs = [r for r in read_metrics(tmp_path / "o") if r["kind"] == "train"]
     # 1437 images / 256 = 6 steps of the phase, then 6 of the main training, each from step 1
     assert [(r["phase_name"], r["step"]) for r in recs] == [(phase, i) for i in range(1, 7)] + [
-        ("main", i) for i in range(1, 7)]
+        ("main", i) for i in range(1, 7)
+    ]
     assert {"ab": "ab", "ft": "rec", "fitnet": "hint"}[name] in recs[0] and "ce" in recs[-1]
     # constant phase lr: the stage's, but RepDistiller's 0.01 for a resnet student's paraphraser; then the schedule
     assert {r["lr"] for r in recs[:6]} == {0.01 if name == "ft" else 0.05} and recs[6]["lr"] == 0.05
@@ -239,37 +360,109 @@ def test_the_phase_runs_first_and_trains_only_its_parameters(name, teacher, digi
     if name == "ft":  # the paraphraser only; the student did not move and was kept in eval mode
         assert moved and all(n.startswith("paraphraser.") for n in moved)
     elif name == "fitnet":  # up to the hint layer (resnet8: stem, layer1, layer2) and the regressor
-        assert {n.split(".")[1] for n in moved if n.startswith("student.")} == {"conv1", "bn1", "layer1", "layer2"}
+        assert {n.split(".")[1] for n in moved if n.startswith("student.")} == {
+            "conv1",
+            "bn1",
+            "layer1",
+            "layer2",
+        }
         assert any(n.startswith("regressor.") for n in moved)
     else:  # everything but the classifier (resnet8 -> resnet8: identity connectors, nothing to train)
         assert {n for n in moved} == {"student." + n for n, _ in method.student.named_parameters()} - {
-            "student.fc.weight", "student.fc.bias"}
+            "student.fc.weight",
+            "student.fc.bias",
+        }
 
 
 def test_maps_that_cannot_be_paired_fail_in_one_line(teacher, digits_shards, tmp_path, capsys):
-    assert run("distill", "--method", "at", "--teacher", teacher, "--student", "MobileNetV2", "--shards", digits_shards,
-               "--out", tmp_path / "o", "--max-steps", 1, *FAST) == 2
+    assert (
+        run(
+            "distill",
+            "--method",
+            "at",
+            "--teacher",
+            teacher,
+            "--student",
+            "MobileNetV2",
+            "--shards",
+            digits_shards,
+            "--out",
+            tmp_path / "o",
+            "--max-steps",
+            1,
+            *FAST,
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "--method at: student MobileNetV2 (maps 12x16x16, 16x8x8, 48x4x4, 160x2x2) and teacher resnet8 " \
-           "(maps 16x32x32, 32x16x16, 64x8x8) at 32x32: 4 student maps but 3 teacher maps" in err
+    assert (
+        "--method at: student MobileNetV2 (maps 12x16x16, 16x8x8, 48x4x4, 160x2x2) and teacher resnet8 "
+        "(maps 16x32x32, 32x16x16, 64x8x8) at 32x32: 4 student maps but 3 teacher maps" in err
+    )
 
 
 def test_at_caches_attention_maps_and_the_others_refuse(teacher, digits_shards, tmp_path, capsys):
     from sskd.methods.vid import VID
 
-    common = ["distill", "--method", "at", "--teacher", teacher, "--student", "resnet8", "--shards", digits_shards,
-              "--max-steps", 2, *FAST]
-    assert run("cache", "--method", "at", "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
-               "--out", tmp_path / "c", "--batch-size", 256, "--no-progress") == 0
+    common = [
+        "distill",
+        "--method",
+        "at",
+        "--teacher",
+        teacher,
+        "--student",
+        "resnet8",
+        "--shards",
+        digits_shards,
+        "--max-steps",
+        2,
+        *FAST,
+    ]
+    assert (
+        run(
+            "cache",
+            "--method",
+            "at",
+            "--teacher",
+            teacher,
+            "--shards",
+            digits_shards,
+            "--epochs",
+            1,
+            "--out",
+            tmp_path / "c",
+            "--batch-size",
+            256,
+            "--no-progress",
+        )
+        == 0
+    )
     assert run(*common, "--out", tmp_path / "live") == 0
     assert run(*common, "--out", tmp_path / "cached", "--cache", tmp_path / "c") == 0
-    live, cached = ([r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("live", "cached"))
+    live, cached = (
+        [r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("live", "cached")
+    )
     assert cached[0]["ce"] == live[0]["ce"]  # same student, same batch
     assert cached[0]["at"] == pytest.approx(live[0]["at"], rel=1e-2)  # fp16 attention maps
     # a student map smaller than the teacher's needs the teacher's feature map: refused from a cache
     assert run(*common[:6], "ShuffleV1", *common[7:], "--out", tmp_path / "s", "--cache", tmp_path / "c") == 2
     assert "a teacher map is larger than the student's" in capsys.readouterr().err
-    assert run("cache", "--method", "vid", "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
-               "--out", tmp_path / "v", "--no-progress") == 2
+    assert (
+        run(
+            "cache",
+            "--method",
+            "vid",
+            "--teacher",
+            teacher,
+            "--shards",
+            digits_shards,
+            "--epochs",
+            1,
+            "--out",
+            tmp_path / "v",
+            "--no-progress",
+        )
+        == 2
+    )
     assert f"--method vid does not use the cache: {VID.cache_refusal}" in capsys.readouterr().err

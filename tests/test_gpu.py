@@ -31,7 +31,15 @@ import torch
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--no-progress", "--batch-size", "32", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "32",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 
 
 def _dali():
@@ -46,8 +54,15 @@ def _free_port() -> int:
 
 def sskd(*args, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     """``python -m sskd ARGS`` in a fresh process (its own CUDA context and Accelerate state)."""
-    proc = subprocess.run([sys.executable, "-m", "sskd", *map(str, args)], cwd=REPO, check=False, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sskd", *map(str, args)],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -72,7 +87,9 @@ def _decoded_images(folder, split="train"):
 
     m = load_manifest(folder)
     imgs = {}
-    for s in wds.WebDataset([str(folder / e["file"]) for e in m["splits"][split]["shards"]], shardshuffle=False):
+    for s in wds.WebDataset(
+        [str(folder / e["file"]) for e in m["splits"][split]["shards"]], shardshuffle=False
+    ):
         ext = "png" if "png" in s else "jpg"
         arr = np.array(Image.open(io.BytesIO(s[ext])).convert("RGB"))
         imgs[int.from_bytes(s["sid"], "little")] = torch.from_numpy(arr).permute(2, 0, 1)
@@ -109,8 +126,17 @@ def test_mixed_decode_photo_views_close_to_the_reference(photo_shards):
     assert batch["views"].is_cuda and batch["views"].shape == (8, 5, 3, 224, 224)
     std = torch.tensor(m["std"]).view(1, 3, 1, 1)
     for i, sid in enumerate(batch["id"].tolist()):
-        ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=0, size=224, layout="imagenet",
-                              mean=m["mean"], std=m["std"])
+        ref = reference_views(
+            imgs[sid],
+            sid,
+            names=loader.view_names,
+            seed=0,
+            epoch=0,
+            size=224,
+            layout="imagenet",
+            mean=m["mean"],
+            std=m["std"],
+        )
         err = ((batch["views"][i].float().cpu() - ref).abs() * 255 * std).mean(dim=(1, 2, 3))
         assert err.max() < 8, err.tolist()
 
@@ -145,7 +171,7 @@ def test_loader_hands_cuda_tensors(digits_shards, dali_device, torch_device):
     for a, b in zip(fresh.epoch(0), reused.epoch(0)):
         # with a torch_device every tensor goes there; without one, what DALI made on the GPU (the views)
         # is a CUDA tensor and what its reader made on the CPU (labels, ids) stays a CPU tensor
-        for key in (a if torch_device else ["views"]):
+        for key in a if torch_device else ["views"]:
             assert a[key].is_cuda and b[key].is_cuda, key
         assert a["views"].dtype == torch.float32 and a["views"].shape[1:] == (4, 3, 32, 32)
         assert torch.equal(a["views"], b["views"]) and torch.equal(a["id"], b["id"])
@@ -171,7 +197,11 @@ def test_gpu_eval_loader_in_half_precision(digits_shards, dtype):
 def test_pipeline_device_and_accelerator_pick_the_gpu():
     from sskd.dist import make_accelerator, pipeline_device
 
-    assert pipeline_device("auto") == "gpu" and pipeline_device("gpu") == "gpu" and pipeline_device("cpu") == "cpu"
+    assert (
+        pipeline_device("auto") == "gpu"
+        and pipeline_device("gpu") == "gpu"
+        and pipeline_device("cpu") == "cpu"
+    )
     for mp in ("fp16", "bf16", "no"):
         acc = make_accelerator(mp)
         assert acc.device.type == "cuda" and acc.mixed_precision == mp
@@ -195,8 +225,10 @@ def test_fp16_step_scales_the_loss_and_bf16_autocasts():
         seen = []  # Accelerate hands the outputs back in float32: look inside, at the first convolution
         conv = next(m for m in method.modules() if isinstance(m, torch.nn.Conv2d))
         hook = conv.register_forward_hook(lambda mod, inp, outp, seen=seen: seen.append(outp.dtype))
-        batch = {"views": torch.randn(16, 1, 3, 32, 32, device=acc.device),
-                 "label": torch.randint(0, 10, (16,), device=acc.device)}
+        batch = {
+            "views": torch.randn(16, 1, 3, 32, 32, device=acc.device),
+            "label": torch.randint(0, 10, (16,), device=acc.device),
+        }
         out = method(batch)
         hook.remove()
         assert seen == [half], seen
@@ -206,7 +238,9 @@ def test_fp16_step_scales_the_loss_and_bf16_autocasts():
         assert torch.isfinite(out["loss"]).item()
         assert any(not torch.equal(a, b) for a, b in zip(before, method.parameters()))
         if mp == "fp16":
-            assert acc.scaler.get_scale() > 1  # the loss was scaled (GradScaler's initial 65536, or after a skip)
+            assert (
+                acc.scaler.get_scale() > 1
+            )  # the loss was scaled (GradScaler's initial 65536, or after a skip)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -217,8 +251,22 @@ def test_train_teacher_on_cuda_in_mixed_precision(digits_shards, tmp_path, preci
     from sskd.runs import load_checkpoint, load_model_info, read_metrics
 
     out = tmp_path / "t"
-    sskd("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 2,
-         "--mixed-precision", precision, "--device", "gpu", *FAST)
+    sskd(
+        "train-teacher",
+        "--shards",
+        digits_shards,
+        "--arch",
+        "resnet8",
+        "--out",
+        out,
+        "--max-steps",
+        2,
+        "--mixed-precision",
+        precision,
+        "--device",
+        "gpu",
+        *FAST,
+    )
     train = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
@@ -240,20 +288,92 @@ def test_cache_built_and_read_on_the_gpu(digits_shards, tmp_path):
     from sskd.runs import read_metrics
 
     teacher, cache, student = tmp_path / "t", tmp_path / "cache", tmp_path / "s"
-    sskd("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", teacher, "--max-steps", 2,
-         "--device", "gpu", *FAST)
-    sskd("cache", "--method", "kd", "--teacher", teacher, "--shards", digits_shards, "--epochs", 1, "--out", cache,
-         "--device", "gpu", "--batch-size", 128, "--no-progress")
+    sskd(
+        "train-teacher",
+        "--shards",
+        digits_shards,
+        "--arch",
+        "resnet8",
+        "--out",
+        teacher,
+        "--max-steps",
+        2,
+        "--device",
+        "gpu",
+        *FAST,
+    )
+    sskd(
+        "cache",
+        "--method",
+        "kd",
+        "--teacher",
+        teacher,
+        "--shards",
+        digits_shards,
+        "--epochs",
+        1,
+        "--out",
+        cache,
+        "--device",
+        "gpu",
+        "--batch-size",
+        128,
+        "--no-progress",
+    )
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["complete"] and manifest["binding"]["device_type"] == "gpu"
     assert CacheReader(cache, require_complete=True).verify() == []
-    sskd("distill", "--teacher", teacher, "--cache", cache, "--student", "resnet8", "--method", "kd", "--shards",
-         digits_shards, "--out", student, "--max-steps", 2, "--device", "gpu", *FAST)
+    sskd(
+        "distill",
+        "--teacher",
+        teacher,
+        "--cache",
+        cache,
+        "--student",
+        "resnet8",
+        "--method",
+        "kd",
+        "--shards",
+        digits_shards,
+        "--out",
+        student,
+        "--max-steps",
+        2,
+        "--device",
+        "gpu",
+        *FAST,
+    )
     assert [r["step"] for r in read_metrics(student) if r["kind"] == "train"] == [1, 2]
-    refused = subprocess.run([sys.executable, "-m", "sskd", "distill", "--teacher", str(teacher), "--cache", str(cache),
-                              "--student", "resnet8", "--method", "kd", "--shards", str(digits_shards), "--out",
-                              str(tmp_path / "cpu"), "--max-steps", "1", "--device", "cpu", *FAST],
-                             cwd=REPO, check=False, capture_output=True, text=True, timeout=240)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sskd",
+            "distill",
+            "--teacher",
+            str(teacher),
+            "--cache",
+            str(cache),
+            "--student",
+            "resnet8",
+            "--method",
+            "kd",
+            "--shards",
+            str(digits_shards),
+            "--out",
+            str(tmp_path / "cpu"),
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            *FAST,
+        ],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert refused.returncode == 2 and "device_type" in refused.stderr, refused.stderr[-2000:]
 
 
@@ -295,23 +415,43 @@ ACCELERATE_SCRIPT = textwrap.dedent("""
 
 
 def _one_rank_env(port: int) -> dict:
-    return dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def test_nccl_one_process_all_reduce():
     if not torch.distributed.is_nccl_available():
         pytest.fail("this torch build has no NCCL")
-    proc = subprocess.run([sys.executable, "-c", NCCL_SCRIPT.format(port=_free_port())], cwd=REPO,
-                          check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", NCCL_SCRIPT.format(port=_free_port())],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_accelerate_picks_nccl_under_a_launcher_environment():
     """With a launcher's variables (LOCAL_RANK set) Accelerate initialises NCCL; the loop's reduce and
     differentiable all-gather work on one rank."""
-    proc = subprocess.run([sys.executable, "-c", ACCELERATE_SCRIPT], cwd=REPO, check=False, capture_output=True, text=True,
-                          timeout=120, env=_one_rank_env(_free_port()))
+    proc = subprocess.run(
+        [sys.executable, "-c", ACCELERATE_SCRIPT],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_one_rank_env(_free_port()),
+    )
     assert proc.returncode == 0 and "accelerate nccl ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -322,10 +462,36 @@ def test_training_under_torchrun_with_nccl(digits_shards, tmp_path):
     from sskd.runs import load_model_info
 
     out = tmp_path / "t"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                           str(_free_port()), "-m", "sskd", "train-teacher", "--shards", str(digits_shards), "--arch",
-                           "resnet8", "--out", str(out), "--max-steps", "2", "--device", "gpu", *FAST],
-                          cwd=REPO, check=False, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "sskd",
+            "train-teacher",
+            "--shards",
+            str(digits_shards),
+            "--arch",
+            "resnet8",
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--device",
+            "gpu",
+            *FAST,
+        ],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_model_info(out)["steps"] == 2
 
@@ -339,9 +505,21 @@ def test_bench_pipeline_on_the_gpu(digits_shards, tmp_path):
     _dali()
     from pipelines.bench import run_bench
 
-    args = SimpleNamespace(shards=digits_shards, split="train", views="rotation", size=None, batch_size=64,
-                           threads=2, device="gpu", images=512, warmup=1, rounds=1, json=tmp_path / "b.json",
-                           no_progress=True, seed=0)
+    args = SimpleNamespace(
+        shards=digits_shards,
+        split="train",
+        views="rotation",
+        size=None,
+        batch_size=64,
+        threads=2,
+        device="gpu",
+        images=512,
+        warmup=1,
+        rounds=1,
+        json=tmp_path / "b.json",
+        no_progress=True,
+        seed=0,
+    )
     res = run_bench(args)
     for k in ("decode", "floor", "dali", "torchvision"):
         assert res[k]["images_per_s"] > 0
@@ -355,9 +533,23 @@ def test_bench_train_on_the_gpu(digits_shards, tmp_path, cache):
     _dali()
     from sskd.bench_train import run_bench
 
-    args = SimpleNamespace(shards=digits_shards, method="sskd", teacher_arch="resnet8", student_arch="resnet8",
-                           cache=cache, views="auto", size=None, batch_size=32, steps=2, warmup=1, log_every=1,
-                           device="gpu", threads=2, mixed_precision="no", json=tmp_path / "t.json")
+    args = SimpleNamespace(
+        shards=digits_shards,
+        method="sskd",
+        teacher_arch="resnet8",
+        student_arch="resnet8",
+        cache=cache,
+        views="auto",
+        size=None,
+        batch_size=32,
+        steps=2,
+        warmup=1,
+        log_every=1,
+        device="gpu",
+        threads=2,
+        mixed_precision="no",
+        json=tmp_path / "t.json",
+    )
     res = run_bench(args)
     assert res["config"]["dali_device"] == "gpu" and res["machine"]["training_device"].startswith("cuda")
     assert res["ratio"] > 0 and res["loader_images_per_s"] > 0

@@ -26,9 +26,9 @@ def _fake_slurm(tmp_path: Path, hosts: list[str], nodelist: str) -> tuple[dict, 
     launches, sruns = tmp_path / "launches.jsonl", tmp_path / "srun.jsonl"
     # scontrol expands exactly the job's node list (the script must ask for `show hostnames $SLURM_JOB_NODELIST`)
     (bin_ / "scontrol").write_text(
-        f"#!/bin/sh\n[ \"$*\" = {shlex.quote('show hostnames ' + nodelist)} ] || "
-        "{ echo \"scontrol stand-in: unexpected: $*\" >&2; exit 1; }\n"
-        + "".join(f"echo {h}\n" for h in hosts))
+        f'#!/bin/sh\n[ "$*" = {shlex.quote("show hostnames " + nodelist)} ] || '
+        '{ echo "scontrol stand-in: unexpected: $*" >&2; exit 1; }\n' + "".join(f"echo {h}\n" for h in hosts)
+    )
     # srun runs its command once per node of the allocation, as SLURM does, each with that node's SLURM_NODEID
     # (the batch script itself runs on node 0 with SLURM_NODEID=0)
     (bin_ / "srun").write_text(
@@ -39,19 +39,32 @@ def _fake_slurm(tmp_path: Path, hosts: list[str], nodelist: str) -> tuple[dict, 
         "'SRUN_CPUS_PER_TASK': os.environ.get('SRUN_CPUS_PER_TASK')}) + '\\n')\n"
         f"for i, host in enumerate({hosts!r}):\n"
         "    rc = subprocess.call(argv, env=dict(os.environ, SLURM_NODEID=str(i), SLURMD_NODENAME=host))\n"
-        "    if rc:\n        sys.exit(rc)\n")
+        "    if rc:\n        sys.exit(rc)\n"
+    )
     for launcher in ("accelerate", "sskd"):  # `sskd launch` is `accelerate launch` ending in one line
         (bin_ / launcher).write_text(
             f"#!{sys.executable}\nimport json, os, sys\n"
             f"open({str(launches)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'cwd': os.getcwd(), "
-            "'node': os.environ['SLURM_NODEID']}) + '\\n')\n")
+            "'node': os.environ['SLURM_NODEID']}) + '\\n')\n"
+        )
     for f in bin_.iterdir():
         f.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "SSKD_ROOT", "MASTER_PORT")
-           and not k.startswith(("SLURM_", "SRUN_"))}
-    env.update(PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_NODELIST=nodelist, SLURM_NNODES=str(len(hosts)),
-               SLURM_JOB_NUM_NODES=str(len(hosts)), SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(REPO),
-               SLURM_GPUS_PER_NODE="8", SLURM_CPUS_PER_TASK="64", SLURM_JOB_ID="123")  # the #SBATCH lines' values
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GPUS_PER_NODE", "SSKD_ROOT", "MASTER_PORT") and not k.startswith(("SLURM_", "SRUN_"))
+    }
+    env.update(
+        PATH=f"{bin_}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST=nodelist,
+        SLURM_NNODES=str(len(hosts)),
+        SLURM_JOB_NUM_NODES=str(len(hosts)),
+        SLURM_NODEID="0",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_GPUS_PER_NODE="8",
+        SLURM_CPUS_PER_TASK="64",
+        SLURM_JOB_ID="123",
+    )  # the #SBATCH lines' values
     return env, launches, sruns
 
 
@@ -65,8 +78,9 @@ def _sbatch(tmp_path: Path, args: list[str], env: dict) -> subprocess.CompletedP
     script.chmod(0o700)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
-    return subprocess.run([str(script), *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run(
+        [str(script), *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def _read(path: Path) -> list[dict]:
@@ -74,22 +88,45 @@ def _read(path: Path) -> list[dict]:
 
 
 # A user's arguments as the shell gave them to sbatch: spaces, quotes, $, globs, ;, a newline
-ARGS = ["distill", "--out", "runs/with space", "--set", "student.milestones=[30, 60]",
-        "--set", "run.name=it's \"$HOME\" *; echo pwned", "--set", "run.note=two\nlines"]
+ARGS = [
+    "distill",
+    "--out",
+    "runs/with space",
+    "--set",
+    "student.milestones=[30, 60]",
+    "--set",
+    'run.name=it\'s "$HOME" *; echo pwned',
+    "--set",
+    "run.note=two\nlines",
+]
 
 
-def _check_launches(launches: list[dict], *, hosts: list[str], gpus: int, root: Path, args: list[str],
-                    port: str = "29500") -> None:
+def _check_launches(
+    launches: list[dict], *, hosts: list[str], gpus: int, root: Path, args: list[str], port: str = "29500"
+) -> None:
     assert [launch["node"] for launch in launches] == [str(i) for i in range(len(hosts))]
     for rank, launch in enumerate(launches):
         argv = launch["argv"]
-        assert argv[0] == "launch" and argv[argv.index("-m") + 1:] == ["sskd", *args]
+        assert argv[0] == "launch" and argv[argv.index("-m") + 1 :] == ["sskd", *args]
         config = argv[argv.index("--config_file") + 1]
         assert config == str(root / "launch/accelerate/multi_node.yaml") and Path(config).is_file()
-        flags = {k: argv[argv.index(k) + 1] for k in ("--num_machines", "--num_processes", "--machine_rank",
-                                                       "--main_process_ip", "--main_process_port")}
-        assert flags == {"--num_machines": str(len(hosts)), "--num_processes": str(len(hosts) * gpus),
-                         "--machine_rank": str(rank), "--main_process_ip": hosts[0], "--main_process_port": port}
+        flags = {
+            k: argv[argv.index(k) + 1]
+            for k in (
+                "--num_machines",
+                "--num_processes",
+                "--machine_rank",
+                "--main_process_ip",
+                "--main_process_port",
+            )
+        }
+        assert flags == {
+            "--num_machines": str(len(hosts)),
+            "--num_processes": str(len(hosts) * gpus),
+            "--machine_rank": str(rank),
+            "--main_process_ip": hosts[0],
+            "--main_process_port": port,
+        }
         assert launch["cwd"] == str(root)  # relative --out / --shards resolve in the checkout on every node
 
 
@@ -147,14 +184,41 @@ def test_slurm_script_header_names_a_shipped_recipe():
 
 
 def _launch(shards, out, port, *extra, popen=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks (gloo) even on a GPU node
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/accelerate/cpu.yaml"),
-           "--main_process_port", str(port), "-m", "sskd", "train-teacher", "--shards", str(shards), "--arch", "resnet8",
-           "--out", str(out), "--no-progress", "--batch-size", "16", "--set", "run.log_every=1",
-           "--set", "run.eval_every=0", "--set", "run.ckpt_every=0", *map(str, extra)]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )  # CPU ranks (gloo) even on a GPU node
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu.yaml"),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "sskd",
+        "train-teacher",
+        "--shards",
+        str(shards),
+        "--arch",
+        "resnet8",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "16",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "run.eval_every=0",
+        "--set",
+        "run.ckpt_every=0",
+        *map(str, extra),
+    ]
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -187,7 +251,9 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_and_resume_is_exac
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_model_info(tmp_path / "cut")["steps"] == 30
     assert resumed.stderr.count("top-1") == 1  # the final line once, not once per rank
-    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
+    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(
+        tmp_path / "full" / "model.safetensors"
+    )
 
 
 @pytest.mark.slow

@@ -18,8 +18,15 @@ from sskd.methods.dkd import DKDConfig, warmup_factor
 from sskd.models import create_model
 from sskd.runs import load_model_info, read_metrics
 
-FAST = ["--no-progress", "--batch-size", "16", "--set", "run.log_every=1",
-        "--set", "data.eval_batch_size=256"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "16",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=256",
+]
 
 
 def run(*args) -> int:
@@ -112,7 +119,7 @@ def test_dkd_is_alpha_tckd_plus_beta_nckd_by_hand():
         assert dkd_loss(s, t, labels, 0.5, 2.0, T).item() == pytest.approx(0.5 * tckd + 2 * nckd, rel=1e-5)
     # The paper's identity, per sample: KD = TCKD + (1 − p_t,y) · NCKD.
     for i in range(5):
-        si, ti, yi = s[i:i + 1], t[i:i + 1], labels[i:i + 1]
+        si, ti, yi = s[i : i + 1], t[i : i + 1], labels[i : i + 1]
         tckd, nckd = dkd_terms(si, ti, yi, 4.0)
         pt_y = torch.softmax(ti / 4.0, 1)[0, yi].item()
         assert kd_loss(si, ti, 4.0).item() == pytest.approx((tckd + (1 - pt_y) * nckd).item(), rel=1e-5)
@@ -153,10 +160,18 @@ def test_dkd_warmup_factor_over_epochs():
     assert warmup_factor(0, 0) == 1.0 and warmup_factor(2, 4) == 0.75
     torch.manual_seed(0)
     teacher = create_model("resnet8", 10).eval()
-    method = create_method("dkd", student=create_model("resnet8", 10), teacher=teacher, num_classes=10,
-                           cfg=DKDConfig(ce_weight=0.5)).eval()
-    batch = {"views": randn(4, 1, 3, 32, 32, seed=9), "label": torch.tensor([1, 2, 3, 4]),
-             "id": torch.arange(4)}
+    method = create_method(
+        "dkd",
+        student=create_model("resnet8", 10),
+        teacher=teacher,
+        num_classes=10,
+        cfg=DKDConfig(ce_weight=0.5),
+    ).eval()
+    batch = {
+        "views": randn(4, 1, 3, 32, 32, seed=9),
+        "label": torch.tensor([1, 2, 3, 4]),
+        "id": torch.arange(4),
+    }
     for epoch, factor in ((0, 0.05), (4, 0.25), (19, 1.0), (100, 1.0)):
         method.set_epoch(epoch)
         with torch.no_grad():
@@ -225,8 +240,10 @@ def test_kd_loss_standardize_is_kd_of_the_zscores():
         assert torch.equal(kd_loss(s, t, T, standardize=False), kd_loss(s, t, T))  # off: plain KD, bitwise
     # In DKD and DIST the flag Z-scores both networks' logits before the temperature softmax.
     labels = torch.tensor([0, 5, 2, 2])
-    cases = (("dkd", DKDConfig(T=2.0, standardize=True), lambda a, b: dkd_loss(a, b, labels, 1, 8, 2.0)),
-             ("dist", DISTConfig(tau=2.0, standardize=True), lambda a, b: dist_loss(a, b, 1, 1, 2.0)))
+    cases = (
+        ("dkd", DKDConfig(T=2.0, standardize=True), lambda a, b: dkd_loss(a, b, labels, 1, 8, 2.0)),
+        ("dist", DISTConfig(tau=2.0, standardize=True), lambda a, b: dist_loss(a, b, 1, 1, 2.0)),
+    )
     for method, cfg, fn in cases:
         want = fn(standardize_logits(s), standardize_logits(t)).item()
         # The logits as the "student" (an identity) and as cached teacher outputs (b, 1, K).
@@ -239,10 +256,12 @@ def test_bad_values_are_refused_naming_the_key():
     from sskd.config import load_config
     from sskd.errors import SSKDError
 
-    for method, item, needle in (("dkd", "dkd.T=0", "dkd.T must be > 0"),
-                                 ("dkd", "dkd.warmup=-1", "dkd.warmup"),
-                                 ("dist", "dist.tau=0", "dist.tau must be > 0"),
-                                 ("kd", "kd.standardize=maybe", "kd.standardize")):
+    for method, item, needle in (
+        ("dkd", "dkd.T=0", "dkd.T must be > 0"),
+        ("dkd", "dkd.warmup=-1", "dkd.warmup"),
+        ("dist", "dist.tau=0", "dist.tau must be > 0"),
+        ("kd", "kd.standardize=maybe", "kd.standardize"),
+    ):
         with pytest.raises(SSKDError, match=needle):
             load_config(None, [f"student.method={method}", item])
     cfg = load_config(None, ["student.method=dkd", "dkd.standardize=true", "dkd.beta=72"])
@@ -255,21 +274,55 @@ def test_bad_values_are_refused_naming_the_key():
 @pytest.fixture(scope="module")
 def teacher(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("logit_teacher") / "t"
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps",
-               2, *FAST) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
     return out
 
 
-@pytest.mark.parametrize("method, extra, terms", [
-    ("dkd", [], {"ce", "dkd", "tckd", "nckd"}),
-    ("dkd", ["--set", "dkd.standardize=true"], {"ce", "dkd", "tckd", "nckd"}),
-    ("dist", [], {"ce", "dist", "inter", "intra"}),
-    ("kd", ["--set", "kd.standardize=true"], {"ce", "kd"}),
-])
+@pytest.mark.parametrize(
+    "method, extra, terms",
+    [
+        ("dkd", [], {"ce", "dkd", "tckd", "nckd"}),
+        ("dkd", ["--set", "dkd.standardize=true"], {"ce", "dkd", "tckd", "nckd"}),
+        ("dist", [], {"ce", "dist", "inter", "intra"}),
+        ("kd", ["--set", "kd.standardize=true"], {"ce", "kd"}),
+    ],
+)
 def test_two_optimizer_steps_through_distill(method, extra, terms, teacher, digits_shards, tmp_path):
     out = tmp_path / "s"
-    assert run("distill", "--method", method, "--teacher", teacher, "--student", "resnet8", "--shards",
-               digits_shards, "--out", out, "--max-steps", 2, *FAST, *extra) == 0
+    assert (
+        run(
+            "distill",
+            "--method",
+            method,
+            "--teacher",
+            teacher,
+            "--student",
+            "resnet8",
+            "--shards",
+            digits_shards,
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            *FAST,
+            *extra,
+        )
+        == 0
+    )
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2] and terms <= rows[0].keys()
     assert all(math.isfinite(r[k]) for r in rows for k in terms | {"loss"})
@@ -279,16 +332,34 @@ def test_two_optimizer_steps_through_distill(method, extra, terms, teacher, digi
         assert f"{method}:" in saved and "standardize: true" in saved
 
 
-@pytest.mark.parametrize("method, extra", [("kd", []), ("dkd", ["--set", "dkd.standardize=true"]),
-                                           ("dist", [])])
+@pytest.mark.parametrize(
+    "method, extra", [("kd", []), ("dkd", ["--set", "dkd.standardize=true"]), ("dist", [])]
+)
 def test_cached_teacher_gives_the_live_terms(method, extra, teacher, digits_shards, tmp_path):
     from pipelines import ViewLoader
     from sskd.cache import CacheReader
     from sskd.stages import load_run_model
 
     cache = tmp_path / "c"
-    assert run("cache", "--method", method, "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
-               "--out", cache, "--batch-size", 256, "--no-progress") == 0
+    assert (
+        run(
+            "cache",
+            "--method",
+            method,
+            "--teacher",
+            teacher,
+            "--shards",
+            digits_shards,
+            "--epochs",
+            1,
+            "--out",
+            cache,
+            "--batch-size",
+            256,
+            "--no-progress",
+        )
+        == 0
+    )
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["outputs"] == [{"name": "logits", "shape": [10], "topk": True}]  # may be stored as top-K
     assert manifest["topk"] is None  # here dense (fp16)
@@ -315,6 +386,26 @@ def test_cached_teacher_gives_the_live_terms(method, extra, teacher, digits_shar
         return
     # And `sskd distill` trains from it (no teacher model built).
     out = tmp_path / "s"
-    assert run("distill", "--method", method, "--teacher", teacher, "--cache", cache, "--student", "resnet8",
-               "--shards", digits_shards, "--out", out, "--max-steps", 1, *FAST, *extra) == 0
+    assert (
+        run(
+            "distill",
+            "--method",
+            method,
+            "--teacher",
+            teacher,
+            "--cache",
+            cache,
+            "--student",
+            "resnet8",
+            "--shards",
+            digits_shards,
+            "--out",
+            out,
+            "--max-steps",
+            1,
+            *FAST,
+            *extra,
+        )
+        == 0
+    )
     assert load_model_info(out)["cache"] == str(cache)

@@ -77,11 +77,15 @@ def test_target_rank_and_ties():
 
 def test_select_rows_official_rule():
     # ranks: rows 0,3 correct (0); wrong rows 1 (rank 2), 2 (rank 1), 4 (rank 1), 5 (rank 3)
-    scores = torch.tensor([[5.0, 1, 0, 0], [0, 5, 4, 1], [4, 5, 0, 0], [0, 0, 0, 9], [1, 2, 3, 0], [1, 2, 3, 4]])
+    scores = torch.tensor(
+        [[5.0, 1, 0, 0], [0, 5, 4, 1], [4, 5, 0, 0], [0, 0, 0, 9], [1, 2, 3, 0], [1, 2, 3, 4]]
+    )
     target = torch.tensor([0, 3, 0, 3, 1, 0])
     assert target_rank(scores, target).tolist() == [0, 2, 1, 0, 1, 3]
+
     def keep(r):
         return select_rows(scores, target, r).tolist()
+
     assert keep(0.0) == [True, False, False, True, False, False]
     assert keep(1.0) == [True] * 6
     # 4 wrong rows, ratio 0.5 -> int(2.0) = 2 kept: the two of rank 1 (rows 2 and 4)
@@ -118,7 +122,9 @@ def test_transformed_kd_loss_is_eq7():
         keep = select_rows(t, labels, ratio)
         rows = [k for k, m in zip(kl_rows_by_hand(s, t, 4.0), keep.tolist()) if m]
         expected = sum(rows) / len(rows) * 16 if rows else 0.0
-        assert transformed_kd_loss(s, t, labels, 4.0, ratio).item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert transformed_kd_loss(s, t, labels, 4.0, ratio).item() == pytest.approx(
+            expected, rel=1e-5, abs=1e-7
+        )
 
 
 def test_no_kept_rows_gives_zero_with_gradient_not_nan():

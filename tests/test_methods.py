@@ -11,8 +11,11 @@ from sskd.models import create_model
 
 def batch(b=4, v=4, k=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"views": torch.randn(b, v, 3, 32, 32, generator=g), "label": torch.randint(0, k, (b,), generator=g),
-            "id": torch.arange(b)}
+    return {
+        "views": torch.randn(b, v, 3, 32, 32, generator=g),
+        "label": torch.randint(0, k, (b,), generator=g),
+        "id": torch.arange(b),
+    }
 
 
 def ss(name="resnet8", k=10, seed=0):
@@ -44,7 +47,12 @@ def test_sskd_terms_and_frozen_teacher():
     assert {"loss", "logits", "ce", "kd", "tf", "ss"} <= out.keys()
     assert out["logits"].shape == (4, 10)
     cfg = SSKDLossConfig()
-    total = cfg.ce_weight * out["ce"] + cfg.kd_weight * out["kd"] + cfg.tf_weight * out["tf"] + cfg.ss_weight * out["ss"]
+    total = (
+        cfg.ce_weight * out["ce"]
+        + cfg.kd_weight * out["kd"]
+        + cfg.tf_weight * out["tf"]
+        + cfg.ss_weight * out["ss"]
+    )
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
     out["loss"].backward()
     assert student.head.net[0].weight.grad is not None and student.backbone.fc.weight.grad is not None
@@ -96,11 +104,15 @@ def test_contrastive_target_layout_matches_eq5():
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, role, terms", [("ce", "student", {"ce"}), ("kd", "student", {"ce", "kd"}),
-                                               ("ce", "teacher", {"ce"})])
+@pytest.mark.parametrize(
+    "name, role, terms",
+    [("ce", "student", {"ce"}), ("kd", "student", {"ce", "kd"}), ("ce", "teacher", {"ce"})],
+)
 def test_normal_view_methods(name, role, terms):
     teacher = create_model("resnet8", 10).eval() if name == "kd" else None
-    method = create_method(name, role=role, student=create_model("resnet8", 10), teacher=teacher, num_classes=10)
+    method = create_method(
+        name, role=role, student=create_model("resnet8", 10), teacher=teacher, num_classes=10
+    )
     assert method.views is None  # the normal view only
     out = method(batch(v=1))
     assert terms <= out.keys() and out["loss"].ndim == 0
@@ -137,7 +149,9 @@ def test_global_ss_batch_uses_the_gathered_columns():
     other_s, other_t = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
 
     def gather(z):  # as rank 1 of 2 whose peer holds 2 samples: peer rows first, offset 2
-        other = (other_s, other_t)[gather.calls % 2]  # the method gathers the student's columns, then the teacher's
+        other = (other_s, other_t)[
+            gather.calls % 2
+        ]  # the method gathers the student's columns, then the teacher's
         gather.calls += 1
         return torch.cat([other, z]), 2
 
@@ -147,9 +161,16 @@ def test_global_ss_batch_uses_the_gathered_columns():
         out = method(b)
         s_out, t_out = student(b["views"].flatten(0, 1)), teacher(b["views"].flatten(0, 1))
         zs, zt = s_out.embed.view(3, 3, -1), t_out.embed.view(3, 3, -1)
+
         def rows(z):
             return torch.cat([z[i, 1:] for i in range(3)])
+
         target = torch.tensor([0, 0, 1, 1, 2, 2]) + 2
-        expected = ss_kd_loss(similarity_matrix(rows(zs), torch.cat([other_s, zs[:, 0]])),
-                              similarity_matrix(rows(zt), torch.cat([other_t, zt[:, 0]])), target, 0.5, 0.75)
+        expected = ss_kd_loss(
+            similarity_matrix(rows(zs), torch.cat([other_s, zs[:, 0]])),
+            similarity_matrix(rows(zt), torch.cat([other_t, zt[:, 0]])),
+            target,
+            0.5,
+            0.75,
+        )
     assert out["ss"].item() == pytest.approx(expected.item(), rel=1e-5)

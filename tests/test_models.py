@@ -8,20 +8,68 @@ from sskd.heads import SSHead, SSModel
 from sskd.models import Features, create_model, list_models
 
 # Published parameter counts (CRD, Tian et al. 2020, Table 1/2 headers; 100 classes), in millions.
-PUBLISHED = {"resnet8x4": 1.23, "resnet32x4": 7.43, "wrn_40_2": 2.26, "wrn_16_2": 0.70, "wrn_40_1": 0.57,
-             "resnet56": 0.86, "resnet20": 0.28, "resnet110": 1.74, "vgg13": 9.46, "vgg8": 3.96,
-             "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.35, "ResNet50": 23.71}
+PUBLISHED = {
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_40_2": 2.26,
+    "wrn_16_2": 0.70,
+    "wrn_40_1": 0.57,
+    "resnet56": 0.86,
+    "resnet20": 0.28,
+    "resnet110": 1.74,
+    "vgg13": 9.46,
+    "vgg8": 3.96,
+    "MobileNetV2": 0.81,
+    "ShuffleV1": 0.95,
+    "ShuffleV2": 1.35,
+    "ResNet50": 23.71,
+}
 # Width of the pooled feature = the SS head's d (official-code-facts.md §1).
-FEAT_DIM = {"wrn_40_2": 128, "wrn_16_2": 128, "wrn_40_1": 64, "resnet56": 64, "resnet20": 64, "resnet32x4": 256,
-            "resnet8x4": 256, "vgg13": 512, "vgg8": 512, "ShuffleV1": 960, "ShuffleV2": 1024, "MobileNetV2": 1280,
-            "ResNet50": 2048}
+FEAT_DIM = {
+    "wrn_40_2": 128,
+    "wrn_16_2": 128,
+    "wrn_40_1": 64,
+    "resnet56": 64,
+    "resnet20": 64,
+    "resnet32x4": 256,
+    "resnet8x4": 256,
+    "vgg13": 512,
+    "vgg8": 512,
+    "ShuffleV1": 960,
+    "ShuffleV2": 1024,
+    "MobileNetV2": 1280,
+    "ResNet50": 2048,
+}
 
 
 def test_registry_has_every_architecture_of_the_issue():
-    expected = {"resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
-                "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16",
-                "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50", "torchvision:resnet18",
-                "torchvision:resnet34", "torchvision:resnet50"}
+    expected = {
+        "resnet8",
+        "resnet14",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet8x4",
+        "resnet32x4",
+        "wrn_16_1",
+        "wrn_16_2",
+        "wrn_40_1",
+        "wrn_40_2",
+        "vgg8",
+        "vgg11",
+        "vgg13",
+        "vgg16",
+        "vgg19",
+        "MobileNetV2",
+        "ShuffleV1",
+        "ShuffleV2",
+        "ResNet50",
+        "torchvision:resnet18",
+        "torchvision:resnet34",
+        "torchvision:resnet50",
+    }
     assert expected <= set(list_models())
 
 
@@ -71,10 +119,14 @@ def test_unknown_model_and_missing_pretrained_weights(tmp_path, monkeypatch):
 
 # The maps feature methods read (RepDistiller's feat[1:-1]): channels and size at a 32x32 input.
 MAPS_32 = {
-    "resnet8x4": [(64, 32), (128, 16), (256, 8)], "resnet56": [(16, 32), (32, 16), (64, 8)],
-    "wrn_40_2": [(32, 32), (64, 16), (128, 8)], "vgg13": [(128, 16), (256, 8), (512, 4), (512, 4)],
-    "MobileNetV2": [(12, 16), (16, 8), (48, 4), (160, 2)], "ShuffleV1": [(240, 16), (480, 8), (960, 4)],
-    "ShuffleV2": [(116, 16), (232, 8), (464, 4)], "ResNet50": [(256, 32), (512, 16), (1024, 8), (2048, 4)],
+    "resnet8x4": [(64, 32), (128, 16), (256, 8)],
+    "resnet56": [(16, 32), (32, 16), (64, 8)],
+    "wrn_40_2": [(32, 32), (64, 16), (128, 8)],
+    "vgg13": [(128, 16), (256, 8), (512, 4), (512, 4)],
+    "MobileNetV2": [(12, 16), (16, 8), (48, 4), (160, 2)],
+    "ShuffleV1": [(240, 16), (480, 8), (960, 4)],
+    "ShuffleV2": [(116, 16), (232, 8), (464, 4)],
+    "ResNet50": [(256, 32), (512, 16), (1024, 8), (2048, 4)],
     "torchvision:resnet18": [(64, 8), (128, 4), (256, 2), (512, 1)],
 }
 

@@ -33,16 +33,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launcher(machine_rank: int, port: int, probe_dir: Path, sskd_args: list[str], log: Path) -> subprocess.Popen:
+def _launcher(
+    machine_rank: int, port: int, probe_dir: Path, sskd_args: list[str], log: Path
+) -> subprocess.Popen:
     # cpu.yaml declares MULTI_GPU (accelerate#2741: --cpu starts one process); the flags make it 2 machines
     # x 1 process: torchrun --nnodes 2 --node_rank R --nproc_per_node 1 with a static rendezvous.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "launch/accelerate/cpu.yaml"), "--num_machines", "2", "--machine_rank", str(machine_rank), "--num_processes", "2",
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-           str(PROBE), str(probe_dir), *sskd_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/cpu.yaml"),
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(machine_rank),
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        str(PROBE),
+        str(probe_dir),
+        *sskd_args,
+    ]
     # CPU ranks even where a GPU is visible: both "machines" are local rank 0 and would share cuda:0 (NCCL refuses)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    with log.open("w") as f:  # files, not pipes: nobody has to drain them while waiting for the other launcher
+    with log.open(
+        "w"
+    ) as f:  # files, not pipes: nobody has to drain them while waiting for the other launcher
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
 
 
@@ -67,32 +87,75 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float, grace: float = 60) 
 @pytest.fixture(scope="module")
 def tiny_teacher(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("mn") / "t"
-    assert sskd_main(["train-teacher", "--shards", str(digits_shards), "--arch", "resnet8", "--out", str(out),
-                      "--max-steps", "3", "--no-progress", "--batch-size", "32"]) == 0
+    assert (
+        sskd_main(
+            [
+                "train-teacher",
+                "--shards",
+                str(digits_shards),
+                "--arch",
+                "resnet8",
+                "--out",
+                str(out),
+                "--max-steps",
+                "3",
+                "--no-progress",
+                "--batch-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.mark.slow
 def test_distill_on_two_machines_of_one_host(digits_shards, tiny_teacher, tmp_path):
     out, probes = tmp_path / "s", tmp_path / "probes"  # one run folder for both "machines", as on a shared FS
-    args = ["distill", "--method", "kd", "--teacher", str(tiny_teacher), "--student", "resnet8",
-            "--shards", str(digits_shards), "--out", str(out), "--epochs", "1", "--batch-size", "64",
-            "--no-progress", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+    args = [
+        "distill",
+        "--method",
+        "kd",
+        "--teacher",
+        str(tiny_teacher),
+        "--student",
+        "resnet8",
+        "--shards",
+        str(digits_shards),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        "data.eval_batch_size=128",
+    ]
     port = _free_port()
     logs = [tmp_path / f"machine{r}.stderr" for r in (0, 1)]
     procs = [_launcher(r, port, probes, args, logs[r]) for r in (0, 1)]
     why = _wait_all(procs, TIMEOUT)
     errs = [log.read_text() for log in logs]
-    tails = "\n".join(f"--- machine_rank {r} (exit {p.returncode}) stderr tail:\n{err[-3000:]}"
-                      for r, (p, err) in enumerate(zip(procs, errs)))
+    tails = "\n".join(
+        f"--- machine_rank {r} (exit {p.returncode}) stderr tail:\n{err[-3000:]}"
+        for r, (p, err) in enumerate(zip(procs, errs))
+    )
     assert why is None and [p.returncode for p in procs] == [0, 0], f"{why}\n{tails}"
 
     ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in (0, 1)]
     # two machines of one process each: node rank = machine rank, one local process, global rank = node rank
     for r, probe in enumerate(ranks):
         env = probe["env"]
-        assert (env["GROUP_RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["RANK"], env["WORLD_SIZE"]) == \
-            (str(r), "0", "1", str(r), "2"), env
+        assert (
+            env["GROUP_RANK"],
+            env["LOCAL_RANK"],
+            env["LOCAL_WORLD_SIZE"],
+            env["RANK"],
+            env["WORLD_SIZE"],
+        ) == (str(r), "0", "1", str(r), "2"), env
         assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(port)
         assert probe["calls"] == 1 and probe["exit"] == 0
         assert probe["result"]["world_size"] == 2 and probe["result"]["rank"] == r
@@ -106,7 +169,9 @@ def test_distill_on_two_machines_of_one_host(digits_shards, tiny_teacher, tmp_pa
     assert all(len(ids) == len(set(ids)) for ids in trained)
     assert not set(trained[0]) & set(trained[1])
     assert sorted(trained[0] + trained[1]) == list(range(n_train))
-    assert len(ranks[0]["train"]) == len(ranks[1]["train"])  # equal batch counts: no rank waits in a collective
+    assert len(ranks[0]["train"]) == len(
+        ranks[1]["train"]
+    )  # equal batch counts: no rank waits in a collective
 
     # each evaluation pass reads the validation set exactly once across the two ranks
     passes = [probe["eval_passes"] for probe in ranks]

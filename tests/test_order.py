@@ -29,8 +29,15 @@ def test_every_epoch_a_new_order_disjoint_complete_equal_batches_and_dali_reads_
             ids = loader_ids(loader, epoch)
             assert ids == loader.epoch_ids(epoch).tolist()  # DALI yields exactly what pipelines.order says
             ranks.append(ids)
-        assert len({len(ViewLoader(digits_shards, "train", batch_size=64, rank=r, world_size=world))
-                    for r in range(world)}) == 1
+        assert (
+            len(
+                {
+                    len(ViewLoader(digits_shards, "train", batch_size=64, rank=r, world_size=world))
+                    for r in range(world)
+                }
+            )
+            == 1
+        )
         flat = [i for r in ranks for i in r]
         assert sorted(flat) == list(range(n))  # every sample once, ranks disjoint
         per_epoch.append(ranks)
@@ -62,7 +69,9 @@ def test_the_simulation_equals_the_order_dali_produces(digits_shards):
             real = dali_epoch(args, epoch, world)
             sim = simulated_epoch(shards, 4, epoch, world)
             assert [r.tolist() for r in real] == [s.tolist() for s in sim]
-            assert [r.tolist() for r in real] == [rank_ids(shards, 4, epoch, k, world).tolist() for k in range(world)]
+            assert [r.tolist() for r in real] == [
+                rank_ids(shards, 4, epoch, k, world).tolist() for k in range(world)
+            ]
 
 
 def test_measure_against_hand_computed_figures():
@@ -70,7 +79,9 @@ def test_measure_against_hand_computed_figures():
     e1 = [np.array([3, 2]), np.array([1, 0])]
     got = measure([e0, e1], batch=2, n_id=4, probes=np.arange(4))
     # every sample changes rank; positions (0,1,0,1) -> (1,0,1,0): Spearman -1; each meets one neighbour
-    assert got["rank_change"] == 1.0 and got["position_corr"] == pytest.approx(-1.0) and got["neighbours"] == 1.0
+    assert (
+        got["rank_change"] == 1.0 and got["position_corr"] == pytest.approx(-1.0) and got["neighbours"] == 1.0
+    )
     e2 = [np.array([0, 2]), np.array([1, 3])]
     got = measure([e0, e1, e2], batch=2, n_id=4, probes=np.array([0, 3]))
     # rank changes: e0->e1 all 4; e1->e2: 0 (rank1->0), 1 (1->1 stays), 2 (0->0 stays), 3 (0->1): 2 of 4
@@ -97,8 +108,26 @@ def test_bench_shuffle_command_on_a_large_simulated_layout(tmp_path, capsys):
     from sskd.cli import main
 
     out = tmp_path / "s.json"
-    assert main(["bench", "shuffle", "--layout", "100000:64", "--ranks", "4", "--epochs", "3", "--probes", "200",
-                 "--legacy", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "shuffle",
+                "--layout",
+                "100000:64",
+                "--ranks",
+                "4",
+                "--epochs",
+                "3",
+                "--probes",
+                "200",
+                "--legacy",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["rank_change"] >= 0.8 * (1 - 1 / 4) and abs(res["position_corr"]) <= 0.1
     assert res["legacy"]["rank_change"] == 0.0 and res["legacy"]["position_corr"] > 0.9  # the old order
@@ -116,7 +145,7 @@ def test_consecutive_shards_are_interleaved_in_chunks():
     assert c == MIN_CHUNK
     head = shard_of[: GROUP * c]
     assert len(set(head.tolist())) == GROUP  # the first round takes one chunk of each shard of the group
-    assert all(len(set(head[k * c:(k + 1) * c].tolist())) == 1 for k in range(GROUP))
+    assert all(len(set(head[k * c : (k + 1) * c].tolist())) == 1 for k in range(GROUP))
     pairs = set(zip(shard_of.tolist(), line_of.tolist()))
     assert len(pairs) == 4000  # still every sample once
     assert chunk_size(1_281_167, 8) == -(-(1_281_167 // 8) // MAX_SEGMENTS) == 10

@@ -31,7 +31,9 @@ def decoded_images(folder, split="train"):
 
     m = load_manifest(folder)
     imgs = {}
-    for s in wds.WebDataset([str(folder / e["file"]) for e in m["splits"][split]["shards"]], shardshuffle=False):
+    for s in wds.WebDataset(
+        [str(folder / e["file"]) for e in m["splits"][split]["shards"]], shardshuffle=False
+    ):
         ext = "png" if "png" in s else "jpg"
         arr = np.array(Image.open(io.BytesIO(s[ext])).convert("RGB"))
         imgs[int.from_bytes(s["sid"], "little")] = torch.from_numpy(arr).permute(2, 0, 1)
@@ -53,7 +55,9 @@ def test_batches_shapes_and_coverage(digits_shards):
 def test_half_precision_views_are_the_float_views_rounded(digits_shards, dtype):
     for train in (True, False):
         full = next(iter(ViewLoader(digits_shards, "train", batch_size=16, views="paper", train=train)))
-        half = next(iter(ViewLoader(digits_shards, "train", batch_size=16, views="paper", train=train, dtype=dtype)))
+        half = next(
+            iter(ViewLoader(digits_shards, "train", batch_size=16, views="paper", train=train, dtype=dtype))
+        )
         assert half["views"].dtype == dtype and torch.equal(half["id"], full["id"])
         assert torch.equal(half["views"], full["views"].to(dtype)), (dtype, train)
 
@@ -68,7 +72,9 @@ def test_same_views_whatever_batch_size_threads_and_run(digits_shards):
 
 def test_two_ranks_are_disjoint_cover_all_and_match_one_rank(digits_shards):
     one, _ = collect(ViewLoader(digits_shards, "train", batch_size=50, views="paper"), epoch=2)
-    ranks = [ViewLoader(digits_shards, "train", batch_size=37, views="paper", rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        ViewLoader(digits_shards, "train", batch_size=37, views="paper", rank=r, world_size=2) for r in (0, 1)
+    ]
     parts = [collect(r, epoch=2) for r in ranks]
     assert len(ranks[0]) == len(ranks[1])  # equal batch counts: DDP never waits on a rank
     assert [len(p[1]) for p in parts] == [len(ranks[0])] * 2
@@ -98,8 +104,17 @@ def test_views_equal_the_torchvision_reference(digits_shards):
         loader = ViewLoader(digits_shards, "train", batch_size=32, views=views)
         batch = next(iter(loader.epoch(3)))
         for i, sid in enumerate(batch["id"].tolist()[:16]):
-            ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=3, size=32, layout="cifar",
-                                  mean=m["mean"], std=m["std"])
+            ref = reference_views(
+                imgs[sid],
+                sid,
+                names=loader.view_names,
+                seed=0,
+                epoch=3,
+                size=32,
+                layout="cifar",
+                mean=m["mean"],
+                std=m["std"],
+            )
             err = (batch["views"][i] - ref).abs().amax(dim=(1, 2, 3)) * 255 * min(m["std"])
             assert err.max() <= 1e-3, (views, sid, err.tolist())
 
@@ -131,8 +146,17 @@ def test_rotation_views_are_exact_rotations_of_the_normal_geometry(digits_shards
     # the official code, so compare through the reference geometry of view 0 rotated.
     imgs, m = decoded_images(digits_shards)
     for i, sid in enumerate(b["id"].tolist()[:8]):
-        ref = reference_views(imgs[sid], sid, names=("normal", "rot90", "rot180", "rot270"), seed=0, epoch=0,
-                              size=32, layout="cifar", mean=m["mean"], std=m["std"])
+        ref = reference_views(
+            imgs[sid],
+            sid,
+            names=("normal", "rot90", "rot180", "rot270"),
+            seed=0,
+            epoch=0,
+            size=32,
+            layout="cifar",
+            mean=m["mean"],
+            std=m["std"],
+        )
         assert torch.allclose(v[i], ref, atol=1e-5)
     assert v.shape[1] == 4
 
@@ -144,11 +168,22 @@ def test_photo_views_close_to_reference(photo_shards):
     batch = next(iter(loader.epoch(0)))
     assert batch["views"].shape == (8, 5, 3, 64, 64)
     for i, sid in enumerate(batch["id"].tolist()):
-        ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=0, size=64, layout="imagenet",
-                              mean=m["mean"], std=m["std"])
+        ref = reference_views(
+            imgs[sid],
+            sid,
+            names=loader.view_names,
+            seed=0,
+            epoch=0,
+            size=64,
+            layout="imagenet",
+            mean=m["mean"],
+            std=m["std"],
+        )
         # mean absolute error in 0-255 levels: the integer-rounded window (<= 0.5 px) and a different
         # antialiasing kernel move edges by a fraction of a pixel; a wrong window or flip gives > 30
-        err = ((batch["views"][i] - ref).abs() * 255 * torch.tensor(m["std"]).view(1, 3, 1, 1)).mean(dim=(1, 2, 3))
+        err = ((batch["views"][i] - ref).abs() * 255 * torch.tensor(m["std"]).view(1, 3, 1, 1)).mean(
+            dim=(1, 2, 3)
+        )
         assert err.max() < 8, err.tolist()
 
 
@@ -157,8 +192,10 @@ def test_eval_is_deterministic_exact_once_across_ranks(digits_shards, photo_shar
         full, _ = collect(ViewLoader(folder, "val", batch_size=7, train=False, size=size))
         again, _ = collect(ViewLoader(folder, "val", batch_size=5, train=False, size=size))
         assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
-        parts = [collect(ViewLoader(folder, "val", batch_size=4, train=False, rank=r, world_size=3, size=size))[0]
-                 for r in range(3)]
+        parts = [
+            collect(ViewLoader(folder, "val", batch_size=4, train=False, rank=r, world_size=3, size=size))[0]
+            for r in range(3)
+        ]
         ids = [k for p in parts for k in p]
         assert sorted(ids) == sorted(full)  # each val sample exactly once, no padded duplicates
         assert next(iter(full.values())).shape == (1, 3, size, size)
@@ -179,7 +216,9 @@ def test_resume_mid_epoch_gives_the_remaining_batches(digits_shards):
     # without a checkpoint, or with one that does not fit (another epoch), the first batches are re-made
     for resume in (None, {**state, "epoch": 3}):
         other = ViewLoader(digits_shards, "train", batch_size=100, views="paper")
-        again = [{k: v.clone() for k, v in b.items()} for b in other.epoch(4, start_batch=6, resume_state=resume)]
+        again = [
+            {k: v.clone() for k, v in b.items()} for b in other.epoch(4, start_batch=6, resume_state=resume)
+        ]
         assert other.replayed == 6
         assert all(torch.equal(a["views"], b["views"]) for a, b in zip(tail, again))
     for a, b in zip(whole[6:], tail):
@@ -194,8 +233,24 @@ def test_views_command_matches_the_training_epoch(digits_shards, tmp_path):
     assert ids.tolist() == [17, 3, 900]
     for i, sid in enumerate(ids):
         assert np.array_equal(views[i], full[int(sid)].numpy())
-    assert main(["views", "--shards", str(digits_shards), "--epoch", "5", "--ids", "17,3", "--out",
-                 str(tmp_path / "g.png"), "--npz", str(tmp_path / "v.npz")]) == 0
+    assert (
+        main(
+            [
+                "views",
+                "--shards",
+                str(digits_shards),
+                "--epoch",
+                "5",
+                "--ids",
+                "17,3",
+                "--out",
+                str(tmp_path / "g.png"),
+                "--npz",
+                str(tmp_path / "v.npz"),
+            ]
+        )
+        == 0
+    )
     npz = np.load(tmp_path / "v.npz")
     assert npz["ids"].tolist() == [17, 3] and npz["views"].shape == (2, 5, 3, 32, 32)
     assert npz["views"].dtype == np.float32
@@ -216,7 +271,9 @@ def test_bad_shards_name_the_shard(digits_shards, tmp_path, damage):
     else:  # an index that does not list the sid component of its samples
         idx = tar.with_suffix(".idx")
         lines = idx.read_text().splitlines()
-        fixed = [lines[0]] + [" ".join(w for j, w in enumerate(ln.split()) if not 8 <= j < 12) for ln in lines[1:]]
+        fixed = [lines[0]] + [
+            " ".join(w for j, w in enumerate(ln.split()) if not 8 <= j < 12) for ln in lines[1:]
+        ]
         idx.write_text("\n".join(fixed) + "\n")
     with pytest.raises(SSKDError) as err:
         collect(ViewLoader(folder, "train", batch_size=64, views="rotation"))
@@ -238,8 +295,9 @@ def test_empty_split_and_bad_manifest(digits_shards, tmp_path):
 @pytest.mark.gpu
 def test_gpu_pipeline_matches_cpu(digits_shards):
     cpu, _ = collect(ViewLoader(digits_shards, "train", batch_size=64, views="rotation"))
-    gpu, _ = collect(ViewLoader(digits_shards, "train", batch_size=64, views="rotation", device="gpu",
-                                torch_device="cpu"))
+    gpu, _ = collect(
+        ViewLoader(digits_shards, "train", batch_size=64, views="rotation", device="gpu", torch_device="cpu")
+    )
     assert cpu.keys() == gpu.keys()
     assert max((cpu[k] - gpu[k]).abs().max().item() for k in cpu) < 0.05
 
@@ -249,8 +307,15 @@ def test_reused_buffers_and_merged_tail_give_the_same_batches(digits_shards):
     # 1437 samples on 2 ranks = 718 + 719: with batch 359 rank 1 would need a third batch of one sample
     for rank in (0, 1):
         safe = ViewLoader(digits_shards, "train", batch_size=359, views="rotation", rank=rank, world_size=2)
-        fast = ViewLoader(digits_shards, "train", batch_size=359, views="rotation", rank=rank, world_size=2,
-                          reuse_buffers=True)
+        fast = ViewLoader(
+            digits_shards,
+            "train",
+            batch_size=359,
+            views="rotation",
+            rank=rank,
+            world_size=2,
+            reuse_buffers=True,
+        )
         a = [(b["id"].clone(), b["views"].sum(dim=(1, 2, 3, 4))) for b in safe.epoch(1)]
         b = [(x["id"].clone(), x["views"].sum(dim=(1, 2, 3, 4))) for x in fast.epoch(1)]
         assert len(a) == len(b) == 2
@@ -264,7 +329,9 @@ def test_shared_rotations_are_exact_quarter_turns_of_view_0(shards, request):
     """HSSAKD's views: the normal view (one crop and flip) and its rotations by k x 90 deg counter-clockwise,
     out[i, j] = in[j, W-1-i] as np.rot90 — not four crops, and no interpolation."""
     folder = request.getfixturevalue(shards)
-    loader = ViewLoader(folder, "train", batch_size=8, views="shared_rotation", size=32 if shards == "photo_shards" else None)
+    loader = ViewLoader(
+        folder, "train", batch_size=8, views="shared_rotation", size=32 if shards == "photo_shards" else None
+    )
     assert loader.view_names == ("normal", "shared_rot90", "shared_rot180", "shared_rot270")
     v = next(iter(loader.epoch(2)))["views"].numpy()  # (b, 4, 3, h, w)
     for k in (1, 2, 3):
@@ -275,6 +342,15 @@ def test_shared_rotations_are_exact_quarter_turns_of_view_0(shards, request):
         imgs, m = decoded_images(folder)
         batch = next(iter(loader.epoch(2)))
         for i, sid in enumerate(batch["id"].tolist()[:4]):
-            ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=2, size=32, layout="cifar",
-                                  mean=m["mean"], std=m["std"])
+            ref = reference_views(
+                imgs[sid],
+                sid,
+                names=loader.view_names,
+                seed=0,
+                epoch=2,
+                size=32,
+                layout="cifar",
+                mean=m["mean"],
+                std=m["std"],
+            )
             assert torch.allclose(batch["views"][i], ref, atol=1e-5)

@@ -21,7 +21,7 @@ def test_uniforms_are_pure_and_in_range():
 def test_uniforms_are_well_spread():
     u = sample_uniforms(7, 0, IDS, 1, 0)
     hist = np.histogram(u, bins=10, range=(0, 1))[0]
-    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12**-0.5) < 0.01
     assert hist.min() > 0.9 * len(u) / 10
 
 
@@ -48,5 +48,7 @@ def test_view_config_presets_and_errors():
     assert ViewConfig.parse(None).num_views == 1
     with pytest.raises(SSKDError, match="unknown view 'blur'"):
         ViewConfig.parse("blur")
-    presets = set(plan.PRESETS["paper"]) | set(plan.PRESETS["rotation"]) | set(plan.PRESETS["shared_rotation"])
+    presets = (
+        set(plan.PRESETS["paper"]) | set(plan.PRESETS["rotation"]) | set(plan.PRESETS["shared_rotation"])
+    )
     assert presets == set(plan.VIEW_NAMES[1:])

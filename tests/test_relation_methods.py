@@ -14,8 +14,15 @@ from sskd.models import create_model
 from sskd.models.registry import MODELS
 from sskd.runs import read_metrics
 
-FAST = ["--no-progress", "--batch-size", "16", "--set", "run.log_every=1",
-        "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "16",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 TERMS = {"rkd": ("rkd", "rkd_dist", "rkd_angle"), "pkt": ("pkt",), "sp": ("sp",)}
 WEIGHT = {"rkd": 1.0, "pkt": 30000.0, "sp": 3000.0}  # RepDistiller's -b for each
 
@@ -34,6 +41,7 @@ def _resnet8_without_maps(num_classes):
 
 # -- the formulas, by hand ---------------------------------------------------------------------------
 
+
 def rows(x):
     return x.reshape(x.shape[0], -1).tolist()
 
@@ -45,6 +53,7 @@ def smooth_l1(a, b):
 
 def rkd_by_hand(s, t):
     """25 · smooth-L1(distances / mean positive distance) + 50 · smooth-L1(angles at every anchor), loops."""
+
     def dists(x):
         n = len(x)
         d = [[math.dist(x[i], x[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
@@ -60,16 +69,18 @@ def rkd_by_hand(s, t):
             norm = math.sqrt(sum(c * c for c in v))
             return [c / norm for c in v] if norm > 0 else [0.0] * len(v)
 
-        return [[[sum(a * b for a, b in zip(unit(i, j), unit(i, k))) for k in range(n)] for j in range(n)]
-                for i in range(n)]
+        return [
+            [[sum(a * b for a, b in zip(unit(i, j), unit(i, k))) for k in range(n)] for j in range(n)]
+            for i in range(n)
+        ]
 
     s, t = rows(s), rows(t)
     ds, dt = dists(s), dists(t)
     n = len(s)
-    l_d = sum(smooth_l1(a, b) for ra, rb in zip(ds, dt) for a, b in zip(ra, rb)) / n ** 2
+    l_d = sum(smooth_l1(a, b) for ra, rb in zip(ds, dt) for a, b in zip(ra, rb)) / n**2
     a_s, a_t = angles(s), angles(t)
     triplets = [(i, j, k) for i in range(n) for j in range(n) for k in range(n)]
-    l_a = sum(smooth_l1(a_s[i][j][k], a_t[i][j][k]) for i, j, k in triplets) / n ** 3
+    l_a = sum(smooth_l1(a_s[i][j][k], a_t[i][j][k]) for i, j, k in triplets) / n**3
     return l_d, l_a
 
 
@@ -82,7 +93,7 @@ def pkt_by_hand(s, t, eps=1e-7):
     ps, pt = probs(rows(s)), probs(rows(t))
     n = len(ps)
     pairs = [(i, j) for i in range(n) for j in range(n)]
-    return sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i, j in pairs) / n ** 2
+    return sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i, j in pairs) / n**2
 
 
 def sp_by_hand(s, t):
@@ -92,7 +103,7 @@ def sp_by_hand(s, t):
 
     gs, gt = gram(rows(s)), gram(rows(t))
     n = len(gs)
-    return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(n) for j in range(n)) / n ** 2
+    return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(n) for j in range(n)) / n**2
 
 
 def randn(*shape, seed=0):
@@ -159,8 +170,11 @@ def test_method_terms_and_gradients(name):
     method = create_method(name, student=student, teacher=teacher, num_classes=10)
     method.cfg.kd_weight = 0.5
     g = torch.Generator().manual_seed(1)
-    batch = {"views": torch.randn(4, 1, 3, 32, 32, generator=g), "label": torch.tensor([1, 2, 3, 1]),
-             "id": torch.arange(4)}
+    batch = {
+        "views": torch.randn(4, 1, 3, 32, 32, generator=g),
+        "label": torch.tensor([1, 2, 3, 1]),
+        "id": torch.arange(4),
+    }
     out = method(batch)
     assert {"loss", "logits", "ce", "kd", *TERMS[name]} == out.keys()
     with torch.no_grad():
@@ -177,18 +191,46 @@ def test_method_terms_and_gradients(name):
 
 # -- through the commands ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def teacher(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("relation") / "t"
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out,
-               "--max-steps", 2, *FAST) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
     return out
 
 
 @pytest.mark.parametrize("name", ["rkd", "pkt", "sp"])
 def test_distill_two_steps(name, teacher, digits_shards, tmp_path):
-    args = ["distill", "--method", name, "--teacher", teacher, "--student", "resnet8", "--shards",
-            digits_shards, "--out", tmp_path / name, "--max-steps", 2, *FAST]
+    args = [
+        "distill",
+        "--method",
+        name,
+        "--teacher",
+        teacher,
+        "--student",
+        "resnet8",
+        "--shards",
+        digits_shards,
+        "--out",
+        tmp_path / name,
+        "--max-steps",
+        2,
+        *FAST,
+    ]
     if name == "pkt":  # combined with KD through its own section
         args += ["--set", "pkt.kd_weight=0.9"]
     assert run(*args) == 0
@@ -212,10 +254,30 @@ def test_cached_terms_equal_live_terms(name, teacher, digits_shards, tmp_path, c
     from sskd.stages import load_run_model
 
     cache = tmp_path / "c"
-    assert run("cache", "--method", name, "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
-               "--out", cache, "--batch-size", 256, "--no-progress") == 0
-    feature = {"name": "map", "shape": [64, 8, 8], "topk": False} if name == "sp" else \
-        {"name": "feat", "shape": [64], "topk": False}
+    assert (
+        run(
+            "cache",
+            "--method",
+            name,
+            "--teacher",
+            teacher,
+            "--shards",
+            digits_shards,
+            "--epochs",
+            1,
+            "--out",
+            cache,
+            "--batch-size",
+            256,
+            "--no-progress",
+        )
+        == 0
+    )
+    feature = (
+        {"name": "map", "shape": [64, 8, 8], "topk": False}
+        if name == "sp"
+        else {"name": "feat", "shape": [64], "topk": False}
+    )
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["outputs"] == [{"name": "logits", "shape": [10], "topk": True}, feature]
     t, _ = load_run_model(teacher)
@@ -229,18 +291,44 @@ def test_cached_terms_equal_live_terms(name, teacher, digits_shards, tmp_path, c
     for k in ("ce", "kd", *TERMS[name], "loss"):
         assert c[k].item() == pytest.approx(a[k].item(), rel=5e-3, abs=1e-6), k  # fp16 teacher outputs
     if name == "rkd":  # `distill --cache` builds without a teacher model and starts from the same student
-        common = ["distill", "--method", name, "--teacher", teacher, "--student", "resnet8", "--shards",
-                  digits_shards, "--max-steps", 1, *FAST]
+        common = [
+            "distill",
+            "--method",
+            name,
+            "--teacher",
+            teacher,
+            "--student",
+            "resnet8",
+            "--shards",
+            digits_shards,
+            "--max-steps",
+            1,
+            *FAST,
+        ]
         assert run(*common, "--cache", cache, "--out", tmp_path / "cached") == 0
         assert run(*common, "--out", tmp_path / "live") == 0
-        first = [next(r for r in read_metrics(tmp_path / d) if r["kind"] == "train")
-                 for d in ("cached", "live")]
+        first = [
+            next(r for r in read_metrics(tmp_path / d) if r["kind"] == "train") for d in ("cached", "live")
+        ]
         assert first[0]["ce"] == first[1]["ce"]  # the same student on the same batch
         assert first[0]["rkd"] == pytest.approx(first[1]["rkd"], rel=5e-3)
     if name == "sp":  # the dry run prints the map's disk cost
         capsys.readouterr()
-        assert run("cache", "--dry-run", "--method", name, "--teacher", teacher, "--shards", digits_shards,
-                   "--epochs", 1) == 0
+        assert (
+            run(
+                "cache",
+                "--dry-run",
+                "--method",
+                name,
+                "--teacher",
+                teacher,
+                "--shards",
+                digits_shards,
+                "--epochs",
+                1,
+            )
+            == 0
+        )
         assert "map 64x8x8" in capsys.readouterr().out
 
 

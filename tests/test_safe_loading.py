@@ -44,15 +44,39 @@ def one_line(exc) -> str:
 
 # ---- every checkpoint a run writes --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run_dirs(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("safe")
     common = ["--shards", digits_shards, "--max-steps", 2, *FAST]
     assert run("train-teacher", "--arch", "resnet8", "--out", root / "teacher", *common) == 0
-    assert run("train-teacher", "--arch", "resnet8", "--out", root / "bf16", "--mixed-precision", "bf16", *common) == 0
-    assert run("distill", "--method", "crd", "--teacher", root / "teacher", "--student", "resnet8",
-               "--out", root / "crd", "--set", "crd.nce_k=64", *common) == 0
-    assert run("train-teacher", "--method", "hssakd", "--arch", "resnet8", "--out", root / "hssakd", *common) == 0
+    assert (
+        run(
+            "train-teacher", "--arch", "resnet8", "--out", root / "bf16", "--mixed-precision", "bf16", *common
+        )
+        == 0
+    )
+    assert (
+        run(
+            "distill",
+            "--method",
+            "crd",
+            "--teacher",
+            root / "teacher",
+            "--student",
+            "resnet8",
+            "--out",
+            root / "crd",
+            "--set",
+            "crd.nce_k=64",
+            *common,
+        )
+        == 0
+    )
+    assert (
+        run("train-teacher", "--method", "hssakd", "--arch", "resnet8", "--out", root / "hssakd", *common)
+        == 0
+    )
     return root
 
 
@@ -70,9 +94,28 @@ def test_every_checkpoint_loads_with_weights_only(run_dirs, name):
 
 def test_a_crd_run_resumes_from_its_weights_only_checkpoint(run_dirs, digits_shards, tmp_path):
     shutil.copytree(run_dirs / "crd", tmp_path / "crd")
-    assert run("distill", "--method", "crd", "--teacher", run_dirs / "teacher", "--student", "resnet8",
-               "--out", tmp_path / "crd", "--set", "crd.nce_k=64", "--shards", digits_shards, "--max-steps", 3,
-               "--resume", *FAST) == 0
+    assert (
+        run(
+            "distill",
+            "--method",
+            "crd",
+            "--teacher",
+            run_dirs / "teacher",
+            "--student",
+            "resnet8",
+            "--out",
+            tmp_path / "crd",
+            "--set",
+            "crd.nce_k=64",
+            "--shards",
+            digits_shards,
+            "--max-steps",
+            3,
+            "--resume",
+            *FAST,
+        )
+        == 0
+    )
     assert runs.load_model_info(tmp_path / "crd")["steps"] == 3
 
 
@@ -91,8 +134,14 @@ def test_gradscaler_state_is_plain_numbers(tmp_path):
 
 
 def test_save_converts_numpy_and_paths_and_refuses_other_objects(tmp_path):
-    state = {"a": np.arange(3, dtype=np.int64), "b": np.float32(0.5), "c": Path("/x/y"), "d": (np.int64(2), "s"),
-             "e": torch.Size([2, 3]), "f": {"g": [b"dali", None, True]}}
+    state = {
+        "a": np.arange(3, dtype=np.int64),
+        "b": np.float32(0.5),
+        "c": Path("/x/y"),
+        "d": (np.int64(2), "s"),
+        "e": torch.Size([2, 3]),
+        "f": {"g": [b"dali", None, True]},
+    }
     runs.save_checkpoint(tmp_path, "last", state)
     got = runs.load_checkpoint(tmp_path)
     assert torch.equal(got["a"], torch.arange(3)) and got["b"] == 0.5 and type(got["b"]) is float
@@ -104,6 +153,7 @@ def test_save_converts_numpy_and_paths_and_refuses_other_objects(tmp_path):
 
 
 # ---- refused checkpoints ------------------------------------------------------------------------------
+
 
 def crafted(path: Path, marker: Path, zipped: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +180,22 @@ def test_resume_from_a_crafted_checkpoint_fails_without_running_it(run_dirs, dig
     shutil.copytree(run_dirs / "teacher", tmp_path / "t")
     marker = tmp_path / "PAYLOAD-RAN"
     crafted(tmp_path / "t" / "checkpoints" / "last.pt", marker, zipped=True)
-    assert run("train-teacher", "--arch", "resnet8", "--shards", digits_shards, "--out", tmp_path / "t",
-               "--max-steps", 4, "--resume", *FAST) == 2
+    assert (
+        run(
+            "train-teacher",
+            "--arch",
+            "resnet8",
+            "--shards",
+            digits_shards,
+            "--out",
+            tmp_path / "t",
+            "--max-steps",
+            4,
+            "--resume",
+            *FAST,
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("sskd: error:") and "last.pt: refused to load" in err
     assert not marker.exists()
@@ -173,6 +237,7 @@ def test_a_damaged_checkpoint_is_one_line(run_dirs, tmp_path, damage):
 
 # ---- CIFAR-100 pickles --------------------------------------------------------------------------------
 
+
 class Py2Pickler(pickle._Pickler):
     """Writes bytes as Python 2's ``str`` opcodes (SHORT_BINSTRING/BINSTRING), as the official files
     (written by Python 2's cPickle at protocol 2) hold them."""
@@ -181,7 +246,10 @@ class Py2Pickler(pickle._Pickler):
 
     def save_bytes(self, obj):
         n = len(obj)
-        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.write(
+            (pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n))
+            + obj
+        )
         self.memoize(obj)
 
     dispatch[bytes] = save_bytes
@@ -190,12 +258,20 @@ class Py2Pickler(pickle._Pickler):
 def write_cifar(root: Path, *, py2: bool, numpy1_names: bool = False, n=12) -> Path:
     rng = np.random.default_rng(1)
     root.mkdir(parents=True)
-    files = {"meta": {b"fine_label_names": [f"c{i:02d}".encode() for i in range(100)],
-                      b"coarse_label_names": [b"k"] * 20}}
+    files = {
+        "meta": {
+            b"fine_label_names": [f"c{i:02d}".encode() for i in range(100)],
+            b"coarse_label_names": [b"k"] * 20,
+        }
+    }
     for fname in ("train", "test"):
-        files[fname] = {b"batch_label": fname.encode(), b"filenames": [f"i{i}.png".encode() for i in range(n)],
-                        b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n,
-                        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        files[fname] = {
+            b"batch_label": fname.encode(),
+            b"filenames": [f"i{i}.png".encode() for i in range(n)],
+            b"fine_labels": rng.integers(0, 100, n).tolist(),
+            b"coarse_labels": [0] * n,
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
     for fname, d in files.items():
         if py2:
             import io
@@ -206,14 +282,19 @@ def write_cifar(root: Path, *, py2: bool, numpy1_names: bool = False, n=12) -> P
         else:
             raw = pickle.dumps(d, protocol=2)
         if numpy1_names:  # numpy 1 names the rebuilder numpy.core.multiarray._reconstruct
-            raw = raw.replace(b"cnumpy._core.multiarray\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n")
+            raw = raw.replace(
+                b"cnumpy._core.multiarray\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n"
+            )
             assert b"cnumpy.core.multiarray\n" in raw or fname == "meta"
         (root / fname).write_bytes(raw)
     return root
 
 
-@pytest.mark.parametrize("py2,numpy1", [(True, True), (True, False), (False, False)],
-                         ids=["python2-numpy1", "python2-numpy2", "python3-protocol2"])
+@pytest.mark.parametrize(
+    "py2,numpy1",
+    [(True, True), (True, False), (False, False)],
+    ids=["python2-numpy1", "python2-numpy2", "python3-protocol2"],
+)
 def test_cifar_pickles_load_through_the_restricted_unpickler(tmp_path, py2, numpy1):
     src = write_cifar(tmp_path / "cifar-100-python", py2=py2, numpy1_names=numpy1)
     if py2:
@@ -230,7 +311,9 @@ def _global(module: str, name: str, arg: str) -> bytes:
     return f"c{module}\n{name}\n(V{arg}\ntR.".encode()
 
 
-@pytest.mark.parametrize("kind", ["reduce-os.system", "os.system", "builtins.eval", "subprocess.Popen", "posix.system"])
+@pytest.mark.parametrize(
+    "kind", ["reduce-os.system", "os.system", "builtins.eval", "subprocess.Popen", "posix.system"]
+)
 def test_a_crafted_cifar_pickle_is_refused_and_never_run(tmp_path, kind):
     src = write_cifar(tmp_path / "cifar-100-python", py2=False)
     marker = tmp_path / "PAYLOAD-RAN"
@@ -252,7 +335,9 @@ def test_a_crafted_cifar_pickle_is_refused_and_never_run(tmp_path, kind):
 
 def test_protocol2_py3_builtins_are_named_as_python3_names_them(tmp_path):
     src = write_cifar(tmp_path / "cifar-100-python", py2=False)
-    (src / "meta").write_bytes(pickle.dumps({b"fine_label_names": eval}, protocol=2))  # __builtin__.eval on disk
+    (src / "meta").write_bytes(
+        pickle.dumps({b"fine_label_names": eval}, protocol=2)
+    )  # __builtin__.eval on disk
     assert b"__builtin__" in (src / "meta").read_bytes()
     with pytest.raises(SSKDError, match=r"meta: refused to load: the pickle references builtins\.eval, "):
         cifar100_source(tmp_path)

@@ -13,7 +13,15 @@ from sskd.config import bound
 from sskd.methods import Method, register
 from sskd.runs import load_model_info, read_metrics
 
-FAST = ["--no-progress", "--batch-size", "16", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "16",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 
 
 @dataclass
@@ -51,20 +59,69 @@ def run(*args) -> int:
 @pytest.fixture(scope="module")
 def teacher(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "t"
-    assert run("train-teacher", "--shards", digits_shards, "--arch", "resnet8", "--out", out, "--max-steps", 2, *FAST) == 0
+    assert (
+        run(
+            "train-teacher",
+            "--shards",
+            digits_shards,
+            "--arch",
+            "resnet8",
+            "--out",
+            out,
+            "--max-steps",
+            2,
+            *FAST,
+        )
+        == 0
+    )
     return out
 
 
-def test_a_method_defined_in_a_test_file_trains_live_and_from_the_cache(teacher, digits_shards, tmp_path, capsys):
-    common = ["distill", "--method", "toy_match", "--teacher", teacher, "--student", "resnet8", "--shards",
-              digits_shards, "--max-steps", 2, "--set", "toy_match.weight=2.0", *FAST]
+def test_a_method_defined_in_a_test_file_trains_live_and_from_the_cache(
+    teacher, digits_shards, tmp_path, capsys
+):
+    common = [
+        "distill",
+        "--method",
+        "toy_match",
+        "--teacher",
+        teacher,
+        "--student",
+        "resnet8",
+        "--shards",
+        digits_shards,
+        "--max-steps",
+        2,
+        "--set",
+        "toy_match.weight=2.0",
+        *FAST,
+    ]
     assert run(*common, "--out", tmp_path / "live") == 0
-    assert run("cache", "--method", "toy_match", "--teacher", teacher, "--shards", digits_shards, "--epochs", 1,
-               "--out", tmp_path / "c", "--batch-size", 256, "--no-progress") == 0
+    assert (
+        run(
+            "cache",
+            "--method",
+            "toy_match",
+            "--teacher",
+            teacher,
+            "--shards",
+            digits_shards,
+            "--epochs",
+            1,
+            "--out",
+            tmp_path / "c",
+            "--batch-size",
+            256,
+            "--no-progress",
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["outputs"] == [{"name": "view1_logits", "shape": [10], "topk": False}]
     assert run(*common, "--out", tmp_path / "cached", "--cache", tmp_path / "c") == 0
-    live, cached = ([r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("live", "cached"))
+    live, cached = (
+        [r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("live", "cached")
+    )
     assert [r["step"] for r in live] == [r["step"] for r in cached] == [1, 2]
     assert {"ce", "match"} <= live[0].keys()
     assert cached[0]["ce"] == live[0]["ce"]  # same student, same batch: the first CE is identical
@@ -87,7 +144,11 @@ def test_the_toy_terms_are_what_its_forward_says(teacher):
 
     method = ToyMatch(create_model("resnet8", 10), t, num_classes=10)
     g = torch.Generator().manual_seed(0)
-    batch = {"views": torch.randn(3, 2, 3, 32, 32, generator=g), "label": torch.tensor([1, 2, 3]), "id": torch.arange(3)}
+    batch = {
+        "views": torch.randn(3, 2, 3, 32, 32, generator=g),
+        "label": torch.tensor([1, 2, 3]),
+        "id": torch.arange(3),
+    }
     out = method(batch)
     with torch.no_grad():
         want = F.mse_loss(method.student(batch["views"][:, 1]), t(batch["views"][:, 1]))
@@ -101,12 +162,17 @@ def test_a_users_module_named_in_SSKD_METHODS_is_a_method_of_every_command(tmp_p
 
     (tmp_path / "my_methods.py").write_text(
         "from sskd.methods import register\nfrom sskd.methods.ce import StudentCE\n\n"
-        "@register('student', 'my_ce')\nclass MyCE(StudentCE):\n    summary = 'my own CE'\n")
+        "@register('student', 'my_ce')\nclass MyCE(StudentCE):\n    summary = 'my own CE'\n"
+    )
     env = dict(os.environ, SSKD_METHODS="my_methods", PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "my_ce" in proc.stdout and "my own CE" in proc.stdout
     env["SSKD_METHODS"] = "not_a_module"
-    proc = subprocess.run([sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sskd", "methods"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "SSKD_METHODS=not_a_module: cannot import 'not_a_module'" in proc.stderr
 
 
@@ -139,20 +205,41 @@ class ToyPhased(Method):
         return {"loss": ce, "logits": logits, "ce": ce}
 
 
-def test_a_pre_training_phase_runs_first_trains_only_its_parameters_and_resumes_exactly(teacher, digits_shards,
-                                                                                          tmp_path, monkeypatch):
+def test_a_pre_training_phase_runs_first_trains_only_its_parameters_and_resumes_exactly(
+    teacher, digits_shards, tmp_path, monkeypatch
+):
     import signal
 
     import sskd.train as tr
 
-    common = ["distill", "--method", "toy_phased", "--teacher", teacher, "--student", "resnet8", "--shards",
-              digits_shards, "--set", "toy_match.weight=0.5", "--set", "student.epochs=1", "--set", "run.eval_every=0",
-              "--batch-size", "256", "--no-progress", "--set", "run.log_every=1"]
+    common = [
+        "distill",
+        "--method",
+        "toy_phased",
+        "--teacher",
+        teacher,
+        "--student",
+        "resnet8",
+        "--shards",
+        digits_shards,
+        "--set",
+        "toy_match.weight=0.5",
+        "--set",
+        "student.epochs=1",
+        "--set",
+        "run.eval_every=0",
+        "--batch-size",
+        "256",
+        "--no-progress",
+        "--set",
+        "run.log_every=1",
+    ]
     assert run(*common, "--out", tmp_path / "full") == 0
     recs = [r for r in read_metrics(tmp_path / "full") if r["kind"] == "train"]
     # 1437 images / 256 = 6 steps of the 1-epoch phase, then 6 of the main training, each from step 1
     assert [(r["phase_name"], r["step"]) for r in recs] == [("warm", i) for i in range(1, 7)] + [
-        ("main", i) for i in range(1, 7)]
+        ("main", i) for i in range(1, 7)
+    ]
     assert {"match"} <= recs[0].keys() and {"ce"} <= recs[-1].keys() and recs[0]["lr"] == 0.5
     real, seen = tr.train_step, {"n": 0}
 
@@ -179,7 +266,10 @@ def test_a_pre_training_phase_runs_first_trains_only_its_parameters_and_resumes_
     assert run(*common, "--out", tmp_path / "cut", "--resume") == 0
     from sskd.runs import file_sha256
 
-    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(tmp_path / "full" / "model.safetensors")
+    assert file_sha256(tmp_path / "cut" / "model.safetensors") == file_sha256(
+        tmp_path / "full" / "model.safetensors"
+    )
     recs = [r for r in read_metrics(tmp_path / "cut") if r["kind"] == "train"]
     assert [(r["phase_name"], r["step"]) for r in recs] == [("warm", i) for i in range(1, 7)] + [
-        ("main", i) for i in range(1, 7)]
+        ("main", i) for i in range(1, 7)
+    ]

@@ -45,8 +45,15 @@ def test_the_loader_reads_exactly_the_subset_once_per_epoch_across_ranks_with_un
     keep = subset_ids(labels, 0.25)
     seen = []
     for rank in range(2):
-        loader = ViewLoader(digits_shards, "train", batch_size=32, views="rotation", rank=rank, world_size=2,
-                            subset_fraction=0.25)
+        loader = ViewLoader(
+            digits_shards,
+            "train",
+            batch_size=32,
+            views="rotation",
+            rank=rank,
+            world_size=2,
+            subset_fraction=0.25,
+        )
         ids, got, views = epoch_ids_labels(loader)
         assert len(ids) == loader.rank_num_samples and got == labels[ids].tolist()
         seen.append(ids)
@@ -65,7 +72,11 @@ def test_label_noise_rate_determinism_and_clean_validation(digits_shards):
     labels = split_labels(digits_shards, "train")
     noisy, flipped = noisy_labels(labels, 0.4, seed=3, num_classes=10)
     assert len(flipped) == round(0.4 * len(labels))
-    assert np.all(noisy[flipped] != labels[flipped]) and np.all(noisy[flipped] >= 0) and np.all(noisy[flipped] < 10)
+    assert (
+        np.all(noisy[flipped] != labels[flipped])
+        and np.all(noisy[flipped] >= 0)
+        and np.all(noisy[flipped] < 10)
+    )
     rest = np.setdiff1d(np.arange(len(labels)), flipped)
     assert np.array_equal(noisy[rest], labels[rest])
     again, flipped2 = noisy_labels(labels, 0.4, seed=3, num_classes=10)
@@ -82,20 +93,42 @@ def test_label_noise_rate_determinism_and_clean_validation(digits_shards):
     val_clean = ViewLoader(digits_shards, "val", batch_size=64, train=False, seed=3)
     val_noisy = ViewLoader(digits_shards, "val", batch_size=64, train=False, seed=3, label_noise=0.4)
     assert val_noisy.label_noise == 0.0
-    assert epoch_ids_labels(val_noisy)[1] == epoch_ids_labels(val_clean)[1] == split_labels(
-        digits_shards, "val")[epoch_ids_labels(val_clean)[0]].tolist()
+    assert (
+        epoch_ids_labels(val_noisy)[1]
+        == epoch_ids_labels(val_clean)[1]
+        == split_labels(digits_shards, "val")[epoch_ids_labels(val_clean)[0]].tolist()
+    )
 
 
 def test_a_run_records_its_setting_and_resume_refuses_another(digits_shards, tmp_path, capsys):
     out = tmp_path / "s"
-    args = ["train-teacher", "--shards", str(digits_shards), "--arch", "resnet8", "--out", str(out), "--no-progress",
-            "--batch-size", "32", "--max-steps", "2", "--set", "run.eval_every=0",
-            "--set", "data.subset_fraction=0.5", "--set", "data.label_noise=0.2"]
+    args = [
+        "train-teacher",
+        "--shards",
+        str(digits_shards),
+        "--arch",
+        "resnet8",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "2",
+        "--set",
+        "run.eval_every=0",
+        "--set",
+        "data.subset_fraction=0.5",
+        "--set",
+        "data.label_noise=0.2",
+    ]
     assert sskd_main(args) == 0
     record = json.loads((out / "data.json").read_text())
     labels = split_labels(digits_shards, "train")
     assert record["subset_fraction"] == 0.5 and record["label_noise"] == 0.2
-    assert record["kept_ids"] == subset_ids(labels, 0.5).tolist() and record["train_samples"] == len(record["kept_ids"])
+    assert record["kept_ids"] == subset_ids(labels, 0.5).tolist() and record["train_samples"] == len(
+        record["kept_ids"]
+    )
     noisy, flipped = noisy_labels(labels, 0.2, seed=0, num_classes=10)
     assert record["flipped_ids"] == flipped.tolist() and record["noisy_labels"] == noisy[flipped].tolist()
     assert "subset_fraction: 0.5" in (out / "config.yaml").read_text()

@@ -18,7 +18,8 @@ from sskd.errors import SSKDError
 
 def tar_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))} | {
-        p.name: p.read_bytes() for p in sorted(folder.glob("*.idx"))}
+        p.name: p.read_bytes() for p in sorted(folder.glob("*.idx"))
+    }
 
 
 def read_back(folder, split="train"):
@@ -29,8 +30,11 @@ def read_back(folder, split="train"):
     for e in m["splits"][split]["shards"]:
         for s in wds.WebDataset(str(folder / e["file"]), shardshuffle=False):
             ext = "png" if "png" in s else "jpg"
-            out[int.from_bytes(s["sid"], "little")] = (np.array(Image.open(io.BytesIO(s[ext])).convert("RGB")),
-                                                      int(s["cls"]), json.loads(s["json"])["src"])
+            out[int.from_bytes(s["sid"], "little")] = (
+                np.array(Image.open(io.BytesIO(s[ext])).convert("RGB")),
+                int(s["cls"]),
+                json.loads(s["json"])["src"],
+            )
     return m, out
 
 
@@ -89,7 +93,9 @@ def test_interrupted_run_leaves_nothing_complete_looking_and_resumes(tmp_path, m
         write_shards(src, out, opts)
     write_shards(src, out, ShardOptions(max_count=300, progress=False, resume=True))
     assert tar_bytes(out) == tar_bytes(tmp_path / "ref")
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (tmp_path / "ref" / "manifest.json").read_text()
+    )
 
 
 def fabricate_cifar100(root, n_train=40, n_test=20):
@@ -97,9 +103,13 @@ def fabricate_cifar100(root, n_train=40, n_test=20):
     root.mkdir(parents=True)
     names = [f"class_{i:02d}".encode() for i in range(100)]
     for fname, n in (("train", n_train), ("test", n_test)):
-        d = {b"filenames": [f"img_{i}.png".encode() for i in range(n)], b"batch_label": fname.encode(),
-             b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": rng.integers(0, 20, n).tolist(),
-             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        d = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+            b"batch_label": fname.encode(),
+            b"fine_labels": rng.integers(0, 100, n).tolist(),
+            b"coarse_labels": rng.integers(0, 20, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
         with open(root / fname, "wb") as fh:
             pickle.dump(d, fh, protocol=2)
     with open(root / "meta", "wb") as fh:
@@ -123,9 +133,24 @@ def test_cifar100_official_format(tmp_path):
 
 
 def test_imagefolder_layouts_keep_jpeg_bytes(photo_tree, tmp_path):
-    assert main(["shard", "imagefolder", str(photo_tree), str(tmp_path / "a"), "--no-progress", "--max-count", "10"]) == 0
+    assert (
+        main(
+            [
+                "shard",
+                "imagefolder",
+                str(photo_tree),
+                str(tmp_path / "a"),
+                "--no-progress",
+                "--max-count",
+                "10",
+            ]
+        )
+        == 0
+    )
     m, samples = read_back(tmp_path / "a")
-    assert m["layout"] == "imagenet" and m["classes"] == sorted(p.name for p in (photo_tree / "train").iterdir())
+    assert m["layout"] == "imagenet" and m["classes"] == sorted(
+        p.name for p in (photo_tree / "train").iterdir()
+    )
     assert m["splits"]["train"]["num_samples"] == 48 and len(m["splits"]["train"]["shards"]) == 5
     import webdataset as wds
 
@@ -142,12 +167,36 @@ def test_imagefolder_layouts_keep_jpeg_bytes(photo_tree, tmp_path):
         shutil.copy(f, flat / "val" / f"v_{i:03d}.JPEG")
         labels.append(m["classes"].index(f.parent.name))
     (tmp_path / "labels.txt").write_text("\n".join(map(str, labels)) + "\n")
-    assert main(["shard", "imagefolder", str(flat), str(tmp_path / "b"), "--val-labels", str(tmp_path / "labels.txt"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "shard",
+                "imagefolder",
+                str(flat),
+                str(tmp_path / "b"),
+                "--val-labels",
+                str(tmp_path / "labels.txt"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     mb, val = read_back(tmp_path / "b", "val")
     assert sorted(lab for _, lab, _ in val.values()) == sorted(labels)
     (tmp_path / "short.txt").write_text("\n".join(map(str, labels[:-1])) + "\n")
-    assert main(["shard", "imagefolder", str(flat), str(tmp_path / "c"), "--val-labels", str(tmp_path / "short.txt")]) == 2
+    assert (
+        main(
+            [
+                "shard",
+                "imagefolder",
+                str(flat),
+                str(tmp_path / "c"),
+                "--val-labels",
+                str(tmp_path / "short.txt"),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("bad", ["truncated", "garbage", "unreadable", "empty_class"])
@@ -170,7 +219,9 @@ def test_bad_input_stops_or_is_skipped_and_listed(photo_tree, tmp_path, bad, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("sskd: error:") and str(victim) in err
     assert not (tmp_path / "out" / "manifest.json").exists()
-    assert main(["shard", "imagefolder", str(src), str(tmp_path / "skip"), "--skip-bad", "--no-progress"]) == 0
+    assert (
+        main(["shard", "imagefolder", str(src), str(tmp_path / "skip"), "--skip-bad", "--no-progress"]) == 0
+    )
     m = json.loads((tmp_path / "skip" / "manifest.json").read_text())
     skipped = m["splits"]["train"]["skipped"]
     assert [s["path"] for s in skipped] == [str(victim)] and skipped[0]["reason"]
@@ -260,7 +311,7 @@ def test_corrupt_label_and_image_name_the_shard_and_sample(digits_shards, tmp_pa
     assert msg.startswith(f"{tar}: sample {key}: label ") and "outside 0..9" in msg
     data[off + 7] ^= 0x7F
     off, size, key = _member(folder, "train-000001", 20, "png")
-    data[off + 40:off + size - 20] = bytes(size - 60)  # the image's compressed data zeroed
+    data[off + 40 : off + size - 20] = bytes(size - 60)  # the image's compressed data zeroed
     tar.write_bytes(bytes(data))
     msg = _loader_error(folder)  # found by the per-sample checksums before DALI decodes it (issue 19)
     assert msg.startswith(f"{tar}: sample {key}: member {key}.png differs from its recorded checksum"), msg

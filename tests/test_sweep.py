@@ -22,13 +22,16 @@ def write_spec(path, **spec):
     return path
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"shards": "x", "methods": ["ce"], "seedz": [0]}, "unknown key 'seedz'"),
-    ({"shards": "x", "methods": ["nope"]}, "methods[0]: 'nope' is not a distill method"),
-    ({"shards": "x", "methods": ["ce"], "seeds": [-1]}, "seeds: a list of non-negative integers"),
-    ({"methods": ["ce"]}, "shards is required"),
-    ({"shards": "x", "methods": ["kd", {"name": "kd"}]}, "two entries share a label"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"shards": "x", "methods": ["ce"], "seedz": [0]}, "unknown key 'seedz'"),
+        ({"shards": "x", "methods": ["nope"]}, "methods[0]: 'nope' is not a distill method"),
+        ({"shards": "x", "methods": ["ce"], "seeds": [-1]}, "seeds: a list of non-negative integers"),
+        ({"methods": ["ce"]}, "shards is required"),
+        ({"shards": "x", "methods": ["kd", {"name": "kd"}]}, "two entries share a label"),
+    ],
+)
 def test_a_bad_spec_is_one_line_naming_the_file(tmp_path, spec, message):
     path = write_spec(tmp_path / "spec.yaml", **spec)
     with pytest.raises(SSKDError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
@@ -37,13 +40,24 @@ def test_a_bad_spec_is_one_line_naming_the_file(tmp_path, spec, message):
 
 
 def test_the_plan_shares_teachers_and_heads_and_puts_settings_on_students_only(tmp_path, digits_shards):
-    spec = load_spec(write_spec(tmp_path / "s.yaml", shards=str(digits_shards),
-                                pairs=[{"teacher": "resnet20", "student": "resnet8"}],
-                                methods=["ce", "kd", "sskd", "hssakd",
-                                         {"name": "sskd", "label": "sskd-lr", "set": {"student.lr": 0.1}},
-                                         {"name": "sskd", "label": "sskd-k50", "set": {"sskd.ss_ratio": 0.5}}],
-                                seeds=[0, 1], settings={"full": {}, "few25": {"data.subset_fraction": 0.25}},
-                                set={"student.epochs": 2}))
+    spec = load_spec(
+        write_spec(
+            tmp_path / "s.yaml",
+            shards=str(digits_shards),
+            pairs=[{"teacher": "resnet20", "student": "resnet8"}],
+            methods=[
+                "ce",
+                "kd",
+                "sskd",
+                "hssakd",
+                {"name": "sskd", "label": "sskd-lr", "set": {"student.lr": 0.1}},
+                {"name": "sskd", "label": "sskd-k50", "set": {"sskd.ss_ratio": 0.5}},
+            ],
+            seeds=[0, 1],
+            settings={"full": {}, "few25": {"data.subset_fraction": 0.25}},
+            set={"student.epochs": 2},
+        )
+    )
     runs = plan(spec, tmp_path / "out")
     kinds = [r.kind for r in runs]
     # sskd's SS head and hssakd's branches once each; sskd-lr shares sskd's head (a student-only key), while
@@ -57,7 +71,9 @@ def test_the_plan_shares_teachers_and_heads_and_puts_settings_on_students_only(t
     lr_run = next(r for r in runs if r.meta.get("label") == "sskd-lr")
     assert lr_run.args[lr_run.args.index("--teacher") + 1] == str(heads["resnet20-sskd"].folder)
     teacher = next(r for r in runs if r.kind == "teacher")
-    assert not any("data.subset_fraction" in a for a in teacher.args + [a for h in heads.values() for a in h.args])
+    assert not any(
+        "data.subset_fraction" in a for a in teacher.args + [a for h in heads.values() for a in h.args]
+    )
     few = [r for r in runs if r.meta.get("setting") == "few25"]
     assert all("data.subset_fraction=0.25" in r.args for r in few)
     sskd_run = next(r for r in few if r.meta["label"] == "sskd" and r.meta["seed"] == 1)
@@ -67,9 +83,15 @@ def test_the_plan_shares_teachers_and_heads_and_puts_settings_on_students_only(t
 
 
 def test_dry_run_prints_every_run_with_its_steps_and_trains_nothing(tmp_path, digits_shards, capsys):
-    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"teacher": "resnet20", "student": "resnet8"}],
-                      methods=["ce", "kd"], seeds=[0], settings={"full": {}, "few25": {"data.subset_fraction": 0.25}},
-                      set={"teacher.epochs": 3, "student.epochs": 2, "student.batch_size": 32})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        shards=str(digits_shards),
+        pairs=[{"teacher": "resnet20", "student": "resnet8"}],
+        methods=["ce", "kd"],
+        seeds=[0],
+        settings={"full": {}, "few25": {"data.subset_fraction": 0.25}},
+        set={"teacher.epochs": 3, "student.epochs": 2, "student.batch_size": 32},
+    )
     assert sskd_main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     from pipelines.settings import subset_ids
@@ -94,12 +116,27 @@ def fabricate(root: Path, results: dict) -> Path:
         folder = f"runs/{setting}/{method}/resnet20-resnet8/seed{seed}"
         path = root / folder
         path.mkdir(parents=True)
-        (path / "model.json").write_text(json.dumps({"top1": top1, "top5": 99.0 + seed / 10, "best_top1": best}))
+        (path / "model.json").write_text(
+            json.dumps({"top1": top1, "top5": 99.0 + seed / 10, "best_top1": best})
+        )
         (path / "sweep.json").write_text(json.dumps({"status": "done", "wall_s": 10.0 + seed}))
-        (path / "metrics.jsonl").write_text("".join(json.dumps({"kind": "eval", "epoch": e, "top1": v}) + "\n"
-                                                    for e, v in enumerate(curve)) + '{"kind": "ev')
-        runs.append({"kind": "student", "folder": folder, "setting": setting, "method": method, "label": method,
-                     "teacher": "resnet20", "student": "resnet8", "seed": seed, "pair": "resnet20-resnet8"})
+        (path / "metrics.jsonl").write_text(
+            "".join(json.dumps({"kind": "eval", "epoch": e, "top1": v}) + "\n" for e, v in enumerate(curve))
+            + '{"kind": "ev'
+        )
+        runs.append(
+            {
+                "kind": "student",
+                "folder": folder,
+                "setting": setting,
+                "method": method,
+                "label": method,
+                "teacher": "resnet20",
+                "student": "resnet8",
+                "seed": seed,
+                "pair": "resnet20-resnet8",
+            }
+        )
     (root / "plan.json").write_text(json.dumps({"runs": runs}))
     return root
 
@@ -125,8 +162,17 @@ def test_report_numbers_equal_the_runs_and_the_paired_interval_is_students_t(tmp
         assert row["top1_std"] == pytest.approx(np.std(mine, ddof=1), abs=1e-12)
         assert row["best_top1_mean"] == pytest.approx(np.mean(mine) + 1, abs=1e-12)
         assert row["top5_mean"] == pytest.approx(99.1)
-        assert {"setting", "method", "teacher", "student", "n", "top1_mean", "top1_std", "top5_mean",
-                "top5_std"} <= set(row)
+        assert {
+            "setting",
+            "method",
+            "teacher",
+            "student",
+            "n",
+            "top1_mean",
+            "top1_std",
+            "top5_mean",
+            "top5_std",
+        } <= set(row)
         if row["method"] == "ce":
             assert row["delta_ce"] is None
             continue
@@ -150,10 +196,21 @@ def test_report_numbers_equal_the_runs_and_the_paired_interval_is_students_t(tmp
 
 @pytest.mark.slow
 def test_a_sweep_runs_skips_what_is_done_and_resumes_an_interrupted_run(tmp_path, digits_shards):
-    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"teacher": "resnet8", "student": "resnet8"}],
-                      methods=["ce", "kd"], seeds=[0, 1], settings={"full": {}, "few50": {"data.subset_fraction": 0.5}},
-                      set={"teacher.max_steps": 3, "student.max_steps": 4, "student.batch_size": 32,
-                           "run.ckpt_every": 2, "data.eval_batch_size": 360})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        shards=str(digits_shards),
+        pairs=[{"teacher": "resnet8", "student": "resnet8"}],
+        methods=["ce", "kd"],
+        seeds=[0, 1],
+        settings={"full": {}, "few50": {"data.subset_fraction": 0.5}},
+        set={
+            "teacher.max_steps": 3,
+            "student.max_steps": 4,
+            "student.batch_size": 32,
+            "run.ckpt_every": 2,
+            "data.eval_batch_size": 360,
+        },
+    )
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -163,8 +220,12 @@ def test_a_sweep_runs_skips_what_is_done_and_resumes_an_interrupted_run(tmp_path
     for entry in plan_["runs"]:
         rec = json.loads((out / entry["folder"] / "sweep.json").read_text())
         info = json.loads((out / entry["folder"] / "model.json").read_text())
-        assert rec["status"] == "done" and rec["result"]["top1"] == info["top1"] and "sskd distill" in rec["command"] \
+        assert (
+            rec["status"] == "done"
+            and rec["result"]["top1"] == info["top1"]
+            and "sskd distill" in rec["command"]
             or entry["kind"] == "teacher"
+        )
     few = out / "runs/few50/kd/resnet8-resnet8/seed1"
     assert json.loads((few / "data.json").read_text())["subset_fraction"] == 0.5
     # As if killed after its step-2 checkpoint: no model.json, the record still says running.
@@ -185,23 +246,44 @@ def test_a_sweep_runs_skips_what_is_done_and_resumes_an_interrupted_run(tmp_path
         else:
             assert p.read_text() == text, p  # finished runs are not started again
     assert json.loads((few / "sweep.json").read_text())["status"] == "done" and (few / "model.json").is_file()
-    assert sskd_main(["report", str(out), "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        sskd_main(["report", str(out), "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")])
+        == 0
+    )
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     for row in rows:
-        vals = [json.loads((out / f"runs/{row['setting']}/{row['method']}/resnet8-resnet8/seed{s}/model.json")
-                           .read_text())["top1"] for s in (0, 1)]
+        vals = [
+            json.loads(
+                (
+                    out / f"runs/{row['setting']}/{row['method']}/resnet8-resnet8/seed{s}/model.json"
+                ).read_text()
+            )["top1"]
+            for s in (0, 1)
+        ]
         assert row["n"] == 2 and row["top1_mean"] == sum(vals) / 2
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resumes_it(tmp_path, digits_shards, signame):
+def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resumes_it(
+    tmp_path, digits_shards, signame
+):
     import signal
     import time
 
-    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"student": "resnet8"}], methods=["ce"],
-                      set={"student.max_steps": 60, "student.batch_size": 32, "run.log_every": 1,
-                           "run.ckpt_every": 2, "run.eval_every": 0})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        shards=str(digits_shards),
+        pairs=[{"student": "resnet8"}],
+        methods=["ce"],
+        set={
+            "student.max_steps": 60,
+            "student.batch_size": 32,
+            "run.log_every": 1,
+            "run.ckpt_every": 2,
+            "run.eval_every": 0,
+        },
+    )
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -226,14 +308,38 @@ def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resum
 def test_a_launcher_runs_every_command_under_accelerate(tmp_path, digits_shards):
     import os
 
-    spec = write_spec(tmp_path / "s.yaml", shards=str(digits_shards), pairs=[{"student": "resnet8"}], methods=["ce"],
-                      set={"student.max_steps": 2, "student.batch_size": 32, "run.eval_every": 0})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        shards=str(digits_shards),
+        pairs=[{"student": "resnet8"}],
+        methods=["ce"],
+        set={"student.max_steps": 2, "student.batch_size": 32, "run.eval_every": 0},
+    )
     out = tmp_path / "sw"
-    launcher = (f"{sys.executable} -m accelerate.commands.launch --config_file "
-                f"{REPO / 'launch/accelerate/cpu.yaml'} --main_process_port 29581")
+    launcher = (
+        f"{sys.executable} -m accelerate.commands.launch --config_file "
+        f"{REPO / 'launch/accelerate/cpu.yaml'} --main_process_port 29581"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress",
-                           "--launcher", launcher], capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sskd",
+            "sweep",
+            str(spec),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--launcher",
+            launcher,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = out / "runs/full/ce/none-resnet8/seed0"
     rec = json.loads((run_dir / "sweep.json").read_text())

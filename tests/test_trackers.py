@@ -16,7 +16,15 @@ from sskd.commands import resolve_config
 from sskd.config import Config
 from sskd.runs import TRACKER_FOLDERS, read_metrics
 
-FAST = ["--no-progress", "--batch-size", "32", "--set", "run.log_every=1", "--set", "data.eval_batch_size=128"]
+FAST = [
+    "--no-progress",
+    "--batch-size",
+    "32",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "data.eval_batch_size=128",
+]
 
 
 def run(*args) -> int:
@@ -60,20 +68,48 @@ def test_tensorboard_scalars_are_the_metrics_log(digits_shards, tmp_path):
 def test_without_log_with_no_tracker_writes_and_a_resume_may_add_one(digits_shards, tmp_path, caplog):
     out = tmp_path / "plain"
     assert run(*teacher(digits_shards, out, "--max-steps", 2, "--set", "run.eval_every=0")) == 0
-    assert not [name for name in (*TRACKER_FOLDERS.values(), "tb", "wandb", "mlruns") if (out / name).exists()]
+    assert not [
+        name for name in (*TRACKER_FOLDERS.values(), "tb", "wandb", "mlruns") if (out / name).exists()
+    ]
     before = read_metrics(out)
     # metrics.jsonl's records are what they were before trackers existed
-    assert set(before[0]) == {"time", "ce", "loss", "train_top1", "kind", "step", "epoch", "lr", "images_per_s",
-                              "world_size"}
+    assert set(before[0]) == {
+        "time",
+        "ce",
+        "loss",
+        "train_top1",
+        "kind",
+        "step",
+        "epoch",
+        "lr",
+        "images_per_s",
+        "world_size",
+    }
     if not runs._installed("tensorboard"):
         return  # the rest needs a tracker
     with caplog.at_level(logging.INFO, logger="sskd"):
-        assert run(*teacher(digits_shards, out, "--max-steps", 3, "--set", "run.eval_every=0",
-                            "--log-with", "tensorboard", "--resume")) == 0
-    assert "run.log_with" not in " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        assert (
+            run(
+                *teacher(
+                    digits_shards,
+                    out,
+                    "--max-steps",
+                    3,
+                    "--set",
+                    "run.eval_every=0",
+                    "--log-with",
+                    "tensorboard",
+                    "--resume",
+                )
+            )
+            == 0
+        )
+    assert "run.log_with" not in " ".join(
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+    )
     after = read_metrics(out)
     train = [r for r in after if r["kind"] == "train"]
-    assert after[:len(before)] == before and [r["step"] for r in train] == [1, 2, 3]
+    assert after[: len(before)] == before and [r["step"] for r in train] == [1, 2, 3]
     scalars = tb_scalars(out / TRACKER_FOLDERS["tensorboard"])  # the tracker starts with the resumed steps
     assert scalars["train/loss"] == [(3, pytest.approx(train[-1]["loss"], rel=1e-6))]
 
@@ -97,7 +133,9 @@ def test_a_resume_replaces_the_tensorboard_steps_after_its_checkpoint(digits_sha
 
 
 @pytest.mark.parametrize("name", ["wandb", "tensorboard", "mlflow", "aim"])
-def test_a_missing_tracker_package_is_one_line_before_training(name, digits_shards, tmp_path, monkeypatch, capsys):
+def test_a_missing_tracker_package_is_one_line_before_training(
+    name, digits_shards, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, runs.TRACKER_MODULES[name], None)  # the package "is not installed"
     out = tmp_path / "r"
     assert run(*teacher(digits_shards, out, "--max-steps", 1, "--log-with", name)) == 2
@@ -107,8 +145,9 @@ def test_a_missing_tracker_package_is_one_line_before_training(name, digits_shar
 
 
 def test_flat_config():
-    flat = runs.flat_config({"a": {"b": 1, "c": {"d": [1, 2]}, "e": None}, "f": True, "g": [], "h": "x",
-                             "p": Path("/x")})
+    flat = runs.flat_config(
+        {"a": {"b": 1, "c": {"d": [1, 2]}, "e": None}, "f": True, "g": [], "h": "x", "p": Path("/x")}
+    )
     assert flat == {"a.b": 1, "a.c.d": "[1, 2]", "a.e": None, "f": True, "g": "[]", "h": "x", "p": "/x"}
     full = runs.flat_config(Config().to_dict())
     assert full["student.lr"] == 0.05 and full["run.log_with"] == "[]" and full["teacher.milestones"]
@@ -124,8 +163,11 @@ def _config(*argv):
 def test_log_with_flag_list_and_set():
     assert _config().run.log_with == []
     assert _config("--log-with", "tensorboard").run.log_with == ["tensorboard"]
-    assert _config("--log-with", "wandb,mlflow", "--log-with", "aim", "--log-with", "wandb").run.log_with == \
-        ["wandb", "mlflow", "aim"]
+    assert _config("--log-with", "wandb,mlflow", "--log-with", "aim", "--log-with", "wandb").run.log_with == [
+        "wandb",
+        "mlflow",
+        "aim",
+    ]
     assert _config("--set", "run.log_with=[tensorboard]").run.log_with == ["tensorboard"]
     assert _config("--set", "run.log_with=[aim]", "--log-with", "none").run.log_with == ["aim"]  # --set last
     assert _config("--log-with", "none").run.log_with == []
@@ -166,6 +208,9 @@ def test_service_trackers_write_in_the_run_folder(name, digits_shards, tmp_path,
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r"
-    assert run(*teacher(digits_shards, out, "--max-steps", 2, "--set", "run.eval_every=0", "--log-with", name)) == 0
+    assert (
+        run(*teacher(digits_shards, out, "--max-steps", 2, "--set", "run.eval_every=0", "--log-with", name))
+        == 0
+    )
     assert (out / TRACKER_FOLDERS[name]).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # nothing written beside the run folder

@@ -32,7 +32,9 @@ class ToyVFlip(CropView):
     def after_dali(self, v, prm, *, view, size):
         from nvidia.dali import fn
 
-        return fn.flip(v, horizontal=0, vertical=prm[f"v{view}.vflip"])  # (DALI flips horizontally by default)
+        return fn.flip(
+            v, horizontal=0, vertical=prm[f"v{view}.vflip"]
+        )  # (DALI flips horizontally by default)
 
     def after_reference(self, v, prm, *, view, size):
         return v.flip(1) if prm[f"v{view}.vflip"][0] else v
@@ -42,17 +44,32 @@ def test_a_view_defined_in_a_test_flows_through_plan_dali_and_reference(digits_s
     assert "toy_vflip" in view_names()
     names = ("toy_vflip", "rot90")
     assert plan.param_names(("normal", *names), "cifar") == [
-        "flip", "v0.start", "v1.start", "v1.vflip", "v2.start"]
+        "flip",
+        "v0.start",
+        "v1.start",
+        "v1.vflip",
+        "v2.start",
+    ]
     loader = ViewLoader(digits_shards, "train", batch_size=32, views=",".join(names))
     assert loader.view_names == ("normal", *names)
     batch = next(iter(loader.epoch(1)))
     imgs, m = decoded_images(digits_shards)
     for i, sid in enumerate(batch["id"].tolist()[:12]):
-        ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=1, size=32, layout="cifar",
-                              mean=m["mean"], std=m["std"])
+        ref = reference_views(
+            imgs[sid],
+            sid,
+            names=loader.view_names,
+            seed=0,
+            epoch=1,
+            size=32,
+            layout="cifar",
+            mean=m["mean"],
+            std=m["std"],
+        )
         assert torch.allclose(batch["views"][i], ref, atol=1e-5), sid  # bit for bit up to the normalisation
-    coins = plan.view_params(batch["id"].numpy(), np.full((32, 2), 32), seed=0, epoch=1, views=loader.view_names,
-                             layout="cifar")["v1.vflip"]
+    coins = plan.view_params(
+        batch["id"].numpy(), np.full((32, 2), 32), seed=0, epoch=1, views=loader.view_names, layout="cifar"
+    )["v1.vflip"]
     assert 0 < coins.sum() < 32  # both sides of the coin occur in the batch
 
 
@@ -72,7 +89,9 @@ def test_the_permutation_set_is_the_24_orders_of_four_tiles():
     assert set(PERMUTATIONS) == set(itertools.permutations(range(4))) and PERMUTATIONS[0] == (0, 1, 2, 3)
     x = torch.arange(16).view(1, 4, 4)
     out = jigsaw_tiles(x, (3, 2, 1, 0))  # output tile j = input tile perm[j]
-    assert out[0, :2, :2].tolist() == x[0, 2:, 2:].tolist() and out[0, 2:, 2:].tolist() == x[0, :2, :2].tolist()
+    assert (
+        out[0, :2, :2].tolist() == x[0, 2:, 2:].tolist() and out[0, 2:, 2:].tolist() == x[0, :2, :2].tolist()
+    )
 
 
 def test_jigsaw_labels_are_a_pure_function_of_seed_epoch_id_and_view():
@@ -98,8 +117,17 @@ def test_jigsaw_view_equals_its_reference_bit_for_bit_and_the_batch_carries_its_
     batch = next(iter(loader.epoch(4)))
     imgs, m = decoded_images(digits_shards)
     for i, sid in enumerate(batch["id"].tolist()[:24]):
-        ref = reference_views(imgs[sid], sid, names=loader.view_names, seed=0, epoch=4, size=32, layout="cifar",
-                              mean=m["mean"], std=m["std"])
+        ref = reference_views(
+            imgs[sid],
+            sid,
+            names=loader.view_names,
+            seed=0,
+            epoch=4,
+            size=32,
+            layout="cifar",
+            mean=m["mean"],
+            std=m["std"],
+        )
         # one 0-255 level is ~0.015 after normalisation: 1e-5 is the uint8 views equal, bit for bit
         assert torch.allclose(batch["views"][i], ref, atol=1e-5), sid
     want = plan.view_labels(batch["id"].numpy(), seed=0, epoch=4, views=loader.view_names)
@@ -117,8 +145,17 @@ def test_jigsaw_tiles_undo_to_the_plain_crop(digits_shards):
     for i, sid in enumerate(batch["id"].tolist()[:8]):
         perm = PERMUTATIONS[int(batch["jigsaw_label"][i, 1])]
         undone = jigsaw_tiles(batch["views"][i, 1], tuple(perm.index(t) for t in range(4)))
-        plain = reference_views(imgs[sid], sid, names=("normal", "normal"), seed=0, epoch=0, size=32, layout="cifar",
-                                mean=m["mean"], std=m["std"])[1]
+        plain = reference_views(
+            imgs[sid],
+            sid,
+            names=("normal", "normal"),
+            seed=0,
+            epoch=0,
+            size=32,
+            layout="cifar",
+            mean=m["mean"],
+            std=m["std"],
+        )[1]
         assert torch.allclose(undone, plain, atol=1e-5), sid
     assert len(set(batch["jigsaw_label"][:, 1].tolist())) > 10
 
@@ -126,11 +163,22 @@ def test_jigsaw_tiles_undo_to_the_plain_crop(digits_shards):
 def test_jigsaw_on_photos_close_to_reference_and_same_whatever_the_batch(photo_shards):
     imgs, m = decoded_images(photo_shards)
     a, _ = collect(ViewLoader(photo_shards, "train", batch_size=8, views="jigsaw", size=64), epoch=1)
-    b, _ = collect(ViewLoader(photo_shards, "train", batch_size=5, views="jigsaw", size=64, threads=1), epoch=1)
+    b, _ = collect(
+        ViewLoader(photo_shards, "train", batch_size=5, views="jigsaw", size=64, threads=1), epoch=1
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for sid in list(a)[:8]:
-        ref = reference_views(imgs[sid], sid, names=("normal", "jigsaw", "jigsaw", "jigsaw"), seed=0, epoch=1,
-                              size=64, layout="imagenet", mean=m["mean"], std=m["std"])
+        ref = reference_views(
+            imgs[sid],
+            sid,
+            names=("normal", "jigsaw", "jigsaw", "jigsaw"),
+            seed=0,
+            epoch=1,
+            size=64,
+            layout="imagenet",
+            mean=m["mean"],
+            std=m["std"],
+        )
         # the documented tolerance of the ImageNet-layout views (random-resized crops, antialiasing)
         err = ((a[sid] - ref).abs() * 255 * torch.tensor(m["std"]).view(1, 3, 1, 1)).mean(dim=(1, 2, 3))
         assert err.max() < 8, err.tolist()
@@ -139,8 +187,9 @@ def test_jigsaw_on_photos_close_to_reference_and_same_whatever_the_batch(photo_s
 def test_jigsaw_needs_an_even_size_and_has_a_torchvision_baseline(digits_shards):
     with pytest.raises(SSKDError, match="must be even"):
         collect(ViewLoader(digits_shards, "train", batch_size=64, views="jigsaw", size=31))
-    base = BaselineViews(("normal", "jigsaw", "rot90", "shared_rot90"), size=32, layout="cifar", mean=[0.5] * 3,
-                         std=[0.25] * 3)
+    base = BaselineViews(
+        ("normal", "jigsaw", "rot90", "shared_rot90"), size=32, layout="cifar", mean=[0.5] * 3, std=[0.25] * 3
+    )
     out = base(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
     assert out.shape == (4, 3, 32, 32) and torch.equal(out[3], torch.rot90(out[0], 1, dims=(-2, -1)))
 
@@ -148,6 +197,8 @@ def test_jigsaw_needs_an_even_size_and_has_a_torchvision_baseline(digits_shards)
 @pytest.mark.gpu
 def test_gpu_jigsaw_matches_cpu(digits_shards):
     cpu, _ = collect(ViewLoader(digits_shards, "train", batch_size=64, views="jigsaw"))
-    gpu, _ = collect(ViewLoader(digits_shards, "train", batch_size=64, views="jigsaw", device="gpu", torch_device="cpu"))
+    gpu, _ = collect(
+        ViewLoader(digits_shards, "train", batch_size=64, views="jigsaw", device="gpu", torch_device="cpu")
+    )
     assert cpu.keys() == gpu.keys()
     assert max((cpu[k] - gpu[k]).abs().max().item() for k in cpu) < 0.05

@@ -75,8 +75,12 @@ def at_loss(s_maps: Sequence[torch.Tensor], t_maps: Sequence[torch.Tensor], p: f
     return total
 
 
-def at_loss_from_attention(s_maps: Sequence[torch.Tensor], t_attention: Sequence[torch.Tensor],
-                           t_sizes: Sequence[tuple[int, int]], p: float = 2) -> torch.Tensor:
+def at_loss_from_attention(
+    s_maps: Sequence[torch.Tensor],
+    t_attention: Sequence[torch.Tensor],
+    t_sizes: Sequence[tuple[int, int]],
+    p: float = 2,
+) -> torch.Tensor:
     """:func:`at_loss` against the teacher's attention maps instead of its feature maps (what a cache holds):
     equal to it whenever no teacher map has to be pooled, i.e. every student map is at least as large.
 
@@ -89,8 +93,10 @@ def at_loss_from_attention(s_maps: Sequence[torch.Tensor], t_attention: Sequence
     total = 0
     for f_s, a_t, (h, w) in zip(s_maps, t_attention, t_sizes):
         if f_s.shape[2] < h:
-            raise ValueError(f"student map {tuple(f_s.shape[1:])} is smaller than the teacher's {h}x{w}: the "
-                             "teacher's feature map must be pooled first (use at_loss on the maps)")
+            raise ValueError(
+                f"student map {tuple(f_s.shape[1:])} is smaller than the teacher's {h}x{w}: the "
+                "teacher's feature map must be pooled first (use at_loss on the maps)"
+            )
         if f_s.shape[2] > h:
             f_s = F.adaptive_avg_pool2d(f_s, (h, w))
         total = total + (attention_map(f_s, p) - a_t.float()).pow(2).mean()
@@ -102,8 +108,9 @@ def vid_variance(log_scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.softplus(log_scale.float()) + eps
 
 
-def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor,
-             eps: float = 1e-5) -> torch.Tensor:
+def vid_loss(
+    pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
     """Variational information distillation (Ahn et al., CVPR 2019: −log q(t | s) of a Gaussian with mean
     μ(s) and a learned per-channel variance), as RepDistiller's ``VIDLoss``: the **mean** over ``(b, C_t, H, W)`` of
     ``½·[(μ(f_s) − f_t)²/σ² + log σ²]`` with σ² from :func:`vid_variance`; no log 2π constant.
@@ -117,7 +124,9 @@ def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Ten
     return (0.5 * ((pred_mean.float() - target.float()).pow(2) / var + var.log())).mean()
 
 
-def ab_loss(s_maps: Sequence[torch.Tensor], t_preact: Sequence[torch.Tensor], margin: float = 1.0) -> torch.Tensor:
+def ab_loss(
+    s_maps: Sequence[torch.Tensor], t_preact: Sequence[torch.Tensor], margin: float = 1.0
+) -> torch.Tensor:
     """Activation-boundary loss (Heo et al., AAAI 2019: the piecewise-differentiable alternative to the
     activation transfer loss, squared hinge with margin m), as RepDistiller's ``ABLoss(feat_num=n, margin=1)``: per layer i the sum over all elements of
     ``(s + m)²·[s > −m and t ≤ 0] + (s − m)²·[s ≤ m and t > 0]``, times ``w_i = 2^(i − n + 1)``, divided

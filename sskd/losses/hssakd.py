@@ -21,7 +21,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def hssakd_teacher_terms(logits: torch.Tensor, aux: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def hssakd_teacher_terms(
+    logits: torch.Tensor, aux: list[torch.Tensor], labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The HSSAKD teacher's loss (train_teacher_cifar.py): ``CE(logits[:, 0], y) + Σ_l CE(aux_l, R·y + r)``.
 
     The main classifier sees only the unrotated rows; every branch is trained on all b·R rows; all
@@ -39,8 +41,14 @@ def hssakd_teacher_terms(logits: torch.Tensor, aux: list[torch.Tensor], labels: 
     return {"ce": ce, "aux": aux_ce, "loss": ce + aux_ce}
 
 
-def hssakd_student_terms(s_logits: torch.Tensor, s_aux: list[torch.Tensor], t_logits: torch.Tensor,
-                         t_aux: list[torch.Tensor], labels: torch.Tensor, T: float = 3.0) -> dict[str, torch.Tensor]:
+def hssakd_student_terms(
+    s_logits: torch.Tensor,
+    s_aux: list[torch.Tensor],
+    t_logits: torch.Tensor,
+    t_aux: list[torch.Tensor],
+    labels: torch.Tensor,
+    T: float = 3.0,
+) -> dict[str, torch.Tensor]:
     """The HSSAKD student's loss (train_student_cifar.py): CE on the unrotated rows, plus T²·KL of the main
     logits over all b·R rows (rotated ones included), plus Σ_l T²·KL of branch l over all b·R rows.
 
@@ -60,8 +68,9 @@ def hssakd_student_terms(s_logits: torch.Tensor, s_aux: list[torch.Tensor], t_lo
     return {"ce": ce, "kd": kd, "aux": aux, "loss": ce + kd + aux}
 
 
-def hssakd_online_terms(logits: list[torch.Tensor], aux: list[list[torch.Tensor]], labels: torch.Tensor,
-                        T: float = 3.0) -> dict[str, torch.Tensor]:
+def hssakd_online_terms(
+    logits: list[torch.Tensor], aux: list[list[torch.Tensor]], labels: torch.Tensor, T: float = 3.0
+) -> dict[str, torch.Tensor]:
     """HSSAKD's online mode (train_online_kd_cifar.py) for two peers trained together, no teacher.
 
     Each peer: CE of its main head on the unrotated rows and CE of every branch on the joint labels; plus

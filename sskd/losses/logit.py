@@ -53,8 +53,9 @@ def _binary_and_rest(a: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return log_b, a_rest.log_softmax(dim=1)
 
 
-def dkd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
-              T: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_terms(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, T: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DKD's two parts (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, Eq. 7:
     ``KD = TCKD + (1 − p_t,y)·NCKD`` per sample), each ``T² · mean_rows KL(teacher ‖ student)``.
 
@@ -79,8 +80,9 @@ def dkd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tens
     return _kl_rows(log_b_t, log_b_s).mean() * scale, _kl_rows(log_q_t, log_q_s).mean() * scale
 
 
-def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float,
-             T: float) -> torch.Tensor:
+def dkd_loss(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float, T: float
+) -> torch.Tensor:
     """DKD (Zhao et al., CVPR 2022, Eq. 8): ``alpha · TCKD + beta · NCKD`` (see :func:`dkd_terms`), without
     the epoch warm-up factor the training loss multiplies it by.
 
@@ -103,8 +105,9 @@ def _pearson_rows(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-8) -> torch.
     return (u * v).sum(dim=1) / (u.norm(dim=1) * v.norm(dim=1) + eps)
 
 
-def dist_terms(s_logits: torch.Tensor, t_logits: torch.Tensor,
-               tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dist_terms(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DIST's relation distances (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS
     2022: ``d_p(u, v) = 1 − ρ_p(u, v)``, Pearson's ρ), on ``Y = softmax(z / tau)`` of each network:
 
@@ -122,8 +125,9 @@ def dist_terms(s_logits: torch.Tensor, t_logits: torch.Tensor,
     return 1 - _pearson_rows(y_s, y_t).mean(), 1 - _pearson_rows(y_s.t(), y_t.t()).mean()
 
 
-def dist_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, beta: float, gamma: float,
-              tau: float) -> torch.Tensor:
+def dist_loss(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, beta: float, gamma: float, tau: float
+) -> torch.Tensor:
     """DIST (Huang et al., NeurIPS 2022): ``tau² · (beta · inter + gamma · intra)`` (:func:`dist_terms`),
     as the official code (image_classification_sota lib/models/losses/dist_kd.py) scales both terms by τ².
 

@@ -77,8 +77,9 @@ def rkd_terms(s_emb: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor, t
     return F.smooth_l1_loss(_normalised_pdist(s), t_d), F.smooth_l1_loss(_angles(s), t_a)
 
 
-def rkd_loss(s_emb: torch.Tensor, t_emb: torch.Tensor, w_dist: float = 25,
-             w_angle: float = 50) -> torch.Tensor:
+def rkd_loss(
+    s_emb: torch.Tensor, t_emb: torch.Tensor, w_dist: float = 25, w_angle: float = 50
+) -> torch.Tensor:
     """RKD (Park et al., CVPR 2019): ``w_dist · L_RKD-D + w_angle · L_RKD-A`` of :func:`rkd_terms`,
     RepDistiller's ``RKDLoss(w_d=25, w_a=50)``. Returns a 0-dim tensor."""
     dist, angle = rkd_terms(s_emb, t_emb)

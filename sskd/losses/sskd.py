@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from sskd.config import bound
 from sskd.losses.logit import standardize_logits
 
-PRETEXT_TASKS = ("contrastive", "exemplar", "rotation", "jigsaw")  # sskd.pretext's registry (tests check they agree)
+PRETEXT_TASKS = (
+    "contrastive",
+    "exemplar",
+    "rotation",
+    "jigsaw",
+)  # sskd.pretext's registry (tests check they agree)
 
 
 @dataclass
@@ -32,7 +37,9 @@ class SSKDLossConfig:
     ss_T: float = bound(0.5, gt=0)
     ss_ratio: float = bound(0.75, gt=0, le=1)
     tf_ratio: float = bound(1.0, gt=0, le=1)
-    head_tau: float = bound(1.0, gt=0)  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
+    head_tau: float = bound(
+        1.0, gt=0
+    )  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
     # The self-supervised task of the SS head (the paper's Table 2, sskd/pretext.py): contrastive (Eq. 4-5,
     # the paper's and official code's), exemplar (each image its own class), rotation (4-way) or jigsaw
     # (24 orders of 2 x 2 tiles); used alike by `train-ss-head --method sskd` (what the teacher's head learns)
@@ -47,8 +54,9 @@ def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Te
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, *,
-            standardize: bool = False) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, *, standardize: bool = False
+) -> torch.Tensor:
     """Eq. 2: Hinton KD, ``T² · mean_rows KL(p_t ‖ p_s)`` with ``p = softmax(logits / T)``.
 
     With ``standardize`` both networks' logits are Z-scored per row first (:func:`standardize_logits`,
@@ -129,8 +137,9 @@ def _masked_kd(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor,
     return _kl_rows(student[keep], teacher.detach()[keep], T).mean() * T * T
 
 
-def ss_kd_loss(sim_student: torch.Tensor, sim_teacher: torch.Tensor, target: torch.Tensor, T: float,
-               keep_ratio: float) -> torch.Tensor:
+def ss_kd_loss(
+    sim_student: torch.Tensor, sim_teacher: torch.Tensor, target: torch.Tensor, T: float, keep_ratio: float
+) -> torch.Tensor:
     """Eq. 6: KL between the teacher's and the student's similarity rows over the rows kept by
     :func:`select_rows` on the teacher's matrix; mean over kept rows, × T².
 
@@ -140,8 +149,13 @@ def ss_kd_loss(sim_student: torch.Tensor, sim_teacher: torch.Tensor, target: tor
     return _masked_kd(sim_student, sim_teacher, select_rows(sim_teacher, target, keep_ratio), T)
 
 
-def transformed_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                        T: float, keep_ratio: float) -> torch.Tensor:
+def transformed_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    keep_ratio: float,
+) -> torch.Tensor:
     """Eq. 7: KD on the transformed views' class scores, over the rows the same rule keeps when
     applied to the teacher's class scores (the label's rank); mean over kept rows, × T².
 
@@ -153,5 +167,9 @@ def transformed_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 def sskd_total(terms: dict[str, torch.Tensor], cfg: SSKDLossConfig) -> torch.Tensor:
     """Eq. 8: ``λ1 L_ce + λ2 L_kd + λ3 L_T + λ4 L_ss`` (defaults 0.1, 0.9, 2.7, 10: the official code)."""
-    return (cfg.ce_weight * terms["ce"] + cfg.kd_weight * terms["kd"] + cfg.tf_weight * terms["tf"]
-            + cfg.ss_weight * terms["ss"])
+    return (
+        cfg.ce_weight * terms["ce"]
+        + cfg.kd_weight * terms["kd"]
+        + cfg.tf_weight * terms["tf"]
+        + cfg.ss_weight * terms["ss"]
+    )

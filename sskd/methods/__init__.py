@@ -39,14 +39,23 @@ def _load_plugins() -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise SSKDError(f"{PLUGINS_ENV}={os.environ[PLUGINS_ENV]}: cannot import {name!r} ({exc})") from exc
+            raise SSKDError(
+                f"{PLUGINS_ENV}={os.environ[PLUGINS_ENV]}: cannot import {name!r} ({exc})"
+            ) from exc
 
 
 _load_plugins()
 
 
-def create_method(name: str, *, student: nn.Module, teacher: nn.Module | None = None, num_classes: int,
-                  cfg: Any = None, role: str = "student") -> Method:
+def create_method(
+    name: str,
+    *,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    num_classes: int,
+    cfg: Any = None,
+    role: str = "student",
+) -> Method:
     """A method from models already made (tests, benchmarks): ``create_method("sskd", student=, teacher=)``.
 
     Without a teacher the teacher's outputs must come in every batch (from a cache).
@@ -87,14 +96,18 @@ def resolve_views(cfg, cls: type[Method]):
         views = ViewConfig.parse(cls.auto_views(cfg) if asked == "auto" else asked)
     else:
         if asked not in ("auto", cls.views) and ViewConfig.parse(asked).ss_views != PRESETS[cls.views]:
-            raise SSKDError(f"config: data.views: method {cls.name!r} trains on its own views ({cls.views}); "
-                            f"leave --views out (or auto), not {asked!r}")
+            raise SSKDError(
+                f"config: data.views: method {cls.name!r} trains on its own views ({cls.views}); "
+                f"leave --views out (or auto), not {asked!r}"
+            )
         views = ViewConfig.parse(cls.views)
     if len(views.ss_views) < cls.min_ss_views:  # its SS terms would silently be 0
         need = f"{cls.min_ss_views} SS view" + ("s" if cls.min_ss_views > 1 else "")
         own = cls.auto_views(cfg) if cls.views == "ss" else cls.views
-        raise SSKDError(f"config: data.views: method {cls.name!r} ({ROLES[cls.role]}) needs at least {need} beside the "
-                        f"normal view (its own: {own}; leave --views out or name views), not {asked!r}")
+        raise SSKDError(
+            f"config: data.views: method {cls.name!r} ({ROLES[cls.role]}) needs at least {need} beside the "
+            f"normal view (its own: {own}; leave --views out or name views), not {asked!r}"
+        )
     return views
 
 
@@ -108,17 +121,45 @@ def describe(role: str | None = None) -> list[dict[str, Any]]:
             cls = registry.get(name)
             teacher = None
             if r == "student" and cls.needs_teacher:
-                teacher = (f"a run with {cls.teacher_part.replace('_', ' ')} ({' or '.join(part_makers(cls.teacher_part))})"
-                           if cls.teacher_part else "any classifier run")
+                teacher = (
+                    f"a run with {cls.teacher_part.replace('_', ' ')} ({' or '.join(part_makers(cls.teacher_part))})"
+                    if cls.teacher_part
+                    else "any classifier run"
+                )
             elif r == "head":
                 teacher = "a train-teacher run (frozen)"
-            views = {None: "the normal view only", "ss": f"--views (default {cls.default_views}" + (", or the sskd.pretext task's own" if cls.section == "sskd" else "") + ")"}.get(
-                cls.views, f"{cls.views} (fixed)")
-            rows.append({"name": name, "role": r, "command": ROLES[r], "summary": cls.summary, "paper": cls.paper,
-                         "views": views, "teacher": teacher, "section": cls.section,
-                         "cache": bool(cls.outputs) and not cls.cache_refusal})
+            views = {
+                None: "the normal view only",
+                "ss": f"--views (default {cls.default_views}"
+                + (", or the sskd.pretext task's own" if cls.section == "sskd" else "")
+                + ")",
+            }.get(cls.views, f"{cls.views} (fixed)")
+            rows.append(
+                {
+                    "name": name,
+                    "role": r,
+                    "command": ROLES[r],
+                    "summary": cls.summary,
+                    "paper": cls.paper,
+                    "views": views,
+                    "teacher": teacher,
+                    "section": cls.section,
+                    "cache": bool(cls.outputs) and not cls.cache_refusal,
+                }
+            )
     return rows
 
 
-__all__ = ["METHODS", "ROLES", "BuildContext", "Method", "create_method", "describe", "method_class", "register",
-           "resolve_views", "section_types", "stage_method"]
+__all__ = [
+    "METHODS",
+    "ROLES",
+    "BuildContext",
+    "Method",
+    "create_method",
+    "describe",
+    "method_class",
+    "register",
+    "resolve_views",
+    "section_types",
+    "stage_method",
+]

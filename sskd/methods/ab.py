@@ -58,8 +58,10 @@ class AB(Method):
     needs_teacher = True
     has_phases = True
     outputs = ("logits", "preact")
-    cache_refusal = ("its init stage reads the teacher's pre-ReLU maps, 114,688 floats a sample for resnet32x4 (224 KB "
-                     "fp16 per sample and epoch), and its main stage runs no teacher unless ab.kd_weight > 0")
+    cache_refusal = (
+        "its init stage reads the teacher's pre-ReLU maps, 114,688 floats a sample for resnet32x4 (224 KB "
+        "fp16 per sample and epoch), and its main stage runs no teacher unless ab.kd_weight > 0"
+    )
 
     def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
         super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
@@ -87,7 +89,8 @@ class AB(Method):
     def phase_parameters(self, name):
         if name == INIT:
             return [p for n, p in self.student.named_parameters() if n in self.feature_names] + list(
-                self.connector.parameters())
+                self.connector.parameters()
+            )
         # RepDistiller: the connector is not in trainable_list in the main stage
         return [*self.student.parameters(), *(self.connector.parameters() if self.cfg.weight > 0 else [])]
 
@@ -102,7 +105,9 @@ class AB(Method):
         return self
 
     def _ab(self, f, t) -> torch.Tensor:
-        return ab_loss(self.connector(f.preact), split_maps(t["preact"][:, 0], self.pair.teacher), self.cfg.margin)
+        return ab_loss(
+            self.connector(f.preact), split_maps(t["preact"][:, 0], self.pair.teacher), self.cfg.margin
+        )
 
     def forward(self, batch):
         x = normal(batch)

@@ -50,16 +50,20 @@ class AT(Method):
         self.pair.check_count(self.name)
         # The teacher's attention maps (what a cache holds, at p = 2) give the same loss as its feature maps
         # whenever only student maps are pooled; otherwise the teacher's map must be pooled before a(·).
-        self.from_attention = self.cfg.p == 2 and all(s[1] >= t[1] for s, t in zip(self.pair.student,
-                                                                                     self.pair.teacher))
+        self.from_attention = self.cfg.p == 2 and all(
+            s[1] >= t[1] for s, t in zip(self.pair.student, self.pair.teacher)
+        )
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
         student, teacher, pair = build_pair(ctx, cls.name)
         method = cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), pair=pair)
         if ctx.cached and not method.from_attention:
-            why = (f"at.p = {method.cfg.p}: a cache holds attention maps at p = 2" if method.cfg.p != 2 else
-                   "a teacher map is larger than the student's and must be pooled before its attention map")
+            why = (
+                f"at.p = {method.cfg.p}: a cache holds attention maps at p = 2"
+                if method.cfg.p != 2
+                else "a teacher map is larger than the student's and must be pooled before its attention map"
+            )
             raise pair.error(cls.name, f"{why}, which a cache cannot serve; run without --cache")
         return method
 
@@ -67,8 +71,11 @@ class AT(Method):
     def teacher_outputs(teacher, views):
         f = features_of(teacher, views[:, 0])
         attention = torch.cat([attention_map(m, 2) for m in f.maps], dim=1)  # (b, Σ H·W)
-        return {"logits": f.logits[:, None], "attention": attention[:, None],
-                **{f"map{i}": m[:, None] for i, m in enumerate(f.maps)}}  # maps: live runs that pool the teacher
+        return {
+            "logits": f.logits[:, None],
+            "attention": attention[:, None],
+            **{f"map{i}": m[:, None] for i, m in enumerate(f.maps)},
+        }  # maps: live runs that pool the teacher
 
     def forward(self, batch):
         f = self.student(normal(batch), features=True)

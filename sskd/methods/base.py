@@ -34,6 +34,7 @@ METHODS = {role: Registry(f"{command} method") for role, command in ROLES.items(
 
 def register(role: str, name: str) -> Callable[[type], type]:
     """Class decorator: ``@register("student", "kd")``."""
+
     def deco(cls: type) -> type:
         cls.name, cls.role = name, role
         return METHODS[role].register(name)(cls)
@@ -104,15 +105,22 @@ class BuildContext:
             torch.random.set_rng_state(rng)
             freeze(model)
         check_part(info, part, self.teacher, method)
-        self.info.update(teacher=str(self.teacher), teacher_arch=info["arch"],
-                         teacher_weights_sha256=info.get("weights_sha256"))
+        self.info.update(
+            teacher=str(self.teacher),
+            teacher_arch=info["arch"],
+            teacher_weights_sha256=info.get("weights_sha256"),
+        )
         return model, info
 
 
 def part_makers(part: str) -> list[str]:
     """The commands whose runs carry ``part``: ``["train-ss-head --method sskd", ...]`` (from the registry)."""
-    return [f"{ROLES[role]} --method {name}" for role in ("head", "teacher") for name in METHODS[role].names()
-            if METHODS[role].get(name).produces == part]
+    return [
+        f"{ROLES[role]} --method {name}"
+        for role in ("head", "teacher")
+        for name in METHODS[role].names()
+        if METHODS[role].get(name).produces == part
+    ]
 
 
 def check_part(info: dict[str, Any], part: str | None, source: str, method: str) -> None:
@@ -120,10 +128,14 @@ def check_part(info: dict[str, Any], part: str | None, source: str, method: str)
     have = info.get("wrapper") or ("ss_head" if info.get("has_head") else None)
     if part is not None and have != part:
         makers = part_makers(part) or ["a method that makes it"]
-        how = f"sskd {makers[0]} --teacher {source} ..." + (f" (or {', '.join(makers[1:])})" if makers[1:] else "")
+        how = f"sskd {makers[0]} --teacher {source} ..." + (
+            f" (or {', '.join(makers[1:])})" if makers[1:] else ""
+        )
         what = f"it is a `{info.get('stage')}` run" + (f" with {have}" if have else " without one")
-        raise SSKDError(f"--teacher {source}: --method {method} needs a teacher with {part.replace('_', ' ')} ({what}); "
-                        f"make one with `{how}` and pass that run")
+        raise SSKDError(
+            f"--teacher {source}: --method {method} needs a teacher with {part.replace('_', ' ')} ({what}); "
+            f"make one with `{how}` and pass that run"
+        )
 
 
 class Method(nn.Module):
@@ -151,10 +163,14 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     outputs: ClassVar[tuple[str, ...]] = ()  # teacher outputs consumed (batch keys "t_<name>", (b, v, ...))
     topk_outputs: ClassVar[tuple[str, ...]] = ()  # which of them may be cached as top-K + log-sum-exp
-    cache_refusal: ClassVar[str | None] = None  # why `sskd cache` does not pay for this method (then it refuses)
+    cache_refusal: ClassVar[str | None] = (
+        None  # why `sskd cache` does not pay for this method (then it refuses)
+    )
     has_phases: ClassVar[bool] = False  # True when :meth:`phases` may return pre-training phases
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int, cfg: Any = None):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int, cfg: Any = None
+    ):
         super().__init__()
         self.student = student
         self.num_classes = num_classes

@@ -82,7 +82,9 @@ class NegativeSampler:
         SSKDError: when a class has no sample of another class at all (data of one class).
     """
 
-    def __init__(self, labels: np.ndarray, k: int, seed: int, mode: str = "exact", classes: list[str] | None = None):
+    def __init__(
+        self, labels: np.ndarray, k: int, seed: int, mode: str = "exact", classes: list[str] | None = None
+    ):
         self.labels, self.k, self.seed, self.mode = np.asarray(labels, dtype=np.int64), k, seed, mode
         held = np.flatnonzero(self.labels >= 0)
         self.order = held[np.argsort(self.labels[held], kind="stable")]  # ids grouped by class
@@ -92,15 +94,20 @@ class NegativeSampler:
         worst = int(np.argmin(np.where(self.counts > 0, pools, np.iinfo(np.int64).max)))
         name = classes[worst] if classes and worst < len(classes) else str(worst)
         if pools[worst] < 1:
-            raise SSKDError(f"crd: class {name!r} has no samples of other classes to draw negatives from (CRD "
-                            "contrasts classes: the training data needs at least two)")
+            raise SSKDError(
+                f"crd: class {name!r} has no samples of other classes to draw negatives from (CRD "
+                "contrasts classes: the training data needs at least two)"
+            )
         # RepDistiller draws with replacement exactly where a class has fewer than k samples of other classes.
         self.replace = (self.counts > 0) & (pools < k)
         n = int(self.replace.sum())
         if n:
-            few = (f"class {name!r} has {int(pools[worst])} samples of other classes, fewer than crd.nce_k={k}: its"
-                   if n == 1 else f"{n} classes have fewer samples of other classes than crd.nce_k={k} (fewest: "
-                   f"class {name!r}, {int(pools[worst])}): their")
+            few = (
+                f"class {name!r} has {int(pools[worst])} samples of other classes, fewer than crd.nce_k={k}: its"
+                if n == 1
+                else f"{n} classes have fewer samples of other classes than crd.nce_k={k} (fewest: "
+                f"class {name!r}, {int(pools[worst])}): their"
+            )
             log.info("crd: %s negatives are drawn with replacement, as RepDistiller does", few)
 
     def draw(self, ids: np.ndarray, epoch: int) -> np.ndarray:
@@ -145,16 +152,30 @@ class CRD(Method):
     outputs = ("feat", "logits")  # logits only for the KD term (CRD+KD); both from one teacher pass
     topk_outputs = ("logits",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int, cfg: Any = None,
-                 labels: np.ndarray | None = None, t_dim: int | None = None, n_data: int | None = None, seed: int = 0,
-                 classes: list[str] | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        num_classes: int,
+        cfg: Any = None,
+        labels: np.ndarray | None = None,
+        t_dim: int | None = None,
+        n_data: int | None = None,
+        seed: int = 0,
+        classes: list[str] | None = None,
+    ):
         super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
         if labels is None:
-            raise SSKDError("method 'crd' needs every training sample's label: build it with CRD.build, or pass "
-                            "labels=shards.labels.split_labels(SHARDS, 'train')")
+            raise SSKDError(
+                "method 'crd' needs every training sample's label: build it with CRD.build, or pass "
+                "labels=shards.labels.split_labels(SHARDS, 'train')"
+            )
         t_dim = t_dim or getattr(teacher, "feat_dim", None)
         if t_dim is None:
-            raise SSKDError("method 'crd' without a live teacher needs t_dim (the teacher's pooled feature size)")
+            raise SSKDError(
+                "method 'crd' without a live teacher needs t_dim (the teacher's pooled feature size)"
+            )
         c = self.cfg
         self.embed_s, self.embed_t = Embed(student.feat_dim, c.feat_dim), Embed(t_dim, c.feat_dim)
         self.sampler = NegativeSampler(labels, c.nce_k, seed, c.mode, classes)
@@ -179,11 +200,24 @@ class CRD(Method):
             t_dim = teacher.feat_dim if teacher is not None else teacher_feat_dim(info)
         # The bank and its negatives cover the samples the run trains on, with the labels it trains with.
         d = ctx.cfg.data
-        labels = training_labels(split_labels(d.shards, "train"), d.subset_fraction, d.label_noise,
-                                 int(ctx.cfg.run.seed), ctx.num_classes)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), labels=labels, t_dim=t_dim,
-                   n_data=int(ctx.manifest["splits"]["train"]["num_samples"]), seed=int(ctx.cfg.run.seed),
-                   classes=ctx.manifest.get("classes"))
+        labels = training_labels(
+            split_labels(d.shards, "train"),
+            d.subset_fraction,
+            d.label_noise,
+            int(ctx.cfg.run.seed),
+            ctx.num_classes,
+        )
+        return cls(
+            student,
+            teacher,
+            num_classes=ctx.num_classes,
+            cfg=ctx.section(cls),
+            labels=labels,
+            t_dim=t_dim,
+            n_data=int(ctx.manifest["splits"]["train"]["num_samples"]),
+            seed=int(ctx.cfg.run.seed),
+            classes=ctx.manifest.get("classes"),
+        )
 
     @staticmethod
     def teacher_outputs(teacher, views):
@@ -205,7 +239,9 @@ class CRD(Method):
             p_t = crd_scores(self.bank_s, v_t, idx, cfg.nce_t)  # teacher anchor, student bank (out_v2)
             if self.z[0] < 0:
                 self._set_z(p_s, p_t)
-            crd = nce_contrast_loss(p_s / self.z[0], self.n_data) + nce_contrast_loss(p_t / self.z[1], self.n_data)
+            crd = nce_contrast_loss(p_s / self.z[0], self.n_data) + nce_contrast_loss(
+                p_t / self.z[1], self.n_data
+            )
         if self.training:
             self._update(ids, v_s, v_t)
         ce = F.cross_entropy(out.logits, batch["label"])
@@ -233,7 +269,7 @@ class CRD(Method):
             if self.all_gather is not None:
                 d = v_s.shape[1]
                 rows = self.all_gather(torch.cat([ids[:, None].double(), v_s.double(), v_t.double()], 1))[0]
-                ids, v_s, v_t = rows[:, 0].long(), rows[:, 1:1 + d].float(), rows[:, 1 + d:].float()
+                ids, v_s, v_t = rows[:, 0].long(), rows[:, 1 : 1 + d].float(), rows[:, 1 + d :].float()
             m = self.cfg.nce_m
             new_s, new_t = bank_rows(self.bank_s, ids, v_s, m), bank_rows(self.bank_t, ids, v_t, m)
             self.bank_s.index_copy_(0, ids, new_s)
@@ -251,10 +287,15 @@ class CRD(Method):
     def set_extra_state(self, state: Any) -> None:
         rows, d = self.bank_s.shape
         if not torch.is_tensor(state) or tuple(state.shape) != (2, rows + 1, d):
-            have = (f"{state.shape[1] - 1} samples x {state.shape[2]} dims"
-                    if torch.is_tensor(state) and state.ndim == 3 else "no CRD banks")
-            raise SSKDError(f"its CRD memory bank holds {have}, this run's holds {rows} samples x {d} dims "
-                            "(another crd.feat_dim or training split): start a new --out")
+            have = (
+                f"{state.shape[1] - 1} samples x {state.shape[2]} dims"
+                if torch.is_tensor(state) and state.ndim == 3
+                else "no CRD banks"
+            )
+            raise SSKDError(
+                f"its CRD memory bank holds {have}, this run's holds {rows} samples x {d} dims "
+                "(another crd.feat_dim or training split): start a new --out"
+            )
         self.bank_s.copy_(state[0, :rows])
         self.bank_t.copy_(state[1, :rows])
         self.z = state[:, rows, 0].float().tolist()

@@ -40,11 +40,18 @@ class StudentDIST(LogitMethod):
     summary = "DIST: Pearson relations of the softened class scores, per sample and per class over the batch"
     paper = "Huang et al., NeurIPS 2022"  # Knowledge Distillation from A Stronger Teacher
     section, Config = "dist", DISTConfig
+
     def forward(self, batch):
         cfg = self.cfg
         logits, t_logits, ce = self.logit_pair(batch)
         s, t = self.distilled_pair(logits, t_logits)  # LS: Z-scored in the distillation term only
         inter, intra = dist_terms(s, t, cfg.tau)
         dist = cfg.tau * cfg.tau * (cfg.beta * inter + cfg.gamma * intra)
-        return {"loss": cfg.ce_weight * ce + cfg.kd_weight * dist, "logits": logits, "ce": ce, "dist": dist,
-                "inter": inter, "intra": intra}
+        return {
+            "loss": cfg.ce_weight * ce + cfg.kd_weight * dist,
+            "logits": logits,
+            "ce": ce,
+            "dist": dist,
+            "inter": inter,
+            "intra": intra,
+        }

@@ -51,6 +51,7 @@ class StudentDKD(LogitMethod):
     summary = "Decoupled KD: target-class and non-target-class parts of KD, weighted apart"
     paper = "Zhao et al., CVPR 2022"  # Decoupled Knowledge Distillation
     section, Config = "dkd", DKDConfig
+
     def forward(self, batch):
         cfg = self.cfg
         logits, t_logits, ce = self.logit_pair(batch)

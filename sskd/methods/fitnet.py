@@ -44,7 +44,9 @@ class FitNetConfig:
     kd_weight: float = bound(0.0, ge=0)
     T: float = bound(4.0, gt=0)
     weight: float = bound(100.0, ge=0)  # β, also the hint stage's loss scale
-    hint_layer: int = bound(2, ge=1)  # RepDistiller's feat[hint_layer] = maps[hint_layer - 1] (feat[0] is the stem)
+    hint_layer: int = bound(
+        2, ge=1
+    )  # RepDistiller's feat[hint_layer] = maps[hint_layer - 1] (feat[0] is the stem)
     hint_epochs: int = bound(30, ge=0)  # the FitNets hint stage; 0 = RepDistiller's single-stage FitNet
 
 
@@ -58,15 +60,19 @@ class FitNet(Method):
     needs_teacher = True
     has_phases = True
     outputs = ("logits", "map1")  # the default hint layer; the others come with a live teacher
-    cache_refusal = ("the hint map is 32,768 floats a sample for a resnet32x4 teacher (64 KB fp16 per sample and "
-                     "epoch, 3.3 GB per CIFAR-100 epoch): reading that back is no cheaper than the teacher forward")
+    cache_refusal = (
+        "the hint map is 32,768 floats a sample for a resnet32x4 teacher (64 KB fp16 per sample and "
+        "epoch, 3.3 GB per CIFAR-100 epoch): reading that back is no cheaper than the teacher forward"
+    )
 
     def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
         super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
         self.pair = pair or probe_pair(student, teacher)
         layer, count = self.cfg.hint_layer, min(len(self.pair.student), len(self.pair.teacher))
         if layer > count:
-            raise self.pair.error(self.name, f"fitnet.hint_layer {layer} is past the last shared map (1..{count})")
+            raise self.pair.error(
+                self.name, f"fitnet.hint_layer {layer} is past the last shared map (1..{count})"
+            )
         self.index = layer - 1
         try:
             self.regressor = ConvReg(self.pair.student[self.index], self.pair.teacher[self.index])
@@ -90,7 +96,8 @@ class FitNet(Method):
     def phase_parameters(self, name):
         if name == HINT:
             return [p for n, p in self.student.named_parameters() if n in self.hint_names] + list(
-                self.regressor.parameters())
+                self.regressor.parameters()
+            )
         return [*self.student.parameters(), *self.regressor.parameters()]
 
     def forward(self, batch):

@@ -58,14 +58,20 @@ class FTConfig:
 class FT(Method):
     """Paraphraser pre-training on the teacher's last map, then the student's translator mimics its factor."""
 
-    summary = "FT: a paraphraser pre-trained on the teacher's last map; the student's translator mimics its factor"
-    paper = "Kim et al., NeurIPS 2018"  # Paraphrasing Complex Network: Network Compression via Factor Transfer
+    summary = (
+        "FT: a paraphraser pre-trained on the teacher's last map; the student's translator mimics its factor"
+    )
+    paper = (
+        "Kim et al., NeurIPS 2018"  # Paraphrasing Complex Network: Network Compression via Factor Transfer
+    )
     section, Config = "ft", FTConfig
     needs_teacher = True
     has_phases = True
     outputs = ("logits", "last")
-    cache_refusal = ("the paraphraser trains in the run on the teacher's last map (16,384 floats a sample for resnet32x4, "
-                     "32 KB fp16 per sample and epoch) and the main stage reads its factor, which no cache can hold")
+    cache_refusal = (
+        "the paraphraser trains in the run on the teacher's last map (16,384 floats a sample for resnet32x4, "
+        "32 KB fp16 per sample and epoch) and the main stage reads its factor, which no cache can hold"
+    )
 
     def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
         super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)

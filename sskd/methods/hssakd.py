@@ -45,8 +45,10 @@ def _forward(model: BranchedModel, views: torch.Tensor) -> tuple[torch.Tensor, l
     """Main logits (b, R, K) and each branch's joint logits (b, R, R·K) for views (b, R, c, h, w)."""
     b = views.shape[0]
     out = model(rearrange(views, "b v c h w -> (b v) c h w"))
-    return (rearrange(out.logits, "(b v) k -> b v k", b=b),
-            [rearrange(a, "(b v) k -> b v k", b=b) for a in out.aux])
+    return (
+        rearrange(out.logits, "(b v) k -> b v k", b=b),
+        [rearrange(a, "(b v) k -> b v k", b=b) for a in out.aux],
+    )
 
 
 def _aux_accuracy(aux: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -73,8 +75,13 @@ class _Teacher(Method):
         logits, aux = _forward(self.student, batch["views"])
         terms = hssakd_teacher_terms(logits, aux, batch["label"])
         loss = self.cfg.ce_weight * terms["ce"] + self.cfg.aux_weight * terms["aux"]
-        return {"loss": loss, "logits": logits[:, 0], "ce": terms["ce"], "aux": terms["aux"],
-                "aux_acc": _aux_accuracy(aux, batch["label"])}
+        return {
+            "loss": loss,
+            "logits": logits[:, 0],
+            "ce": terms["ce"],
+            "aux": terms["aux"],
+            "aux_acc": _aux_accuracy(aux, batch["label"]),
+        }
 
 
 @register("teacher", "hssakd")
@@ -101,8 +108,11 @@ class FrozenTeacherBranches(_Teacher):
     def build(cls, ctx: BuildContext) -> Method:
         from sskd.stages import teacher_backbone
 
-        return cls(BranchedModel(teacher_backbone(ctx), ctx.num_classes), num_classes=ctx.num_classes,
-                   cfg=ctx.section(cls))
+        return cls(
+            BranchedModel(teacher_backbone(ctx), ctx.num_classes),
+            num_classes=ctx.num_classes,
+            cfg=ctx.section(cls),
+        )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -114,9 +124,11 @@ def check_branches(student: BranchedModel, teacher_info: dict[str, Any], source:
     """Branch l of the student learns from branch l of the teacher: the counts must match."""
     have = (teacher_info.get("wrapper_args") or {}).get("num_branches")
     if have is not None and have != student.num_branches:
-        raise SSKDError(f"--teacher {source}: {teacher_info.get('arch')} has {have} branches but the student {arch} "
-                        f"has {student.num_branches}; HSSAKD pairs branch l with branch l: choose a student with "
-                        f"{have} (3: CIFAR ResNets, WRNs, ShuffleNets; 4: VGG, ResNet50, MobileNetV2, ImageNet ResNets)")
+        raise SSKDError(
+            f"--teacher {source}: {teacher_info.get('arch')} has {have} branches but the student {arch} "
+            f"has {student.num_branches}; HSSAKD pairs branch l with branch l: choose a student with "
+            f"{have} (3: CIFAR ResNets, WRNs, ShuffleNets; 4: VGG, ResNet50, MobileNetV2, ImageNet ResNets)"
+        )
 
 
 @register("student", "hssakd")
@@ -139,7 +151,9 @@ class HSSAKD(Method):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        student = cls.student_model(ctx.backbone(), ctx.num_classes)  # before the teacher: the run seed decides it
+        student = cls.student_model(
+            ctx.backbone(), ctx.num_classes
+        )  # before the teacher: the run seed decides it
         teacher, info = ctx.teacher_model(cls.teacher_part, method=cls.name)
         check_branches(student, info, ctx.teacher, ctx.arch)
         return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
@@ -156,8 +170,14 @@ class HSSAKD(Method):
         if len(t_aux) != len(aux):
             raise SSKDError(f"teacher outputs hold {len(t_aux)} branches, the student has {len(aux)}")
         terms = hssakd_student_terms(logits, aux, t["logits"], t_aux, batch["label"], self.cfg.T)
-        return {"loss": _weighted(terms, self.cfg), "logits": logits[:, 0], "ce": terms["ce"], "kd": terms["kd"],
-                "aux": terms["aux"], "aux_acc": _aux_accuracy(aux, batch["label"])}
+        return {
+            "loss": _weighted(terms, self.cfg),
+            "logits": logits[:, 0],
+            "ce": terms["ce"],
+            "kd": terms["kd"],
+            "aux": terms["aux"],
+            "aux_acc": _aux_accuracy(aux, batch["label"]),
+        }
 
 
 @register("student", "hssakd_online")
@@ -183,8 +203,11 @@ class HSSAKDOnline(Method):
     def forward(self, batch):
         outs = [_forward(peer, batch["views"]) for peer in self.student]
         terms = hssakd_online_terms([o[0] for o in outs], [o[1] for o in outs], batch["label"], self.cfg.T)
-        loss = (self.cfg.ce_weight * (terms["ce"] + terms["aux_ce"]) + self.cfg.kd_weight * terms["kd"]
-                + self.cfg.aux_weight * terms["aux"])
+        loss = (
+            self.cfg.ce_weight * (terms["ce"] + terms["aux_ce"])
+            + self.cfg.kd_weight * terms["kd"]
+            + self.cfg.aux_weight * terms["aux"]
+        )
         return {"loss": loss, "logits": outs[0][0][:, 0], **{k: v for k, v in terms.items() if k != "loss"}}
 
     def trainable_module(self) -> nn.Module:
@@ -199,5 +222,7 @@ class HSSAKDOnline(Method):
         return dict(best, peer_top1=[r["top1"] for r in self.peer_results])
 
     def export_info(self) -> dict[str, Any]:
-        return {"exported_peer": self.exported,
-                "peers": [{k: r[k] for k in ("top1", "top5")} for r in self.peer_results]}
+        return {
+            "exported_peer": self.exported,
+            "peers": [{k: r[k] for k in ("top1", "top5")} for r in self.peer_results],
+        }

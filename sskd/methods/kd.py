@@ -64,4 +64,9 @@ class StudentKD(LogitMethod):
     def forward(self, batch):
         logits, t_logits, ce = self.logit_pair(batch)
         kd = kd_loss(logits, t_logits, self.cfg.T, standardize=self.cfg.standardize)
-        return {"loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd, "logits": logits, "ce": ce, "kd": kd}
+        return {
+            "loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd,
+            "logits": logits,
+            "ce": ce,
+            "kd": kd,
+        }

@@ -72,8 +72,15 @@ class KDSSModel(nn.Module):
         self.feat_dim = backbone.feat_dim
         self.embed_dim = embed_dim or backbone.feat_dim
         self.rot_head = nn.Linear(self.feat_dim, ROTATIONS)
-        self.proj = SSHead(self.feat_dim) if self.embed_dim == self.feat_dim else nn.Sequential(
-            nn.Linear(self.feat_dim, self.feat_dim), nn.ReLU(inplace=True), nn.Linear(self.feat_dim, self.embed_dim))
+        self.proj = (
+            SSHead(self.feat_dim)
+            if self.embed_dim == self.feat_dim
+            else nn.Sequential(
+                nn.Linear(self.feat_dim, self.feat_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(self.feat_dim, self.embed_dim),
+            )
+        )
 
     def wrapper_args(self) -> dict:
         return {"embed_dim": self.embed_dim}
@@ -87,7 +94,9 @@ class KDSSModel(nn.Module):
 
 def _split(out: KDSSOutput, b: int) -> dict[str, torch.Tensor]:
     """Every output as (b, R, ...)."""
-    return {k: rearrange(getattr(out, k), "(b v) x -> b v x", b=b) for k in ("logits", "rot", "embed", "feat")}
+    return {
+        k: rearrange(getattr(out, k), "(b v) x -> b v x", b=b) for k in ("logits", "rot", "embed", "feat")
+    }
 
 
 def _run(model: nn.Module, views: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -130,15 +139,22 @@ class KDSSHeads(Method):
         terms = rotation_loss(rot, None)
         terms["con"] = instance_contrast(embed, embed, self.cfg.con_tau)
         rot_acc = (rot.argmax(-1) == torch.arange(ROTATIONS, device=rot.device)).float().mean() * 100
-        return {"loss": terms["rot_ce"] + terms["con"], "logits": rearrange(f.logits, "(b v) k -> b v k", b=b)[:, 0],
-                "rot_ce": terms["rot_ce"], "con": terms["con"], "rot_acc": rot_acc.detach()}
+        return {
+            "loss": terms["rot_ce"] + terms["con"],
+            "logits": rearrange(f.logits, "(b v) k -> b v k", b=b)[:, 0],
+            "rot_ce": terms["rot_ce"],
+            "con": terms["con"],
+            "rot_acc": rot_acc.detach(),
+        }
 
 
 @register("student", "kdss")
 class KDSS(Method):
     """The student (backbone + its own rotation head and projection) and the alignment projection P."""
 
-    summary = "KDSS variant: KD + rotation prediction + contrastive instance discrimination + feature alignment"
+    summary = (
+        "KDSS variant: KD + rotation prediction + contrastive instance discrimination + feature alignment"
+    )
     paper = PAPER
     section, Config = "kdss", KDSSConfig
     views = VIEWS
@@ -175,13 +191,20 @@ class KDSS(Method):
         s = _run(self.student, views)
         t = self.teacher_batch(batch)
         cfg = self.cfg
-        terms = {"ce": F.cross_entropy(s["logits"][:, 0], labels), "kd": kd_loss(s["logits"][:, 0], t["logits"][:, 0], cfg.T)}
+        terms = {
+            "ce": F.cross_entropy(s["logits"][:, 0], labels),
+            "kd": kd_loss(s["logits"][:, 0], t["logits"][:, 0], cfg.T),
+        }
         terms.update(rotation_loss(s["rot"], t["rot"], cfg.rot_T))
         keys = t["embed"] if cfg.con_mode == "cross" else s["embed"]
         terms["con"] = instance_contrast(s["embed"], keys, cfg.con_tau)
         aligned = self.align(s["feat"].reshape(-1, s["feat"].shape[-1]))
         terms["align"] = alignment_loss(aligned, t["feat"].reshape(-1, t["feat"].shape[-1]))
-        loss = (cfg.ce_weight * terms["ce"] + cfg.kd_weight * terms["kd"]
-                + cfg.rot_weight * (terms["rot_ce"] + terms["rot_kd"]) + cfg.con_weight * terms["con"]
-                + cfg.align_weight * terms["align"])
+        loss = (
+            cfg.ce_weight * terms["ce"]
+            + cfg.kd_weight * terms["kd"]
+            + cfg.rot_weight * (terms["rot_ce"] + terms["rot_kd"])
+            + cfg.con_weight * terms["con"]
+            + cfg.align_weight * terms["align"]
+        )
         return {"loss": loss, "logits": s["logits"][:, 0], **terms}

@@ -81,9 +81,11 @@ class RelationMethod(Method):
             probes = [(ctx.arch, student), (t_arch, teacher if teacher is not None else ctx.backbone(t_arch))]
             got = [cls.probe(model, x) for _, model in probes]
         if not all(t is not None and cls.check_input(t, PROBE_BATCH) for t in got):
-            raise SSKDError(f"--method {cls.name} {cls.needs}: student {ctx.arch} gives {shape_of(got[0])}, "
-                            f"teacher {t_arch} gives {shape_of(got[1])} (for {PROBE_BATCH} images of "
-                            f"{size}x{size})")
+            raise SSKDError(
+                f"--method {cls.name} {cls.needs}: student {ctx.arch} gives {shape_of(got[0])}, "
+                f"teacher {t_arch} gives {shape_of(got[1])} (for {PROBE_BATCH} images of "
+                f"{size}x{size})"
+            )
 
     @classmethod
     def probe(cls, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:

@@ -132,8 +132,10 @@ class SSKD(_PretextViews, Method):
     def teacher_outputs(teacher, views):
         b = views.shape[0]
         out = teacher(rearrange(views, "b v c h w -> (b v) c h w"))
-        return {"logits": rearrange(out.logits, "(b v) k -> b v k", b=b),
-                "embed": rearrange(out.embed, "(b v) d -> b v d", b=b)}
+        return {
+            "logits": rearrange(out.logits, "(b v) k -> b v k", b=b),
+            "embed": rearrange(out.embed, "(b v) d -> b v d", b=b),
+        }
 
     def forward(self, batch):
         views, labels = batch["views"], batch["label"]
@@ -143,11 +145,18 @@ class SSKD(_PretextViews, Method):
         s_embed = rearrange(out.embed, "(b v) d -> b v d", b=b)
         t = self.teacher_batch(batch)
         t_logits, t_embed = t["logits"], t["embed"]
-        terms = {"ce": F.cross_entropy(s_logits[:, 0], labels),
-                 "kd": kd_loss(s_logits[:, 0], t_logits[:, 0], self.cfg.kd_T)}
+        terms = {
+            "ce": F.cross_entropy(s_logits[:, 0], labels),
+            "kd": kd_loss(s_logits[:, 0], t_logits[:, 0], self.cfg.kd_T),
+        }
         if v > 1:
-            terms["tf"] = transformed_kd_loss(_rows(s_logits), _rows(t_logits), repeat(labels, "b -> (b v)", v=v - 1),
-                                              self.cfg.tf_T, self.cfg.tf_ratio)
+            terms["tf"] = transformed_kd_loss(
+                _rows(s_logits),
+                _rows(t_logits),
+                repeat(labels, "b -> (b v)", v=v - 1),
+                self.cfg.tf_T,
+                self.cfg.tf_ratio,
+            )
             s_scores, target = self.task.predictions(s_embed, batch, self.gather)
             t_scores, _ = self.task.predictions(t_embed, batch, self.gather)
             terms["ss"] = ss_kd_loss(s_scores, t_scores, target, self.cfg.ss_T, self.cfg.ss_ratio)

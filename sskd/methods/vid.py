@@ -51,16 +51,20 @@ class VID(Method):
     section, Config = "vid", VIDConfig
     needs_teacher = True
     outputs = ("logits", "maps")
-    cache_refusal = ("it reads every teacher map, 114,688 floats a sample for resnet32x4 (224 KB fp16 per sample and "
-                     "epoch, 11.5 GB per CIFAR-100 epoch): more to read back than the teacher's forward costs")
+    cache_refusal = (
+        "it reads every teacher map, 114,688 floats a sample for resnet32x4 (224 KB fp16 per sample and "
+        "epoch, 11.5 GB per CIFAR-100 epoch): more to read back than the teacher's forward costs"
+    )
 
     def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
         super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
         self.pair = pair or probe_pair(student, teacher)
         self.pair.check_count(self.name)
         # RepDistiller builds VIDLoss(C_s, C_t, C_t): the middle width is the teacher's
-        self.regressors = nn.ModuleList(VIDRegressor(s[0], t[0], t[0], self.cfg.init_var, self.cfg.eps)
-                                        for s, t in zip(self.pair.student, self.pair.teacher))
+        self.regressors = nn.ModuleList(
+            VIDRegressor(s[0], t[0], t[0], self.cfg.init_var, self.cfg.eps)
+            for s, t in zip(self.pair.student, self.pair.teacher)
+        )
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
@@ -76,8 +80,10 @@ class VID(Method):
         f = self.student(normal(batch), features=True)
         t = self.teacher_batch(batch)
         t_maps = split_maps(t["maps"][:, 0], self.pair.teacher)
-        vid = sum(vid_loss(*reg(f_s, f_t), reg.log_scale, reg.eps)
-                  for reg, f_s, f_t in zip(self.regressors, f.maps, t_maps))
+        vid = sum(
+            vid_loss(*reg(f_s, f_t), reg.log_scale, reg.eps)
+            for reg, f_s, f_t in zip(self.regressors, f.maps, t_maps)
+        )
         ce = F.cross_entropy(f.logits, batch["label"])
         kd = kd_loss(f.logits, t["logits"][:, 0], self.cfg.T)
         loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.weight * vid

@@ -47,8 +47,9 @@ class Classifier(nn.Module):
     feat_dim: int
     maps: slice = slice(None)  # which of ``stages`` are the feature methods' maps
 
-    def stages_and_feat(self, x: torch.Tensor, preact: bool = False
-                        ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
+    def stages_and_feat(
+        self, x: torch.Tensor, preact: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
         raise NotImplementedError
 
     def branch_spec(self) -> BranchSpec:
@@ -66,7 +67,9 @@ class Classifier(nn.Module):
         return Features(logits, feat, stages, stages[self.maps], pre)
 
 
-def run_stages(x: torch.Tensor, layers, preact: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+def run_stages(
+    x: torch.Tensor, layers, preact: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Apply ``layers`` in turn; returns every stage's output and, with ``preact``, each stage's output
     before its last ReLU (the last block's ``forward_pre``)."""
     stages, pres = [], []

@@ -51,7 +51,7 @@ def build_branches(backbone: nn.Module, num_classes: int, rotations: int = 4) ->
     spec = backbone.branch_spec()
     branches = []
     for lvl in range(len(spec.taps)):
-        later = spec.bodies[lvl + 1:]
+        later = spec.bodies[lvl + 1 :]
         body = nn.Sequential(*[copy.deepcopy(m) for m in later]) if later else spec.last()
         tail = spec.tail() if spec.tail is not None else None
         branches.append(_fresh(Branch(body, tail, spec.out_dim, rotations * num_classes)))
@@ -68,8 +68,14 @@ class BranchedModel(nn.Module):
 
     wrapper = "branches"
 
-    def __init__(self, backbone: nn.Module, num_classes: int, rotations: int = 4, detach_taps: bool = False,
-                 num_branches: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        rotations: int = 4,
+        detach_taps: bool = False,
+        num_branches: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.taps = list(backbone.branch_spec().taps)
@@ -77,7 +83,9 @@ class BranchedModel(nn.Module):
         if num_branches is not None and num_branches != len(self.branches):
             from sskd.errors import SSKDError
 
-            raise SSKDError(f"a model with {num_branches} branches was saved, this architecture has {len(self.branches)}")
+            raise SSKDError(
+                f"a model with {num_branches} branches was saved, this architecture has {len(self.branches)}"
+            )
         self.rotations, self.detach_taps = rotations, detach_taps
         self.feat_dim = backbone.feat_dim
 

@@ -22,7 +22,9 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or cin != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward_pre(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -65,7 +67,10 @@ class CifarResNet(Classifier):
         self.conv1, self.bn1 = conv3x3(3, filters[0]), nn.BatchNorm2d(filters[0])
         cin, layers = filters[0], []
         for i, planes in enumerate(filters[1:]):
-            blocks = [BasicBlock(cin if j == 0 else planes, planes, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+            blocks = [
+                BasicBlock(cin if j == 0 else planes, planes, 2 if (i > 0 and j == 0) else 1)
+                for j in range(n)
+            ]
             layers.append(nn.Sequential(*blocks))
             cin = planes
         self.layer1, self.layer2, self.layer3 = layers
@@ -74,13 +79,20 @@ class CifarResNet(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x, preact=False):
-        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
+        stages, pre = run_stages(
+            F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact
+        )
         return stages, pool_flat(stages[-1]), pre
 
     def branch_spec(self) -> BranchSpec:
         n, c = len(self.layer3), self.feat_dim
-        return BranchSpec([0, 1, 2], [None, self.layer2, self.layer3],
-                          lambda: nn.Sequential(*[BasicBlock(c, c, 1) for _ in range(n)]), None, c)
+        return BranchSpec(
+            [0, 1, 2],
+            [None, self.layer2, self.layer3],
+            lambda: nn.Sequential(*[BasicBlock(c, c, 1) for _ in range(n)]),
+            None,
+            c,
+        )
 
 
 class CifarResNet50(Classifier):
@@ -102,18 +114,26 @@ class CifarResNet50(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x, preact=False):
-        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4),
-                                 preact)
+        stages, pre = run_stages(
+            F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4), preact
+        )
         return stages, pool_flat(stages[-1]), pre
 
     def branch_spec(self) -> BranchSpec:
         n, c = len(self.layer4), self.feat_dim
-        return BranchSpec([0, 1, 2, 3], [None, self.layer2, self.layer3, self.layer4],
-                          lambda: nn.Sequential(*[Bottleneck(c, c // 4, 1) for _ in range(n)]), None, c)
+        return BranchSpec(
+            [0, 1, 2, 3],
+            [None, self.layer2, self.layer3, self.layer4],
+            lambda: nn.Sequential(*[Bottleneck(c, c // 4, 1) for _ in range(n)]),
+            None,
+            c,
+        )
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    MODELS.register(f"resnet{_depth}")(lambda num_classes, d=_depth: CifarResNet(d, (16, 16, 32, 64), num_classes))
+    MODELS.register(f"resnet{_depth}")(
+        lambda num_classes, d=_depth: CifarResNet(d, (16, 16, 32, 64), num_classes)
+    )
 MODELS.register("resnet8x4")(lambda num_classes: CifarResNet(8, (32, 64, 128, 256), num_classes))
 MODELS.register("resnet32x4")(lambda num_classes: CifarResNet(32, (32, 64, 128, 256), num_classes))
 MODELS.register("ResNet50")(lambda num_classes: CifarResNet50(num_classes))

@@ -57,7 +57,9 @@ class ConvReg(nn.Module):
         elif s_h >= t_h and s_w >= t_w:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
         else:
-            raise ShapeError(f"no regressor from a {s_h}x{s_w} map to a larger {t_h}x{t_w} one (only to 2x the size)")
+            raise ShapeError(
+                f"no regressor from a {s_h}x{s_w} map to a larger {t_h}x{t_w} one (only to 2x the size)"
+            )
         _check_out(self.conv, s_shape, t_shape)
         self.bn = nn.BatchNorm2d(t_c)
         self.relu = nn.ReLU(inplace=True) if use_relu else nn.Identity()
@@ -77,7 +79,8 @@ class Connector(nn.Module):
             raise ShapeError(f"{len(s_shapes)} student maps but {len(t_shapes)} teacher maps")
         self.connectors = nn.ModuleList(
             nn.Identity() if (s[0], s[1]) == (t[0], t[1]) else ConvReg(s, t, use_relu=False)
-            for s, t in zip(s_shapes, t_shapes))
+            for s, t in zip(s_shapes, t_shapes)
+        )
 
     def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [c(m) for c, m in zip(self.connectors, maps)]
@@ -86,7 +89,11 @@ class Connector(nn.Module):
 def _lrelu_stack(convs: list[nn.Module], use_bn: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for conv in convs:
-        layers += [conv, nn.BatchNorm2d(conv.out_channels) if use_bn else nn.Identity(), nn.LeakyReLU(0.1, inplace=True)]
+        layers += [
+            conv,
+            nn.BatchNorm2d(conv.out_channels) if use_bn else nn.Identity(),
+            nn.LeakyReLU(0.1, inplace=True),
+        ]
     return nn.Sequential(*layers)
 
 
@@ -99,10 +106,22 @@ class Paraphraser(nn.Module):
         out = int(channels * k)
         if out < 1:
             raise ShapeError(f"k = {k} leaves no channel of {channels}")
-        self.encoder = _lrelu_stack([nn.Conv2d(channels, channels, 3, 1, 1), nn.Conv2d(channels, out, 3, 1, 1),
-                                     nn.Conv2d(out, out, 3, 1, 1)], use_bn)
-        self.decoder = _lrelu_stack([nn.ConvTranspose2d(out, out, 3, 1, 1), nn.ConvTranspose2d(out, channels, 3, 1, 1),
-                                     nn.ConvTranspose2d(channels, channels, 3, 1, 1)], use_bn)
+        self.encoder = _lrelu_stack(
+            [
+                nn.Conv2d(channels, channels, 3, 1, 1),
+                nn.Conv2d(channels, out, 3, 1, 1),
+                nn.Conv2d(out, out, 3, 1, 1),
+            ],
+            use_bn,
+        )
+        self.decoder = _lrelu_stack(
+            [
+                nn.ConvTranspose2d(out, out, 3, 1, 1),
+                nn.ConvTranspose2d(out, channels, 3, 1, 1),
+                nn.ConvTranspose2d(channels, channels, 3, 1, 1),
+            ],
+            use_bn,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, C, H, W) -> the factor (b, kC, H, W) and the reconstruction (b, C, H, W)."""
@@ -119,8 +138,14 @@ class Translator(nn.Module):
         out = int(t_channels * k)
         if out < 1:
             raise ShapeError(f"k = {k} leaves no channel of {t_channels}")
-        self.encoder = _lrelu_stack([nn.Conv2d(s_channels, s_channels, 3, 1, 1), nn.Conv2d(s_channels, out, 3, 1, 1),
-                                     nn.Conv2d(out, out, 3, 1, 1)], use_bn)
+        self.encoder = _lrelu_stack(
+            [
+                nn.Conv2d(s_channels, s_channels, 3, 1, 1),
+                nn.Conv2d(s_channels, out, 3, 1, 1),
+                nn.Conv2d(out, out, 3, 1, 1),
+            ],
+            use_bn,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -138,9 +163,13 @@ class VIDRegressor(nn.Module):
 
     def __init__(self, c_in: int, c_mid: int, c_out: int, init_var: float = 5.0, eps: float = 1e-5):
         super().__init__()
-        self.regressor = nn.Sequential(nn.Conv2d(c_in, c_mid, 1, bias=False), nn.ReLU(),
-                                       nn.Conv2d(c_mid, c_mid, 1, bias=False), nn.ReLU(),
-                                       nn.Conv2d(c_mid, c_out, 1, bias=False))
+        self.regressor = nn.Sequential(
+            nn.Conv2d(c_in, c_mid, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(c_mid, c_mid, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(c_mid, c_out, 1, bias=False),
+        )
         self.log_scale = nn.Parameter(torch.full((c_out,), inverse_softplus(init_var - eps)))
         self.eps = eps
 
@@ -212,22 +241,36 @@ class PairShapes:
 
     def error(self, method: str, why: str) -> SSKDError:
         """One line: the method, both architectures with their maps, and why they do not fit."""
-        s, t = (" ".join(filter(None, (role, arch))) for role, arch in
-                (("student", self.student_arch), ("teacher", self.teacher_arch)))
-        return SSKDError(f"--method {method}: {s} (maps {fmt_shapes(self.student)}) and {t} (maps "
-                         f"{fmt_shapes(self.teacher)}) at {self.size}x{self.size}: {why}")
+        s, t = (
+            " ".join(filter(None, (role, arch)))
+            for role, arch in (("student", self.student_arch), ("teacher", self.teacher_arch))
+        )
+        return SSKDError(
+            f"--method {method}: {s} (maps {fmt_shapes(self.student)}) and {t} (maps "
+            f"{fmt_shapes(self.teacher)}) at {self.size}x{self.size}: {why}"
+        )
 
     def check_count(self, method: str) -> None:
         if len(self.student) != len(self.teacher):
-            raise self.error(method, f"{len(self.student)} student maps but {len(self.teacher)} teacher maps; "
-                                     "pair layer i with layer i needs equal counts")
+            raise self.error(
+                method,
+                f"{len(self.student)} student maps but {len(self.teacher)} teacher maps; "
+                "pair layer i with layer i needs equal counts",
+            )
 
 
-def probe_pair(student: nn.Module, teacher: nn.Module | None, size: int = 32, student_arch: str = "",
-               teacher_arch: str = "") -> PairShapes:
+def probe_pair(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    size: int = 32,
+    student_arch: str = "",
+    teacher_arch: str = "",
+) -> PairShapes:
     """:class:`PairShapes` from the two models (the teacher may be a fresh, untrained one of its architecture)."""
     if teacher is None:
-        raise SSKDError("a feature method made without a teacher needs the pair's map shapes (pair=PairShapes)")
+        raise SSKDError(
+            "a feature method made without a teacher needs the pair's map shapes (pair=PairShapes)"
+        )
     return PairShapes(map_shapes(student, size), map_shapes(teacher, size), student_arch, teacher_arch, size)
 
 

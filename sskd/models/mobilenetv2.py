@@ -8,8 +8,13 @@ from sskd.models.base import BranchSpec, Classifier, init_weights, pool_flat
 from sskd.models.registry import MODELS
 
 
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+def _conv_bn(
+    cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     return layers + [nn.ReLU(inplace=True)] if relu else layers
 
 
@@ -19,16 +24,26 @@ class InvertedResidual(nn.Module):
         mid = cin * expand
         self.cout, self.expand = cout, expand
         self.use_res = stride == 1 and cin == cout
-        self.conv = nn.Sequential(*_conv_bn(cin, mid, 1), *_conv_bn(mid, mid, 3, stride, groups=mid),
-                                  *_conv_bn(mid, cout, 1, relu=False))
+        self.conv = nn.Sequential(
+            *_conv_bn(cin, mid, 1),
+            *_conv_bn(mid, mid, 3, stride, groups=mid),
+            *_conv_bn(mid, cout, 1, relu=False),
+        )
 
     def forward(self, x):
         return x + self.conv(x) if self.use_res else self.conv(x)
 
 
 class MobileNetV2(Classifier):
-    SETTING = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
-               (None, 160, 3, 2), (None, 320, 1, 1)]  # (t, c, n, s); None = the expansion T
+    SETTING = [
+        (1, 16, 1, 1),
+        (None, 24, 2, 1),
+        (None, 32, 3, 2),
+        (None, 64, 4, 2),
+        (None, 96, 3, 1),
+        (None, 160, 3, 2),
+        (None, 320, 1, 1),
+    ]  # (t, c, n, s); None = the expansion T
 
     def __init__(self, num_classes: int, expand: int = 6, width: float = 0.5):
         super().__init__()
@@ -76,8 +91,13 @@ class MobileNetV2(Classifier):
                 cin = block.cout
             return nn.Sequential(*layers)
 
-        return BranchSpec([0, 1, 2, 3], bodies, last, lambda: nn.Sequential(*_conv_bn(c_last, self.feat_dim, 1)),
-                          self.feat_dim)
+        return BranchSpec(
+            [0, 1, 2, 3],
+            bodies,
+            last,
+            lambda: nn.Sequential(*_conv_bn(c_last, self.feat_dim, 1)),
+            self.feat_dim,
+        )
 
 
 MODELS.register("MobileNetV2")(lambda num_classes: MobileNetV2(num_classes))

@@ -54,13 +54,20 @@ class ShuffleV1(Classifier):
         init_weights(self)
 
     def stages_and_feat(self, x, preact=False):
-        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
+        stages, pre = run_stages(
+            F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact
+        )
         return stages, pool_flat(stages[-1]), pre
 
     def branch_spec(self) -> BranchSpec:
         n, c, g = len(self.layer3), self.feat_dim, self.groups
-        return BranchSpec([0, 1, 2], [None, self.layer2, self.layer3],
-                          lambda: nn.Sequential(*[V1Block(c, c, 1, g) for _ in range(n)]), None, c)
+        return BranchSpec(
+            [0, 1, 2],
+            [None, self.layer2, self.layer3],
+            lambda: nn.Sequential(*[V1Block(c, c, 1, g) for _ in range(n)]),
+            None,
+            c,
+        )
 
 
 class V2Block(nn.Module):
@@ -68,9 +75,15 @@ class V2Block(nn.Module):
         super().__init__()
         c = channels // 2
         self.branch = nn.Sequential(
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c),
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+            nn.Conv2d(c, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False),
+            nn.BatchNorm2d(c),
+            nn.Conv2d(c, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+        )
 
     def forward_pre(self, x):
         """Output and RepDistiller's preact: the branch before its last ReLU beside the passed half, unshuffled."""
@@ -88,12 +101,22 @@ class V2Down(nn.Module):
         super().__init__()
         mid = cout // 2
         self.left = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
+            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+        )
         self.right = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-            nn.Conv2d(mid, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+        )
 
     def forward(self, x):
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
@@ -117,7 +140,9 @@ class ShuffleV2(Classifier):
     maps = slice(0, 3)  # the three stages, not the final 1x1 conv
 
     def stages_and_feat(self, x, preact=False):
-        stages, pre = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
+        stages, pre = run_stages(
+            F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact
+        )
         out = F.relu(self.bn2(self.conv2(stages[-1])))
         return [*stages, out], pool_flat(out), pre
 
@@ -125,10 +150,13 @@ class ShuffleV2(Classifier):
         # Taps after the three stages (not the final 1x1 conv); each branch ends in that conv to 1024.
         # at stride 1 the down block becomes a plain block: as many blocks as the stage has
         c, n, w = self.widths[2], len(self.layer3), self.feat_dim
-        return BranchSpec([0, 1, 2], [None, self.layer2, self.layer3],
-                          lambda: nn.Sequential(*[V2Block(c) for _ in range(n)]),
-                          lambda: nn.Sequential(nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)),
-                          w)
+        return BranchSpec(
+            [0, 1, 2],
+            [None, self.layer2, self.layer3],
+            lambda: nn.Sequential(*[V2Block(c) for _ in range(n)]),
+            lambda: nn.Sequential(nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)),
+            w,
+        )
 
 
 MODELS.register("ShuffleV1")(lambda num_classes: ShuffleV1(num_classes))

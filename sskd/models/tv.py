@@ -48,8 +48,13 @@ class TorchvisionResNet(Classifier):
     def branch_spec(self) -> BranchSpec:
         block, n, c = type(self.layer4[0]), len(self.layer4), self.feat_dim
         planes = c // block.expansion
-        return BranchSpec([0, 1, 2, 3], [None, self.layer2, self.layer3, self.layer4],
-                          lambda: nn.Sequential(*[block(c, planes) for _ in range(n)]), None, c)
+        return BranchSpec(
+            [0, 1, 2, 3],
+            [None, self.layer2, self.layer3, self.layer4],
+            lambda: nn.Sequential(*[block(c, planes) for _ in range(n)]),
+            None,
+            c,
+        )
 
 
 def _tv_forward_pre(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +75,14 @@ def _pretrained_state(arch: str) -> dict:
     filename = Path(weights.url).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not path.is_file():
-        raise SSKDError(f"{path}: torchvision's pretrained {arch} weights are not in the local hub cache; "
-                        f"copy {filename} there (from {weights.url}) or set TORCH_HOME")
+        raise SSKDError(
+            f"{path}: torchvision's pretrained {arch} weights are not in the local hub cache; "
+            f"copy {filename} there (from {weights.url}) or set TORCH_HOME"
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 for _arch in ARCHS:
     MODELS.register(f"torchvision:{_arch}")(
-        lambda num_classes, pretrained=False, a=_arch: TorchvisionResNet(a, num_classes, pretrained))
+        lambda num_classes, pretrained=False, a=_arch: TorchvisionResNet(a, num_classes, pretrained)
+    )

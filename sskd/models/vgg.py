@@ -57,8 +57,12 @@ class VGG(Classifier):
             return nn.Sequential(*[m for p in parts for m in (p, nn.ReLU(inplace=True))])
 
         pool = nn.MaxPool2d(2, 2)
-        bodies = [None, nn.Sequential(pool, stage(b[1])), nn.Sequential(pool, stage(b[2])),
-                  nn.Sequential(pool, stage(b[3], b[4]))]
+        bodies = [
+            None,
+            nn.Sequential(pool, stage(b[1])),
+            nn.Sequential(pool, stage(b[2])),
+            nn.Sequential(pool, stage(b[3], b[4])),
+        ]
         c3 = [m.out_channels for m in b[3] if isinstance(m, nn.Conv2d)]
         c4 = [m.out_channels for m in b[4] if isinstance(m, nn.Conv2d)]
         return BranchSpec([0, 1, 2, 4], bodies, lambda: stage(_block(c3, 512), _block(c4, c3[-1])), None, 512)

@@ -32,8 +32,14 @@ class WideResNet(Classifier):
         blocks = []
         for i in range(3):
             cin, cout = widths[i], widths[i + 1]
-            blocks.append(nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1)
-                                          for j in range(n)]))
+            blocks.append(
+                nn.Sequential(
+                    *[
+                        WideBlock(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1)
+                        for j in range(n)
+                    ]
+                )
+            )
         self.block1, self.block2, self.block3 = blocks
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.feat_dim = widths[3]
@@ -54,9 +60,13 @@ class WideResNet(Classifier):
     def branch_spec(self) -> BranchSpec:
         # As the official wrn aux: taps are the pre-activation sums, each branch ends in its own BN + ReLU.
         n, c = len(self.block3), self.feat_dim
-        return BranchSpec([0, 1, 2], [None, self.block2, self.block3],
-                          lambda: nn.Sequential(*[WideBlock(c, c, 1) for _ in range(n)]),
-                          lambda: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)), c)
+        return BranchSpec(
+            [0, 1, 2],
+            [None, self.block2, self.block3],
+            lambda: nn.Sequential(*[WideBlock(c, c, 1) for _ in range(n)]),
+            lambda: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)),
+            c,
+        )
 
 
 for _d, _w in ((16, 1), (16, 2), (40, 1), (40, 2)):

@@ -40,9 +40,24 @@ def main(argv: list[str]) -> int:
     from pipelines.loader import ViewLoader
     from sskd.cli import main as sskd_main
 
-    record: dict = {"env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                           "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")},
-                    "pid": os.getpid(), "train": [], "eval_passes": [], "calls": 0}
+    record: dict = {
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "GROUP_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+            )
+        },
+        "pid": os.getpid(),
+        "train": [],
+        "eval_passes": [],
+        "calls": 0,
+    }
     real_train, real_export, real_epoch = train_mod.train, train_mod.export, ViewLoader.epoch
 
     def epoch(self, *args, **kwargs):

@@ -18,9 +18,19 @@ from sskd.train import Job, train
 
 
 def main(shards: str, teacher: str, out: str) -> None:
-    cfg = load_config(None, [f"data.shards={shards}", "run.progress=false", "run.log_every=1", "student.method=crd",
-                             "student.arch=resnet8", "student.max_steps=3", "student.batch_size=16",
-                             "crd.nce_k=64"])
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            "run.progress=false",
+            "run.log_every=1",
+            "student.method=crd",
+            "student.arch=resnet8",
+            "student.max_steps=3",
+            "student.batch_size=16",
+            "crd.nce_k=64",
+        ],
+    )
     seen: list[int] = []
     made = []
     build = builder(cfg, "student", {}, teacher=teacher)
@@ -34,12 +44,21 @@ def main(shards: str, teacher: str, out: str) -> None:
         seen.extend(batch["id"].tolist())
         return batch
 
-    result = train(Job(stage="student", cfg=cfg, out=Path(out), build=keep, info={"arch": "resnet8"}, batch_hook=hook))
+    result = train(
+        Job(stage="student", cfg=cfg, out=Path(out), build=keep, info={"arch": "resnet8"}, batch_hook=hook)
+    )
     method, s0, t0 = made[0]
     banks = torch.stack([method.bank_s, method.bank_t]).cpu().contiguous()
     moved = ((method.bank_s != s0).any(1) | (method.bank_t != t0).any(1)).nonzero().flatten().tolist()
-    record = {"rank": result["rank"], "world": result["world_size"], "ids": seen, "moved": moved, "z": method.z,
-              "banks": hashlib.sha256(banks.numpy().tobytes()).hexdigest(), "weights": result["rank_weights_sha256"]}
+    record = {
+        "rank": result["rank"],
+        "world": result["world_size"],
+        "ids": seen,
+        "moved": moved,
+        "z": method.z,
+        "banks": hashlib.sha256(banks.numpy().tobytes()).hexdigest(),
+        "weights": result["rank_weights_sha256"],
+    }
     (Path(out) / f"crd-probe-rank{result['rank']}.json").write_text(json.dumps(record))
 
 

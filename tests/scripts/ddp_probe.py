@@ -14,20 +14,40 @@ from sskd.train import Job, train
 
 
 def main(shards: str, out: str) -> None:
-    cfg = load_config(None, [f"data.shards={shards}", "run.progress=false", "run.log_every=2",
-                             "teacher.arch=resnet8", "teacher.max_steps=6", "teacher.batch_size=16",
-                             "teacher.epochs=1"])
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={shards}",
+            "run.progress=false",
+            "run.log_every=2",
+            "teacher.arch=resnet8",
+            "teacher.max_steps=6",
+            "teacher.batch_size=16",
+            "teacher.epochs=1",
+        ],
+    )
     seen: list[int] = []
 
     def hook(batch, epoch):
         seen.extend(batch["id"].tolist())
         return batch
 
-    job = Job(stage="teacher", cfg=cfg, out=Path(out), build=builder(cfg, "teacher", {}), info={"arch": "resnet8"},
-              batch_hook=hook)
+    job = Job(
+        stage="teacher",
+        cfg=cfg,
+        out=Path(out),
+        build=builder(cfg, "teacher", {}),
+        info={"arch": "resnet8"},
+        batch_hook=hook,
+    )
     result = train(job)
-    record = {"rank": result["rank"], "world": result["world_size"], "ids": seen,
-              "eval_count": result.get("count"), "weights": result["rank_weights_sha256"]}
+    record = {
+        "rank": result["rank"],
+        "world": result["world_size"],
+        "ids": seen,
+        "eval_count": result.get("count"),
+        "weights": result["rank_weights_sha256"],
+    }
     (Path(out) / f"probe-rank{result['rank']}.json").write_text(json.dumps(record))
 
 
