@@ -8,7 +8,7 @@
 # Sections: pytest_gpu, shards, bench_pipeline, bench_distill, bench_train; each with its command, exit
 # status, wall time and the JSON the command wrote. No CUDA device: one line, "cuda": false, exit 0.
 # No DALI: the torch-only GPU tests run and the DALI checks are listed under "skipped".
-# Each check runs in its own process with its own timeout (python -m sskd.gpu_check assembles the JSON),
+# Each check runs in its own process with its own timeout (python -m sskd.bench.gpu_check assembles the JSON),
 # so a failing or hanging check never loses the report. Exit status: 0 when every check that ran passed.
 set -u
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,4 +19,4 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 export PATH="$venv/bin:$PATH"
-exec "$venv/bin/python" -m sskd.gpu_check "$@"
+exec "$venv/bin/python" -m sskd.bench.gpu_check "$@"

@@ -34,7 +34,7 @@ from pipelines.order import ORDER_VERSION
 from pipelines.plan import ViewConfig, colour_views, view_labels
 from shards.format import IMAGE_EXTS, MANIFEST, load_manifest, sample_key, split_files
 from shards.index import check_lines, check_shard, parse_index
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 log = logging.getLogger(__name__)
 _UNSUMMED_WARNED: set[str] = set()  # shard folders already warned about (no per-sample checksums)

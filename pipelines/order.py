@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sskd.atomic import private_tempdir
+from sskd.core.atomic import private_tempdir
 
 ORDER_STREAM = 0x6F726472  # "ordr": apart from every other use of the seed
 ORDER_VERSION = (

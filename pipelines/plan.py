@@ -70,7 +70,7 @@ class ViewConfig:
 
     def __post_init__(self):
         from pipelines.view_registry import VIEWS, view_names
-        from sskd.errors import SSKDError
+        from sskd.core.errors import SSKDError
 
         for name in self.ss_views:
             if name == "normal" or name not in VIEWS:
@@ -90,7 +90,7 @@ class ViewConfig:
             return cls(PRESETS[text])
         names = tuple(v.strip() for v in text.split(",") if v.strip())
         if not names:  # ",," or " ": a list with no name in it is a slip, not a way to say none
-            from sskd.errors import SSKDError
+            from sskd.core.errors import SSKDError
 
             raise SSKDError(
                 f"{text!r} names no view; give view names or a preset ({', '.join(PRESETS)}), "

@@ -99,7 +99,7 @@ class BaselineViews:
             view = get_view(n)
             steps = view.baseline(base, size=size, layout=layout)
             if steps is None and not isinstance(view, SharedView):
-                from sskd.errors import SSKDError
+                from sskd.core.errors import SSKDError
 
                 raise SSKDError(f"view {n!r} has no torchvision baseline (View.baseline)")
             self.transforms.append(None if steps is None else v2.Compose([*steps, *tail]))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from shards import format as sfmt
 from shards.writer import ShardBuilder
-from sskd import atomic
-from sskd.errors import SSKDError
+from sskd.core import atomic
+from sskd.core.errors import SSKDError
 
 
 def _components(tar: Path, idx: Path, sample_id: int, first_id: int) -> dict[str, bytes]:

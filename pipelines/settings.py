@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from shards.index import parse_index
-from sskd.atomic import private_tempdir
-from sskd.errors import SSKDError
+from sskd.core.atomic import private_tempdir
+from sskd.core.errors import SSKDError
 
 NOISE_STREAM = 0x6E6F6973  # "nois": keeps the noise's random stream apart from every other use of the seed
 
@@ -137,7 +137,7 @@ RECORD = "data.json"
 def write_record(run: str | Path, loader) -> Path:
     """``RUN/data.json``: the data setting a run trained on: the subset's size per class and the flipped
     ids with their noisy labels (what a later analysis or report needs to know exactly)."""
-    from sskd import atomic
+    from sskd.core import atomic
 
     record: dict[str, Any] = {
         "subset_fraction": loader.subset_fraction,

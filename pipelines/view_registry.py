@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipelines import plan
-from sskd.errors import SSKDError
-from sskd.registry import Registry
+from sskd.core.errors import SSKDError
+from sskd.core.registry import Registry
 
 VIEWS = Registry("view")
 Uniforms = Callable[[int], np.ndarray]  # slot -> this view's float32 uniforms (n,) for the batch's ids

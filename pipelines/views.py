@@ -10,7 +10,7 @@ import numpy as np
 from pipelines.loader import ViewLoader
 from pipelines.plan import ViewConfig
 from pipelines.select import subset_folder
-from sskd.atomic import atomic_path
+from sskd.core.atomic import atomic_path
 
 
 def render_views(

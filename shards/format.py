@@ -44,7 +44,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 FORMAT_NAME = "sskd-shards"
 FORMAT_VERSION = 1

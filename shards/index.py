@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from shards import format as fmt
-from sskd import atomic
-from sskd.atomic import sha256_file
-from sskd.errors import SSKDError
+from sskd.core import atomic
+from sskd.core.atomic import sha256_file
+from sskd.core.errors import SSKDError
 
 log = logging.getLogger(__name__)
 

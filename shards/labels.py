@@ -14,7 +14,7 @@ import numpy as np
 
 from shards import format as fmt
 from shards.index import check_shard, parse_index
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 MISSING = -1  # label of an id the folder does not hold (a subset folder of ``sskd views``)
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from shards.format import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from shards import format as fmt
 from shards.index import check_lines, check_shard
-from sskd.atomic import sha256_file
-from sskd.errors import SSKDError
+from sskd.core.atomic import sha256_file
+from sskd.core.errors import SSKDError
 
 
 def _shard_samples(folder: Path, entry: dict, num_classes: int) -> list[str]:

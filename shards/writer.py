@@ -35,10 +35,11 @@ import numpy as np
 from shards import format as fmt
 from shards.index import sums_bytes, sums_line, sums_path
 from shards.sources import BadItem, Source
-from sskd import __version__, atomic
-from sskd.atomic import sha256_file
-from sskd.errors import SSKDError
-from sskd.lock import LOCK_NAME, FolderLock
+from sskd import __version__
+from sskd.core import atomic
+from sskd.core.atomic import sha256_file
+from sskd.core.errors import SSKDError
+from sskd.core.lock import LOCK_NAME, FolderLock
 
 log = logging.getLogger(__name__)
 PROGRESS = ".progress.json"
@@ -227,7 +228,7 @@ def write_shards(source: Source, out: str | Path, opts: ShardOptions | None = No
     try:
         return _write(source, out, opts, progress_path, state)
     except Exception as exc:
-        from sskd.stop import Interrupted
+        from sskd.core.stop import Interrupted
 
         # A failed --overwrite puts the earlier shards back; an interrupted one keeps both (--resume goes on)
         if not state.get("aside") or isinstance(exc, Interrupted):

@@ -1,4 +1,4 @@
-"""``sskd analyze similarity | tsne | selection`` and the measures behind them (:mod:`sskd.analyze`)."""
+"""``sskd analyze similarity | tsne | selection`` and the measures behind them (:mod:`sskd.experiments.analyze`)."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sskd.analyze import Collected, class_kl, collect, linear_cka, selection_batch
+from sskd.experiments.analyze import Collected, class_kl, collect, linear_cka, selection_batch
 from sskd.cli import main as sskd_main
 
 FAST = [
@@ -177,7 +177,7 @@ def runs(digits_shards, tmp_path_factory):
 
 def _val_collect(runs_root, names, shards):
     from pipelines import ViewLoader
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     models = [load_run_model(runs_root / n)[0] for n in names]
     loader = ViewLoader(shards, "val", batch_size=128, views=None, train=False)
@@ -303,7 +303,7 @@ def test_selection_matches_select_rows_by_hand(runs, digits_shards, tmp_path):
     from pipelines import ViewLoader
     from pipelines.plan import ViewConfig
     from sskd.losses import select_rows
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     assert (
         run(

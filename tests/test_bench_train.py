@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_bench_train_tiny_run_writes_the_json(digits_shards, tmp_path):
 def test_bench_train_refuses_more_steps_than_an_epoch(digits_shards):
     from types import SimpleNamespace
 
-    from sskd.bench_train import run_bench
+    from sskd.bench.train import run_bench
 
     args = SimpleNamespace(
         shards=digits_shards,
@@ -114,7 +114,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
 
 
 def test_gpu_check_step_records_exit_json_and_timeout(tmp_path):
-    from sskd.gpu_check import run_step
+    from sskd.bench.gpu_check import run_step
 
     j = tmp_path / "out.json"
     code = f"import json; json.dump({{'x': 1}}, open({str(j)!r}, 'w')); print('hello')"
@@ -136,7 +136,7 @@ def test_gpu_check_step_records_exit_json_and_timeout(tmp_path):
 
 
 def test_gpu_check_reads_pytest_counts(tmp_path):
-    from sskd.gpu_check import pytest_counts
+    from sskd.bench.gpu_check import pytest_counts
 
     xml = tmp_path / "junit.xml"
     xml.write_text("""<?xml version="1.0"?><testsuites><testsuite name="pytest">

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from sskd.cache import CacheReader, dense_from_topk
-from sskd.cache_build import binding_for, build_cache
+from sskd.cache.build import binding_for, build_cache
 from sskd.cli import main as sskd_main
-from sskd.config import load_config
-from sskd.errors import SSKDError
+from sskd.engine.config import load_config
+from sskd.core.errors import SSKDError
 from sskd.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +82,10 @@ def cache(ss_teacher, digits_shards, tmp_path_factory):
 
 def test_cached_terms_equal_live_terms(cache, ss_teacher, digits_shards):
     from pipelines import ViewLoader
-    from sskd.heads import SSModel
+    from sskd.models.heads import SSModel
     from sskd.methods import create_method
     from sskd.models import create_model
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     teacher, _ = load_run_model(ss_teacher)
     reader = CacheReader(cache)
@@ -175,7 +175,7 @@ def test_damaged_cache_is_an_error_naming_the_file(cache, tmp_path, damage):
 
 
 def test_interrupted_cache_resumes_to_the_same_files(ss_teacher, digits_shards, cache, tmp_path, monkeypatch):
-    import sskd.cache_build as cb
+    import sskd.cache.build as cb
 
     real, calls = cb.write_chunk, {"n": 0}
 
@@ -334,7 +334,7 @@ def test_sigterm_saves_the_batches_made_and_resume_finishes_identically(
 ):
     import signal
 
-    import sskd.cache_build as cb
+    import sskd.cache.build as cb
 
     real, calls = cb.write_chunk, {"n": 0}
 
@@ -388,7 +388,7 @@ def test_cache_chunks_readable_by_the_group(cache):
 
 
 def _umask():
-    from sskd.atomic import _umask
+    from sskd.core.atomic import _umask
 
     return _umask()
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sskd.config import Config, from_dict, load_config
-from sskd.errors import SSKDError
+from sskd.engine.config import Config, from_dict, load_config
+from sskd.core.errors import SSKDError
 
 
 def test_defaults_are_the_official_sskd_recipe():
@@ -67,7 +67,7 @@ def test_shipped_recipes_all_load():
     from pathlib import Path
 
     import sskd
-    from sskd.sweep import load_spec
+    from sskd.experiments.sweep import load_spec
 
     configs = Path(sskd.__file__).parent / "configs"
     recipes = sorted(p for p in configs.rglob("*.yaml") if "sweeps" not in p.parts)
@@ -83,7 +83,7 @@ def test_shipped_recipes_all_load():
 
 def _resolved(*argv):
     from sskd.cli import build_parser
-    from sskd.commands import resolve_config
+    from sskd.cli.train import resolve_config
 
     args = build_parser().parse_args(["train-teacher", "--shards", "s", "--out", "o", *argv])
     return resolve_config(args, "teacher")

@@ -16,7 +16,7 @@ import torch
 
 from shards.labels import split_labels
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 from sskd.losses.crd import bank_rows, crd_scores, nce_contrast_loss
 from sskd.methods.crd import CRD, CRDConfig, NegativeSampler
 from sskd.models import create_model
@@ -203,7 +203,7 @@ def test_the_crd_term_is_the_two_sided_nce_with_z_from_the_first_batch():
 
 
 def test_teacher_outputs_are_the_pooled_feature_of_plain_and_wrapped_teachers():
-    from sskd.heads import SSModel
+    from sskd.models.heads import SSModel
 
     torch.manual_seed(0)
     plain = create_model("resnet8", 4).eval()

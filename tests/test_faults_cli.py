@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def one_line_error(err: str) -> str:
 
 
 def _lock_free(folder: Path) -> bool:
-    from sskd.lock import FolderLock
+    from sskd.core.lock import FolderLock
 
     try:
         FolderLock(folder).acquire().release()
@@ -80,7 +80,7 @@ def test_a_sweep_label_leading_out_of_out_is_refused_naming_the_spec_and_label(
 
 
 def test_every_planned_run_folder_lies_inside_out(tmp_path):
-    from sskd.sweep import inside
+    from sskd.experiments.sweep import inside
 
     out = tmp_path / "sw"
     assert inside(out / "runs" / "full" / "kd" / "seed0", out)
@@ -267,7 +267,7 @@ def test_report_skips_a_torn_or_foreign_metrics_line(tmp_path):
 def test_an_oserror_escaping_a_command_is_one_line_naming_the_file_and_reason(
     tmp_path, capsys, monkeypatch, code
 ):
-    import sskd.report
+    import sskd.experiments.report
 
     sweep = fabricate(tmp_path / "sw")
     target = tmp_path / "r.md"
@@ -275,7 +275,7 @@ def test_an_oserror_escaping_a_command_is_one_line_naming_the_file_and_reason(
     def fail(path, data):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(sskd.report.atomic, "write_bytes", fail)
+    monkeypatch.setattr(sskd.experiments.report.atomic, "write_bytes", fail)
     assert sskd_main(["report", str(sweep), "--out", str(target), "--no-plots"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"sskd: error: {target}: {os.strerror(code)}") and "\n" not in err, err
@@ -521,7 +521,7 @@ def test_a_supervised_command_stops_cleanly_on_ctrl_c_or_when_its_supervisor_is_
 
 
 def test_the_supervisor_is_only_for_the_console_entry_of_training_commands(monkeypatch):
-    from sskd.supervisor import supervised_command as _supervised_command
+    from sskd.cli.supervisor import supervised_command as _supervised_command
 
     for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SSKD_SUPERVISED"):
         monkeypatch.delenv(k, raising=False)

@@ -11,8 +11,8 @@ import math
 import pytest
 
 from sskd.cli import main
-from sskd.config import load_config
-from sskd.errors import SSKDError
+from sskd.engine.config import load_config
+from sskd.core.errors import SSKDError
 
 
 def _refused(capsys, argv, needle, out=None):
@@ -91,7 +91,7 @@ def test_non_finite_values_in_a_recipe_are_refused(capsys, tmp_path, text, needl
 
 
 def test_a_non_finite_value_set_in_code_is_refused_by_validate():
-    from sskd.config import Config, validate
+    from sskd.engine.config import Config, validate
 
     cfg = Config()
     cfg.student.lr = math.nan  # NaN passes every `<` / `>` comparison: the bounds alone let it through
@@ -267,7 +267,7 @@ def test_right_types_still_load_and_the_word_no_stays_a_word(tmp_path):
 
 def test_mixed_precision_no_through_the_flags():
     from sskd.cli import build_parser
-    from sskd.commands import resolve_config
+    from sskd.cli.train import resolve_config
 
     args = build_parser().parse_args(
         [

@@ -24,7 +24,7 @@ import pytest
 
 from shards.index import parse_index, sums_path, write_sums
 from shards.verify import check_samples
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys
 from pipelines import ViewLoader
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 for case in json.loads(sys.argv[1]):
     for skip in ([False, True] if case["skip"] else [False]):

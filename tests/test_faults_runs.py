@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sskd import atomic, runs
+from sskd import runs
+from sskd.core import atomic
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -790,7 +791,7 @@ def test_private_tempdirs_of_killed_processes_are_removed(tmp_path, monkeypatch)
     import subprocess
     import tempfile
 
-    from sskd.atomic import private_tempdir
+    from sskd.core.atomic import private_tempdir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     host = socket.gethostname().replace("-", "_")

@@ -15,7 +15,7 @@ import pytest
 
 from shards.format import load_manifest
 from sskd.cli import main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -394,7 +394,7 @@ def test_a_file_size_limit_while_writing_a_shard(digits_shards, tmp_path, capsys
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # writes past the limit fail with EFBIG
         "resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))\n"
         "from shards.writer import write_digits\n"
-        "from sskd.errors import SSKDError\n"
+        "from sskd.core.errors import SSKDError\n"
         "try:\n"
         f"    write_digits({str(out)!r}, max_count=256, progress=False)\n"
         "except SSKDError as exc:\n"

@@ -304,7 +304,7 @@ PHASES = {
 def test_the_phase_runs_first_and_trains_only_its_parameters(
     name, teacher, digits_shards, tmp_path, monkeypatch
 ):
-    import sskd.train as tr
+    import sskd.engine.loop as tr
 
     snaps, real = {}, tr.Run.enter_phase
 

@@ -195,7 +195,7 @@ def test_gpu_eval_loader_in_half_precision(digits_shards, dtype):
 
 
 def test_pipeline_device_and_accelerator_pick_the_gpu():
-    from sskd.dist import make_accelerator, pipeline_device
+    from sskd.engine.dist import make_accelerator, pipeline_device
 
     assert (
         pipeline_device("auto") == "gpu"
@@ -211,7 +211,7 @@ def test_pipeline_device_and_accelerator_pick_the_gpu():
 def test_fp16_step_scales_the_loss_and_bf16_autocasts():
     """One method step as train_step makes it, under fp16 (GradScaler: the scaled backward, an unscaled
     step) and bf16 autocast: finite loss, weights move, the forward ran in the half dtype."""
-    from sskd.dist import make_accelerator
+    from sskd.engine.dist import make_accelerator
     from sskd.methods import create_method
     from sskd.models import create_model
 
@@ -398,7 +398,7 @@ NCCL_SCRIPT = textwrap.dedent("""
 
 ACCELERATE_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from sskd.dist import make_accelerator, make_gather, sync_buffers
+    from sskd.engine.dist import make_accelerator, make_gather, sync_buffers
     acc = make_accelerator("no")
     assert dist.is_initialized() and dist.get_backend() == "nccl", dist.is_initialized()
     assert acc.num_processes == 1 and acc.device.type == "cuda", (acc.num_processes, acc.device)
@@ -503,7 +503,7 @@ def test_bench_pipeline_on_the_gpu(digits_shards, tmp_path):
     """``sskd bench pipeline --device gpu``: decode-only and floor pipelines with ``mixed`` decode, the
     ViewLoader on the GPU, against torchvision; every variant measured."""
     _dali()
-    from pipelines.bench import run_bench
+    from sskd.bench.pipeline import run_bench
 
     args = SimpleNamespace(
         shards=digits_shards,
@@ -531,7 +531,7 @@ def test_bench_train_on_the_gpu(digits_shards, tmp_path, cache):
     """``sskd bench train --device gpu``: DALI on the GPU, steps on CUDA (synchronised), the cache
     variant's lookups moved to the GPU."""
     _dali()
-    from sskd.bench_train import run_bench
+    from sskd.bench.train import run_bench
 
     args = SimpleNamespace(
         shards=digits_shards,

@@ -269,7 +269,7 @@ def test_cached_student_terms_equal_the_live_ones_and_topk(runs_dir, digits_shar
     from pipelines import ViewLoader
     from sskd.cache import CacheReader
     from sskd.methods import create_method
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     cache = tmp_path / "c"
     assert (

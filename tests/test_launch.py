@@ -259,8 +259,8 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step_and_resume_is_exac
 @pytest.mark.slow
 def test_ranks_of_a_sigkilled_launcher_stop_and_release_the_folder(digits_shards, tmp_path):
     """Ranks left running after the launcher was SIGKILLed went on writing into the run folder."""
-    from sskd.errors import SSKDError
-    from sskd.lock import FolderLock
+    from sskd.core.errors import SSKDError
+    from sskd.core.lock import FolderLock
 
     out = tmp_path / "t"
     proc = _launch(digits_shards, out, 29614, "--set", "teacher.epochs=50", popen=True)

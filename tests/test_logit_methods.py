@@ -253,8 +253,8 @@ def test_kd_loss_standardize_is_kd_of_the_zscores():
 
 
 def test_bad_values_are_refused_naming_the_key():
-    from sskd.config import load_config
-    from sskd.errors import SSKDError
+    from sskd.engine.config import load_config
+    from sskd.core.errors import SSKDError
 
     for method, item, needle in (
         ("dkd", "dkd.T=0", "dkd.T must be > 0"),
@@ -338,7 +338,7 @@ def test_two_optimizer_steps_through_distill(method, extra, terms, teacher, digi
 def test_cached_teacher_gives_the_live_terms(method, extra, teacher, digits_shards, tmp_path):
     from pipelines import ViewLoader
     from sskd.cache import CacheReader
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     cache = tmp_path / "c"
     assert (

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sskd.heads import SSModel
+from sskd.models.heads import SSModel
 from sskd.losses import SSKDLossConfig
 from sskd.methods import METHODS, create_method
 from sskd.models import create_model

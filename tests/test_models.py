@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sskd.errors import SSKDError
-from sskd.heads import SSHead, SSModel
+from sskd.core.errors import SSKDError
+from sskd.models.heads import SSHead, SSModel
 from sskd.models import Features, create_model, list_models
 
 # Published parameter counts (CRD, Tian et al. 2020, Table 1/2 headers; 100 classes), in millions.

@@ -10,7 +10,7 @@ import torch
 
 from pipelines import ViewLoader
 from pipelines.order import epoch_sequence, rank_ids, split_shards
-from pipelines.shuffle_bench import dali_epoch, layout_shards, measure, run, simulated_epoch
+from sskd.bench.shuffle import dali_epoch, layout_shards, measure, run, simulated_epoch
 from shards.format import load_manifest
 
 

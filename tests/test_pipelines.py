@@ -13,7 +13,7 @@ from pipelines import ViewLoader, rank_counts
 from pipelines.reference import reference_views
 from pipelines.views import render_views
 from shards.format import load_manifest
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 
 def collect(loader, epoch=0, start_batch=0):

@@ -5,7 +5,7 @@ import pytest
 
 from pipelines import plan
 from pipelines.plan import ViewConfig, sample_uniforms
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 IDS = np.arange(20000, dtype=np.int64)
 

@@ -10,7 +10,7 @@ from einops import rearrange
 from sskd.cli import main as sskd_main
 from sskd.losses import similarity_matrix
 from sskd.losses.sskd import PRETEXT_TASKS
-from sskd.pretext import PRETEXTS, get_pretext
+from sskd.losses.pretext import PRETEXTS, get_pretext
 from sskd.runs import load_model_info, read_metrics
 
 FAST = [
@@ -128,7 +128,7 @@ def test_each_task_trains_the_head_and_a_student_two_steps(task, runs, digits_sh
 
 
 def test_head_widths_follow_the_task(runs):
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     _, heads = runs
     widths = {t: load_run_model(heads[t])[0].head.net[-1].out_features for t in PRETEXT_TASKS}
@@ -321,7 +321,7 @@ def test_predictions_per_task_on_a_toy_batch():
     jl = torch.tensor([[-1, 5, 23, 0]] * b)
     s, t = get_pretext("jigsaw").predictions(jig, {"jigsaw_label": jl})
     assert s.shape == (b * 3, 24) and t.tolist() == [5, 23, 0] * b and torch.equal(s[0], jig[0, 1])
-    from sskd.errors import SSKDError
+    from sskd.core.errors import SSKDError
 
     with pytest.raises(SSKDError, match="carries no jigsaw_label"):
         get_pretext("jigsaw").predictions(jig, {})

@@ -251,7 +251,7 @@ def test_cached_terms_equal_live_terms(name, teacher, digits_shards, tmp_path, c
     from pipelines import ViewLoader
     from sskd.cache import CacheReader
     from sskd.methods import create_method
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     cache = tmp_path / "c"
     assert (
@@ -341,7 +341,7 @@ def test_what_the_relation_cannot_pair_is_one_line(teacher, digits_shards, tmp_p
     # RKD reads the pooled feature, which that student still has: it trains
     assert run(*common, "--method", "rkd", "--student", "resnet8_nomaps", "--out", tmp_path / "rkd") == 0
     # a wrapped teacher (an SS-head run) answers features=True with its backbone's features
-    from sskd.heads import SSModel
+    from sskd.models.heads import SSModel
     from sskd.methods.rkd import StudentRKD
 
     wrapped = SSModel(create_model("resnet8", 10)).eval()

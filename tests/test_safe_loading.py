@@ -17,7 +17,7 @@ import torch
 from shards.sources import cifar100_source
 from sskd import runs
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 FAST = ["--no-progress", "--batch-size", "32", "--set", "data.eval_batch_size=128"]
 

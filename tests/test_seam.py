@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sskd.cli import main as sskd_main
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.methods import Method, register
 from sskd.runs import load_model_info, read_metrics
 
@@ -136,7 +136,7 @@ def test_a_method_defined_in_a_test_file_trains_live_and_from_the_cache(
 
 
 def test_the_toy_terms_are_what_its_forward_says(teacher):
-    from sskd.stages import load_run_model
+    from sskd.runs.models import load_run_model
 
     t, _ = load_run_model(teacher)
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_a_pre_training_phase_runs_first_trains_only_its_parameters_and_resumes_
 ):
     import signal
 
-    import sskd.train as tr
+    import sskd.engine.loop as tr
 
     common = [
         "distill",

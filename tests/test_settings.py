@@ -13,7 +13,7 @@ from pipelines.settings import noisy_labels, subset_ids
 from shards.labels import split_labels
 from sskd.cache import check_binding
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 
 def epoch_ids_labels(loader, epoch=0):

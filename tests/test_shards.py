@@ -13,7 +13,7 @@ from shards import ShardOptions, write_shards
 from shards.sources import FolderSource, cifar100_source, digits_source
 from shards.verify import verify
 from sskd.cli import main
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 
 def tar_bytes(folder):
@@ -380,7 +380,7 @@ def test_resume_refuses_a_source_that_changed(photo_tree, tmp_path, monkeypatch,
 
 
 def test_two_shard_jobs_on_one_folder(tmp_path):
-    from sskd.lock import FolderLock
+    from sskd.core.lock import FolderLock
 
     with FolderLock(tmp_path / "out", "shard folder"), pytest.raises(SSKDError, match="in use by pid"):
         write_shards(digits_source(), tmp_path / "out", ShardOptions(progress=False, resume=True))

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from sskd.cli import main as sskd_main
-from sskd.errors import SSKDError
-from sskd.sweep import load_spec, plan
+from sskd.core.errors import SSKDError
+from sskd.experiments.sweep import load_spec, plan
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ import yaml
 from sskd import runs
 from sskd.cli import build_parser
 from sskd.cli import main as sskd_main
-from sskd.commands import resolve_config
-from sskd.config import Config
+from sskd.cli.train import resolve_config
+from sskd.engine.config import Config
 from sskd.runs import TRACKER_FOLDERS, read_metrics
 
 FAST = [
@@ -173,7 +173,7 @@ def test_log_with_flag_list_and_set():
     assert _config("--log-with", "none").run.log_with == []
     with pytest.raises(SystemExit):
         _config("--log-with", "tensorbored")
-    from sskd.errors import SSKDError
+    from sskd.core.errors import SSKDError
 
     with pytest.raises(SSKDError, match="run.log_with must be one of"):
         _config("--set", "run.log_with=[comet]")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sskd.cli import main as sskd_main
-from sskd.config import StageConfig
+from sskd.engine.config import StageConfig
 from sskd.runs import file_sha256, load_model_info, read_metrics
-from sskd.train import lr_factor
+from sskd.engine.loop import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -264,7 +264,7 @@ def test_two_cpu_ranks_under_accelerate_launch(digits_shards, tmp_path):
     2400
 )  # ~3 min alone (README: the full demo 8 min 41 s); 20 min measured beside other jobs
 def test_demo_reduced_budget(tmp_path):
-    from sskd.demo import run_demo
+    from sskd.experiments.demo import run_demo
 
     # `--fast` (half of every stage) with 3 student epochs instead of 5: the students are 3/4 of the demo's time,
     # and at 3 epochs all four are at 53-59 % top-1 (at 2, KD and SSKD stayed below 30 %)
@@ -282,9 +282,9 @@ def test_demo_reduced_budget(tmp_path):
 def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, tmp_path):
     """Each logged loss averages exactly the steps since the previous line, epoch ends included."""
 
-    from sskd.config import load_config
-    from sskd.stages import builder
-    from sskd.train import Job, train
+    from sskd.engine.config import load_config
+    from sskd.engine.prepare import builder
+    from sskd.engine.loop import Job, train
 
     cfg = load_config(
         None,
@@ -327,7 +327,7 @@ def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, 
 
 def test_precision_may_change_between_runs_in_one_process():
     """Accelerate's process-wide state refuses a second precision; the demo and notebooks run several stages."""
-    from sskd.dist import make_accelerator
+    from sskd.engine.dist import make_accelerator
 
     assert make_accelerator("no").mixed_precision == "no"
     assert make_accelerator("bf16", grad_accum=2).mixed_precision == "bf16"
@@ -436,7 +436,7 @@ def test_a_finished_run_is_not_overwritten_without_resume_or_overwrite(digits_sh
 
 
 def test_one_run_per_folder_and_a_stale_lock_is_taken_over(digits_shards, tmp_path, capsys):
-    from sskd.lock import FolderLock
+    from sskd.core.lock import FolderLock
 
     out = tmp_path / "t"
     with FolderLock(out):  # another live run holds the folder
@@ -455,7 +455,7 @@ def test_one_run_per_folder_and_a_stale_lock_is_taken_over(digits_shards, tmp_pa
 def _signal_at_step(monkeypatch, step, signum):
     import signal as _signal
 
-    import sskd.train as tr
+    import sskd.engine.loop as tr
 
     real, seen = tr.train_step, {"n": 0}
 
@@ -612,7 +612,7 @@ def test_a_full_run_counts_its_epochs_and_files_follow_the_umask(digits_shards, 
         info["epochs_done"] == 2 and info["steps"] == 12
     )  # ceil(1437 / 256) = 6 batches per epoch (was 1: the
     # last step of the last epoch ended the loop before the epoch was counted)
-    from sskd.atomic import _umask
+    from sskd.core.atomic import _umask
 
     for name in ("model.safetensors", "model.json", "config.yaml", "checkpoints/last.pt"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~_umask(), name

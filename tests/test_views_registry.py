@@ -12,7 +12,7 @@ from pipelines import ViewLoader, plan
 from pipelines.plan import ViewConfig
 from pipelines.reference import BaselineViews, reference_views
 from pipelines.view_registry import PERMUTATIONS, CropView, get_view, jigsaw_tiles, register_view, view_names
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 
 
 @register_view("toy_vflip")

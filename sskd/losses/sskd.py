@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses.logit import standardize_logits
 
 PRETEXT_TASKS = (
@@ -40,7 +40,7 @@ class SSKDLossConfig:
     head_tau: float = bound(
         1.0, gt=0
     )  # Eq. 5 temperature when training the teacher's SS head (official: raw cosines)
-    # The self-supervised task of the SS head (the paper's Table 2, sskd/pretext.py): contrastive (Eq. 4-5,
+    # The self-supervised task of the SS head (the paper's Table 2, sskd/losses/pretext.py): contrastive (Eq. 4-5,
     # the paper's and official code's), exemplar (each image its own class), rotation (4-way) or jigsaw
     # (24 orders of 2 x 2 tiles); used alike by `train-ss-head --method sskd` (what the teacher's head learns)
     # and `distill --method sskd` (what the student mimics); `data.views: auto` follows it.

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 from sskd.methods.base import (
     METHODS,
     ROLES,

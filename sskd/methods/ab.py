@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.feature import ab_loss
 from sskd.methods.base import BuildContext, Method, Phase, normal, register

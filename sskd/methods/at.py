@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.feature import at_loss, at_loss_from_attention, attention_map
 from sskd.methods.base import BuildContext, Method, normal, register

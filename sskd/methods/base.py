@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sskd.errors import SSKDError
-from sskd.registry import Registry
+from sskd.core.errors import SSKDError
+from sskd.core.registry import Registry
 
 ROLES = {"teacher": "train-teacher", "head": "train-ss-head", "student": "distill"}
 STAGE_ROLE = {"teacher": "teacher", "ss_head": "head", "student": "student"}  # config section -> role
@@ -66,7 +66,7 @@ class Phase:
 class BuildContext:
     """What a method may use to build itself: the run config, its section, the shards, the teacher."""
 
-    cfg: Any  # sskd.config.Config
+    cfg: Any  # sskd.engine.config.Config
     stage: str  # teacher | ss_head | student
     manifest: dict[str, Any]
     teacher: str | None = None  # a run folder or torchvision:NAME
@@ -91,7 +91,7 @@ class BuildContext:
 
     def teacher_model(self, part: str | None, *, method: str) -> tuple[nn.Module | None, dict[str, Any]]:
         """The frozen teacher (None when ``cached``) and its ``model.json``, checked to have ``part``."""
-        from sskd.stages import freeze, load_teacher, teacher_info
+        from sskd.runs.models import freeze, load_teacher, teacher_info
 
         if self.teacher is None:
             raise SSKDError(f"--method {method} needs --teacher RUN")
@@ -111,6 +111,21 @@ class BuildContext:
             teacher_weights_sha256=info.get("weights_sha256"),
         )
         return model, info
+
+
+def teacher_backbone(ctx) -> torch.nn.Module:
+    """For the ``train-ss-head`` stage: the teacher's backbone with its classifier, without the parts of
+    any earlier head stage (they are made anew), recorded in the run's info."""
+    if ctx.teacher is None:
+        raise SSKDError("train-ss-head needs --teacher RUN (a train-teacher run or torchvision:NAME)")
+    from sskd.runs.models import load_teacher
+
+    model, info = load_teacher(ctx.teacher, ctx.manifest)
+    backbone = getattr(model, "backbone", model)
+    ctx.info.update(
+        arch=info["arch"], teacher_source=str(ctx.teacher), teacher_weights_sha256=info.get("weights_sha256")
+    )
+    return backbone
 
 
 def part_makers(part: str) -> list[str]:
@@ -209,7 +224,7 @@ class Method(nn.Module):
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
         """The method for a run: models made or loaded through ``ctx``. Default: a fresh backbone, wrapped;
-        then the frozen teacher if the method needs one (after the student: see :func:`sskd.stages.builder`)."""
+        then the frozen teacher if the method needs one (after the student: see :func:`sskd.runs.models.builder`)."""
         student = cls.student_model(ctx.backbone(), ctx.num_classes)
         teacher = ctx.teacher_model(cls.teacher_part, method=cls.name)[0] if cls.needs_teacher else None
         return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
@@ -251,11 +266,10 @@ class Method(nn.Module):
         that requires a gradient)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def validate(self, loader, accelerator) -> dict[str, Any]:
-        """Validation top-1 / top-5 of the exported model (every sample once across ranks)."""
-        from sskd.evaluate import evaluate
-
-        return evaluate(self.trainable_module(), loader, accelerator)
+    def validate(self, evaluate: Callable[[nn.Module], dict[str, Any]]) -> dict[str, Any]:
+        """Validation top-1 / top-5 of the exported model; ``evaluate(module)`` is the loop's evaluation
+        (every sample of the val split once across ranks)."""
+        return evaluate(self.trainable_module())
 
     def export_info(self) -> dict[str, Any]:
         """Extra fields for ``model.json``."""

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sskd.config import bound
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
+from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.crd import bank_rows, crd_scores, nce_contrast_loss
 from sskd.methods.base import BuildContext, Method, normal, register
@@ -136,7 +136,7 @@ def teacher_feat_dim(info: dict[str, Any]) -> int:
     """The teacher's pooled feature size from its ``model.json`` (a cached run builds no teacher)."""
     if info.get("feat_dim"):
         return int(info["feat_dim"])
-    from sskd.stages import new_model
+    from sskd.runs.models import new_model
 
     return int(new_model(info["arch"], int(info["num_classes"])).feat_dim)  # torchvision: no model.json
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses.logit import dkd_terms
 from sskd.methods.base import register
 from sskd.methods.kd import LogitMethod

@@ -21,8 +21,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from sskd.config import bound
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
+from sskd.core.fields import bound
 from sskd.losses import hssakd_online_terms, hssakd_student_terms, hssakd_teacher_terms, joint_labels
 from sskd.methods.base import BuildContext, Method, register
 from sskd.models.branches import BranchedModel
@@ -106,7 +106,7 @@ class FrozenTeacherBranches(_Teacher):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        from sskd.stages import teacher_backbone
+        from sskd.methods.base import teacher_backbone
 
         return cls(
             BranchedModel(teacher_backbone(ctx), ctx.num_classes),
@@ -213,10 +213,8 @@ class HSSAKDOnline(Method):
     def trainable_module(self) -> nn.Module:
         return self.student[self.exported]
 
-    def validate(self, loader, accelerator) -> dict[str, Any]:
-        from sskd.evaluate import evaluate
-
-        self.peer_results = [evaluate(peer, loader, accelerator) for peer in self.student]
+    def validate(self, evaluate) -> dict[str, Any]:
+        self.peer_results = [evaluate(peer) for peer in self.student]
         self.exported = max(range(2), key=lambda i: (self.peer_results[i]["top1"], -i))
         best = self.peer_results[self.exported]
         return dict(best, peer_top1=[r["top1"] for r in self.peer_results])

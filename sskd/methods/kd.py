@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.logit import standardize_logits
 from sskd.methods.base import Method, logits_of, normal, register

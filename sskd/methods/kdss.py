@@ -18,23 +18,20 @@ Views: the normal view and its exact rotations by 90°, 180°, 270° (``shared_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from sskd.config import bound
-from sskd.heads import SSHead
+from sskd.core.fields import bound
 from sskd.losses.kdss import alignment_loss, instance_contrast, rotation_loss
 from sskd.losses.sskd import kd_loss
 from sskd.methods.base import BuildContext, Method, register
-from sskd.models.registry import WRAPPERS
+from sskd.models.kdss_heads import ROTATIONS, KDSSModel, KDSSOutput
 
 PAPER = "KDSS variant (kdss-variant.txt)"
 VIEWS = "shared_rotation"
-ROTATIONS = 4
 
 
 @dataclass
@@ -50,46 +47,6 @@ class KDSSConfig:
     con_tau: float = bound(0.5, gt=0)
     con_mode: str = bound("cross", choices=("cross", "student"))  # student views vs the teacher's, or its own
     align_weight: float = bound(1.0, ge=0)
-
-
-class KDSSOutput(NamedTuple):
-    logits: torch.Tensor  # (n, K)
-    rot: torch.Tensor  # (n, 4) rotation logits
-    embed: torch.Tensor  # (n, e) projection (not normalised)
-    feat: torch.Tensor  # (n, d) pooled feature
-    stages: list[torch.Tensor]
-
-
-@WRAPPERS.register("kdss_heads")
-class KDSSModel(nn.Module):
-    """Backbone plus a rotation head and a projection MLP on its pooled feature (``embed_dim`` wide)."""
-
-    wrapper = "kdss_heads"
-
-    def __init__(self, backbone: nn.Module, num_classes: int | None = None, embed_dim: int | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.feat_dim = backbone.feat_dim
-        self.embed_dim = embed_dim or backbone.feat_dim
-        self.rot_head = nn.Linear(self.feat_dim, ROTATIONS)
-        self.proj = (
-            SSHead(self.feat_dim)
-            if self.embed_dim == self.feat_dim
-            else nn.Sequential(
-                nn.Linear(self.feat_dim, self.feat_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(self.feat_dim, self.embed_dim),
-            )
-        )
-
-    def wrapper_args(self) -> dict:
-        return {"embed_dim": self.embed_dim}
-
-    def forward(self, x: torch.Tensor, features: bool | str = False) -> KDSSOutput:
-        if features:  # the backbone's feature interface, so feature methods can read this teacher too
-            return self.backbone(x, features=features)
-        f = self.backbone(x, features=True)
-        return KDSSOutput(f.logits, self.rot_head(f.feat), self.proj(f.feat), f.feat, f.stages)
 
 
 def _split(out: KDSSOutput, b: int) -> dict[str, torch.Tensor]:
@@ -120,7 +77,7 @@ class KDSSHeads(Method):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        from sskd.stages import teacher_backbone
+        from sskd.methods.base import teacher_backbone
 
         return cls(KDSSModel(teacher_backbone(ctx)), num_classes=ctx.num_classes, cfg=ctx.section(cls))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses.relation import pkt_loss
 from sskd.methods.base import register
 from sskd.methods.rkd import RelationConfig, RelationMethod

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from sskd.config import bound
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
+from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.relation import rkd_terms
 from sskd.methods.base import BuildContext, Method, normal, register

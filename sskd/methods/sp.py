@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses.relation import sp_loss
 from sskd.methods.base import register
 from sskd.methods.rkd import RelationConfig, RelationMethod

@@ -1,7 +1,7 @@
 """SSKD (Xu et al., ECCV 2020): the teacher's SS head (stage 2, Eq. 5) and the student (Eq. 8).
 
 The SS task is selectable, ``sskd.pretext: contrastive | exemplar | rotation | jigsaw`` (the paper's
-Table 2; :mod:`sskd.pretext`): the head learns it on the frozen teacher backbone, the student mimics
+Table 2; :mod:`sskd.losses.pretext`): the head learns it on the frozen teacher backbone, the student mimics
 the teacher's predictions of it. Contrastive (the default) is the paper's Eq. 4-6 exactly.
 """
 
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from sskd.heads import SSModel
 from sskd.losses import SSKDLossConfig, kd_loss, ss_kd_loss, sskd_total, transformed_kd_loss
+from sskd.losses.pretext import check_teacher_pretext, get_pretext, own_image_targets
 from sskd.methods.base import BuildContext, Method, check_part, register
-from sskd.pretext import check_teacher_pretext, get_pretext, own_image_targets
+from sskd.models.heads import SSModel
 
 PAPER = "Xu et al., ECCV 2020"  # Knowledge Distillation Meets Self-Supervision
 
@@ -66,7 +66,7 @@ class SSHeadStage(_PretextViews, Method):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        from sskd.stages import teacher_backbone
+        from sskd.methods.base import teacher_backbone
 
         cfg, task = cls._task(ctx)
         backbone = teacher_backbone(ctx)
@@ -95,7 +95,9 @@ class SSKD(_PretextViews, Method):
     """Eq. 8: ``λ1 CE + λ2 KD + λ3 L_T + λ4 L_ss``; the student (backbone + its SS head) sees all views.
     ``L_ss`` is the KL between the teacher's and the student's predictions of the pretext task."""
 
-    summary = "SSKD: CE + KD + KD on transformed views + the teacher's SS predictions (Eq. 8; sskd.pretext)"
+    summary = (
+        "SSKD: CE + KD + KD on transformed views + the teacher's SS predictions (Eq. 8; sskd.pretext)"
+    )
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from sskd.config import bound
+from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.feature import vid_loss
 from sskd.methods.base import BuildContext, Method, normal, register

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from torch import nn
 
-from sskd.models import cifar_resnet, mobilenetv2, shufflenet, tv, vgg, wrn  # noqa: F401  (they register)
 from sskd.models.base import Classifier, Features
 from sskd.models.registry import MODELS
 
@@ -16,7 +18,7 @@ from sskd.models.registry import MODELS
 def create_model(name: str, num_classes: int, **kw) -> nn.Module:
     """A new model by registry name (``resnet8x4``, ``wrn_40_2``, ``torchvision:resnet34``, ...)."""
     if num_classes < 1:
-        from sskd.errors import SSKDError
+        from sskd.core.errors import SSKDError
 
         raise SSKDError(f"num_classes must be >= 1, not {num_classes}")
     return MODELS.get(name)(num_classes=num_classes, **kw)
@@ -25,5 +27,14 @@ def create_model(name: str, num_classes: int, **kw) -> nn.Module:
 def list_models() -> list[str]:
     return MODELS.names()
 
+
+def _discover() -> None:
+    """Import every module of this package: architectures and parts (SS head, branches, ...) register."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 
 __all__ = ["MODELS", "Classifier", "Features", "create_model", "list_models"]

@@ -81,7 +81,7 @@ class BranchedModel(nn.Module):
         self.taps = list(backbone.branch_spec().taps)
         self.branches = build_branches(backbone, num_classes, rotations)
         if num_branches is not None and num_branches != len(self.branches):
-            from sskd.errors import SSKDError
+            from sskd.core.errors import SSKDError
 
             raise SSKDError(
                 f"a model with {num_branches} branches was saved, this architecture has {len(self.branches)}"

@@ -6,7 +6,7 @@
   as RepDistiller (no Kaiming re-init).
 - :func:`probe_pair` / :func:`build_pair`: one forward of zeros through student and teacher at the run's input
   size gives their maps' ``(C, H, W)`` (:class:`PairShapes`); a pair the modules cannot bridge is one
-  :class:`sskd.errors.SSKDError` line naming both architectures and their shapes (:meth:`PairShapes.error`).
+  :class:`sskd.core.errors.SSKDError` line naming both architectures and their shapes (:meth:`PairShapes.error`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 from sskd.losses.feature import match_size
 
 Shape = tuple[int, int, int]  # (C, H, W) of one map, without the batch
@@ -185,7 +185,7 @@ class VIDRegressor(nn.Module):
 
 def features_of(model: nn.Module, x: torch.Tensor, preact: bool = False):
     """``model(x, features=True | "preact")``; a run whose classifier carries parts (SS head, branches) holds
-    it as ``backbone`` (the wrapper contract :func:`sskd.stages.teacher_backbone` reads too)."""
+    it as ``backbone`` (the wrapper contract :func:`sskd.runs.models.teacher_backbone` reads too)."""
     net = getattr(model, "backbone", model)
     return net(x, features="preact" if preact else True)
 

@@ -1,6 +1,6 @@
 """The model registry (filled by the architecture modules on import)."""
 
-from sskd.registry import Registry
+from sskd.core.registry import Registry
 
 MODELS = Registry("model")
 # Parts a method adds around a backbone (SS head, HSSAKD's branches, ...), by the name model.json records:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sskd.errors import SSKDError
+from sskd.core.errors import SSKDError
 from sskd.models.base import BranchSpec, Classifier, pool_flat, run_stages
 from sskd.models.registry import MODELS
 

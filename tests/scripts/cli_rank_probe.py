@@ -3,13 +3,13 @@
     accelerate launch ... tests/scripts/cli_rank_probe.py PROBE_DIR distill --teacher ... --out ...
 
 Everything after PROBE_DIR goes to :func:`sskd.cli.main` unchanged: the same parser, config resolution,
-stage checks, :class:`sskd.train.Job` and :func:`sskd.train.train` as ``python -m sskd distill``. The probe
+stage checks, :class:`sskd.engine.loop.Job` and :func:`sskd.engine.loop.train` as ``python -m sskd distill``. The probe
 only observes, through three wrappers that hand every value on untouched:
 
 * the job's ``batch_hook`` (composed with any the command set, e.g. a teacher cache): the ids and epoch
   of each batch this rank trained on;
 * ``ViewLoader.epoch`` of evaluation loaders: the ids of each evaluation pass on this rank;
-* :func:`sskd.train.export`: after it, a digest of this rank's exported module (the student), taken
+* :func:`sskd.engine.loop.export`: after it, a digest of this rank's exported module (the student), taken
   as :func:`sskd.runs.save_model` would write it, so it can be compared with rank 0's model.safetensors.
 
 Each rank writes PROBE_DIR/rank<R>.json with the torchrun environment it ran in and train()'s result
@@ -36,7 +36,7 @@ def state_digest(state: dict) -> str:
 
 def main(argv: list[str]) -> int:
     probe_dir, cli_args = Path(argv[0]), argv[1:]
-    import sskd.train as train_mod
+    import sskd.engine.loop as train_mod
     from pipelines.loader import ViewLoader
     from sskd.cli import main as sskd_main
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from sskd.config import load_config
-from sskd.stages import builder
-from sskd.train import Job, train
+from sskd.engine.config import load_config
+from sskd.engine.prepare import builder
+from sskd.engine.loop import Job, train
 
 
 def main(shards: str, teacher: str, out: str) -> None:

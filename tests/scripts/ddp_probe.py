@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from sskd.config import load_config
-from sskd.stages import builder
-from sskd.train import Job, train
+from sskd.engine.config import load_config
+from sskd.engine.prepare import builder
+from sskd.engine.loop import Job, train
 
 
 def main(shards: str, out: str) -> None:

@@ -1,0 +1,408 @@
+"""The teacher-output cache: run the frozen teacher once, distill students without it.
+
+Layout (keyed by sample identity, never by batch position: DESIGN.md, invariant 3)::
+
+    CACHE/manifest.json                               binding + shape; "complete": true only at the end
+    CACHE/epoch-{e:04d}/r{rank:03d}-b{first batch:06d}.safetensors
+
+Each chunk holds, for the samples one rank saw in a run of consecutive batches (the first one and
+how many are in its metadata): ``ids`` int64 (n,) and every teacher output the method declares
+(:attr:`sskd.methods.Method.outputs`), per view: SSKD's ``logits`` (n, V, K) and ``embed`` (n, V, d) —
+the SS projections —, HSSAKD's ``logits`` and ``aux`` (n, V, L, 4K), KD's ``logits`` (n, 1, K); fp16.
+With ``--topk k`` an output the method allows it for is stored as ``<name>.topv`` fp16 / ``<name>.topi``
+int32 (..., k) plus ``<name>.lse`` fp32 (...), the log-sum-exp of all its logits. Embeddings are
+stored, not batch similarity matrices, so the matrix is recomputed for whatever batch size and rank
+layout the student run has. Chunks are written under a temporary name and renamed; readers
+memory-map them (safetensors header → numpy memmap).
+
+Integrity: every chunk carries a CRC-32 of its arrays in its metadata. A reader checks every chunk's
+header and size when it opens the cache (a damaged or truncated file fails at the start, not hours
+in), and each chunk's checksum the first time it reads from it; ``sskd cache --verify`` checks all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sskd.core import atomic
+from sskd.core.errors import SSKDError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sskd-teacher-cache"
+VERSION = 3  # 3: the method's named outputs; 2: chunks named by their first batch, CRC-32 per chunk
+MANIFEST = "manifest.json"
+BINDING_FIELDS = (
+    "method",
+    "teacher_weights_sha256",
+    "shards_manifest_sha256",
+    "seed",
+    "views",
+    "size",
+    "pipeline_version",
+    "device_type",
+    "split",
+)
+_DT = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
+_NP_DT = {np.dtype(v): k for k, v in _DT.items()}
+
+
+def epoch_dir(cache: Path, epoch: int) -> Path:
+    return cache / f"epoch-{epoch:04d}"
+
+
+def chunk_path(cache: Path, epoch: int, rank: int, first_batch: int) -> Path:
+    return epoch_dir(cache, epoch) / f"r{rank:03d}-b{first_batch:06d}.safetensors"
+
+
+def rank_chunks(cache: Path, epoch: int, rank: int) -> list[Path]:
+    """One rank's chunk files of one epoch, in batch order."""
+    return sorted(epoch_dir(cache, epoch).glob(f"r{rank:03d}-b*.safetensors"))
+
+
+def bytes_per_sample(num_views: int, outputs: list[dict[str, Any]], topk: int | None) -> int:
+    """Disk per sample per epoch: every output of every view (fp16, or top-K + lse), plus the id.
+
+    ``outputs``: ``[{"name", "shape" (per view), "topk": bool}]`` as in the cache manifest.
+    """
+    total = 8
+    for o in outputs:
+        rows = num_views * int(np.prod(o["shape"][:-1], dtype=np.int64))
+        total += rows * (topk * (2 + 4) + 4 if topk and o["topk"] else o["shape"][-1] * 2)
+    return total
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """CRC-32 over the arrays' names and bytes in name order (fast: a bit flip anywhere changes it)."""
+    crc = 0
+    for name in sorted(arrays):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(arrays[name])).cast("B"), crc)
+    return f"{crc:08x}"
+
+
+def teacher_arrays(
+    ids: np.ndarray, outputs: dict[str, torch.Tensor], topk: int | None, topk_names: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """The stored form of a run of batches: ids (n,) and each output (n, V, ...) in fp16, or as top-K."""
+    arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64)}
+    for name, value in outputs.items():
+        value = value.float().cpu()
+        if topk and name in topk_names:
+            top = value.topk(topk, dim=-1)
+            arrays[f"{name}.topv"] = top.values.numpy().astype(np.float16)
+            arrays[f"{name}.topi"] = top.indices.numpy().astype(np.int32)
+            arrays[f"{name}.lse"] = torch.logsumexp(value, dim=-1).numpy().astype(np.float32)
+        else:
+            arrays[name] = value.numpy().astype(np.float16)
+    return arrays
+
+
+def write_chunk(path: Path, arrays: dict[str, np.ndarray], first_batch: int, batches: int) -> None:
+    """One chunk, atomically, with its batch range and checksum in the metadata.
+
+    A full disk or the file-size limit is one line naming the chunk; the chunks before it are kept and
+    no partial chunk is left (``--resume`` goes on from there)."""
+    from safetensors.numpy import save
+
+    # One metadata key: safetensors writes several in a random order, and chunks are byte-deterministic.
+    meta = {
+        "sskd": json.dumps(
+            {"first_batch": first_batch, "batches": batches, "crc32": checksum(arrays)}, sort_keys=True
+        )
+    }
+    data = save(arrays, metadata=meta)  # the bytes save_file writes; written here so errors keep their errno
+    try:
+        atomic.write_bytes(path, data)
+    except OSError as exc:
+        raise SSKDError(
+            atomic.write_error(
+                path,
+                exc,
+                "cache chunk",
+                kept="the chunks written before it are kept: "
+                "free space, then rerun the same command with --resume",
+            )
+        ) from None
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any], int]:
+    """(header length, header, file size) of a chunk, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > size:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(fh.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise SSKDError(f"{path}: unreadable cache chunk ({exc})") from exc
+    try:
+        meta = json.loads((header.get("__metadata__") or {})["sskd"])
+        meta = {
+            "first_batch": int(meta["first_batch"]),
+            "batches": int(meta["batches"]),
+            "crc32": str(meta["crc32"]),
+        }
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise SSKDError(
+            f"{path}: cache chunk without its batch range and checksum (made by an older sskd? "
+            "rebuild the cache)"
+        ) from None
+    header["__metadata__"] = meta
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if t.get("dtype") not in _DT or 8 + n + t["data_offsets"][1] > size:
+            raise SSKDError(
+                f"{path}: truncated cache chunk ({size} bytes, header needs {8 + n + t['data_offsets'][1]})"
+                if t.get("dtype") in _DT
+                else f"{path}: unknown dtype in cache chunk"
+            )
+    if "ids" not in header:
+        raise SSKDError(f"{path}: cache chunk has no 'ids'")
+    return n, header, size
+
+
+def chunk_meta(path: Path) -> dict[str, int | str]:
+    """A chunk's ``first_batch``, ``batches`` and ``crc32`` (header checked, data not read)."""
+    return _header(path)[1]["__metadata__"]
+
+
+def map_chunk(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a chunk; a truncated or damaged file is an error naming it."""
+    n, header, _ = _header(path)
+    return {
+        name: np.memmap(
+            path,
+            dtype=_DT[t["dtype"]],
+            mode="r",
+            offset=8 + n + t["data_offsets"][0],
+            shape=tuple(t["shape"]),
+        )
+        for name, t in header.items()
+        if name != "__metadata__"
+    }
+
+
+def verify_chunk(path: Path, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Recompute a chunk's checksum (reads all of it); a mismatch is an error naming the file."""
+    arrays = map_chunk(path) if arrays is None else arrays
+    want = chunk_meta(path)["crc32"]
+    if checksum(arrays) != want:
+        raise SSKDError(
+            f"{path}: checksum mismatch (the chunk is damaged); rebuild its epoch: delete the file and "
+            "run `sskd cache ... --resume`"
+        )
+
+
+def read_manifest(cache: Path) -> dict[str, Any]:
+    path = Path(cache) / MANIFEST
+    if not path.is_file():
+        raise SSKDError(f"{path}: no cache manifest (is {cache} a folder written by `sskd cache`?)")
+    m = json.loads(path.read_text())
+    if m.get("format") != FORMAT:
+        raise SSKDError(f"{path}: not an sskd teacher cache")
+    if m.get("version") != VERSION:
+        raise SSKDError(
+            f"{path}: a cache of format version {m.get('version')}; this sskd reads version {VERSION}: "
+            "rebuild it with `sskd cache`"
+        )
+    return m
+
+
+def check_binding(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Refuse a cache made from another teacher, shards, plan, views, size, pipeline or device type."""
+    for field in BINDING_FIELDS:
+        have, want = manifest["binding"].get(field), expected.get(field)
+        if have != want:
+            raise SSKDError(
+                f"{where}: cache was made with {field}={have!r} but this run has {want!r}; "
+                "rebuild it with `sskd cache` for this run"
+            )
+    # Data settings: a cache of the whole split serves any few-shot subset of it (outputs are keyed by id);
+    # a subset's cache serves only that subset. Label noise is recorded, not compared: teacher outputs
+    # never read labels. Caches from before these fields hold the whole split.
+    have = manifest["binding"].get("subset_fraction", 1.0)
+    want = expected.get("subset_fraction", 1.0)
+    if have != 1.0 and have != want:
+        raise SSKDError(
+            f"{where}: cache holds the data.subset_fraction={have} subset but this run has "
+            f"{want}; rebuild it with `sskd cache` for this run (or cache the whole split)"
+        )
+
+
+class CacheReader:
+    """Cached teacher outputs by (sample id, epoch), for any method that declares them."""
+
+    def __init__(
+        self, cache: str | Path, expected: dict[str, Any] | None = None, require_complete: bool = True
+    ):
+        self.path = Path(cache)
+        self.manifest = read_manifest(self.path)
+        if require_complete and not self.manifest.get("complete"):
+            raise SSKDError(
+                f"{self.path / MANIFEST}: the cache is incomplete (interrupted?); finish it with "
+                "`sskd cache ... --resume`"
+            )
+        if expected is not None:
+            check_binding(self.manifest, expected, str(self.path))
+        self.epochs = int(self.manifest["epochs"])
+        self.num_samples = int(self.manifest["num_samples"])
+        self.topk = self.manifest.get("topk")
+        self.outputs = self.manifest["outputs"]  # [{"name", "shape", "topk"}]
+        self.files = {e: self._files(e) for e in range(self.epochs)} if require_complete else {}
+        self._index: dict[int, tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray]] = {}
+        self._verified: set[Path] = set()
+
+    def _files(self, epoch: int) -> list[Path]:
+        """The chunk files of an epoch, each header and size checked, and the list itself: each rank's
+        chunks follow on from batch 0 without a gap or an overlap, named by their first batch, and hold
+        the epoch's samples between them (a missing or duplicated chunk). Cheap: only headers are read,
+        so a reader checks every epoch when it opens the cache (the ids themselves, every sample once,
+        when an epoch is first read)."""
+        folder = epoch_dir(self.path, epoch)
+        files = sorted(folder.glob("r*-b*.safetensors"))
+        if not files:
+            raise SSKDError(f"{folder}: no cache chunks for epoch {epoch}")
+        by_rank: dict[str, list[tuple[int, int, Path]]] = {}
+        total = 0
+        for f in files:
+            _, header, _ = _header(f)
+            meta = header["__metadata__"]
+            rank = f.name.split("-b")[0]
+            if f.name != f"{rank}-b{meta['first_batch']:06d}.safetensors":
+                raise SSKDError(
+                    f"{f}: holds the chunk that starts at batch {meta['first_batch']} (renamed or "
+                    "copied from another chunk): rebuild the cache with `sskd cache`"
+                )
+            total += int(np.prod(header["ids"]["shape"]))
+            by_rank.setdefault(rank, []).append((meta["first_batch"], meta["batches"], f))
+        for rank, chunks in sorted(by_rank.items()):
+            expect = 0
+            for first, batches, f in sorted(chunks, key=lambda c: c[0]):
+                if first > expect:
+                    raise SSKDError(
+                        f"{folder}: the chunk of rank {rank[1:]} for batches {expect}..{first - 1} of "
+                        f"epoch {epoch} is missing (the next one is {f.name}); rebuild it: "
+                        "`sskd cache ... --resume` writes what is missing"
+                    )
+                if first < expect:
+                    raise SSKDError(
+                        f"{f}: its batches {first}..{first + batches - 1} are also in another chunk of "
+                        f"epoch {epoch} (a duplicated chunk); remove the extra file or rebuild the cache"
+                    )
+                expect = first + batches
+        if total != self.num_samples:
+            raise SSKDError(
+                f"{folder}: the chunks of epoch {epoch} hold {total} samples, the cache has "
+                f"{self.num_samples} per epoch ({'a chunk is missing' if total < self.num_samples else 'a chunk is there twice'}); "
+                "rebuild it: `sskd cache ... --resume` writes what is missing"
+            )
+        return files
+
+    def _epoch(self, epoch: int):
+        if epoch not in self._index:
+            self._index.clear()  # one epoch's maps at a time: memory maps are a per-process budget
+            files = self.files.get(epoch) or self._files(epoch)
+            chunks, which, row = (
+                [],
+                np.full(self.num_samples, -1, np.int64),
+                np.zeros(self.num_samples, np.int64),
+            )
+            for c, f in enumerate(files):
+                arrays = map_chunk(f)
+                ids = np.asarray(arrays["ids"])
+                if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
+                    raise SSKDError(f"{f}: sample ids outside 0..{self.num_samples - 1}")
+                if (which[ids] >= 0).any():
+                    raise SSKDError(
+                        f"{f}: sample {int(ids[(which[ids] >= 0).argmax()])} is cached twice in epoch {epoch}"
+                    )
+                which[ids], row[ids] = c, np.arange(len(ids))
+                chunks.append(dict(arrays, __path__=f))
+            missing = np.flatnonzero(which < 0)
+            if len(missing):
+                raise SSKDError(
+                    f"{epoch_dir(self.path, epoch)}: {len(missing)} samples missing from the cache "
+                    f"(e.g. id {int(missing[0])})"
+                )
+            self._index[epoch] = (chunks, which, row)
+        return self._index[epoch]
+
+    def lookup(self, ids: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """``{"t_<name>": (b, V, ...)}`` float32 for ``ids`` (b,) in ``epoch % E``, one per output."""
+        chunks, which, row = self._epoch(epoch % self.epochs)
+        idx = ids.cpu().numpy()
+        parts: dict[str, list] = {o["name"]: [] for o in self.outputs}
+        order = np.empty(len(idx), np.int64)
+        pos = 0
+        for c in np.unique(which[idx]):
+            sel = np.flatnonzero(which[idx] == c)
+            rows = row[idx[sel]]
+            arr = chunks[c]
+            if arr["__path__"] not in self._verified:  # the first read of a chunk checks all of it
+                verify_chunk(arr["__path__"], {k: v for k, v in arr.items() if k != "__path__"})
+                self._verified.add(arr["__path__"])
+            for o in self.outputs:
+                parts[o["name"]].append(self._dense(arr, o, rows))
+            order[sel] = np.arange(pos, pos + len(sel))
+            pos += len(sel)
+        return {f"t_{name}": torch.from_numpy(np.concatenate(p)[order]) for name, p in parts.items()}
+
+    def _dense(self, arr: dict[str, np.ndarray], output: dict[str, Any], rows: np.ndarray) -> np.ndarray:
+        name = output["name"]
+        if name in arr:
+            return np.asarray(arr[name][rows], dtype=np.float32)
+        return dense_from_topk(
+            np.asarray(arr[f"{name}.topv"][rows], np.float32),
+            np.asarray(arr[f"{name}.topi"][rows]),
+            np.asarray(arr[f"{name}.lse"][rows], np.float32),
+            int(output["shape"][-1]),
+        )
+
+    def verify(self, log_line=None) -> list[str]:
+        """Every epoch's coverage and every chunk's checksum; returns the problems (empty = all good)."""
+        problems = []
+        for epoch in range(self.epochs):
+            try:
+                chunks, _, _ = self._epoch(epoch)
+            except SSKDError as exc:
+                problems.append(str(exc))
+                continue
+            before = len(problems)
+            for arr in chunks:
+                try:
+                    verify_chunk(arr["__path__"], {k: v for k, v in arr.items() if k != "__path__"})
+                except SSKDError as exc:
+                    problems.append(str(exc))
+            if log_line and len(problems) == before:
+                log_line(f"ok   epoch {epoch}: {len(chunks)} chunks, every sample once, checksums match")
+        return problems
+
+
+def dense_from_topk(topv: np.ndarray, topi: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dense logits from top-K values, their classes and the log-sum-exp of all logits.
+
+    Every class outside the top K gets one common logit chosen so that the softmax (T = 1) keeps the
+    exact probabilities of the top K and gives the rest their exact total mass, shared evenly. At T = 1
+    the KD loss then only loses how that leftover mass is spread; at other temperatures it is an
+    approximation (FKD's "marginal smoothing" idea).
+    """
+    k = topv.shape[-1]
+    rest = num_classes - k
+    out = np.empty(topv.shape[:-1] + (num_classes,), np.float32)
+    if rest > 0:
+        left = 1.0 - np.exp(topv - lse[..., None]).sum(-1)
+        fill = lse + np.log(np.clip(left, 1e-12, None) / rest)
+        out[:] = fill[..., None]
+    np.put_along_axis(out, topi.astype(np.int64), topv, axis=-1)
+    return out

@@ -1,0 +1,417 @@
+"""``sskd train-teacher | train-ss-head | distill | evaluate | demo``: thin wrappers over the library.
+
+Each command resolves its config (defaults → ``--config`` YAML → flags → ``--set``), runs the checks
+of :mod:`sskd.runs.models`, then hands a :class:`sskd.engine.loop.Job` to the one training loop. All of them run
+plainly or under ``accelerate launch ... -m sskd <command>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RECIPES = Path(__file__).parent / "configs"  # the paper's recipes ship inside the package
+
+
+def _tracker_names(text: str) -> list[str]:
+    """``--log-with`` value: one name or a comma list of tensorboard, wandb, mlflow, aim (or none)."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("tensorboard", "wandb", "mlflow", "aim", "none")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r}: choose from tensorboard, wandb, mlflow, aim (or none)")
+    return names
+
+
+def _common(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
+    if shards:
+        p.add_argument("--shards", required=True, help="shard folder written by `sskd shard`")
+    p.add_argument("--config", help="YAML recipe (sskd/configs/...); the flags below override it")
+    p.add_argument("--out", required=True, help="run folder to write (config, checkpoints, metrics, model)")
+    p.add_argument("--epochs", type=int, help="epochs of this stage")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    p.add_argument("--batch-size", type=int, help="images per process per step (each with all its views)")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--seed", type=int, help="plan seed: model init, epoch shuffles and every view")
+    p.add_argument(
+        "--views", help="SS views: rotation (official code) | paper (four transforms) | comma list"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where DALI makes the views")
+    p.add_argument("--threads", type=int, help="DALI threads per process")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out samples that fail their checksum, id or label check (listed once) instead of "
+        "stopping at the first (data.skip_bad)",
+    )
+    p.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype (bf16 works on CPU)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config value, e.g. --set student.milestones=[30,60] (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out (without --resume or this, such a folder is refused): "
+        "only once every check has passed; it is set aside until this run's first checkpoint and "
+        "put back if this run fails before then",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--log-with",
+        action="append",
+        type=_tracker_names,
+        metavar="TRACKER",
+        help="also log to Accelerate's trackers: tensorboard | wandb | mlflow | aim (repeatable or a "
+        "comma list; none = no tracker; default: the config's run.log_with, empty). They write "
+        "in the run folder; wandb runs offline, mlflow to a file store; metrics.jsonl is kept",
+    )
+
+
+def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = ()):
+    """Defaults, the YAML file, then this command's flags for section ``stage``, then ``--set``.
+
+    ``own``: flags the command uses for itself, not for the config (``sskd cache --epochs``)."""
+    from sskd.engine.config import load_config
+
+    sets = []
+    flag_map = {
+        "epochs": f"{stage}.epochs",
+        "max_steps": f"{stage}.max_steps",
+        "batch_size": f"{stage}.batch_size",
+        "lr": f"{stage}.lr",
+        "seed": "run.seed",
+        "views": "data.views",
+        "device": "data.device",
+        "threads": "data.threads",
+        "mixed_precision": "run.mixed_precision",
+        "shards": "data.shards",
+        "arch": f"{stage}.arch",
+        "student": "student.arch",
+        "method": f"{stage}.method",
+        "global_ss_batch": "run.global_ss_batch",
+        "skip_bad": "data.skip_bad",
+    }
+    for flag, dotted in flag_map.items():
+        value = None if flag in own else getattr(args, flag, None)
+        # Only an absent flag is skipped: 0 and 0.0 are values (``value not in (None, False)`` dropped them,
+        # since 0 == False); a store_true flag that is off says nothing.
+        if value is None or value is False:
+            continue
+        sets.append(f"{dotted}={value}")
+    if getattr(args, "no_progress", False):
+        sets.append("run.progress=false")
+    if getattr(args, "log_with", None):  # --log-with a,b --log-with c; "none" clears the config's trackers
+        names = list(dict.fromkeys(n for item in args.log_with for n in item if n != "none"))
+        sets.append(f"run.log_with=[{','.join(names)}]")
+    return load_config(args.config, sets + list(args.set))
+
+
+def _job(args, stage, cfg, build, info):
+    from shards.format import load_manifest
+    from sskd.engine.loop import Job
+    from sskd.engine.prepare import run_info
+
+    load_manifest(cfg.data.shards)  # a missing or wrong --shards folder: one line, before anything else
+    for key, value in run_info(cfg, stage).items():
+        info.setdefault(key, value)
+    return Job(
+        stage=stage,
+        cfg=cfg,
+        out=Path(args.out),
+        build=build,
+        info=info,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+
+
+def _report(out: Path, result: dict) -> int:
+    """The final line, printed once (by the main process)."""
+    if result.get("rank", 0) != 0:
+        return 0
+    if "top1" in result:
+        log.info(
+            "%s: top-1 %.2f%%  top-5 %.2f%%  (%d val samples)",
+            out,
+            result["top1"],
+            result["top5"],
+            result["count"],
+        )
+    else:
+        log.info("%s: finished (the shards have no val split: not evaluated)", out)
+    return 0
+
+
+def _train_stage(args, stage: str, *, teacher: str | None = None, cached: bool = False) -> int:
+    from sskd.engine.loop import train
+    from sskd.engine.prepare import builder
+
+    cfg = resolve_config(args, stage)
+    info: dict = {}
+    job = _job(args, stage, cfg, builder(cfg, stage, info, teacher=teacher, cached=cached), info)
+    if cached:
+        from sskd.cache.build import attach_cache
+
+        attach_cache(job, args.cache, teacher)
+    return _report(Path(args.out), train(job))
+
+
+def cmd_train_teacher(args) -> int:
+    return _train_stage(args, "teacher")
+
+
+def cmd_train_ss_head(args) -> int:
+    return _train_stage(args, "ss_head", teacher=args.teacher)
+
+
+def cmd_distill(args) -> int:
+    return _train_stage(args, "student", teacher=args.teacher, cached=bool(args.cache))
+
+
+def cmd_methods(args) -> int:
+    import json
+
+    from sskd.methods import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for role, command in (("student", "distill"), ("teacher", "train-teacher"), ("head", "train-ss-head")):
+        print(
+            f"sskd {command} --method NAME        (teacher it needs; c = sskd cache can store its teacher outputs)"
+        )
+        for r in (r for r in rows if r["role"] == role):
+            paper = f" [{r['paper']}]" if r["paper"] not in ("-", "") else ""
+            teacher = f" -- teacher: {r['teacher']}" if r["teacher"] else ""
+            print(f"  {r['name']:<14} {'c' if r['cache'] else ' '} {r['summary']}{paper}{teacher}")
+        print()
+    print("views, config sections and all of this as records: sskd methods --json")
+    return 0
+
+
+def cmd_models(args) -> int:
+    import torch
+
+    from sskd.models import create_model, list_models
+    from sskd.models.branches import BranchedModel
+
+    names = [args.arch] if args.arch else list_models()
+    for name in names:
+        model = create_model(name, num_classes=args.classes).eval()
+        with torch.no_grad():
+            f = model(torch.zeros(1, 3, args.size, args.size), features=True)
+            branches = BranchedModel(model, args.classes).num_branches
+        shape = lambda t: "x".join(str(d) for d in t.shape[1:])  # noqa: E731
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(
+            f"{name:<22} {params:6.2f}M  feat {model.feat_dim}  maps {', '.join(shape(m) for m in f.maps)}  "
+            f"stages {', '.join(shape(s) for s in f.stages)}  branches {branches}"
+        )
+    return 0
+
+
+def method_help(role: str) -> tuple[list[str], str]:
+    """``--method`` choices and help from the registry (a plug-in method appears without touching this file)."""
+    from sskd.methods import METHODS
+
+    names = METHODS[role].names()
+    return names, "; ".join(f"{n}: {METHODS[role].get(n).summary}" for n in names)
+
+
+def cmd_evaluate(args) -> int:
+    from pipelines import ViewLoader
+    from sskd.core.errors import SSKDError
+    from sskd.engine.dist import make_accelerator, pipeline_device
+    from sskd.engine.evaluate import evaluate
+    from sskd.runs.models import load_run_model
+
+    if args.batch_size < 1 or args.threads < 1:
+        raise SSKDError(
+            f"--batch-size and --threads must be at least 1 (got {args.batch_size}, {args.threads})"
+        )
+    if args.json:
+        from sskd.core.atomic import check_writable
+
+        check_writable(args.json, "--json result")
+    model, info = load_run_model(args.model)
+    accelerator = make_accelerator(device=args.device)
+    loader = ViewLoader(
+        args.shards,
+        args.split,
+        batch_size=args.batch_size,
+        views=None,
+        train=False,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        device=pipeline_device(args.device),
+        threads=args.threads,
+        torch_device=accelerator.device,
+    )
+    if loader.manifest["num_classes"] != info["num_classes"]:
+        raise SSKDError(
+            f"--model {args.model}: {info['num_classes']} classes, shards have {loader.manifest['num_classes']}"
+        )
+    result = evaluate(model.to(accelerator.device), loader, accelerator)
+    result.update(model=str(args.model), arch=info["arch"], split=args.split)
+    if accelerator.is_main_process:
+        print(
+            f"{args.model} ({info['arch']}) on {args.split}: top-1 {result['top1']:.2f}%  "
+            f"top-5 {result['top5']:.2f}%  ({result['count']} samples)"
+        )
+        if args.json:
+            from sskd.core.atomic import write_json
+
+            write_json(args.json, result)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sskd.experiments.demo import run_demo
+
+    run_demo(Path(args.out), fast=args.fast, progress=not args.no_progress)
+    return 0
+
+
+def register(sub, fmt) -> None:
+    p = sub.add_parser(
+        "train-teacher",
+        help="stage 1: train the teacher (CE; or HSSAKD's joint teacher)",
+        formatter_class=fmt,
+        description="Stage 1: train the teacher classifier with CE on the normal view (--method ce, "
+        "the default), or with a method's teacher task from scratch (--method hssakd: "
+        "backbone and branches together on classes and class x rotation).",
+        epilog="example:\n  sskd train-teacher --shards data/shards/c100 --arch resnet32x4 --out runs/t \\\n"
+        "      --config sskd/configs/cifar100/resnet32x4-resnet8x4.yaml\n"
+        "  sskd train-teacher --method hssakd --arch resnet32x4 --shards data/shards/c100 --out runs/t-hs\n"
+        "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd train-teacher ...",
+    )
+    _common(p)
+    p.add_argument(
+        "--arch", help="teacher architecture (registry name, e.g. wrn_40_2 or torchvision:resnet34)"
+    )
+    names, text = method_help("teacher")
+    p.add_argument("--method", choices=names, help=f"what the teacher learns (default: ce). {text}")
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser(
+        "train-ss-head",
+        help="stage 2: the teacher's method-specific part on its frozen backbone",
+        formatter_class=fmt,
+        description="Stage 2: the teacher's backbone and classifier stay frozen (eval mode, "
+        "bit-identical) and only the method's part trains: the SS head of SSKD (Eq. 5: "
+        "a 2-layer MLP learns the sskd.pretext task over the SS views: contrastive by default, or "
+        "exemplar, rotation, jigsaw; --method sskd, the "
+        "default) or HSSAKD's branches (--method hssakd, the frozen-teacher mode). Its "
+        "run holds the complete teacher.",
+        epilog="example:\n  sskd train-ss-head --teacher runs/t --shards data/shards/c100 --out runs/t-ss\n"
+        "  sskd train-ss-head --method hssakd --teacher runs/t --shards data/shards/c100 --out runs/t-hs\n"
+        "  sskd train-ss-head --teacher torchvision:resnet34 --shards data/shards/imagenet --out runs/r34-ss",
+    )
+    p.add_argument(
+        "--teacher", required=True, help="a train-teacher run folder, or torchvision:NAME (pretrained)"
+    )
+    names, text = method_help("head")
+    p.add_argument(
+        "--method", choices=names, help=f"the teacher's method-specific part (default: sskd). {text}"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_train_ss_head)
+
+    p = sub.add_parser(
+        "distill",
+        help="train a student with a method (sskd, kd, ce, hssakd, ...; `sskd methods`)",
+        formatter_class=fmt,
+        description="Train a student from a frozen teacher (or, for ce and hssakd_online, without "
+        "one). `sskd methods` lists every method with the teacher run it needs.",
+        epilog="example:\n  sskd distill --teacher runs/t-ss --student resnet8x4 --method sskd "
+        "--shards data/shards/c100 --out runs/s\n"
+        "  sskd distill --method hssakd --teacher runs/t-hs --student resnet8x4 --shards data/shards/c100 --out runs/h\n"
+        "  sskd distill --method hssakd_online --student resnet8x4 --shards data/shards/c100 --out runs/o\n"
+        "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8x4 ... (teacher not run)",
+    )
+    p.add_argument(
+        "--teacher",
+        help="teacher run: a train-ss-head run for sskd (SS head) and hssakd (branches; or "
+        "a train-teacher --method hssakd run); any run or torchvision:NAME for kd",
+    )
+    p.add_argument("--student", help="student architecture")
+    names, text = method_help("student")
+    p.add_argument(
+        "--method",
+        choices=names,
+        help=f"distillation method (default: sskd; `sskd methods` lists them). {text}",
+    )
+    p.add_argument("--cache", help="teacher-output cache from `sskd cache`: the teacher is not run")
+    p.add_argument(
+        "--global-ss-batch",
+        action="store_true",
+        help="all-gather SS embeddings across ranks: one similarity matrix over the global batch",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
+        "methods",
+        help="list the registered methods: what each is, its paper, teacher and cache",
+        formatter_class=fmt,
+        description="Every method the three training commands accept, by command: a line on what it "
+        "is, the views it trains on, the teacher run it needs, its config section, "
+        "whether `sskd cache` can store its teacher outputs, and its paper.",
+        epilog="example:\n  sskd methods\n  sskd methods --json",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable: one record per method and role")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser(
+        "models",
+        help="list the architectures: parameters and the feature tensors each returns",
+        formatter_class=fmt,
+        description="For each registered architecture (or --arch): parameters, the pooled feature "
+        "width (feat), the maps feature methods read (RepDistiller's feat[1:-1]) and "
+        "every stage's output, as CxHxW for a --size input, and HSSAKD's branch count.",
+        epilog="example:\n  sskd models --size 32\n  sskd models --size 224 --arch torchvision:resnet18",
+    )
+    p.add_argument("--size", type=int, default=32, help="input height and width")
+    p.add_argument("--arch", help="one architecture (default: all)")
+    p.add_argument("--classes", type=int, default=100, help="number of classes")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1 / top-5 of a trained model",
+        formatter_class=fmt,
+        description="Evaluate a run's model on a split (each sample exactly once, across ranks too).",
+        epilog="example:\n  sskd evaluate --model runs/s --shards data/shards/c100 --json eval.json",
+    )
+    p.add_argument("--model", required=True, help="run folder with model.safetensors")
+    p.add_argument("--shards", required=True, help="shard folder")
+    p.add_argument("--split", default="val", help="split to evaluate")
+    p.add_argument("--json", help="write {top1, top5, count} here")
+    p.add_argument("--batch-size", type=int, default=256, help="images per process per batch")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="where DALI decodes")
+    p.add_argument("--threads", type=int, default=2, help="DALI threads per process")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "demo",
+        help="SSKD and HSSAKD on scikit-learn's digits, in minutes on a CPU",
+        formatter_class=fmt,
+        description="Shards the bundled digits, trains a teacher, its SS head and its HSSAKD "
+        "branches, distills CE, KD, SSKD and HSSAKD students, evaluates all, prints a "
+        "table and writes results.json and curves.png.",
+        epilog="example:\n  sskd demo --out demo-out",
+    )
+    p.add_argument("--out", default="demo-out", help="folder for shards, runs, results.json, curves.png")
+    p.add_argument("--fast", action="store_true", help="a much shorter schedule (smoke test; lower accuracy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
