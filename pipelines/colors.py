@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from pipelines.params import JITTER
+
 LUMA = (0.299, 0.587, 0.114)
 CONTRAST_CENTER = 128.0
 
@@ -29,7 +31,7 @@ _B = (_YIQ_INV @ np.diag([0.0, 1.0, 1.0]) @ _YIQ).astype(np.float32)
 _C = (_YIQ_INV @ np.array([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]) @ _YIQ).astype(np.float32)
 
 # DALI's CPU RGB->GRAY conversion: LUMA in 15-bit fixed point (summing to 2**15), rounded half up
-# (checked bit-exact against DALI on 262,144 random pixels in tests/test_pipelines.py).
+# (checked bit-exact against DALI on 262,144 random pixels in tests/test_dali.py).
 LUMA_Q15 = (9798, 19235, 3735)
 
 
@@ -43,13 +45,11 @@ def jitter_matrices(u_b, u_c, u_s, u_h) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample colour-distortion matrices from four U[0,1) float32 arrays (n,).
 
     Factors are uniform in [1 - v, 1 + v] for brightness, contrast and saturation and the hue turns by
-    up to ±v_hue x 360 degrees, with the SimCLR strengths of :data:`pipelines.plan.JITTER`.
+    up to ±v_hue x 360 degrees, with the SimCLR strengths of :data:`pipelines.params.JITTER`.
 
     Returns:
         M (n, 3, 3) and T (n, 3) float32: ``out = M @ rgb + T`` on 0-255 values.
     """
-    from pipelines.plan import JITTER
-
     f32 = np.float32
     sb, sc, ss, sh = (f32(v) for v in JITTER)
     b = (f32(1) - sb) + u_b * (f32(2) * sb)

@@ -151,12 +151,6 @@ def eval_segments(shards: list[Shard], rank: int, world_size: int) -> list[tuple
     return out
 
 
-def rank_ids(shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """The sample ids this rank reads in the epoch, in reading order (what DALI yields)."""
-    segs = rank_segments(shards, seed, epoch, rank, world_size)
-    return np.concatenate([shards[s].ids[lines] for s, lines in segs]) if segs else np.zeros(0, np.int64)
-
-
 class SegmentFiles:
     """The index files of one rank's epoch, written into a private temporary folder (reused per epoch,
     removed with this object): DALI's ``paths`` and ``index_paths``."""

@@ -1,11 +1,12 @@
 """The same views in plain torch/torchvision: an exact reference of the plan, and the obvious baseline.
 
 - :func:`reference_views` takes its parameters from the same plan function as the DALI graph
-  (:mod:`pipelines.plan`) and applies each transform with torch ops on uint8 tensors. Tests use it to
-  check DALI's output per transform: crops, flips, 90° rotations and colour drop (DALI's fixed-point
-  luma) are exact; colour distortion (the same 3x3 matrix in float32) agrees to float rounding;
-  random-resized crops agree to a tolerance, because torchvision crops an integer window (≤ 0.5 px
-  shift) and its antialiasing kernel differs from DALI's.
+  (:mod:`pipelines.plan`) and applies each view's own reference
+  (:meth:`pipelines.view_registry.View.reference`: torch ops on uint8 tensors). Tests use it to check
+  DALI's output per view: crops, flips, 90° rotations and colour drop (DALI's fixed-point luma) are
+  exact; colour distortion (the same 3x3 matrix in float32) agrees to float rounding; random-resized
+  crops agree to a tolerance, because torchvision crops an integer window (≤ 0.5 px shift) and its
+  antialiasing kernel differs from DALI's.
 - :class:`BaselineViews` is how a user would write these views with torchvision's own random
   transforms (``transforms.v2`` on uint8 tensors): the honest baseline of ``sskd bench pipeline``.
 """
@@ -17,37 +18,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines import plan
+from pipelines import params, plan
 from pipelines.view_registry import SharedView, get_view
-
-
-def affine(img: torch.Tensor, m, t) -> torch.Tensor:
-    """Colour matrix on float 0-255 values, clamped, not rounded (as :mod:`pipelines.finish`)."""
-    m = torch.as_tensor(np.asarray(m, dtype=np.float32).reshape(3, 3))
-    x = img.float()
-    out = m[:, 0].view(3, 1, 1) * x[0] + m[:, 1].view(3, 1, 1) * x[1] + m[:, 2].view(3, 1, 1) * x[2]
-    return (out + torch.as_tensor(np.asarray(t, dtype=np.float32)).view(3, 1, 1)).clamp(0, 255)
-
-
-def crop_resize(img: torch.Tensor, y0: float, x0: float, h: float, w: float, size: int) -> torch.Tensor:
-    """Resample the float window (y0, x0, h, w) of ``img`` to size x size.
-
-    Upscaling is DALI's linear filter exactly (sample at pixel centres, clamp at the border); when the
-    window is larger than the output DALI antialiases with its own kernel, and torchvision's antialiased
-    resize of the integer-rounded window stands in for it (within a tolerance).
-    """
-    if h > size or w > size:
-        return TF.resized_crop(
-            img, round(y0), round(x0), max(1, round(h)), max(1, round(w)), [size, size], antialias=True
-        )
-    H, W = img.shape[1:]
-    o = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-    ys, xs = (y0 + o * h) / H * 2 - 1, (x0 + o * w) / W * 2 - 1
-    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None].float()
-    out = torch.nn.functional.grid_sample(
-        img[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )[0]
-    return out.round().clamp(0, 255).to(torch.uint8)
+from sskd.core.errors import SSKDError
 
 
 def reference_view(
@@ -87,11 +60,11 @@ class BaselineViews:
     def __init__(self, names, *, size: int, layout: str, mean, std):
         if layout == "imagenet":
             base = [
-                v2.RandomResizedCrop(size, scale=plan.RRC_SCALE, antialias=True),
+                v2.RandomResizedCrop(size, scale=params.RRC_SCALE, antialias=True),
                 v2.RandomHorizontalFlip(),
             ]
         else:
-            base = [v2.RandomCrop(size, padding=plan.PAD), v2.RandomHorizontalFlip()]
+            base = [v2.RandomCrop(size, padding=params.PAD), v2.RandomHorizontalFlip()]
         tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         self.names = list(names)
         self.transforms = []
@@ -99,8 +72,6 @@ class BaselineViews:
             view = get_view(n)
             steps = view.baseline(base, size=size, layout=layout)
             if steps is None and not isinstance(view, SharedView):
-                from sskd.core.errors import SSKDError
-
                 raise SSKDError(f"view {n!r} has no torchvision baseline (View.baseline)")
             self.transforms.append(None if steps is None else v2.Compose([*steps, *tail]))
         # Views made from view 0 (SharedView) turn the baseline's view 0 by their k quarter turns.

@@ -9,7 +9,8 @@ step need to know about it:
   and the labels it carries for a pretext task (:attr:`View.labels`, :meth:`View.label`: the rotation's
   quarter turns, the jigsaw's permutation index), recomputed on the torch side from the same plan;
 - (b) its DALI graph (:meth:`View.dali`): uint8 HWC, colour drop one channel;
-- (c) its exact torch reference (:meth:`View.reference`) and, optionally, the obvious torchvision
+- (c) its exact torch reference (:meth:`View.reference`), how close DALI must come to it
+  (:attr:`View.tolerance`, :attr:`View.resized_tolerance`) and, optionally, the obvious torchvision
   implementation the benchmark compares against (:meth:`View.baseline`);
 - (d) whether the finishing step applies its colour matrices ``M``, ``T`` (:attr:`View.colour`) and
   whether it is made from the image's luma (:attr:`View.luma`, computed once per image).
@@ -41,7 +42,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipelines import plan
+from pipelines import params
+from pipelines.colors import gray_u8, jitter_matrices
 from sskd.core.errors import SSKDError
 from sskd.core.registry import Registry
 
@@ -49,12 +51,19 @@ VIEWS = Registry("view")
 Uniforms = Callable[[int], np.ndarray]  # slot -> this view's float32 uniforms (n,) for the batch's ids
 
 
-def register_view(name: str) -> Callable[[type], type]:
-    """Class decorator: ``@register_view("jigsaw")`` registers one instance of the class under ``name``."""
+def register_view(name: str, **attrs: Any) -> Callable[[type], type]:
+    """Class decorator: ``@register_view("jigsaw")`` registers one instance of the class under ``name``.
+
+    ``attrs`` are set on that instance, so one class registers several views that differ only in them
+    (``@register_view("rot90", k=1)``).
+    """
 
     def deco(cls: type) -> type:
-        cls.name = name
-        VIEWS.register(name)(cls())
+        view = cls()
+        view.name = name
+        for key, value in attrs.items():
+            setattr(view, key, value)
+        VIEWS.register(name)(view)
         return cls
 
     return deco
@@ -73,12 +82,17 @@ class View:
     """One kind of view (see the module docstring). Subclass :class:`CropView` for a view of its own crop,
     :class:`SharedView` for one made from view 0's pixels."""
 
-    name: ClassVar[str] = ""
-    colour: ClassVar[bool] = (
-        False  # the finishing step applies this view's M (3, 3), T (3,) (pipelines.finish)
-    )
+    name: str = ""  # the registered name (set by :func:`register_view`)
+    colour: ClassVar[bool] = False  # the finishing step applies its M (3, 3), T (3,) (pipelines.finish)
     luma: ClassVar[bool] = False  # made from the image's luma: DALI hands over one channel
     labels: ClassVar[tuple[str, ...]] = ()  # pretext label kinds this view carries (:meth:`label`)
+    # How far the DALI view may be from :meth:`reference`, in 0-255 levels (tests/test_views.py checks every
+    # registered view): ``tolerance`` is the largest difference in the CIFAR layout, where nothing is
+    # resampled down (0: the same pixels, bit for bit); ``resized_tolerance`` the mean difference in the
+    # ImageNet layout, where torchvision's integer-rounded window and antialiasing kernel stand in for DALI's
+    # (a wrong window, flip or turn is tens of levels).
+    tolerance: ClassVar[float] = 0.0
+    resized_tolerance: ClassVar[float] = 8.0
 
     # -- (a) parameters, from the plan --------------------------------------------------------------
 
@@ -145,7 +159,7 @@ class CropView(View):
         return self.zoom is not None or layout == "imagenet"
 
     def slots(self) -> list[int]:
-        return [*plan.SLOT_CROP, *self.more_slots()]
+        return [*params.SLOT_CROP, *self.more_slots()]
 
     def param_names(self, view: int, layout: str) -> list[str]:
         crop = [f"v{view}.roi_start", f"v{view}.roi_end"] if self._resized(layout) else [f"v{view}.start"]
@@ -155,19 +169,19 @@ class CropView(View):
         f32 = np.float32
         out = {}
         if self._resized(layout):
-            scale = self.zoom[layout] if self.zoom is not None else plan.RRC_SCALE
-            area = h_img * w_img * (f32(scale[0]) + u(plan.SLOT_CROP[0]) * f32(scale[1] - scale[0]))
-            lo, hi = f32(np.log(plan.RRC_RATIO[0])), f32(np.log(plan.RRC_RATIO[1]))
-            ratio = np.exp(lo + u(plan.SLOT_CROP[1]) * (hi - lo))
+            scale = self.zoom[layout] if self.zoom is not None else params.RRC_SCALE
+            area = h_img * w_img * (f32(scale[0]) + u(params.SLOT_CROP[0]) * f32(scale[1] - scale[0]))
+            lo, hi = f32(np.log(params.RRC_RATIO[0])), f32(np.log(params.RRC_RATIO[1]))
+            ratio = np.exp(lo + u(params.SLOT_CROP[1]) * (hi - lo))
             w = np.minimum(np.sqrt(area * ratio), w_img)
             h = np.minimum(np.sqrt(area / ratio), h_img)
-            x0, y0 = u(plan.SLOT_CROP[2]) * (w_img - w), u(plan.SLOT_CROP[3]) * (h_img - h)
+            x0, y0 = u(params.SLOT_CROP[2]) * (w_img - w), u(params.SLOT_CROP[3]) * (h_img - h)
             out[f"v{view}.roi_start"] = np.stack([y0, x0], 1).astype(f32)
             out[f"v{view}.roi_end"] = np.stack([y0 + h, x0 + w], 1).astype(f32)
         else:
-            span = f32(2 * plan.PAD + 1)
-            dy = np.floor(u(plan.SLOT_CROP[0]) * span).astype(np.int32) - plan.PAD
-            dx = np.floor(u(plan.SLOT_CROP[1]) * span).astype(np.int32) - plan.PAD
+            span = f32(2 * params.PAD + 1)
+            dy = np.floor(u(params.SLOT_CROP[0]) * span).astype(np.int32) - params.PAD
+            dx = np.floor(u(params.SLOT_CROP[1]) * span).astype(np.int32) - params.PAD
             out[f"v{view}.start"] = np.stack([dy, dx], 1)
         out.update({f"v{view}.{k}": a for k, a in self.more_params(u).items()})
         return out
@@ -217,16 +231,14 @@ class CropView(View):
         import torch
         from torchvision.transforms.v2 import functional as TF
 
-        from pipelines.reference import crop_resize
+        from pipelines.torch_ops import crop_resize
 
         if self.luma:  # the luma of the whole image, then one channel cropped and resampled
-            from pipelines.colors import gray_u8
-
             img = torch.from_numpy(gray_u8(img.permute(1, 2, 0).numpy())[..., :1]).permute(2, 0, 1)
         if f"v{view}.start" in prm:
             dy, dx = (int(a) for a in prm[f"v{view}.start"][0])
-            padded = TF.pad(img, [plan.PAD] * 4, fill=0)
-            v = padded[:, plan.PAD + dy : plan.PAD + dy + size, plan.PAD + dx : plan.PAD + dx + size]
+            padded = TF.pad(img, [params.PAD] * 4, fill=0)
+            v = padded[:, params.PAD + dy : params.PAD + dy + size, params.PAD + dx : params.PAD + dx + size]
         else:
             (y0, x0), (y1, x1) = prm[f"v{view}.roi_start"][0], prm[f"v{view}.roi_end"][0]
             v = crop_resize(img, float(y0), float(x0), float(y1 - y0), float(x1 - x0), size)
@@ -310,13 +322,13 @@ class Rotation(CropView):
     labels = ("rotation",)
 
     def more_slots(self):
-        return [plan.SLOT_ROT]
+        return [params.SLOT_ROT]
 
     def more_names(self):
         return ["k"]
 
     def more_params(self, u):
-        return {"k": np.floor(u(plan.SLOT_ROT) * np.float32(3)).astype(np.int32) + 1}
+        return {"k": np.floor(u(params.SLOT_ROT) * np.float32(3)).astype(np.int32) + 1}
 
     def label(self, kind, u, *, view, n):
         return self.more_params(u)["k"].astype(np.int64)
@@ -344,7 +356,7 @@ class Rotation(CropView):
 class CropResize(CropView):
     """A random crop resized back to the output size (a zoom-in)."""
 
-    zoom = plan.CROP_RESIZE_SCALE
+    zoom = params.CROP_RESIZE_SCALE
 
     def baseline_extra(self):
         return []
@@ -358,32 +370,33 @@ class ColorDistort(CropView):
     colour = True
 
     def more_slots(self):
-        return list(plan.SLOT_JITTER)
+        return list(params.SLOT_JITTER)
 
     def more_names(self):
         return ["M", "T"]
 
     def more_params(self, u):
-        from pipelines.colors import jitter_matrices
-
-        m, t = jitter_matrices(*(u(s) for s in plan.SLOT_JITTER))
+        m, t = jitter_matrices(*(u(s) for s in params.SLOT_JITTER))
         return {"M": m, "T": t}
 
     def after_reference(self, v, prm, *, view, size):
-        from pipelines.reference import affine
+        from pipelines.torch_ops import affine
 
         return affine(v, prm[f"v{view}.M"][0], prm[f"v{view}.T"][0])
 
     def baseline_extra(self):
         from torchvision.transforms import v2
 
-        return [v2.ColorJitter(*plan.JITTER)]
+        return [v2.ColorJitter(*params.JITTER)]
 
 
+@register_view("rot270", k=3)
+@register_view("rot180", k=2)
+@register_view("rot90", k=1)
 class FixedRotation(CropView):
     """The official SSKD code's rotations: its own crop, turned by ``k`` x 90° counter-clockwise."""
 
-    k: ClassVar[int] = 0
+    k: int = 0
     labels = ("rotation",)
 
     def label(self, kind, u, *, view, n):
@@ -401,25 +414,13 @@ class FixedRotation(CropView):
         return [_rot_lambda(self.k)]
 
 
-@register_view("rot90")
-class Rot90(FixedRotation):
-    k = 1
-
-
-@register_view("rot180")
-class Rot180(FixedRotation):
-    k = 2
-
-
-@register_view("rot270")
-class Rot270(FixedRotation):
-    k = 3
-
-
+@register_view("shared_rot270", k=3)
+@register_view("shared_rot180", k=2)
+@register_view("shared_rot90", k=1)
 class SharedRotation(SharedView):
     """View 0 itself turned by ``k`` x 90° counter-clockwise, exact (as np.rot90): HSSAKD's views."""
 
-    k: ClassVar[int] = 0
+    k: int = 0
     labels = ("rotation",)
 
     def label(self, kind, u, *, view, n):
@@ -437,21 +438,6 @@ class SharedRotation(SharedView):
         return None  # made from view 0 (BaselineViews turns its view 0)
 
 
-@register_view("shared_rot90")
-class SharedRot90(SharedRotation):
-    k = 1
-
-
-@register_view("shared_rot180")
-class SharedRot180(SharedRotation):
-    k = 2
-
-
-@register_view("shared_rot270")
-class SharedRot270(SharedRotation):
-    k = 3
-
-
 # Output tile j (row-major: top-left, top-right, bottom-left, bottom-right) shows input tile PERMUTATIONS[p][j].
 PERMUTATIONS = tuple(itertools.permutations(range(4)))  # the 24 orders of 2 x 2 tiles, identity first
 
@@ -466,13 +452,13 @@ class Jigsaw(CropView):
     labels = ("jigsaw",)
 
     def more_slots(self):
-        return [plan.SLOT_PERM]
+        return [params.SLOT_PERM]
 
     def more_names(self):
         return ["perm", *(f"tile{j}" for j in range(4))]
 
     def more_params(self, u):
-        p = np.minimum(np.floor(u(plan.SLOT_PERM) * np.float32(len(PERMUTATIONS))), len(PERMUTATIONS) - 1)
+        p = np.minimum(np.floor(u(params.SLOT_PERM) * np.float32(len(PERMUTATIONS))), len(PERMUTATIONS) - 1)
         p = p.astype(np.int32)
         src = np.asarray(PERMUTATIONS, dtype=np.int32)[p]  # (n, 4) source tile of each output tile
         out = {"perm": p}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sskd.experiments.analyze import Collected, class_kl, collect, linear_cka, selection_batch
 from sskd.cli import main as sskd_main
+from sskd.experiments.analyze import Collected, class_kl, collect, linear_cka, selection_batch
 
 FAST = [
     "--no-progress",

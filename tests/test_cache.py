@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from sskd.cache import CacheReader, dense_from_topk
-from sskd.cache.build import binding_for, build_cache
+from sskd.cache.build import build_cache
 from sskd.cli import main as sskd_main
-from sskd.engine.config import load_config
 from sskd.core.errors import SSKDError
+from sskd.engine.config import load_config
+from sskd.engine.prepare import prepare
 from sskd.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,12 +66,16 @@ def cfg_for(shards, *extra):
     return load_config(None, [f"data.shards={shards}", "run.progress=false", *extra])
 
 
+def student_run(shards, teacher, *extra):
+    """The SSKD student run (its spec) whose teacher outputs a cache holds."""
+    return prepare(cfg_for(shards, *extra), "student", teacher=str(teacher))
+
+
 @pytest.fixture(scope="module")
 def cache(ss_teacher, digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "c"
     build_cache(
-        cfg_for(digits_shards),
-        str(ss_teacher),
+        student_run(digits_shards, ss_teacher),
         out,
         epochs=2,
         batch_size=128,
@@ -82,9 +87,9 @@ def cache(ss_teacher, digits_shards, tmp_path_factory):
 
 def test_cached_terms_equal_live_terms(cache, ss_teacher, digits_shards):
     from pipelines import ViewLoader
-    from sskd.models.heads import SSModel
     from sskd.methods import create_method
     from sskd.models import create_model
+    from sskd.models.heads import SSModel
     from sskd.runs.models import load_run_model
 
     teacher, _ = load_run_model(ss_teacher)
@@ -106,8 +111,7 @@ def test_cached_terms_equal_live_terms(cache, ss_teacher, digits_shards):
 def test_manifest_binds_the_cache(cache, ss_teacher, digits_shards):
     m = json.loads((cache / "manifest.json").read_text())
     assert m["complete"] and m["epochs"] == 2 and m["num_samples"] == 1437 and m["num_views"] == 4
-    info = json.loads((ss_teacher / "model.json").read_text())
-    good = binding_for(cfg_for(digits_shards), info)
+    good = student_run(digits_shards, ss_teacher).cache_binding()
     CacheReader(cache, expected=good)  # accepted
     for field, value in [
         ("teacher_weights_sha256", "0" * 64),
@@ -189,8 +193,7 @@ def test_interrupted_cache_resumes_to_the_same_files(ss_teacher, digits_shards, 
     out = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
         build_cache(
-            cfg_for(digits_shards),
-            str(ss_teacher),
+            student_run(digits_shards, ss_teacher),
             out,
             epochs=2,
             batch_size=128,
@@ -203,8 +206,7 @@ def test_interrupted_cache_resumes_to_the_same_files(ss_teacher, digits_shards, 
     monkeypatch.setattr(cb, "write_chunk", real)
     with pytest.raises(SSKDError, match="--resume"):
         build_cache(
-            cfg_for(digits_shards),
-            str(ss_teacher),
+            student_run(digits_shards, ss_teacher),
             out,
             epochs=2,
             batch_size=128,
@@ -212,8 +214,7 @@ def test_interrupted_cache_resumes_to_the_same_files(ss_teacher, digits_shards, 
             progress=False,
         )
     build_cache(
-        cfg_for(digits_shards),
-        str(ss_teacher),
+        student_run(digits_shards, ss_teacher),
         out,
         epochs=2,
         batch_size=128,
@@ -238,9 +239,7 @@ def test_topk_reconstruction_keeps_top_probabilities_and_rest_mass():
 
 def test_topk_cache_round_trip(ss_teacher, digits_shards, tmp_path):
     out = tmp_path / "k"
-    build_cache(
-        cfg_for(digits_shards), str(ss_teacher), out, epochs=1, topk=3, batch_size=256, progress=False
-    )
+    build_cache(student_run(digits_shards, ss_teacher), out, epochs=1, topk=3, batch_size=256, progress=False)
     reader = CacheReader(out)
     got = reader.lookup(torch.tensor([5, 1000, 7]), 0)
     assert got["t_logits"].shape == (3, 4, 10) and got["t_embed"].shape == (3, 4, 64)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sskd.engine.config import Config, from_dict, load_config
 from sskd.core.errors import SSKDError
+from sskd.engine.config import Config, from_dict, load_config
 
 
 def test_defaults_are_the_official_sskd_recipe():

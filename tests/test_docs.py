@@ -1,21 +1,28 @@
 """The documentation follows the code: every `sskd ...` line in README.md and docs/ parses with the real
-argument parser, and the README's methods table is the one `sskd methods --json` generates.
+argument parser, the README's methods table is the one `sskd methods --json` generates, and the view,
+method and model examples of docs/extending.md run.
 
 Regenerate the table after adding a method: ``SSKD_UPDATE_DOCS=1 python -m pytest tests/test_docs.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
+import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TABLE_START, TABLE_END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
+EXTENDING = ROOT / "docs" / "extending.md"
+EXAMPLES = ("my_view.py", "my_method.py", "my_model.py")  # the titled python blocks of docs/extending.md
 
 
 def _code_lines(text: str) -> list[str]:
@@ -56,10 +63,33 @@ def test_docs_show_commands():
     assert {"README.md", "training.md", "methods.md", "shards.md"} <= names
 
 
+def example_sources() -> dict[str, str]:
+    """The python blocks of docs/extending.md titled ``my_view.py`` etc., by title."""
+    found = re.findall(r'^```python title="([\w.]+)"\n(.*?)^```$', EXTENDING.read_text(), re.M | re.S)
+    return {title: code for title, code in found}
+
+
+@functools.cache
+def extending_examples() -> dict[str, types.ModuleType]:
+    """Import each example of docs/extending.md as the module its title names (as ``SSKD_METHODS=my_view``
+    would), once per test session: its view, method or model is registered from then on."""
+    sources = example_sources()
+    modules = {}
+    for title in EXAMPLES:
+        name = title.removesuffix(".py")
+        module = types.ModuleType(name)
+        module.__file__ = f"{EXTENDING}:{title}"
+        sys.modules[name] = module  # dataclasses look their module up
+        exec(compile(sources[title], module.__file__, "exec"), module.__dict__)
+        modules[name] = module
+    return modules
+
+
 @pytest.mark.parametrize("where,args", sskd_commands(), ids=lambda v: v if len(v) < 60 else v[:60])
 def test_every_documented_command_parses(where, args):
     from sskd.cli import build_parser
 
+    extending_examples()  # docs/extending.md's commands name its own view, method and model
     parser = build_parser()
     words = shlex.split(args)
     if words[0] == "launch":  # `sskd launch [accelerate launch options] COMMAND ...`: the command is ours
@@ -108,3 +138,53 @@ def test_readme_methods_table_is_generated():
 
 def test_readme_is_a_five_minute_read():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_extending_shows_one_example_each_of_a_view_a_method_and_a_model():
+    assert set(example_sources()) == set(EXAMPLES)
+
+
+def test_the_view_example_runs_and_matches_its_reference(digits_shards):
+    from test_pipelines import decoded_images
+    from test_views import check_view
+
+    from pipelines.view_registry import view_names
+
+    extending_examples()
+    assert "vflip" in view_names()
+    imgs, manifest = decoded_images(digits_shards)
+    check_view(digits_shards, imgs, manifest, "vflip", layout="cifar", size=None)
+
+
+def test_the_method_example_registers_and_trains_a_step():
+    from sskd.methods import create_method, method_class
+    from sskd.models import create_model
+
+    extending_examples()
+    assert method_class("student", "logit_mse").section == "logit_mse"
+    torch.manual_seed(0)
+    method = create_method(
+        "logit_mse",
+        student=create_model("resnet8", num_classes=10),
+        teacher=create_model("resnet8", num_classes=10),
+        num_classes=10,
+    )
+    batch = {"views": torch.randn(4, 2, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3])}
+    out = method(batch)
+    assert {"loss", "logits", "ce", "mse"} <= out.keys() and out["logits"].shape == (4, 10)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in method.student.parameters() if p.requires_grad)
+    cached = {**batch, "t_logits": torch.randn(4, 1, 10)}  # the teacher's outputs as `sskd cache` serves them
+    assert torch.isfinite(create_method("logit_mse", student=method.student, num_classes=10)(cached)["loss"])
+
+
+def test_the_model_example_is_created_and_answers_the_interface():
+    from sskd.models import create_model, list_models
+
+    extending_examples()
+    assert "tinynet" in list_models()
+    model = create_model("tinynet", num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    assert model(x).shape == (4, 10)
+    f = model(x, features=True)
+    assert f.logits.shape == (4, 10) and f.feat.shape == (4, model.feat_dim) and len(f.stages) == 2

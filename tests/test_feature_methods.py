@@ -229,6 +229,34 @@ def test_each_method_sizes_its_modules_for_a_cross_architecture_pair(t_arch, s_a
                 assert not method.from_attention
 
 
+def test_the_feature_methods_share_the_family_base_and_its_config_fields():
+    from dataclasses import fields
+
+    from sskd.methods import METHODS
+    from sskd.methods.families import CEKDConfig, FeatureMethod
+
+    for name in ("at", "fitnet", "vid", "ab", "ft"):
+        cls = METHODS["student"].get(name)
+        assert issubclass(cls, FeatureMethod) and issubclass(cls.Config, CEKDConfig), name
+        assert [f.name for f in fields(cls.Config)][:4] == ["ce_weight", "kd_weight", "T", "weight"], name
+
+
+def test_a_shape_error_while_connecting_is_the_one_line_pair_error():
+    from sskd.core.errors import SSKDError
+    from sskd.methods.families import CEKDConfig, FeatureMethod
+
+    class Unbridgeable(FeatureMethod):
+        name, Config = "unbridgeable", CEKDConfig
+
+        def connect(self, pair):
+            raise ShapeError("no module bridges these")
+
+    with pytest.raises(
+        SSKDError, match=r"^--method unbridgeable: student \(maps 16x32x32, .* at 32x32: no module"
+    ):
+        Unbridgeable(create_model("resnet8", 10), create_model("resnet20", 10), num_classes=10)
+
+
 # -- through the CLI ---------------------------------------------------------------------------------------
 
 

@@ -109,7 +109,7 @@ def test_online_terms_are_symmetric_with_every_target_detached():
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (la, lb, aa[0], ab[0]))
 
 
-# -- branches of every architecture (official layout: methods-spec.md A2) ----------------------------------
+# -- branches of every architecture (the official code's layout) --------------------------------------
 
 BRANCHES = {  # arch: (L, tap channels)
     "resnet8x4": (3, [64, 128, 256]),
@@ -148,7 +148,7 @@ def test_branches_of_every_architecture(arch):
 
 
 def test_resnet32x4_branch_sizes_match_the_official_count():
-    """methods-spec.md A2: about 18.9M branch parameters beside 7.4M in the backbone (CIFAR-100)."""
+    """The official layout: about 18.9M branch parameters beside 7.4M in the backbone (CIFAR-100)."""
     model = BranchedModel(create_model("resnet32x4", 100), 100)
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     assert count(model.backbone) == pytest.approx(7.4, abs=0.1) and count(model.branches) == pytest.approx(

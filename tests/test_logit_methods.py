@@ -128,7 +128,7 @@ def test_dkd_is_alpha_tckd_plus_beta_nckd_by_hand():
 
 @pytest.mark.parametrize("case", ["label_on_top", "tiny", "huge", "student_sure"])
 def test_dkd_stays_finite_and_exact_at_the_extremes(case):
-    """mdistiller's log of summed probabilities is +inf once a mass underflows (facts §20.4; it is in the
+    """mdistiller's log of summed probabilities is +inf once a mass underflows (it is in the
     "huge" and "student_sure" cases): here every case is finite and equals the 40-digit value."""
     labels = torch.tensor([1, 4, 0, 2])
     if case == "label_on_top":  # teacher and student both put the label first, by a wide margin
@@ -253,8 +253,8 @@ def test_kd_loss_standardize_is_kd_of_the_zscores():
 
 
 def test_bad_values_are_refused_naming_the_key():
-    from sskd.engine.config import load_config
     from sskd.core.errors import SSKDError
+    from sskd.engine.config import load_config
 
     for method, item, needle in (
         ("dkd", "dkd.T=0", "dkd.T must be > 0"),
@@ -266,6 +266,19 @@ def test_bad_values_are_refused_naming_the_key():
             load_config(None, [f"student.method={method}", item])
     cfg = load_config(None, ["student.method=dkd", "dkd.standardize=true", "dkd.beta=72"])
     assert cfg.section("dkd").standardize is True and cfg.section("dkd").beta == 72.0
+
+
+def test_kd_dist_dkd_share_the_logit_family_and_kd_is_listed_first():
+    """:class:`LogitMethod` lives in ``sskd.methods.families`` and is still importable from
+    ``sskd.methods.kd``; ``sskd methods`` lists KD before the methods built on it."""
+    from sskd.methods import METHODS, describe
+    from sskd.methods.families import LogitMethod
+    from sskd.methods.kd import LogitMethod as from_kd
+
+    assert from_kd is LogitMethod
+    assert all(issubclass(METHODS["student"].get(n), LogitMethod) for n in ("kd", "dist", "dkd"))
+    names = [r["name"] for r in describe("student")]
+    assert names.index("kd") < names.index("dist") < names.index("dkd")
 
 
 # -- through the commands ----------------------------------------------------------------------------------

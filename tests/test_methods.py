@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sskd.models.heads import SSModel
 from sskd.losses import SSKDLossConfig
 from sskd.methods import METHODS, create_method
 from sskd.models import create_model
+from sskd.models.heads import SSModel
 
 
 def batch(b=4, v=4, k=10, seed=0):
@@ -62,10 +62,20 @@ def test_sskd_terms_and_frozen_teacher():
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running stats untouched
 
 
-def test_to_device_moves_the_unregistered_teacher():
+def test_the_teacher_is_frozen_and_outside_the_method():
+    """The teacher is no part of what trains, is saved or is wrapped by DDP: the loop moves it itself."""
     teacher = ss()
     method = create_method("sskd", student=ss(seed=3), teacher=teacher, num_classes=10)
+    assert method.teacher is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    ids = {id(p) for p in teacher.parameters()}
+    assert not ids & {id(p) for p in method.parameters()}
+    assert not any(k.startswith("teacher") for k in method.state_dict())
+    method.train()
+    assert not teacher.training  # train() reaches the method's modules only
     method.to(torch.float64)
+    assert next(teacher.parameters()).dtype == torch.float32
+    method.frozen_teacher.to(torch.float64)  # what the loop does, to the training device
     assert next(teacher.parameters()).dtype == torch.float64
 
 

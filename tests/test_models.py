@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sskd.core.errors import SSKDError
-from sskd.models.heads import SSHead, SSModel
 from sskd.models import Features, create_model, list_models
+from sskd.models.heads import SSHead, SSModel
 
 # Published parameter counts (CRD, Tian et al. 2020, Table 1/2 headers; 100 classes), in millions.
 PUBLISHED = {
@@ -24,7 +24,7 @@ PUBLISHED = {
     "ShuffleV2": 1.35,
     "ResNet50": 23.71,
 }
-# Width of the pooled feature = the SS head's d (official-code-facts.md §1).
+# Width of the pooled feature = the SS head's d.
 FEAT_DIM = {
     "wrn_40_2": 128,
     "wrn_16_2": 128,

@@ -9,8 +9,8 @@ from einops import rearrange
 
 from sskd.cli import main as sskd_main
 from sskd.losses import similarity_matrix
-from sskd.losses.sskd import PRETEXT_TASKS
 from sskd.losses.pretext import PRETEXTS, get_pretext
+from sskd.losses.sskd import PRETEXT_TASKS
 from sskd.runs import load_model_info, read_metrics
 
 FAST = [

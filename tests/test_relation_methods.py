@@ -158,6 +158,21 @@ def test_gradients_reach_the_student_only(fn):
     assert t.grad is None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
+def test_rkd_pkt_sp_share_the_relation_family_and_rkd_is_listed_first():
+    """:class:`RelationMethod` lives in ``sskd.methods.families`` and is still importable from
+    ``sskd.methods.rkd``; ``sskd methods`` lists RKD before PKT and SP."""
+    from sskd.methods import METHODS, describe
+    from sskd.methods.families import CEKDConfig, RelationMethod
+    from sskd.methods.rkd import RelationMethod as from_rkd
+
+    assert from_rkd is RelationMethod
+    for n in ("rkd", "pkt", "sp"):
+        cls = METHODS["student"].get(n)
+        assert issubclass(cls, RelationMethod) and issubclass(cls.Config, CEKDConfig)
+    names = [r["name"] for r in describe("student")]
+    assert names.index("rkd") < names.index("pkt") < names.index("sp")
+
+
 @pytest.mark.parametrize("name", ["rkd", "pkt", "sp"])
 def test_method_terms_and_gradients(name):
     """The method's terms are the functions' on the model features; a teacher of another width gets no
@@ -341,8 +356,8 @@ def test_what_the_relation_cannot_pair_is_one_line(teacher, digits_shards, tmp_p
     # RKD reads the pooled feature, which that student still has: it trains
     assert run(*common, "--method", "rkd", "--student", "resnet8_nomaps", "--out", tmp_path / "rkd") == 0
     # a wrapped teacher (an SS-head run) answers features=True with its backbone's features
-    from sskd.models.heads import SSModel
     from sskd.methods.rkd import StudentRKD
+    from sskd.models.heads import SSModel
 
     wrapped = SSModel(create_model("resnet8", 10)).eval()
     x = torch.randn(2, 1, 3, 32, 32)

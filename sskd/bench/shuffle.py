@@ -76,7 +76,7 @@ def dali_epoch(loader_args: dict, epoch: int, world: int, legacy: bool = False) 
     from nvidia.dali import fn, pipeline_def, types
 
     from pipelines import ViewLoader
-    from pipelines.plan import reader_seed
+    from pipelines.params import reader_seed
     from shards import format as sfmt
 
     out = []

@@ -3,17 +3,18 @@
     accelerate launch ... tests/scripts/cli_rank_probe.py PROBE_DIR distill --teacher ... --out ...
 
 Everything after PROBE_DIR goes to :func:`sskd.cli.main` unchanged: the same parser, config resolution,
-stage checks, :class:`sskd.engine.loop.Job` and :func:`sskd.engine.loop.train` as ``python -m sskd distill``. The probe
-only observes, through three wrappers that hand every value on untouched:
+:func:`sskd.engine.prepare.prepare` and :func:`sskd.engine.loop.train` as ``python -m sskd distill``. The
+probe only observes, through wrappers that hand every value on untouched:
 
-* the job's ``batch_hook`` (composed with any the command set, e.g. a teacher cache): the ids and epoch
-  of each batch this rank trained on;
+* :func:`sskd.engine.loop.train_step`: the ids and augmentation epoch of each batch this rank trained on
+  (the batch as the method gets it, with any cached teacher outputs);
 * ``ViewLoader.epoch`` of evaluation loaders: the ids of each evaluation pass on this rank;
-* :func:`sskd.engine.loop.export`: after it, a digest of this rank's exported module (the student), taken
-  as :func:`sskd.runs.save_model` would write it, so it can be compared with rank 0's model.safetensors.
+* :func:`sskd.engine.loop.export`: after it, a digest of this rank's whole method (``rank_weights_sha256``:
+  DDP keeps the ranks identical) and of its exported module (the student), taken as
+  :func:`sskd.runs.save_model` would write it, so it can be compared with rank 0's model.safetensors.
 
 Each rank writes PROBE_DIR/rank<R>.json with the torchrun environment it ran in and train()'s result
-(world size, rank, evaluation count, ``rank_weights_sha256``).
+(world size, rank, evaluation count).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> int:
         "calls": 0,
     }
     real_train, real_export, real_epoch = train_mod.train, train_mod.export, ViewLoader.epoch
+    real_step = train_mod.train_step
 
     def epoch(self, *args, **kwargs):
         if self.train:
@@ -72,25 +74,24 @@ def main(argv: list[str]) -> int:
 
     def export(run):
         result = real_export(run)
+        record["rank_weights_sha256"] = state_digest(run.core.state_dict())
         record["exported_sha256"] = state_digest(run.core.trainable_module().state_dict())
         return result
 
-    def train(job):
+    def train_step(run, batch):
+        teacher, epoch = run.spec.teacher, run.state["epoch"]
+        data_epoch = teacher.data_epoch(epoch) if teacher is not None else epoch
+        record["train"].append({"epoch": data_epoch, "ids": batch["id"].tolist()})
+        real_step(run, batch)
+
+    def train(spec):
         record["calls"] += 1
-        inner = job.batch_hook
-
-        def hook(batch, data_epoch):
-            if inner is not None:
-                batch = inner(batch, data_epoch)
-            record["train"].append({"epoch": data_epoch, "ids": batch["id"].tolist()})
-            return batch
-
-        job.batch_hook = hook
-        result = real_train(job)
+        result = real_train(spec)
         record.update(result={k: v for k, v in result.items() if isinstance(v, (int, float, str))})
         return result
 
     ViewLoader.epoch, train_mod.export, train_mod.train = epoch, export, train
+    train_mod.train_step = train_step
     code = sskd_main(cli_args)
     record["exit"] = code
     probe_dir.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+import sskd.engine.loop as loop
 from sskd.engine.config import load_config
-from sskd.engine.prepare import builder
-from sskd.engine.loop import Job, train
+from sskd.engine.prepare import prepare
 
 
 def main(shards: str, teacher: str, out: str) -> None:
@@ -33,23 +33,26 @@ def main(shards: str, teacher: str, out: str) -> None:
     )
     seen: list[int] = []
     made = []
-    build = builder(cfg, "student", {}, teacher=teacher)
+    real_build, real_step = loop.build_method, loop.train_step
 
-    def keep(manifest):
-        method = build(manifest)
+    def build_method(spec, **kw):  # the method as built, with its banks before any step
+        method = real_build(spec, **kw)
         made.append((method, method.bank_s.clone(), method.bank_t.clone()))
         return method
 
-    def hook(batch, epoch):
+    def train_step(run, batch):  # the ids of every batch this rank trains on
         seen.extend(batch["id"].tolist())
-        return batch
+        real_step(run, batch)
 
-    result = train(
-        Job(stage="student", cfg=cfg, out=Path(out), build=keep, info={"arch": "resnet8"}, batch_hook=hook)
-    )
+    loop.build_method, loop.train_step = build_method, train_step
+    result = loop.train(prepare(cfg, "student", out=out, teacher=teacher))
     method, s0, t0 = made[0]
     banks = torch.stack([method.bank_s, method.bank_t]).cpu().contiguous()
     moved = ((method.bank_s != s0).any(1) | (method.bank_t != t0).any(1)).nonzero().flatten().tolist()
+    weights = hashlib.sha256()
+    for name, tensor in sorted(method.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     record = {
         "rank": result["rank"],
         "world": result["world_size"],
@@ -57,7 +60,7 @@ def main(shards: str, teacher: str, out: str) -> None:
         "moved": moved,
         "z": method.z,
         "banks": hashlib.sha256(banks.numpy().tobytes()).hexdigest(),
-        "weights": result["rank_weights_sha256"],
+        "weights": weights.hexdigest(),
     }
     (Path(out) / f"crd-probe-rank{result['rank']}.json").write_text(json.dumps(record))
 

@@ -4,13 +4,23 @@ Each rank records the world size, the sample ids it trained on, the evaluation c
 its own final weights, so the test can check disjoint data, identical weights and exact-once evaluation.
 """
 
+import hashlib
 import json
 import sys
 from pathlib import Path
 
+import sskd.engine.loop as loop
 from sskd.engine.config import load_config
-from sskd.engine.prepare import builder
-from sskd.engine.loop import Job, train
+from sskd.engine.prepare import prepare
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over sorted (name, bytes) of a state dict."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def main(shards: str, out: str) -> None:
@@ -27,26 +37,26 @@ def main(shards: str, out: str) -> None:
         ],
     )
     seen: list[int] = []
+    weights: list[str] = []
+    real_step, real_export = loop.train_step, loop.export
 
-    def hook(batch, epoch):
+    def train_step(run, batch):  # the ids of every batch this rank trains on
         seen.extend(batch["id"].tolist())
-        return batch
+        real_step(run, batch)
 
-    job = Job(
-        stage="teacher",
-        cfg=cfg,
-        out=Path(out),
-        build=builder(cfg, "teacher", {}),
-        info={"arch": "resnet8"},
-        batch_hook=hook,
-    )
-    result = train(job)
+    def export(run):  # this rank's final weights (the whole method), as DDP left them
+        result = real_export(run)
+        weights.append(state_digest(run.core.state_dict()))
+        return result
+
+    loop.train_step, loop.export = train_step, export
+    result = loop.train(prepare(cfg, "teacher", out=out))
     record = {
         "rank": result["rank"],
         "world": result["world_size"],
         "ids": seen,
         "eval_count": result.get("count"),
-        "weights": result["rank_weights_sha256"],
+        "weights": weights[0],
     }
     (Path(out) / f"probe-rank{result['rank']}.json").write_text(json.dumps(record))
 

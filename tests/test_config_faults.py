@@ -11,8 +11,8 @@ import math
 import pytest
 
 from sskd.cli import main
-from sskd.engine.config import load_config
 from sskd.core.errors import SSKDError
+from sskd.engine.config import load_config
 
 
 def _refused(capsys, argv, needle, out=None):

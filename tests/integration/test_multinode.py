@@ -181,7 +181,7 @@ def test_distill_on_two_machines_of_one_host(digits_shards, tiny_teacher, tmp_pa
     assert ranks[0]["result"]["count"] == ranks[1]["result"]["count"] == n_val
 
     # DDP kept the replicas identical, and rank 1's weights are the file rank 0 wrote
-    assert ranks[0]["result"]["rank_weights_sha256"] == ranks[1]["result"]["rank_weights_sha256"]
+    assert ranks[0]["rank_weights_sha256"] == ranks[1]["rank_weights_sha256"]
     assert ranks[0]["exported_sha256"] == ranks[1]["exported_sha256"]
     from safetensors.torch import load_file
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sskd import runs
-from sskd.core import atomic
 from sskd.cli import main as sskd_main
+from sskd.core import atomic
 from sskd.core.errors import SSKDError
 
 REPO = Path(__file__).resolve().parents[1]

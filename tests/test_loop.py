@@ -11,8 +11,8 @@ import pytest
 
 from sskd.cli import main as sskd_main
 from sskd.engine.config import StageConfig
-from sskd.runs import file_sha256, load_model_info, read_metrics
 from sskd.engine.loop import lr_factor
+from sskd.runs import file_sha256, load_model_info, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -282,9 +282,11 @@ def test_demo_reduced_budget(tmp_path):
 def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, tmp_path):
     """Each logged loss averages exactly the steps since the previous line, epoch ends included."""
 
+    from dataclasses import replace
+
     from sskd.engine.config import load_config
-    from sskd.engine.prepare import builder
-    from sskd.engine.loop import Job, train
+    from sskd.engine.loop import train
+    from sskd.engine.prepare import prepare
 
     cfg = load_config(
         None,
@@ -308,16 +310,7 @@ def test_logged_loss_is_the_mean_over_its_interval_across_epochs(digits_shards, 
             losses.append(out["loss"].item())
             return out
 
-    build = builder(cfg, "teacher", {})
-    train(
-        Job(
-            stage="teacher",
-            cfg=cfg,
-            out=tmp_path / "t",
-            build=lambda m: Recorder(build(m).student, num_classes=10),
-            info={"arch": "resnet8"},
-        )
-    )
+    train(replace(prepare(cfg, "teacher", out=tmp_path / "t"), method=Recorder))
     recs = [r for r in read_metrics(tmp_path / "t") if r["kind"] == "train"]
     # 1437 images / 256 = 6 batches per epoch, 12 steps; the line at step 8 straddles the epoch end
     assert [r["step"] for r in recs] == [4, 8, 12] and len(losses) == 12
