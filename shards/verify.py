@@ -157,9 +157,3 @@ def verify(folder: str | Path, *, dali: bool = True, log=print) -> list[str]:
         if sorted(seen_ids) != list(range(info["num_samples"])):
             problems.append(f"split {split}: ids do not cover 0..{info['num_samples'] - 1} exactly once")
     return problems
-
-
-def verify_or_raise(folder: str | Path, **kw) -> None:
-    problems = verify(folder, **kw)
-    if problems:
-        raise SSKDError(f"{folder}: {len(problems)} problem(s); first: {problems[0]}")

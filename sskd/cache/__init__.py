@@ -1,6 +1,7 @@
 """The teacher-output cache: run the frozen teacher once, distill students without it.
 
-Layout (keyed by sample identity, never by batch position: DESIGN.md, invariant 3)::
+Layout (keyed by sample identity, never by batch position, so a student run of any batch size and rank
+layout reads it)::
 
     CACHE/manifest.json                               binding + shape; "complete": true only at the end
     CACHE/epoch-{e:04d}/r{rank:03d}-b{first batch:06d}.safetensors
@@ -18,6 +19,10 @@ memory-map them (safetensors header → numpy memmap).
 Integrity: every chunk carries a CRC-32 of its arrays in its metadata. A reader checks every chunk's
 header and size when it opens the cache (a damaged or truncated file fails at the start, not hours
 in), and each chunk's checksum the first time it reads from it; ``sskd cache --verify`` checks all.
+
+A student run reads a cache as its teacher source (:class:`CachedTeacher`), opened from a
+:class:`CacheFolder` by :func:`sskd.engine.prepare.prepare` once the run knows what the cache must have
+been made from.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +58,6 @@ BINDING_FIELDS = (
     "split",
 )
 _DT = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
-_NP_DT = {np.dtype(v): k for k, v in _DT.items()}
 
 
 def epoch_dir(cache: Path, epoch: int) -> Path:
@@ -387,6 +392,48 @@ class CacheReader:
             if log_line and len(problems) == before:
                 log_line(f"ok   epoch {epoch}: {len(chunks)} chunks, every sample once, checksums match")
         return problems
+
+
+@dataclass(frozen=True)
+class CachedTeacher:
+    """The teacher source of a ``distill --cache`` run: the teacher's outputs are read from a cache, the
+    teacher is never built. ``source`` and ``info`` are the teacher run the cache was made from (its
+    ``model.json``, checked against the shards and the method)."""
+
+    source: str
+    info: dict[str, Any]
+    reader: CacheReader
+    cached = True
+
+    def batch(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """The batch with the teacher's cached outputs of augmentation epoch ``epoch`` (``t_<name>``), on
+        the batch's device."""
+        out = self.reader.lookup(batch["id"], epoch)
+        return {**batch, **{k: v.to(batch["views"].device) for k, v in out.items()}}
+
+    def data_epoch(self, epoch: int) -> int:
+        """The augmentation epoch of training epoch ``epoch``: epochs beyond the cache's E reuse ``e mod E``."""
+        return epoch % self.reader.epochs
+
+
+@dataclass(frozen=True)
+class CacheFolder:
+    """A cache folder a student run asks to read (``distill --cache``): ``prepare`` opens it with the binding
+    the run expects and the teacher it checked (:class:`sskd.engine.prepare.CacheOpener`)."""
+
+    path: Path
+
+    def open(self, binding: dict[str, Any], method: type, teacher: Any) -> CachedTeacher:
+        """The cache as ``method``'s teacher source; refused in one line when it was made from anything
+        else than ``binding`` says, or holds not every output the method reads."""
+        reader = CacheReader(self.path, expected=binding)
+        missing = [n for n in method.outputs if n not in {o["name"] for o in reader.outputs}]
+        if missing:
+            raise SSKDError(
+                f"{self.path}: holds no {', '.join(missing)} for --method {method.name}; rebuild it with "
+                f"`sskd cache --method {method.name}`"
+            )
+        return CachedTeacher(teacher.source, teacher.info, reader)
 
 
 def dense_from_topk(topv: np.ndarray, topi: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
