@@ -1,8 +1,9 @@
 """AB, activation-boundary distillation (Heo et al., AAAI 2019), as RepDistiller runs it (``--distill abound``):
 an **init stage** (``init_epochs``, 30) trains a connector and the student's feature layers (everything the
-maps depend on: all but the classifier) on the AB loss of the pre-ReLU maps alone (facts §9, :func:`ab_loss`),
-with its own SGD at the student's lr; then the main training is ``ce_weight · CE + kd_weight · KD_T`` on the
-whole student: RepDistiller's main stage has no AB term (``loss_kd = 0``; its ``-b 1`` is inert), so
+maps depend on: all but the classifier) on the AB loss of the pre-ReLU maps alone (:func:`ab_loss`: a
+squared hinge pushing each student pre-ReLU value past ±m on the side of the teacher's sign, deeper layers
+weighted more), with its own SGD at the student's lr; then the main training is
+``ce_weight · CE + kd_weight · KD_T`` on the whole student: RepDistiller's main stage has no AB term (``loss_kd = 0``; its ``-b 1`` is inert), so
 ``weight`` defaults to 0; a ``weight > 0`` adds ``weight · AB`` with the connector training too.
 
 Not cacheable: the init stage reads the teacher's pre-ReLU maps, 114,688 floats per sample for resnet32x4
@@ -20,16 +21,14 @@ import torch.nn.functional as F
 from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.feature import ab_loss
-from sskd.methods.base import BuildContext, Method, Phase, normal, register
+from sskd.methods.base import Phase, normal, register
+from sskd.methods.families import CEKDConfig, FeatureMethod
 from sskd.models.connectors import (
     Connector,
     PairShapes,
-    ShapeError,
-    build_pair,
     features_of,
     flatten_maps,
     parameters_behind,
-    probe_pair,
     split_maps,
 )
 
@@ -37,25 +36,21 @@ INIT = "init"
 
 
 @dataclass
-class ABConfig:
-    """RepDistiller's AB: --init_epochs 30, margin 1, -r 1 -a 0, kd_T 4, no main-stage AB term (facts §9)."""
+class ABConfig(CEKDConfig):
+    """RepDistiller's AB: --init_epochs 30, margin 1, -r 1 -a 0, kd_T 4, no main-stage AB term."""
 
-    ce_weight: float = bound(1.0, ge=0)
-    kd_weight: float = bound(0.0, ge=0)
-    T: float = bound(4.0, gt=0)
     weight: float = bound(0.0, ge=0)  # main-stage AB weight; RepDistiller's is effectively 0
     margin: float = bound(1.0, ge=0)
     init_epochs: int = bound(30, ge=0)  # 0: no init stage (then AB is plain CE unless weight > 0)
 
 
 @register("student", "ab")
-class AB(Method):
+class AB(FeatureMethod):
     """Init stage: connector + student feature layers on the AB loss; then CE (+ KD) on the whole student."""
 
     summary = "AB: an init stage matching the teacher's activation boundaries (pre-ReLU signs), then CE"
     paper = "Heo et al., AAAI 2019"  # Knowledge Transfer via Distillation of Activation Boundaries
     section, Config = "ab", ABConfig
-    needs_teacher = True
     has_phases = True
     outputs = ("logits", "preact")
     cache_refusal = (
@@ -63,20 +58,9 @@ class AB(Method):
         "fp16 per sample and epoch), and its main stage runs no teacher unless ab.kd_weight > 0"
     )
 
-    def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
-        super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
-        self.pair = pair or probe_pair(student, teacher)
-        self.pair.check_count(self.name)
-        try:
-            self.connector = Connector(self.pair.student, self.pair.teacher)
-        except ShapeError as exc:
-            raise self.pair.error(self.name, str(exc)) from None
-        self.feature_names = parameters_behind(student)  # RepDistiller's get_feat_modules
-
-    @classmethod
-    def build(cls, ctx: BuildContext) -> Method:
-        student, teacher, pair = build_pair(ctx, cls.name)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), pair=pair)
+    def connect(self, pair: PairShapes) -> None:
+        self.connector = Connector(pair.student, pair.teacher)
+        self.feature_names = parameters_behind(self.student)  # RepDistiller's get_feat_modules
 
     @staticmethod
     def teacher_outputs(teacher, views):

@@ -1,6 +1,7 @@
 """AT, attention transfer (Zagoruyko & Komodakis, ICLR 2017), as RepDistiller runs it (``--distill attention``):
 ``ce_weight · CE + kd_weight · KD_T + weight · Σ_layers mean((a(f_s) − a(f_t))²)`` over the maps
-(RepDistiller's feat[1:-1]), a(f) the L2-normalised channel mean of f² (facts §3, :func:`at_loss`).
+(RepDistiller's feat[1:-1]), a(f) the L2-normalised channel mean of f² (:func:`at_loss`; a larger map is
+average-pooled to the smaller one's size first).
 
 Cacheable: a per-sample teacher output of only the attention maps (1,344 floats for a resnet32x4 teacher at
 32×32, 2.7 KB fp16 per sample and epoch) serves every pair whose student maps are at least as large as the
@@ -13,58 +14,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sskd.core.fields import bound
-from sskd.losses import kd_loss
 from sskd.losses.feature import at_loss, at_loss_from_attention, attention_map
 from sskd.methods.base import BuildContext, Method, normal, register
-from sskd.models.connectors import PairShapes, build_pair, features_of, probe_pair
+from sskd.methods.families import CEKDConfig, FeatureMethod
+from sskd.models.connectors import PairShapes, features_of
 
 
 @dataclass
-class ATConfig:
-    """RepDistiller's README weights for AT: -r 1 -a 0 -b 1000, p = 2, kd_T 4 (facts §0, §3)."""
+class ATConfig(CEKDConfig):
+    """RepDistiller's README weights for AT: -r 1 -a 0 -b 1000, p = 2, kd_T 4."""
 
-    ce_weight: float = bound(1.0, ge=0)
-    kd_weight: float = bound(0.0, ge=0)  # > 0: AT + KD
-    T: float = bound(4.0, gt=0)
     weight: float = bound(1000.0, ge=0)  # β
     p: float = bound(2.0, gt=0)
 
 
 @register("student", "at")
-class AT(Method):
+class AT(FeatureMethod):
     """The student's attention maps follow the teacher's at every map (layer i with layer i)."""
 
     summary = "AT: match the teacher's spatial attention maps (channel mean of squares) at every stage"
     paper = "Zagoruyko & Komodakis, ICLR 2017"  # Paying More Attention to Attention
     section, Config = "at", ATConfig
-    needs_teacher = True
     outputs = ("logits", "attention")
     topk_outputs = ("logits",)
 
-    def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
-        super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
-        self.pair = pair or probe_pair(student, teacher)
-        self.pair.check_count(self.name)
-        # The teacher's attention maps (what a cache holds, at p = 2) give the same loss as its feature maps
-        # whenever only student maps are pooled; otherwise the teacher's map must be pooled before a(·).
+    def connect(self, pair: PairShapes) -> None:
+        # No module to make. The teacher's attention maps (what a cache holds, at p = 2) give the same loss as its
+        # feature maps whenever only student maps are pooled; otherwise the teacher's map must be pooled first.
         self.from_attention = self.cfg.p == 2 and all(
-            s[1] >= t[1] for s, t in zip(self.pair.student, self.pair.teacher)
+            s[1] >= t[1] for s, t in zip(pair.student, pair.teacher)
         )
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        student, teacher, pair = build_pair(ctx, cls.name)
-        method = cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), pair=pair)
+        method = super().build(ctx)
         if ctx.cached and not method.from_attention:
             why = (
                 f"at.p = {method.cfg.p}: a cache holds attention maps at p = 2"
                 if method.cfg.p != 2
                 else "a teacher map is larger than the student's and must be pooled before its attention map"
             )
-            raise pair.error(cls.name, f"{why}, which a cache cannot serve; run without --cache")
+            raise method.pair.error(cls.name, f"{why}, which a cache cannot serve; run without --cache")
         return method
 
     @staticmethod
@@ -86,7 +78,4 @@ class AT(Method):
             at = at_loss_from_attention(f.maps, t_att, sizes, self.cfg.p)
         else:
             at = at_loss(f.maps, [t[f"map{i}"][:, 0] for i in range(len(f.maps))], self.cfg.p)
-        ce = F.cross_entropy(f.logits, batch["label"])
-        kd = kd_loss(f.logits, t["logits"][:, 0], self.cfg.T)
-        loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.weight * at
-        return {"loss": loss, "logits": f.logits, "ce": ce, "kd": kd, "at": at}
+        return self.with_ce_kd(f, t, batch, at=at)

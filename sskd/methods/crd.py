@@ -1,5 +1,5 @@
 """CRD (Tian et al., ICLR 2020, "Contrastive Representation Distillation") with its memory bank, as
-RepDistiller runs it (baselines-facts.md §14): ``ce_weight · CE + kd_weight · KD_T + weight · CRD``.
+RepDistiller runs it (``--distill crd``): ``ce_weight · CE + kd_weight · KD_T + weight · CRD``.
 
 Both sides' pooled penultimate features go through an embed head (Linear to ``feat_dim`` + L2
 normalisation); each sample's student embedding is scored against the teacher bank's row of the

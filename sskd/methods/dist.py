@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from sskd.core.fields import bound
 from sskd.losses.logit import dist_terms
 from sskd.methods.base import register
-from sskd.methods.kd import LogitMethod
+from sskd.methods.kd import LogitMethod  # via kd: KD registers, and `sskd methods` lists it, first
 
 
 @dataclass
 class DISTConfig:
     """The official CIFAR-100 recipe (image_classification_sota configs/strategies/distill/dist_cifar.yaml,
-    ``kd: dist_t4``; facts §16): CE 1, DIST 2, beta = gamma = 1, tau 4. ImageNet's ``kd: dist`` is tau 1.
+    ``kd: dist_t4``): CE 1, DIST 2, beta = gamma = 1, tau 4. ImageNet's ``kd: dist`` is tau 1.
 
     ``standardize``: Z-scored logits (Sun et al., CVPR 2024) before the softmax; LS published no DIST
     runs, so this is an option to try, not a reproduction (the CE stays on the raw logits).

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from sskd.core.fields import bound
 from sskd.losses.logit import dkd_terms
 from sskd.methods.base import register
-from sskd.methods.kd import LogitMethod
+from sskd.methods.kd import LogitMethod  # via kd: KD registers, and `sskd methods` lists it, first
 
 
 @dataclass
 class DKDConfig:
-    """mdistiller's defaults (engine/cfg.py, facts §15): CE 1, alpha 1, beta 8, T 4, a 20-epoch warm-up.
+    """mdistiller's defaults (engine/cfg.py): CE 1, alpha 1, beta 8, T 4, a 20-epoch warm-up.
 
     The CIFAR-100 recipes change only ``beta`` per pair (2 for resnet56→resnet20; 6 for vgg13→vgg8,
     vgg13→MobileNetV2, wrn_40_2→wrn_16_2 and wrn_40_2→wrn_40_1; 8 otherwise). ``warmup``: the DKD term
@@ -23,7 +23,7 @@ class DKDConfig:
     ``standardize``: DKD + logit standardisation (Sun et al., CVPR 2024), Z-scored logits in both DKD
     parts (the CE stays on the raw logits). It only switches the Z-score; nothing is rescaled behind the
     keys. LS's ``--logit-stand --base-temp t --kd-weight w`` multiplies mdistiller's ALPHA and BETA by w
-    and sets T to t (facts §17), so their run is ``standardize: true, alpha: w·ALPHA, beta: w·BETA, T: t``
+    and sets T to t, so their run is ``standardize: true, alpha: w·ALPHA, beta: w·BETA, T: t``
     here: for their resnet32x4→resnet8x4 (t 2, w 9, BETA 8) ``alpha: 9, beta: 72, T: 2``. The warm-up and
     ``ce_weight`` are unchanged by LS.
     """

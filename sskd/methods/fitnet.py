@@ -1,5 +1,5 @@
 """FitNet (Romero et al., ICLR 2015): a regressor maps the student's hint map onto the teacher's, trained on
-the MSE (facts §2, :func:`hint_loss`); ``ce_weight · CE + kd_weight · KD_T + weight · hint``.
+the MSE (:func:`hint_loss`, the mean over every entry); ``ce_weight · CE + kd_weight · KD_T + weight · hint``.
 
 Two stages, as in the FitNets paper: a **hint stage** (``hint_epochs``, default 30 like RepDistiller's
 ``init_epochs``) trains only the student up to the hint layer and the regressor, on ``weight · hint``
@@ -17,47 +17,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from sskd.core.fields import bound
-from sskd.losses import kd_loss
 from sskd.losses.feature import hint_loss
-from sskd.methods.base import BuildContext, Method, Phase, normal, register
-from sskd.models.connectors import (
-    ConvReg,
-    PairShapes,
-    ShapeError,
-    build_pair,
-    features_of,
-    parameters_behind,
-    probe_pair,
-)
+from sskd.methods.base import Phase, normal, register
+from sskd.methods.families import CEKDConfig, FeatureMethod
+from sskd.models.connectors import ConvReg, PairShapes, ShapeError, features_of, parameters_behind
 
 HINT = "hint"
 
 
 @dataclass
-class FitNetConfig:
-    """RepDistiller's README weights for FitNet: -r 1 -a 0 -b 100, --hint_layer 2, kd_T 4 (facts §0, §2)."""
+class FitNetConfig(CEKDConfig):
+    """RepDistiller's README weights for FitNet: -r 1 -a 0 -b 100, --hint_layer 2, kd_T 4."""
 
-    ce_weight: float = bound(1.0, ge=0)
-    kd_weight: float = bound(0.0, ge=0)
-    T: float = bound(4.0, gt=0)
     weight: float = bound(100.0, ge=0)  # β, also the hint stage's loss scale
-    hint_layer: int = bound(
-        2, ge=1
-    )  # RepDistiller's feat[hint_layer] = maps[hint_layer - 1] (feat[0] is the stem)
+    # RepDistiller's feat[hint_layer] = maps[hint_layer - 1] (feat[0] is the stem)
+    hint_layer: int = bound(2, ge=1)
     hint_epochs: int = bound(30, ge=0)  # the FitNets hint stage; 0 = RepDistiller's single-stage FitNet
 
 
 @register("student", "fitnet")
-class FitNet(Method):
+class FitNet(FeatureMethod):
     """Hint stage (student up to the hint layer + regressor), then CE (+ KD) + β·hint on everything."""
 
     summary = "FitNet: regress the student's hint-layer map onto the teacher's (MSE), after a hint stage"
     paper = "Romero et al., ICLR 2015"  # FitNets: Hints for Thin Deep Nets
     section, Config = "fitnet", FitNetConfig
-    needs_teacher = True
+    pairs_layers = False  # one map: the hint layer
     has_phases = True
     outputs = ("logits", "map1")  # the default hint layer; the others come with a live teacher
     cache_refusal = (
@@ -65,25 +51,16 @@ class FitNet(Method):
         "epoch, 3.3 GB per CIFAR-100 epoch): reading that back is no cheaper than the teacher forward"
     )
 
-    def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
-        super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
-        self.pair = pair or probe_pair(student, teacher)
-        layer, count = self.cfg.hint_layer, min(len(self.pair.student), len(self.pair.teacher))
+    def connect(self, pair: PairShapes) -> None:
+        layer, count = self.cfg.hint_layer, min(len(pair.student), len(pair.teacher))
         if layer > count:
-            raise self.pair.error(
-                self.name, f"fitnet.hint_layer {layer} is past the last shared map (1..{count})"
-            )
+            raise pair.error(self.name, f"fitnet.hint_layer {layer} is past the last shared map (1..{count})")
         self.index = layer - 1
         try:
-            self.regressor = ConvReg(self.pair.student[self.index], self.pair.teacher[self.index])
+            self.regressor = ConvReg(pair.student[self.index], pair.teacher[self.index])
         except ShapeError as exc:
-            raise self.pair.error(self.name, f"hint layer {layer}: {exc}") from None
-        self.hint_names = parameters_behind(student, self.index)  # "the student up to the hint layer"
-
-    @classmethod
-    def build(cls, ctx: BuildContext) -> Method:
-        student, teacher, pair = build_pair(ctx, cls.name)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), pair=pair)
+            raise ShapeError(f"hint layer {layer}: {exc}") from None
+        self.hint_names = parameters_behind(self.student, self.index)  # "the student up to the hint layer"
 
     @staticmethod
     def teacher_outputs(teacher, views):
@@ -106,7 +83,4 @@ class FitNet(Method):
         hint = hint_loss(self.regressor(f.maps[self.index]), t[f"map{self.index}"][:, 0])
         if self.phase == HINT:
             return {"loss": self.cfg.weight * hint, "logits": f.logits, "hint": hint}
-        ce = F.cross_entropy(f.logits, batch["label"])
-        kd = kd_loss(f.logits, t["logits"][:, 0], self.cfg.T)
-        loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.weight * hint
-        return {"loss": loss, "logits": f.logits, "ce": ce, "kd": kd, "hint": hint}
+        return self.with_ce_kd(f, t, batch, hint=hint)

@@ -2,7 +2,8 @@
 stage** (``init_epochs``, 30) trains a paraphraser to reconstruct the teacher's last map (MSE; lr 0.01 for
 resnet/wrn students, else the student's, as RepDistiller's ``init()``); then, with the paraphraser frozen and
 in eval mode, ``ce_weight · CE + kd_weight · KD_T + weight · |factor(T(f_s)) − factor(P(f_t))|`` trains the
-student and its translator T (facts §10, :func:`ft_loss`). Both read the last map (RepDistiller's feat[-2]).
+student and its translator T (:func:`ft_loss`: the factors squeezed to L2-normalised channel means of x^p1,
+their mean ``|Δ|`` at ``p2`` = 1). Both read the last map (RepDistiller's feat[-2]).
 
 Not cacheable: the paraphraser trains inside the run on the teacher's last map (16,384 floats per sample for
 resnet32x4, 32 KB fp16 per sample and epoch) and the main stage reads its factor, which no cache made
@@ -17,18 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from sskd.core.fields import bound
-from sskd.losses import kd_loss
 from sskd.losses.feature import ft_loss
-from sskd.methods.base import BuildContext, Method, Phase, normal, register
-from sskd.models.connectors import (
-    PairShapes,
-    Paraphraser,
-    ShapeError,
-    Translator,
-    build_pair,
-    features_of,
-    probe_pair,
-)
+from sskd.methods.base import Phase, normal, register
+from sskd.methods.families import CEKDConfig, FeatureMethod
+from sskd.models.connectors import PairShapes, Paraphraser, Translator, features_of
 
 INIT = "init"
 
@@ -40,12 +33,9 @@ def rd_init_lr(arch: str | None) -> float | None:
 
 
 @dataclass
-class FTConfig:
+class FTConfig(CEKDConfig):
     """RepDistiller's README weights for FT: -r 1 -a 0 -b 200, p1 2, p2 1, k 0.5, --init_epochs 30, kd_T 4."""
 
-    ce_weight: float = bound(1.0, ge=0)
-    kd_weight: float = bound(0.0, ge=0)
-    T: float = bound(4.0, gt=0)
     weight: float = bound(200.0, ge=0)
     p1: float = bound(2.0, gt=0)  # the factor's power (channel mean of x^p1)
     p2: float = bound(1.0, gt=0)  # 1: L1 between factors
@@ -55,7 +45,7 @@ class FTConfig:
 
 
 @register("student", "ft")
-class FT(Method):
+class FT(FeatureMethod):
     """Paraphraser pre-training on the teacher's last map, then the student's translator mimics its factor."""
 
     summary = (
@@ -65,7 +55,7 @@ class FT(Method):
         "Kim et al., NeurIPS 2018"  # Paraphrasing Complex Network: Network Compression via Factor Transfer
     )
     section, Config = "ft", FTConfig
-    needs_teacher = True
+    pairs_layers = False  # one map: the last
     has_phases = True
     outputs = ("logits", "last")
     cache_refusal = (
@@ -73,21 +63,11 @@ class FT(Method):
         "32 KB fp16 per sample and epoch) and the main stage reads its factor, which no cache can hold"
     )
 
-    def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
-        super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
-        self.pair = pair or probe_pair(student, teacher)
-        (s_c, _, _), (t_c, _, _) = self.pair.student[-1], self.pair.teacher[-1]
-        try:
-            self.paraphraser = Paraphraser(t_c, self.cfg.k)
-            self.translator = Translator(s_c, t_c, self.cfg.k)
-        except ShapeError as exc:
-            raise self.pair.error(self.name, str(exc)) from None
-        self.student_arch = self.pair.student_arch
-
-    @classmethod
-    def build(cls, ctx: BuildContext) -> Method:
-        student, teacher, pair = build_pair(ctx, cls.name)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), pair=pair)
+    def connect(self, pair: PairShapes) -> None:
+        (s_c, _, _), (t_c, _, _) = pair.student[-1], pair.teacher[-1]
+        self.paraphraser = Paraphraser(t_c, self.cfg.k)
+        self.translator = Translator(s_c, t_c, self.cfg.k)
+        self.student_arch = pair.student_arch
 
     @staticmethod
     def teacher_outputs(teacher, views):
@@ -126,7 +106,4 @@ class FT(Method):
         with torch.no_grad():
             factor_t = self.paraphraser.encoder(last)
         ft = ft_loss(self.translator(f.maps[-1]), factor_t, self.cfg.p1, self.cfg.p2)
-        ce = F.cross_entropy(f.logits, batch["label"])
-        kd = kd_loss(f.logits, t["logits"][:, 0], self.cfg.T)
-        loss = self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.weight * ft
-        return {"loss": loss, "logits": f.logits, "ce": ce, "kd": kd, "ft": ft}
+        return self.with_ce_kd(f, t, batch, ft=ft)

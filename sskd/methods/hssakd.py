@@ -1,7 +1,7 @@
 """HSSAKD (Yang et al., IJCAI 2021 "HSAKD" / TNNLS 2022): auxiliary branches at every stage learn the joint
 class × rotation task; the student mimics the teacher's joint distributions at every branch.
 
-Roles (official code: winycg/HSAKD; details in methods-spec.md §A):
+Roles (official code: winycg/HSAKD):
 
 - ``train-teacher --method hssakd``: joint mode, backbone and branches from scratch (the 240-epoch recipe);
 - ``train-ss-head --method hssakd``: frozen mode, a trained backbone (or ``torchvision:resnet34``) frozen
@@ -25,6 +25,7 @@ from sskd.core.errors import SSKDError
 from sskd.core.fields import bound
 from sskd.losses import hssakd_online_terms, hssakd_student_terms, hssakd_teacher_terms, joint_labels
 from sskd.methods.base import BuildContext, Method, register
+from sskd.methods.families import FrozenBackboneStage
 from sskd.models.branches import BranchedModel
 
 PAPER = "Yang et al., IJCAI 2021 / TNNLS 2022"  # Hierarchical Self-supervised Augmented KD
@@ -94,30 +95,18 @@ class JointTeacher(_Teacher):
 
 
 @register("head", "hssakd")
-class FrozenTeacherBranches(_Teacher):
+class FrozenTeacherBranches(_Teacher, FrozenBackboneStage):
     """Frozen mode: the backbone and its classifier stay bit-identical (eval mode, no gradient reaches them)."""
 
     summary = "HSSAKD teacher, frozen mode: only the branches train, on a trained backbone kept frozen"
 
     def __init__(self, student: BranchedModel, teacher=None, **kw):
         super().__init__(student, None, **kw)
-        student.backbone.requires_grad_(False)
-        student.detach_taps = True
+        student.detach_taps = True  # the branches read the backbone's maps without a gradient into it
 
     @classmethod
-    def build(cls, ctx: BuildContext) -> Method:
-        from sskd.methods.base import teacher_backbone
-
-        return cls(
-            BranchedModel(teacher_backbone(ctx), ctx.num_classes),
-            num_classes=ctx.num_classes,
-            cfg=ctx.section(cls),
-        )
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.student.backbone.eval()
-        return self
+    def wrap(cls, backbone, ctx):
+        return BranchedModel(backbone, ctx.num_classes)
 
 
 def check_branches(student: BranchedModel, teacher_info: dict[str, Any], source: str, arch: str) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from sskd.core.fields import bound
 from sskd.losses import kd_loss
-from sskd.losses.logit import standardize_logits
-from sskd.methods.base import Method, logits_of, normal, register
+from sskd.methods.base import register
+from sskd.methods.families import LogitMethod
 
 
 @dataclass
@@ -19,38 +17,13 @@ class KDConfig:
 
     ``standardize``: LS-KD (Sun et al., CVPR 2024), Z-scored logits in the KD term (the CE stays on the raw
     logits). Their CIFAR recipe (``--logit-stand --base-temp 2 --kd-weight 9``, CE 0.1) is
-    ``standardize: true, T: 2, kd_weight: 9`` here (facts §17); the other keys keep their meaning.
+    ``standardize: true, T: 2, kd_weight: 9`` here; the other keys keep their meaning.
     """
 
     ce_weight: float = bound(0.1, ge=0)
     kd_weight: float = bound(0.9, ge=0)
     T: float = bound(4.0, gt=0)
     standardize: bool = False
-
-
-class LogitMethod(Method):
-    """Base of the logit methods (KD, DKD, DIST): the teacher's class scores on the normal view, cacheable
-    (also as top-K), and the CE the student's own term sits beside."""
-
-    needs_teacher = True
-    outputs = ("logits",)
-    topk_outputs = ("logits",)
-
-    @staticmethod
-    def teacher_outputs(teacher, views):
-        return {"logits": logits_of(teacher(views[:, 0]))[:, None]}  # (b, 1, K): the normal view
-
-    def logit_pair(self, batch):
-        """``(student logits, teacher logits, CE on the labels)`` of a batch's normal view."""
-        logits = self.student(normal(batch))
-        t_logits = self.teacher_batch(batch)["logits"][:, 0]
-        return logits, t_logits, F.cross_entropy(logits, batch["label"])
-
-    def distilled_pair(self, logits, t_logits):
-        """The logits the distillation term compares: Z-scored with ``standardize`` (LS), else as they are."""
-        if self.cfg.standardize:
-            return standardize_logits(logits), standardize_logits(t_logits)
-        return logits, t_logits
 
 
 @register("student", "kd")

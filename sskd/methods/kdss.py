@@ -1,16 +1,17 @@
-"""The KDSS variant (kdss-variant.txt): distillation with self-supervision through a rotation head, contrastive
-instance discrimination and cross-network feature alignment. No public code implements it; where the
-source is silent the defaults are methods-spec.md §B's, and the choices made here are said below.
+"""The KDSS variant: distillation with self-supervision through a rotation head, contrastive instance
+discrimination and cross-network feature alignment. No public code implements it; where its description is
+silent, the defaults (:class:`KDSSConfig`) and the choices made here are said below.
 
 - ``train-ss-head --method kdss --teacher RUN``: on the frozen teacher backbone, a 4-way rotation head
   (``Linear(d, 4)``) learns rotation prediction (CE) and a projection MLP (SSKD's design) learns
   contrastive instance discrimination (the same multi-positive InfoNCE the student uses);
 - ``distill --method kdss``: ``0.1 CE + 0.9 KD + 1.0 L_rot + 1.0 L_con + 1.0 L_align`` with
   ``L_rot = CE(r_S, k) + τ_r² KL(r_T ‖ r_S)`` over all 4b rows, ``L_con`` the InfoNCE of every student
-  view against the teacher's views (the same image's four are the positives: the source's "makes
-  teacher and student representations consistent under augmentation"; the spec's student-only form is
-  ``con_mode: student``), ``L_align = mean(1 − cos(P(g_S), g_T))`` on the pooled features through a
-  student-side projection ``P = Linear(d_S, d_T) + BN``.
+  view against the teacher's views (the same image's four are the positives: the description's "makes
+  teacher and student representations consistent under augmentation"; the student-only form, each
+  student view against the student's own views, is ``con_mode: student``),
+  ``L_align = mean(1 − cos(P(g_S), g_T))`` on the pooled features through a student-side projection
+  ``P = Linear(d_S, d_T) + BN``.
 
 Views: the normal view and its exact rotations by 90°, 180°, 270° (``shared_rotation``), as HSSAKD's.
 """
@@ -28,15 +29,17 @@ from sskd.core.fields import bound
 from sskd.losses.kdss import alignment_loss, instance_contrast, rotation_loss
 from sskd.losses.sskd import kd_loss
 from sskd.methods.base import BuildContext, Method, register
+from sskd.methods.families import FrozenBackboneStage
 from sskd.models.kdss_heads import ROTATIONS, KDSSModel, KDSSOutput
 
-PAPER = "KDSS variant (kdss-variant.txt)"
+PAPER = "KDSS variant"
 VIEWS = "shared_rotation"
 
 
 @dataclass
 class KDSSConfig:
-    """methods-spec.md §B2 defaults: CE 0.1, KD 0.9 at τ 4, every SS term 1.0, τ_r 4, InfoNCE τ 0.5."""
+    """The defaults: CE 0.1 and KD 0.9 at τ 4 (the SSKD paper's KD weights), every SS term 1.0, τ_r 4,
+    InfoNCE τ 0.5."""
 
     ce_weight: float = bound(0.1, ge=0)
     kd_weight: float = bound(0.9, ge=0)
@@ -61,7 +64,7 @@ def _run(model: nn.Module, views: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @register("head", "kdss")
-class KDSSHeads(Method):
+class KDSSHeads(FrozenBackboneStage):
     """The teacher's rotation head and projection on its frozen backbone (bit-identical, eval mode)."""
 
     summary = "the KDSS teacher's rotation head and projection: rotation CE + InfoNCE on the frozen backbone"
@@ -71,26 +74,14 @@ class KDSSHeads(Method):
     min_ss_views = 3  # rotation prediction and the instance contrast are over the four rotations
     produces = "kdss_heads"
 
-    def __init__(self, student: KDSSModel, teacher=None, **kw):
-        super().__init__(student, None, **kw)
-        student.backbone.requires_grad_(False)
-
     @classmethod
-    def build(cls, ctx: BuildContext) -> Method:
-        from sskd.methods.base import teacher_backbone
-
-        return cls(KDSSModel(teacher_backbone(ctx)), num_classes=ctx.num_classes, cfg=ctx.section(cls))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.student.backbone.eval()
-        return self
+    def wrap(cls, backbone, ctx):
+        return KDSSModel(backbone)
 
     def forward(self, batch):
         views = batch["views"]
         b = views.shape[0]
-        with torch.no_grad():
-            f = self.student.backbone(rearrange(views, "b v c h w -> (b v) c h w"), features=True)
+        f = self.backbone_features(views)
         rot = rearrange(self.student.rot_head(f.feat), "(b v) x -> b v x", b=b)
         embed = rearrange(self.student.proj(f.feat), "(b v) x -> b v x", b=b)
         terms = rotation_loss(rot, None)
@@ -124,7 +115,7 @@ class KDSS(Method):
     def __init__(self, student: KDSSModel, teacher=None, *, teacher_dim: int | None = None, **kw):
         super().__init__(student, teacher, **kw)
         d_t = teacher_dim or (teacher.feat_dim if teacher is not None else student.embed_dim)
-        # P: student-side, so the teacher stays frozen and widths may differ (spec §B2's default)
+        # P is on the student's side, so the teacher stays frozen and the two widths may differ
         self.align = nn.Sequential(nn.Linear(student.feat_dim, d_t), nn.BatchNorm1d(d_t))
 
     @classmethod

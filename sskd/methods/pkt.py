@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from sskd.core.fields import bound
 from sskd.losses.relation import pkt_loss
 from sskd.methods.base import register
-from sskd.methods.rkd import RelationConfig, RelationMethod
+from sskd.methods.families import CEKDConfig
+from sskd.methods.rkd import RelationMethod  # via rkd: RKD registers, and `sskd methods` lists it, first
 
 
 @dataclass
-class PKTConfig(RelationConfig):
+class PKTConfig(CEKDConfig):
     """RepDistiller: ``--distill pkt -r 1 -a 0 -b 30000``."""
 
     weight: float = bound(30000.0, ge=0)
@@ -26,13 +27,6 @@ class StudentPKT(RelationMethod):
     summary = "PKT: each sample's cosine-similarity distribution over the batch's pooled features"
     paper = "Passalis & Tefas, ECCV 2018"  # Learning Deep Representations with Probabilistic KT
     section, Config = "pkt", PKTConfig
-    outputs = ("logits", "feat")
-    needs = "relates the pooled features (b, d) of each network's own batch (any d)"
-
-    @staticmethod
-    def teacher_outputs(teacher, views):
-        f = teacher(views[:, 0], features=True)
-        return {"logits": f.logits[:, None], "feat": f.feat[:, None]}  # (b, 1, K), (b, 1, d)
 
     def relation(self, s, t):
         return {"pkt": pkt_loss(s, t)}

@@ -17,11 +17,12 @@ import torch
 from sskd.core.fields import bound
 from sskd.losses.relation import sp_loss
 from sskd.methods.base import register
-from sskd.methods.rkd import RelationConfig, RelationMethod
+from sskd.methods.families import CEKDConfig
+from sskd.methods.rkd import RelationMethod  # via rkd: RKD registers, and `sskd methods` lists it, first
 
 
 @dataclass
-class SPConfig(RelationConfig):
+class SPConfig(CEKDConfig):
     """RepDistiller: ``--distill similarity -r 1 -a 0 -b 3000``."""
 
     weight: float = bound(3000.0, ge=0)

@@ -14,6 +14,7 @@ from einops import rearrange, repeat
 from sskd.losses import SSKDLossConfig, kd_loss, ss_kd_loss, sskd_total, transformed_kd_loss
 from sskd.losses.pretext import check_teacher_pretext, get_pretext, own_image_targets
 from sskd.methods.base import BuildContext, Method, check_part, register
+from sskd.methods.families import FrozenBackboneStage
 from sskd.models.heads import SSModel
 
 PAPER = "Xu et al., ECCV 2020"  # Knowledge Distillation Meets Self-Supervision
@@ -47,7 +48,7 @@ class _PretextViews:
 
 
 @register("head", "sskd")
-class SSHeadStage(_PretextViews, Method):
+class SSHeadStage(_PretextViews, FrozenBackboneStage):
     """Stage 2 (Eq. 5): only the SS head trains; backbone and classifier are frozen and in eval mode."""
 
     summary = "the teacher's SS head: the sskd.pretext task (contrastive, Eq. 5) over the SS views on the frozen backbone"
@@ -61,27 +62,21 @@ class SSHeadStage(_PretextViews, Method):
         if not isinstance(student, SSModel):
             raise TypeError("the ss_head stage trains an SSModel (backbone + SS head)")
         super().__init__(student, None, **kw)
-        student.backbone.requires_grad_(False)
         self.task = get_pretext(student.pretext)
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        from sskd.methods.base import teacher_backbone
+        cls._task(ctx)  # the pretext task checks the views before the teacher is loaded
+        return super().build(ctx)
 
-        cfg, task = cls._task(ctx)
-        backbone = teacher_backbone(ctx)
-        return cls(SSModel(backbone, pretext=task.name), num_classes=ctx.num_classes, cfg=cfg)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.student.backbone.eval()
-        return self
+    @classmethod
+    def wrap(cls, backbone, ctx):
+        return SSModel(backbone, pretext=get_pretext(ctx.section(cls).pretext).name)
 
     def forward(self, batch):
         views = batch["views"]
         b = views.shape[0]
-        with torch.no_grad():
-            f = self.student.backbone(rearrange(views, "b v c h w -> (b v) c h w"), features=True)
+        f = self.backbone_features(views)
         z = rearrange(self.student.head(f.feat), "(b v) d -> b v d", b=b)
         scores, target = self.task.predictions(z, batch)
         loss = self.task.head_loss(scores, target, self.cfg)
@@ -95,9 +90,7 @@ class SSKD(_PretextViews, Method):
     """Eq. 8: ``λ1 CE + λ2 KD + λ3 L_T + λ4 L_ss``; the student (backbone + its SS head) sees all views.
     ``L_ss`` is the KL between the teacher's and the student's predictions of the pretext task."""
 
-    summary = (
-        "SSKD: CE + KD + KD on transformed views + the teacher's SS predictions (Eq. 8; sskd.pretext)"
-    )
+    summary = "SSKD: CE + KD + KD on transformed views + the teacher's SS predictions (Eq. 8; sskd.pretext)"
     paper = PAPER
     section, Config = "sskd", SSKDLossConfig
     views = "ss"

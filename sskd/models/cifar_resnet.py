@@ -130,10 +130,65 @@ class CifarResNet50(Classifier):
         )
 
 
-for _depth in (8, 14, 20, 32, 44, 56, 110):
-    MODELS.register(f"resnet{_depth}")(
-        lambda num_classes, d=_depth: CifarResNet(d, (16, 16, 32, 64), num_classes)
-    )
-MODELS.register("resnet8x4")(lambda num_classes: CifarResNet(8, (32, 64, 128, 256), num_classes))
-MODELS.register("resnet32x4")(lambda num_classes: CifarResNet(32, (32, 64, 128, 256), num_classes))
-MODELS.register("ResNet50")(lambda num_classes: CifarResNet50(num_classes))
+CIFAR_WIDTHS = (16, 16, 32, 64)  # stem, stage 1, stage 2, stage 3
+X4_WIDTHS = (32, 64, 128, 256)  # the x4 models: 4x the stages, 2x the stem
+
+
+@MODELS.register("resnet8")
+def resnet8(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-8 (1 basic block a stage, widths 16/16/32/64)."""
+    return CifarResNet(8, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet14")
+def resnet14(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-14 (2 basic blocks a stage, widths 16/16/32/64)."""
+    return CifarResNet(14, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet20")
+def resnet20(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-20 (3 basic blocks a stage, widths 16/16/32/64)."""
+    return CifarResNet(20, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet32")
+def resnet32(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-32 (5 basic blocks a stage, widths 16/16/32/64)."""
+    return CifarResNet(32, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet44")
+def resnet44(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-44 (7 basic blocks a stage, widths 16/16/32/64)."""
+    return CifarResNet(44, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet56")
+def resnet56(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-56 (9 basic blocks a stage, widths 16/16/32/64)."""
+    return CifarResNet(56, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet110")
+def resnet110(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-110 (18 basic blocks a stage, widths 16/16/32/64)."""
+    return CifarResNet(110, CIFAR_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet8x4")
+def resnet8x4(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-8 with 4x wider stages (stem 32, stages 64/128/256): the usual SSKD/CRD student."""
+    return CifarResNet(8, X4_WIDTHS, num_classes)
+
+
+@MODELS.register("resnet32x4")
+def resnet32x4(num_classes: int) -> nn.Module:
+    """CIFAR ResNet-32 with 4x wider stages (stem 32, stages 64/128/256): the usual SSKD/CRD teacher."""
+    return CifarResNet(32, X4_WIDTHS, num_classes)
+
+
+@MODELS.register("ResNet50")
+def resnet50(num_classes: int) -> nn.Module:
+    """Bottleneck ResNet-50 for 32x32 inputs (CRD's resnetv2.py)."""
+    return CifarResNet50(num_classes)

@@ -100,4 +100,7 @@ class MobileNetV2(Classifier):
         )
 
 
-MODELS.register("MobileNetV2")(lambda num_classes: MobileNetV2(num_classes))
+@MODELS.register("MobileNetV2")
+def mobilenetv2(num_classes: int) -> nn.Module:
+    """CRD's ``mobile_half``: MobileNetV2 at expansion 6 and width 0.5 for 32x32 inputs."""
+    return MobileNetV2(num_classes)

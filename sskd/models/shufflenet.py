@@ -159,5 +159,13 @@ class ShuffleV2(Classifier):
         )
 
 
-MODELS.register("ShuffleV1")(lambda num_classes: ShuffleV1(num_classes))
-MODELS.register("ShuffleV2")(lambda num_classes: ShuffleV2(num_classes))
+@MODELS.register("ShuffleV1")
+def shufflev1(num_classes: int) -> nn.Module:
+    """ShuffleNet V1, 3 groups, stages of 240/480/960 channels, for 32x32 inputs."""
+    return ShuffleV1(num_classes)
+
+
+@MODELS.register("ShuffleV2")
+def shufflev2(num_classes: int) -> nn.Module:
+    """ShuffleNet V2, stages of 116/232/464 channels and a 1024-channel last conv, for 32x32 inputs."""
+    return ShuffleV2(num_classes)

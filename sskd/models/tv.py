@@ -15,8 +15,6 @@ from sskd.core.errors import SSKDError
 from sskd.models.base import BranchSpec, Classifier, pool_flat, run_stages
 from sskd.models.registry import MODELS
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
-
 
 class TorchvisionResNet(Classifier):
     def __init__(self, arch: str, num_classes: int, pretrained: bool = False):
@@ -82,7 +80,19 @@ def _pretrained_state(arch: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-for _arch in ARCHS:
-    MODELS.register(f"torchvision:{_arch}")(
-        lambda num_classes, pretrained=False, a=_arch: TorchvisionResNet(a, num_classes, pretrained)
-    )
+@MODELS.register("torchvision:resnet18")
+def tv_resnet18(num_classes: int, pretrained: bool = False) -> nn.Module:
+    """torchvision's ImageNet ResNet-18; ``pretrained``: its weights from the local hub cache."""
+    return TorchvisionResNet("resnet18", num_classes, pretrained)
+
+
+@MODELS.register("torchvision:resnet34")
+def tv_resnet34(num_classes: int, pretrained: bool = False) -> nn.Module:
+    """torchvision's ImageNet ResNet-34; ``pretrained``: its weights from the local hub cache."""
+    return TorchvisionResNet("resnet34", num_classes, pretrained)
+
+
+@MODELS.register("torchvision:resnet50")
+def tv_resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
+    """torchvision's ImageNet ResNet-50; ``pretrained``: its weights from the local hub cache."""
+    return TorchvisionResNet("resnet50", num_classes, pretrained)

@@ -68,5 +68,31 @@ class VGG(Classifier):
         return BranchSpec([0, 1, 2, 4], bodies, lambda: stage(_block(c3, 512), _block(c4, c3[-1])), None, 512)
 
 
-for _name, _cfg in CFG.items():
-    MODELS.register(_name)(lambda num_classes, c=_cfg: VGG(c, num_classes))
+@MODELS.register("vgg8")
+def vgg8(num_classes: int) -> nn.Module:
+    """VGG-8 (BatchNorm, 32x32 inputs): 5 convolutions in 5 blocks (``CFG["vgg8"]``) and a linear layer."""
+    return VGG(CFG["vgg8"], num_classes)
+
+
+@MODELS.register("vgg11")
+def vgg11(num_classes: int) -> nn.Module:
+    """VGG-11 (BatchNorm, 32x32 inputs): 8 convolutions in 5 blocks (``CFG["vgg11"]``) and a linear layer."""
+    return VGG(CFG["vgg11"], num_classes)
+
+
+@MODELS.register("vgg13")
+def vgg13(num_classes: int) -> nn.Module:
+    """VGG-13 (BatchNorm, 32x32 inputs): 10 convolutions in 5 blocks (``CFG["vgg13"]``) and a linear layer."""
+    return VGG(CFG["vgg13"], num_classes)
+
+
+@MODELS.register("vgg16")
+def vgg16(num_classes: int) -> nn.Module:
+    """VGG-16 (BatchNorm, 32x32 inputs): 13 convolutions in 5 blocks (``CFG["vgg16"]``) and a linear layer."""
+    return VGG(CFG["vgg16"], num_classes)
+
+
+@MODELS.register("vgg19")
+def vgg19(num_classes: int) -> nn.Module:
+    """VGG-19 (BatchNorm, 32x32 inputs): 16 convolutions in 5 blocks (``CFG["vgg19"]``) and a linear layer."""
+    return VGG(CFG["vgg19"], num_classes)

@@ -69,5 +69,25 @@ class WideResNet(Classifier):
         )
 
 
-for _d, _w in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    MODELS.register(f"wrn_{_d}_{_w}")(lambda num_classes, d=_d, w=_w: WideResNet(d, w, num_classes))
+@MODELS.register("wrn_16_1")
+def wrn_16_1(num_classes: int) -> nn.Module:
+    """Wide ResNet-16-1: depth 16, widen factor 1 (widths 16/16/32/64)."""
+    return WideResNet(16, 1, num_classes)
+
+
+@MODELS.register("wrn_16_2")
+def wrn_16_2(num_classes: int) -> nn.Module:
+    """Wide ResNet-16-2: depth 16, widen factor 2 (widths 16/32/64/128)."""
+    return WideResNet(16, 2, num_classes)
+
+
+@MODELS.register("wrn_40_1")
+def wrn_40_1(num_classes: int) -> nn.Module:
+    """Wide ResNet-40-1: depth 40, widen factor 1 (widths 16/16/32/64)."""
+    return WideResNet(40, 1, num_classes)
+
+
+@MODELS.register("wrn_40_2")
+def wrn_40_2(num_classes: int) -> nn.Module:
+    """Wide ResNet-40-2: depth 40, widen factor 2 (widths 16/32/64/128)."""
+    return WideResNet(40, 2, num_classes)
