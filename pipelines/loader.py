@@ -82,6 +82,8 @@ class ViewLoader:
             it the first bad sample a rank is about to read stops the run with one line naming it.
         verify_samples: check samples against their recorded checksums before DALI decodes them (on
             by default; off only to measure what the check costs).
+        manifest: the shard manifest when the caller has read it already (a run reads it once); default:
+            read from ``shards``.
     """
 
     def __init__(
@@ -104,13 +106,14 @@ class ViewLoader:
         label_noise: float = 0.0,
         skip_bad: bool = False,
         verify_samples: bool = True,
+        manifest: dict[str, Any] | None = None,
     ):
         if device not in ("cpu", "gpu"):
             raise SSKDError(f"device must be cpu or gpu, not {device!r}")
         if not 0 <= rank < world_size:
             raise SSKDError(f"rank {rank} is outside world size {world_size}")
         self.shards = Path(shards)
-        self.manifest = load_manifest(self.shards)
+        self.manifest = manifest if manifest is not None else load_manifest(self.shards)
         self.tars, self.idxs = split_files(self.shards, self.manifest, split)
         self.skip_bad, self.verify_samples = bool(skip_bad), bool(verify_samples) or bool(skip_bad)
         check_split(self.shards, self.manifest, split, lenient=self.skip_bad)
@@ -150,6 +153,46 @@ class ViewLoader:
         self._running: tuple[Any, int] | None = None  # (pipeline, epoch) while an epoch is being read
         self._yielded = 0  # batches of the running epoch handed out
         self.replayed = 0  # batches made and dropped to resume without a usable DALI checkpoint
+
+    @classmethod
+    def for_run(
+        cls,
+        spec: Any,
+        split: str = "train",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        torch_device: torch.device | str | None = None,
+        train: bool | None = None,
+        **overrides: Any,
+    ) -> ViewLoader:
+        """The loader of one split of a run, from its spec (:class:`sskd.engine.prepare.RunSpec`, read by
+        attribute only: ``cfg``, ``stage``, ``manifest``, ``views``, ``size``, ``data_device``).
+
+        The ``train`` split (or ``train=True``) gives training batches: the method's views, the stage's batch
+        size, the run's data settings (subset, label noise, bad samples); any other split the evaluation view
+        at ``data.eval_batch_size``. ``overrides`` replace any constructor argument (a cache's batch size)."""
+        cfg = spec.cfg
+        if train is None:
+            train = split == "train"
+        kwargs: dict[str, Any] = dict(
+            batch_size=getattr(cfg, spec.stage).batch_size if train else cfg.data.eval_batch_size,
+            views=spec.views if train else None,
+            train=train,
+            seed=cfg.run.seed,
+            rank=rank,
+            world_size=world_size,
+            device=spec.data_device,
+            threads=cfg.data.threads,
+            size=spec.size,
+            torch_device=torch_device,
+            subset_fraction=cfg.data.subset_fraction,
+            label_noise=cfg.data.label_noise,
+            skip_bad=cfg.data.skip_bad,
+            manifest=spec.manifest,
+        )
+        kwargs.update(overrides)
+        return cls(cfg.data.shards, split, **kwargs)
 
     def _apply_settings(self) -> None:
         """Few-shot subset and bad samples left out (DALI indexes of the kept samples), noisy labels (a
@@ -277,12 +320,6 @@ class ViewLoader:
                 f"{problems[0][2]}{more}; `sskd shard verify {self.shards}` lists every bad sample, or "
                 "rerun with --skip-bad (data.skip_bad) to leave them out"
             )
-
-    def epoch_ids(self, epoch: int) -> np.ndarray:
-        """The sample ids this rank reads in a training epoch, in order (:func:`pipelines.order.rank_ids`)."""
-        from pipelines.order import rank_ids
-
-        return rank_ids(self._order_shards(), self.seed, epoch, self.rank, self.world_size)
 
     def epoch_files(self, epoch: int, segments=None) -> tuple[list[str], list[str]]:
         """DALI's ``paths`` and ``index_paths`` for this rank's part of a training epoch (``segments``: its
@@ -693,16 +730,3 @@ def check_batch(
         f"{where}: label {int(label[j])} / id {int(ids[j])} outside 0..{num_classes - 1} / "
         f"0..{num_samples - 1} (corrupt shard; `sskd shard verify` checks it)"
     )
-
-
-def manifest_info(loader: ViewLoader) -> dict[str, Any]:
-    """What a cache or run needs to know about the views it was made from."""
-    return {
-        "views": list(loader.view_names),
-        "size": loader.size,
-        "seed": loader.seed,
-        "device": loader.device,
-        "pipeline_version": PIPELINE_VERSION,
-        "subset_fraction": loader.subset_fraction,
-        "label_noise": loader.label_noise,
-    }

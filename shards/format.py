@@ -38,6 +38,7 @@ sizes against the index files before DALI reads them (:mod:`shards.index`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -54,9 +55,8 @@ ID_EXT = "sid"
 LABEL_EXT = "lbl"
 CLS_EXT = "cls"
 META_EXT = "json"
-LAYOUTS = ("cifar", "imagenet")
 
-# Normalisation constants of the official SSKD cifar.py (official-code-facts.md) and torchvision ImageNet.
+# Normalisation constants of the official SSKD code's CIFAR-100 loader and of torchvision's ImageNet models.
 CIFAR100_MEAN = (0.5071, 0.4866, 0.4409)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -91,11 +91,18 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     names inside ``folder``), so a damaged or hand-edited manifest is one line naming the field, never a
     traceback, a path outside the folder, or a silent NaN from a zero ``std``.
     """
+    return load_manifest_and_sha256(folder)[0]
+
+
+def load_manifest_and_sha256(folder: str | Path) -> tuple[dict[str, Any], str]:
+    """:func:`load_manifest` and the sha256 of the very bytes it read (what binds a run or a cache to its
+    data), from one read of the file."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise SSKDError(f"{path}: no shard manifest (is {folder} a folder written by `sskd shard`?)")
     try:
-        manifest = json.loads(path.read_text())
+        data = path.read_bytes()
+        manifest = json.loads(data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SSKDError(f"{path}: unreadable manifest ({exc})") from exc
     if not isinstance(manifest, dict):
@@ -110,7 +117,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
         if field not in manifest:
             raise SSKDError(f"{path}: manifest field {field!r} is missing")
     check_manifest(manifest, path)
-    return manifest
+    return manifest, hashlib.sha256(data).hexdigest()
 
 
 def _json_type(value: Any) -> str:
@@ -171,7 +178,7 @@ def check_manifest(manifest: dict[str, Any], where: str | Path) -> None:
 
     m = manifest
     need("dataset", m["dataset"], isinstance(m["dataset"], str), "a string")
-    need("layout", m["layout"], m["layout"] in LAYOUTS, " or ".join(json.dumps(x) for x in LAYOUTS))
+    need("layout", m["layout"], m["layout"] in ("cifar", "imagenet"), '"cifar" or "imagenet"')
     classes, k = m["classes"], m["num_classes"]
     need(
         "classes",

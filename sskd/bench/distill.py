@@ -45,11 +45,35 @@ def _ce_loss(out, labels: torch.Tensor, views: int) -> torch.Tensor:
     return loss
 
 
+def bench_spec(args):
+    """The student run the benchmark times (:func:`sskd.engine.prepare.prepare`): ``--method`` from
+    ``--student-arch`` on ``--shards`` with ``--views``, views made on the CPU, and a teacher of
+    ``--teacher-arch`` with fresh weights (a step's cost does not depend on them)."""
+    from sskd.engine.config import load_config
+    from sskd.engine.prepare import FreshTeacher, prepare
+
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={args.shards}",
+            f"data.views={args.views}",
+            "data.device=cpu",
+            f"student.method={args.method}",
+            f"student.arch={args.student_arch}",
+            f"student.batch_size={args.batch_size}",
+        ],
+    )
+    return prepare(cfg, "student", teacher=FreshTeacher(args.teacher_arch))
+
+
 def run_bench(args) -> dict:
+    from dataclasses import replace
+
     from pipelines import ViewLoader
     from sskd.cache import (
         FORMAT,
         VERSION,
+        CachedTeacher,
         CacheReader,
         bytes_per_sample,
         chunk_path,
@@ -58,20 +82,18 @@ def run_bench(args) -> dict:
     )
     from sskd.cache.build import output_specs
     from sskd.core.errors import SSKDError
-    from sskd.engine.config import load_config
-    from sskd.methods import method_class, resolve_views
+    from sskd.engine.prepare import build_method
+    from sskd.methods import method_class
     from sskd.models import create_model
-    from sskd.runs.models import new_model
 
     cls = method_class("student", args.method)
     if not cls.outputs:
         raise SSKDError(
             f"--method {cls.name} uses no teacher outputs: nothing to compare live against cached"
         )
-    views = resolve_views(load_config(None, [f"data.views={args.views}", f"student.method={cls.name}"]), cls)
-    torch.manual_seed(0)
-    loader = ViewLoader(args.shards, "train", batch_size=args.batch_size, views=views)
-    k = loader.manifest["num_classes"]
+    spec = bench_spec(args)
+    loader = ViewLoader.for_run(spec, "train")
+    k = spec.num_classes
     need = args.steps + args.warmup
     batches = []
     for b in loader.epoch(0):
@@ -80,8 +102,8 @@ def run_bench(args) -> dict:
             break
     if len(batches) < need:
         raise SSKDError(f"{args.shards}: only {len(batches)} batches of {args.batch_size}; lower --steps")
-    # Fresh models: the step cost does not depend on the weights.
-    teacher = new_model(args.teacher_arch, k, wrapper=cls.teacher_part).eval().requires_grad_(False)
+    live = build_method(spec)  # the student from the run seed, then the fresh teacher
+    teacher = live.teacher
 
     def student():
         return cls.student_model(create_model(args.student_arch, k), k)
@@ -107,7 +129,6 @@ def run_bench(args) -> dict:
             v = batch["views"]
             return {"loss": _ce_loss(self.model(v.flatten(0, 1)), batch["label"], v.shape[1])}
 
-    live = cls(student(), teacher, num_classes=k)
     with tempfile.TemporaryDirectory(prefix="sskd-bench-cache-") as tmp:
         cache = Path(tmp)
         with torch.inference_mode():  # build the cache of exactly these batches once (not timed)
@@ -130,12 +151,13 @@ def run_bench(args) -> dict:
         (cache / "manifest.json").write_text(json.dumps(manifest))
         reader = CacheReader(cache, require_complete=False)  # a chunk of a few batches: its own index below
         reader._index[0] = _partial_index(reader, loader.num_samples)
-        cached = make_step(cls(student(), None, num_classes=k))
+        source = CachedTeacher(spec.teacher.source, spec.teacher.info, reader)
+        cached = make_step(build_method(replace(spec, teacher=source)))
         times = _interleaved(
             {
                 "ce_step_s": make_step(CEOnly(student())),
                 "live_step_s": make_step(live),
-                "cached_step_s": lambda b: cached({**b, **reader.lookup(b["id"], 0)}),
+                "cached_step_s": lambda b: cached(source.batch(b, 0)),
             },
             batches,
             args.warmup,

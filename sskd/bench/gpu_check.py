@@ -32,7 +32,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout: sskd/bench/gpu_check.py -> the repository root
 TAIL = 3000  # characters of a step's output kept in the JSON
 
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "check": "pytest_gpu (DALI tests)",
                 "reason": "nvidia.dali is not installed: only "
-                "tests/test_gpu.py runs (its DALI tests skip themselves); test_pipelines.py and "
+                "tests/test_gpu.py runs (its DALI tests skip themselves); test_dali.py and "
                 "test_views_registry.py import DALI",
             }
         )

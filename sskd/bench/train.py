@@ -1,10 +1,10 @@
 """``sskd bench train``: images/s of real training steps fed by the DALI ViewLoader, against the same steps
 on batches loaded into memory beforehand (the compute bound), in one run.
 
-The step is the training loop's own: :func:`sskd.engine.loop.train_step` on a method made by the method's class
-(a freshly initialised teacher of ``--teacher-arch``, as ``sskd bench distill`` does; the step cost does
-not depend on the weights), with the SGD optimizer, lr schedule and Accelerate set-up of
-:class:`sskd.engine.loop.Run`; every ``--log-every`` steps (and at the last step of every run) the loop's own
+The step is the training loop's own: :func:`sskd.engine.loop.train_step` in a :class:`sskd.engine.loop.Run`
+of a prepared student run (the method made by its class's build, with a freshly initialised teacher of
+``--teacher-arch``, as ``sskd bench distill`` does; the step cost does not depend on the weights), its SGD
+optimizer, lr schedule and Accelerate set-up; every ``--log-every`` steps (and at the last step of every run) the loop's own
 metrics line (:meth:`sskd.engine.loop.Run.log_interval`: the reduction of the summed terms, one device sync,
 a JSON line) is written to a temporary ``metrics.jsonl``.
 
@@ -13,13 +13,13 @@ the training device as ``torch_device``, the method's views); *preloaded* replay
 beforehand and held in memory on the training device. Each variant runs twice, in the order
 loader, preloaded, preloaded, loader (the mean cancels a linear drift of the machine), each run after
 ``--warmup`` untimed steps. For the loader variant the time of every timed step is split into waiting
-for data (``next(batches)``), the step (with ``--cache`` the cache lookup as well, as the loop's batch
-hook does it) and logging. On CUDA each step ends with ``torch.cuda.synchronize()`` in both variants, so
+for data (``next(batches)``), the step (with ``--cache`` the cache lookup as well, as the loop asks its
+teacher source for it) and logging. On CUDA each step ends with ``torch.cuda.synchronize()`` in both variants, so
 the GPU's work is counted in the step and not in whatever waits for it next.
 
 ``--cache``: the teacher's outputs on exactly these batches are computed once (not timed) and stored as
 a cache chunk in a temporary folder (the format ``sskd cache`` writes); both variants then train the
-method without a teacher and read the outputs through :class:`sskd.cache.CacheReader`, as
+method without a teacher and read the outputs through :class:`sskd.cache.CachedTeacher`, as
 ``distill --cache`` does.
 """
 
@@ -62,75 +62,30 @@ def _machine(accelerator) -> dict:
     return info
 
 
-def _bench_run(args, tmp: Path):
-    """A :class:`sskd.engine.loop.Run` holding only what a training step and a metrics line need (no loaders,
-    no run folder): the method prepared by Accelerate, its SGD optimizer and lr schedule, the counters."""
-    from sskd.core.errors import SSKDError
+def bench_spec(args, out: Path):
+    """The student run the benchmark times (:func:`sskd.engine.prepare.prepare`): ``--method`` from
+    ``--student-arch`` on ``--shards`` with the benchmark's views, size, batch, devices and precision, and a
+    teacher of ``--teacher-arch`` with fresh weights (a step's cost does not depend on them)."""
     from sskd.engine.config import load_config
-    from sskd.engine.dist import make_accelerator
-    from sskd.engine.loop import Run
-    from sskd.methods import method_class, resolve_views
-    from sskd.models import create_model
-    from sskd.runs import MetricsLog
-    from sskd.runs.models import new_model
+    from sskd.engine.prepare import FreshTeacher, prepare
 
-    cls = method_class("student", args.method)
-    if args.cache:
-        if not cls.outputs:
-            raise SSKDError(f"--cache: method {cls.name} uses no teacher outputs: there is nothing to cache")
-        if cls.cache_refusal:
-            raise SSKDError(f"--cache: method {cls.name} does not use the cache: {cls.cache_refusal}")
     sets = [
+        f"data.shards={args.shards}",
         f"data.views={args.views}",
-        f"student.method={cls.name}",
+        f"student.method={args.method}",
+        f"student.arch={args.student_arch}",
         f"student.batch_size={args.batch_size}",
         f"data.device={args.device}",
     ]
+    if args.size:
+        sets.append(f"data.size={args.size}")
     if args.mixed_precision != "no":  # (YAML reads a bare ``no`` as false)
         sets.append(f"run.mixed_precision={args.mixed_precision}")
     if args.threads:
         sets.append(f"data.threads={args.threads}")
     if args.log_every:
         sets.append(f"run.log_every={args.log_every}")
-    cfg = load_config(None, sets)
-    views = resolve_views(cfg, cls)
-    accelerator = make_accelerator(cfg.run.mixed_precision, 1, cfg.data.device)
-    from shards.format import load_manifest
-
-    k = int(load_manifest(args.shards)["num_classes"])
-    torch.manual_seed(0)  # the student first, from the seed (as sskd.runs.models.builder builds it)
-    student = cls.student_model(create_model(args.student_arch, k), k)
-    teacher = None
-    if cls.needs_teacher or (args.cache and cls.outputs):
-        teacher = new_model(args.teacher_arch, k, wrapper=cls.teacher_part).eval().requires_grad_(False)
-    method = cls(student, None if args.cache else teacher, num_classes=k)
-    run = Run.__new__(Run)  # the loop's own object, without what a benchmark does not use
-    run.cfg, run.st, run.out = cfg, cfg.student, tmp
-    run.accelerator, run.main, run.world = accelerator, True, 1
-    run.phases, run.bar, run.state = (
-        [],
-        None,
-        {"step": 0, "epoch": 0, "batch": 0, "best_top1": -1.0, "phase": 0, "skipped": 0},
-    )
-    run.init_step_state()
-    run.method_cls = cls
-    st = cfg.student
-    params = method.phase_parameters(None)
-    active = {id(p) for p in params}
-    for p in method.parameters():  # as Run.enter_phase does for the main training
-        p.requires_grad_(id(p) in active)
-    method.set_phase(None)
-    optimizer = torch.optim.SGD(
-        params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay, nesterov=st.nesterov
-    )
-    run.params = params
-    run.method, run.optimizer = accelerator.prepare(method, optimizer)
-    run.core = accelerator.unwrap_model(run.method)
-    run.metrics = MetricsLog(tmp, enabled=True, accelerator=accelerator)
-    run._sums, run._seen, run._micro, run._t0 = {}, 0, 0, time.perf_counter()
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    return run, cls, views, teacher
+    return prepare(load_config(None, sets), "student", teacher=FreshTeacher(args.teacher_arch), out=out)
 
 
 def _sync(device: torch.device) -> None:
@@ -144,14 +99,14 @@ def _steps(run, batches, warmup: int, timed: int, hook, log_every: int) -> dict:
     device = run.accelerator.device
     split = {"data_wait_s": 0.0, "step_s": 0.0, "logging_s": 0.0}
     images = 0
-    run._sums, run._seen, run._micro, run._t0 = {}, 0, 0, time.perf_counter()
+    run.reset_interval()
     it = iter(batches)
     try:
         for i in range(warmup + timed):
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            if hook is not None:  # the loop's batch hook (distill --cache): cached teacher outputs
+            if hook is not None:  # distill --cache: the batch's cached teacher outputs
                 batch = hook(batch)
             train_step(run, batch)
             run.scheduler.step()
@@ -174,58 +129,62 @@ def _steps(run, batches, warmup: int, timed: int, hook, log_every: int) -> dict:
 
 
 def run_bench(args) -> dict:
+    from dataclasses import replace
+
     from pipelines import ViewLoader
     from sskd.core.errors import SSKDError
-    from sskd.engine.dist import pipeline_device
-    from sskd.engine.loop import lr_factor
+    from sskd.engine.dist import make_accelerator
+    from sskd.engine.loop import Run
+    from sskd.engine.prepare import check_cacheable
+    from sskd.methods import method_class
+    from sskd.runs import MetricsLog
+    from sskd.runs.models import freeze
 
     for flag in ("steps", "batch_size"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
     if args.warmup < 0:
         raise SSKDError(f"--warmup must be >= 0, not {args.warmup}")
+    if args.cache:
+        check_cacheable(method_class("student", args.method))
     load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="sskd-bench-train-") as tmp_name:
         tmp = Path(tmp_name)
-        run, cls, views, teacher = _bench_run(args, tmp)
-        cfg, accelerator = run.cfg, run.accelerator
+        spec = bench_spec(args, tmp)
+        cls, cfg = spec.method, spec.cfg
+        accelerator = make_accelerator(cfg.run.mixed_precision, 1, cfg.data.device)
         device = accelerator.device
-        loader_kw = {
-            "batch_size": args.batch_size,
-            "views": views,
-            "train": True,
-            "seed": cfg.run.seed,
-            "device": pipeline_device(cfg.data.device),
-            "threads": cfg.data.threads,
-            "size": args.size,
-            "torch_device": device,
-        }
-        loader = ViewLoader(
-            args.shards, "train", reuse_buffers=True, **loader_kw
-        )  # as sskd.engine.loop._loaders
-        run.train_loader = loader
-        run.steps_per_epoch = max(1, len(loader))
-        run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            run.optimizer.optimizer, lr_factor(run.st, len(loader))
-        )
+        # The same batches the loader variant gets (an epoch is a pure function of its seed), owned copies
+        # on the training device: the compute bound.
+        fresh = ViewLoader.for_run(spec, "train", torch_device=device)
         first = math.ceil(args.steps / 2)
         runs_timed = [first, args.steps - first]  # loader, preloaded, preloaded, loader
         need = args.warmup + first
-        if need > len(loader):
+        if need > len(fresh):
             raise SSKDError(
-                f"{args.shards}: an epoch has only {len(loader)} batches of {args.batch_size}; "
+                f"{args.shards}: an epoch has only {len(fresh)} batches of {args.batch_size}; "
                 f"--warmup + half of --steps ({need}) must fit in one: lower --steps or --batch-size"
             )
-        # The same batches the loader variant gets (an epoch is a pure function of its seed), owned copies
-        # on the training device: the compute bound.
         preloaded = []
-        for b in ViewLoader(args.shards, "train", reuse_buffers=False, **loader_kw).epoch(0):
+        for b in fresh.epoch(0):
             preloaded.append({key: v.clone() for key, v in b.items()})
             if len(preloaded) == need:
                 break
         hook = None
         if args.cache:
-            hook = _cache_hook(cls, teacher, preloaded, loader, accelerator, tmp / "cache")
+            teacher = freeze(spec.teacher.load()).to(device)
+            source = _cache_source(spec, teacher, preloaded, fresh, accelerator, tmp / "cache")
+            spec = replace(spec, teacher=source)
+
+            def hook(batch):  # the loop's lookup of a batch's cached teacher outputs
+                return source.batch(batch, 0)
+
+        # The loop's own run: the method as its build makes it, prepared by Accelerate, its SGD optimizer and
+        # lr schedule, its training loader (reused buffers, the training device) and its counters.
+        run = Run(spec, accelerator)
+        run.enter_phase()
+        run.metrics = MetricsLog(tmp, enabled=True, accelerator=accelerator)
+        loader = run.train_loader
         run.method.train()
         log_every = cfg.run.log_every
         order = [
@@ -241,8 +200,8 @@ def run_bench(args) -> dict:
         for name, timed in order:
             if timed == 0:
                 continue
-            source = loader.epoch(0) if name == "loader" else preloaded
-            got = _steps(run, source, args.warmup, timed, hook, log_every)
+            batches = loader.epoch(0) if name == "loader" else preloaded
+            got = _steps(run, batches, args.warmup, timed, hook, log_every)
             for key, v in got.items():
                 totals[name][key] += v
         metrics = tmp / "metrics.jsonl"
@@ -290,13 +249,22 @@ def run_bench(args) -> dict:
     return res
 
 
-def _cache_hook(cls, teacher, batches, loader, accelerator, cache: Path):
-    """Teacher outputs of exactly ``batches`` as a one-chunk cache (untimed); the loop's batch hook
-    (:func:`sskd.cache.build.attach_cache`) reading it."""
+def _cache_source(spec, teacher, batches, loader, accelerator, cache: Path):
+    """Teacher outputs of exactly ``batches`` as a one-chunk cache (untimed), as the run's teacher source
+    (:class:`sskd.cache.CachedTeacher`, what ``distill --cache`` reads)."""
     from sskd.bench.distill import _partial_index
-    from sskd.cache import FORMAT, VERSION, CacheReader, chunk_path, teacher_arrays, write_chunk
+    from sskd.cache import (
+        FORMAT,
+        VERSION,
+        CachedTeacher,
+        CacheReader,
+        chunk_path,
+        teacher_arrays,
+        write_chunk,
+    )
     from sskd.cache.build import output_specs
 
+    cls = spec.method
     with torch.inference_mode(), accelerator.autocast():
         outs = [cls.teacher_outputs(teacher, b["views"]) for b in batches]
     ids = np.concatenate([b["id"].cpu().numpy() for b in batches])
@@ -318,12 +286,7 @@ def _cache_hook(cls, teacher, batches, loader, accelerator, cache: Path):
     (cache / "manifest.json").write_text(json.dumps(manifest))
     reader = CacheReader(cache, require_complete=False)  # a chunk of a few batches: its own index below
     reader._index[0] = _partial_index(reader, loader.num_samples)
-
-    def hook(batch):
-        out = reader.lookup(batch["id"], 0)
-        return {**batch, **{k: v.to(batch["views"].device) for k, v in out.items()}}
-
-    return hook
+    return CachedTeacher(spec.teacher.source, spec.teacher.info, reader)
 
 
 def format_table(res: dict) -> str:

@@ -1,4 +1,5 @@
-"""Writing the teacher cache (``sskd cache``) and attaching it to a student run (``distill --cache``)."""
+"""Writing the teacher cache (``sskd cache``): the frozen teacher of a prepared student run
+(:class:`sskd.engine.prepare.RunSpec`) over the run's training views, epoch by epoch."""
 
 from __future__ import annotations
 
@@ -27,49 +28,21 @@ from sskd.cache import (
 )
 from sskd.core import atomic
 from sskd.core.errors import SSKDError
-from sskd.engine.config import Config
+from sskd.engine.prepare import RunSpec, check_cacheable
 
 log = logging.getLogger(__name__)
 
 
-def cache_method(cfg: Config, *, refuse: bool = True):
-    """The student method whose teacher outputs a cache holds (``student.method``); it must declare some,
-    and, unless ``refuse`` is off (a dry run), not refuse the cache."""
-    from sskd.methods import stage_method
-
-    cls = stage_method(cfg, "student")
-    if not cls.outputs:
-        raise SSKDError(f"--method {cls.name} uses no teacher outputs: there is nothing to cache for it")
-    if refuse and cls.cache_refusal:
-        raise SSKDError(
-            f"--method {cls.name} does not use the cache: {cls.cache_refusal} (`sskd cache --dry-run` "
-            "prints what it would need)"
-        )
-    return cls
-
-
-def dry_run(
-    cfg: Config, teacher: str, epochs: int, topk: int | None = None, split: str = "train"
-) -> dict[str, Any]:
+def dry_run(spec: RunSpec, epochs: int, topk: int | None = None, split: str = "train") -> dict[str, Any]:
     """What a cache for this run would hold and weigh, without writing anything; printed by ``--dry-run``."""
     from pipelines import ViewLoader
-    from shards.format import load_manifest
-    from sskd.methods import resolve_views
-    from sskd.runs.models import freeze, load_teacher
+    from sskd.runs.models import freeze
 
-    cls = cache_method(cfg, refuse=False)
-    shards_manifest = load_manifest(cfg.data.shards)
-    model, info = load_teacher(teacher, shards_manifest)
-    cls.check_teacher(info, teacher, cfg)
-    loader = ViewLoader(
-        cfg.data.shards,
-        split,
-        batch_size=1,
-        views=resolve_views(cfg, cls),
-        size=cfg.data.size,
-        subset_fraction=cfg.data.subset_fraction,
-    )
-    outputs = output_specs(cls, freeze(model), loader)
+    cls = spec.method
+    check_cacheable(cls, refuse=False)
+    # One sample of the views as the cache would see them (on the CPU: only their count and size matter).
+    loader = ViewLoader.for_run(spec, split, train=True, batch_size=1, device="cpu", skip_bad=False)
+    outputs = output_specs(cls, freeze(spec.teacher.load()), loader)
     per = bytes_per_sample(loader.num_views, outputs, topk)
     report = {
         "method": cls.name,
@@ -97,61 +70,6 @@ def dry_run(
     return report
 
 
-def binding_for(cfg: Config, teacher: dict[str, Any], split: str = "train") -> dict[str, Any]:
-    """What a cache must have been made from to serve this run: method, teacher, shards, plan, views, device."""
-    from pipelines import PIPELINE_VERSION
-    from pipelines.loader import DEFAULT_SIZE
-    from shards.format import load_manifest
-    from sskd.engine.dist import pipeline_device
-    from sskd.methods import resolve_views
-    from sskd.runs.models import manifest_sha256
-
-    cls = cache_method(cfg)
-    views = resolve_views(cfg, cls)
-    layout = load_manifest(cfg.data.shards)["layout"]
-    return {
-        "method": cls.name,
-        "teacher_weights_sha256": teacher.get("weights_sha256"),
-        "shards_manifest_sha256": manifest_sha256(cfg.data.shards),
-        "seed": cfg.run.seed,
-        "views": list(views.names) if views is not None else ["normal"],
-        "size": cfg.data.size or DEFAULT_SIZE[layout],
-        "pipeline_version": PIPELINE_VERSION,
-        "device_type": pipeline_device(cfg.data.device),
-        "split": split,
-        "subset_fraction": cfg.data.subset_fraction if split == "train" else 1.0,
-        "label_noise": cfg.data.label_noise if split == "train" else 0.0,
-    }
-
-
-def attach_cache(job, cache: str | Path, teacher: str) -> CacheReader:
-    """Feed a student job the cached teacher outputs; epochs beyond E reuse augmentation epoch e mod E."""
-    from shards.format import load_manifest
-    from sskd.runs.models import teacher_info
-
-    cls = cache_method(job.cfg)
-    if teacher is None:
-        raise SSKDError("--cache needs --teacher RUN (the run the cache was made from, to check it)")
-    info = teacher_info(teacher, load_manifest(job.cfg.data.shards))
-    cls.check_teacher(info, teacher, job.cfg)
-    reader = CacheReader(cache, expected=binding_for(job.cfg, info))
-    missing = [n for n in cls.outputs if n not in {o["name"] for o in reader.outputs}]
-    if missing:
-        raise SSKDError(
-            f"{cache}: holds no {', '.join(missing)} for --method {cls.name}; rebuild it with "
-            f"`sskd cache --method {cls.name}`"
-        )
-
-    def hook(batch, epoch):
-        out = reader.lookup(batch["id"], epoch)
-        return {**batch, **{k: v.to(batch["views"].device) for k, v in out.items()}}
-
-    job.batch_hook = hook
-    job.data_epoch = lambda e: e % reader.epochs
-    job.info["cache"] = str(cache)
-    return reader
-
-
 def resume_point(cache: Path, epoch: int, rank: int) -> int:
     """Batches of this rank's epoch already cached: the intact chunks that follow on from batch 0.
 
@@ -176,8 +94,7 @@ def resume_point(cache: Path, epoch: int, rank: int) -> int:
 
 
 def build_cache(
-    cfg: Config,
-    teacher: str,
+    spec: RunSpec,
     out: str | Path,
     epochs: int,
     *,
@@ -188,7 +105,8 @@ def build_cache(
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Run the frozen teacher over epochs 0..E-1 of the training views and store its outputs.
+    """Run the frozen teacher of ``spec`` (a student run's) over epochs 0..E-1 of its training views and store
+    the outputs its method reads.
 
     The main process holds the cache folder's lock for the build. On SIGTERM or SIGINT each rank
     writes what it has made as a chunk and stops (:class:`sskd.core.stop.Interrupted`); ``resume=True``
@@ -205,7 +123,7 @@ def build_cache(
     ):
         if value < 1:
             raise SSKDError(f"{name} must be >= 1, not {value}")
-    accelerator = make_accelerator(cfg.run.mixed_precision, 1, cfg.data.device)
+    accelerator = make_accelerator(spec.cfg.run.mixed_precision, 1, spec.cfg.data.device)
     lock, error = None, None
     if accelerator.is_main_process:
         try:
@@ -223,7 +141,7 @@ def build_cache(
         raise SSKDError(error)
     try:
         return _build(
-            cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator
+            spec, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator
         )
     finally:
         if lock is not None:
@@ -254,37 +172,29 @@ def output_specs(cls, model, loader) -> list[dict[str, Any]]:
     return [{"name": n, "shape": list(outs[n].shape[2:]), "topk": n in cls.topk_outputs} for n in cls.outputs]
 
 
-def _build(
-    cfg, teacher, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator
-) -> Path:
+def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator) -> Path:
     from pipelines import PIPELINE_VERSION, ViewLoader
-    from shards.format import load_manifest
     from sskd import __version__
     from sskd.core.stop import Interrupted, StopRequest
-    from sskd.engine.dist import pipeline_device
-    from sskd.methods import resolve_views
-    from sskd.runs.models import freeze, load_teacher
+    from sskd.runs.models import freeze
 
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    cls = cache_method(cfg)
-    shards_manifest = load_manifest(cfg.data.shards)
-    model, info = load_teacher(teacher, shards_manifest)
-    cls.check_teacher(info, teacher, cfg)
-    model = freeze(model).to(accelerator.device)
-    loader = ViewLoader(
-        cfg.data.shards,
+    cls = spec.method
+    check_cacheable(cls)
+    model = freeze(spec.teacher.load()).to(accelerator.device)
+    # The training views of ``split``; the teacher reads no label, and every sample is cached (a student
+    # with --skip-bad reads the ones it keeps).
+    loader = ViewLoader.for_run(
+        spec,
         split,
-        batch_size=batch_size,
-        views=resolve_views(cfg, cls),
-        seed=cfg.run.seed,
+        train=True,
         rank=rank,
         world_size=world,
-        device=pipeline_device(cfg.data.device),
-        threads=cfg.data.threads,
-        size=cfg.data.size,
         torch_device=accelerator.device,
+        batch_size=batch_size,
         reuse_buffers=True,
-        subset_fraction=cfg.data.subset_fraction,
+        label_noise=0.0,
+        skip_bad=False,
     )
     outputs = output_specs(cls, model, loader)
     if topk is not None:
@@ -299,19 +209,19 @@ def _build(
         "format": FORMAT,
         "version": VERSION,
         "complete": False,
-        "binding": binding_for(cfg, info, split),
+        "binding": spec.cache_binding(split),
         "method": cls.name,
         "outputs": outputs,
         "epochs": epochs,
         "num_samples": loader.num_samples,
         "views": list(loader.view_names),
         "num_views": loader.num_views,
-        "num_classes": shards_manifest["num_classes"],
+        "num_classes": spec.num_classes,
         "topk": topk,
         "world_size": world,
         "chunk_batches": chunk_batches,
         "batch_size": batch_size,
-        "teacher": str(teacher),
+        "teacher": str(spec.teacher.source),
         "created_by": f"sskd {__version__}",
         "pipeline_version": PIPELINE_VERSION,
     }

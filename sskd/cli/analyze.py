@@ -190,15 +190,14 @@ def _run_config(run: str):
 def cmd_selection(args) -> int:
     from pipelines import ViewLoader
     from sskd.core.errors import SSKDError
-    from sskd.engine.dist import pipeline_device
+    from sskd.engine.prepare import prepare
     from sskd.experiments.analyze import selection
-    from sskd.methods import method_class, resolve_views
     from sskd.runs import load_model_info
 
     _check_json(args)
     manifest = _manifest(args.shards, "train")
     info = load_model_info(args.teacher)
-    if (info.get("wrapper") or ("ss_head" if info.get("has_head") else None)) != "ss_head":
+    if info.get("wrapper") != "ss_head":
         raise SSKDError(
             f"--teacher {args.teacher}: no SS head (it is a `{info.get('stage')}` run); make one with "
             f"`sskd train-ss-head --teacher {args.teacher} --shards {args.shards} --out RUN-ss` "
@@ -214,8 +213,12 @@ def cmd_selection(args) -> int:
         )
     teacher, info = _load(args.teacher, "--teacher", manifest)
     cfg = _run_config(args.teacher)
-    views = resolve_views(cfg, method_class("student", "sskd"))
-    if views is None or not views.ss_views:
+    # The SSKD student run the teacher's config describes (its views, seed, size, keep ratio), on --shards and
+    # --device; its teacher is the one given, checked above.
+    cfg.data.shards, cfg.data.device, cfg.data.threads = args.shards, args.device, args.threads
+    cfg.student.method = "sskd"
+    spec = prepare(cfg, "student", without_teacher=True)
+    if spec.views is None or not spec.views.ss_views:
         raise SSKDError(
             f"{Path(args.teacher) / 'config.yaml'}: data.views {cfg.data.views!r} has no transformed view"
         )
@@ -226,17 +229,15 @@ def cmd_selection(args) -> int:
     if args.max_batches is not None and args.max_batches < 1:
         raise SSKDError(f"--max-batches must be at least 1 (got {args.max_batches})")
     device = _device()
-    loader = ViewLoader(
-        args.shards,
+    # Every sample of the split, with its own label: the analysis is of the views, not of a training run.
+    loader = ViewLoader.for_run(
+        spec,
         "train",
-        batch_size=batch_size,
-        views=views,
-        train=True,
-        seed=cfg.run.seed,
-        device=pipeline_device(args.device),
-        threads=args.threads,
-        size=cfg.data.size,
         torch_device=device,
+        batch_size=batch_size,
+        subset_fraction=1.0,
+        label_noise=0.0,
+        skip_bad=False,
     )
     got = selection(
         teacher.to(device), loader, ratio, max_batches=args.max_batches, progress=not args.no_progress

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 
+def _student_run(args):
+    """The student run whose teacher outputs the cache holds, resolved once (``--epochs`` and
+    ``--batch-size`` are the cache's own, not the student's)."""
+    from sskd.cli.train import resolve_config
+    from sskd.engine.prepare import prepare
+
+    return prepare(
+        resolve_config(args, "student", own=("epochs", "batch_size")), "student", teacher=args.teacher
+    )
+
+
 def cmd_cache(args) -> int:
     from sskd.cache.build import build_cache
-    from sskd.cli.train import resolve_config
     from sskd.core.errors import SSKDError, report_problems
 
     if not args.out and not args.dry_run:
@@ -31,21 +41,13 @@ def cmd_cache(args) -> int:
 
         if args.epochs < 1:
             raise SSKDError(f"--epochs must be >= 1, not {args.epochs}")
-        dry_run(
-            resolve_config(args, "student", own=("epochs", "batch_size")),
-            args.teacher,
-            args.epochs,
-            topk=args.topk,
-            split=args.split,
-        )
+        dry_run(_student_run(args), args.epochs, topk=args.topk, split=args.split)
         return 0
     for flag in ("batch_size", "chunk_batches", "epochs"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
-    cfg = resolve_config(args, "student", own=("epochs", "batch_size"))
     build_cache(
-        cfg,
-        args.teacher,
+        _student_run(args),
         args.out,
         args.epochs,
         topk=args.topk,

@@ -24,11 +24,15 @@ def cmd_sweep(args) -> int:
     parser = _build_parser()
 
     def resolve(run: PlannedRun):
-        return _resolve_config(parser.parse_args([*run.args, "--out", str(run.folder)]), run.stage)
+        """The run as its command line resolves it (defaults, YAML, flags, ``--set``), its teacher left out."""
+        from sskd.engine.prepare import prepare
 
-    for run in runs:  # resolves every run's config: a typo in the spec fails here, before any training
+        cfg = _resolve_config(parser.parse_args([*run.args, "--out", str(run.folder)]), run.stage)
+        return prepare(cfg, run.stage, without_teacher=True)
+
+    for run in runs:  # resolves every run: a typo in the spec fails here, before any training
         try:
-            estimate(run, cache, resolve)
+            run.steps, run.images = estimate(resolve(run), cache)
         except SSKDError as exc:
             raise SSKDError(f"{args.spec}: {run.folder.relative_to(out)}: {exc}") from None
     if args.dry_run:

@@ -1,8 +1,9 @@
 """``sskd train-teacher | train-ss-head | distill | evaluate | demo``: thin wrappers over the library.
 
-Each command resolves its config (defaults → ``--config`` YAML → flags → ``--set``), runs the checks
-of :mod:`sskd.runs.models`, then hands a :class:`sskd.engine.loop.Job` to the one training loop. All of them run
-plainly or under ``accelerate launch ... -m sskd <command>``.
+Each command resolves its config (defaults → ``--config`` YAML → flags → ``--set``), resolves the run once
+(:func:`sskd.engine.prepare.prepare`: shards, method, views, teacher, cache, every check), then hands the
+:class:`sskd.engine.prepare.RunSpec` to the one training loop (:func:`sskd.engine.loop.train`). All of them
+run plainly or under ``accelerate launch ... -m sskd <command>``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-RECIPES = Path(__file__).parent / "configs"  # the paper's recipes ship inside the package
 
 
 def _tracker_names(text: str) -> list[str]:
@@ -115,25 +114,6 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
     return load_config(args.config, sets + list(args.set))
 
 
-def _job(args, stage, cfg, build, info):
-    from shards.format import load_manifest
-    from sskd.engine.loop import Job
-    from sskd.engine.prepare import run_info
-
-    load_manifest(cfg.data.shards)  # a missing or wrong --shards folder: one line, before anything else
-    for key, value in run_info(cfg, stage).items():
-        info.setdefault(key, value)
-    return Job(
-        stage=stage,
-        cfg=cfg,
-        out=Path(args.out),
-        build=build,
-        info=info,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
-
-
 def _report(out: Path, result: dict) -> int:
     """The final line, printed once (by the main process)."""
     if result.get("rank", 0) != 0:
@@ -151,18 +131,25 @@ def _report(out: Path, result: dict) -> int:
     return 0
 
 
-def _train_stage(args, stage: str, *, teacher: str | None = None, cached: bool = False) -> int:
+def _train_stage(args, stage: str, *, teacher: str | None = None, cache: str | None = None) -> int:
     from sskd.engine.loop import train
-    from sskd.engine.prepare import builder
+    from sskd.engine.prepare import prepare
 
-    cfg = resolve_config(args, stage)
-    info: dict = {}
-    job = _job(args, stage, cfg, builder(cfg, stage, info, teacher=teacher, cached=cached), info)
-    if cached:
-        from sskd.cache.build import attach_cache
+    opener = None
+    if cache:
+        from sskd.cache import CacheFolder
 
-        attach_cache(job, args.cache, teacher)
-    return _report(Path(args.out), train(job))
+        opener = CacheFolder(Path(cache))
+    spec = prepare(
+        resolve_config(args, stage),
+        stage,
+        out=args.out,
+        teacher=teacher,
+        cache=opener,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    return _report(Path(args.out), train(spec))
 
 
 def cmd_train_teacher(args) -> int:
@@ -174,7 +161,7 @@ def cmd_train_ss_head(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    return _train_stage(args, "student", teacher=args.teacher, cached=bool(args.cache))
+    return _train_stage(args, "student", teacher=args.teacher, cache=args.cache)
 
 
 def cmd_methods(args) -> int:

@@ -4,14 +4,13 @@ A config file describes one teacher→student recipe for every stage, so the sam
 ``train-teacher``, ``train-ss-head``, ``cache`` and ``distill``; each command reads its section. The
 resolved config is saved in every run folder and inside every checkpoint.
 
-Defaults reproduce the official SSKD code (official-code-facts.md §1): SGD momentum 0.9, wd 5e-4,
+Defaults reproduce the official SSKD code's training script: SGD momentum 0.9, wd 5e-4,
 batch 64, lr 0.05, x0.1 at epochs 150/180/210 over 240 epochs; SS head 60 epochs, x0.1 at 30/45.
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,8 +20,6 @@ import yaml
 
 from sskd.core.errors import SSKDError
 from sskd.core.fields import bound
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,10 +116,6 @@ class Config:
 
 
 FIXED_SECTIONS = ("data", "teacher", "ss_head", "student", "run")
-OLD_METHOD_NAMES = {
-    ("teacher", "teacher"): "ce",
-    ("ss_head", "ss_head"): "sskd",
-}  # before the method registry
 
 
 def method_sections() -> dict[str, type]:
@@ -230,12 +223,6 @@ def apply_values(cfg: Config, values: dict[str, Any], source: str, *, cli: bool 
     if not isinstance(values, dict):
         raise SSKDError(f"{source}: expected a mapping of config sections, got {type(values).__name__}")
     for section, body in values.items():
-        if section == "loss":  # before the method seam the SSKD weights lived in `loss:`
-            log.warning(
-                "%s: the `loss:` section is now `sskd:` (KD's own weights are in `kd:`); reading it as `sskd:`",
-                source,
-            )
-            section = "sskd"
         known = [*FIXED_SECTIONS, *sorted(method_sections())]
         if section not in known:
             raise SSKDError(f"{source}: unknown config section {section!r}{_suggest(section, known)}")
@@ -248,13 +235,12 @@ def apply_values(cfg: Config, values: dict[str, Any], source: str, *, cli: bool 
                 hint = _key_elsewhere(key, section) or _suggest(key, list(hints))
                 raise SSKDError(f"{source}: unknown config key '{section}.{key}'{hint}")
             value = _coerce(value, hints[key], f"{source}: {section}.{key}", cli=cli)
-            setattr(target, key, OLD_METHOD_NAMES.get((section, value), value) if key == "method" else value)
+            setattr(target, key, value)
     return cfg
 
 
 def _field_hint(section: str, key: str) -> Any:
     """The declared type of ``section.key`` (None when there is no such key: :func:`apply_values` says so)."""
-    section = "sskd" if section == "loss" else section
     if section in FIXED_SECTIONS:
         owner = type(getattr(Config(), section))
     else:

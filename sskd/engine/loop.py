@@ -14,8 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,30 +22,13 @@ from sskd import runs
 from sskd.core import atomic
 from sskd.core.errors import SSKDError
 from sskd.core.stop import Interrupted, StopFlag, StopRequest
-from sskd.engine.config import Config, StageConfig, diff_configs, dump_yaml
-from sskd.engine.dist import agree_on_error, make_accelerator, make_gather, pipeline_device, sync_buffers
+from sskd.engine.config import StageConfig, diff_configs, dump_yaml
+from sskd.engine.dist import agree_on_error, make_accelerator, make_gather, sync_buffers
 from sskd.engine.evaluate import evaluate
-from sskd.methods import resolve_views, stage_method
+from sskd.engine.prepare import RunSpec, build_method
 from sskd.runs.models import describe_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    """One stage to run: which config section, where to write, how to build the method."""
-
-    stage: str  # config section: teacher | ss_head | student
-    cfg: Config
-    out: Path
-    build: Callable[[dict[str, Any]], torch.nn.Module]  # shard manifest -> method
-    info: dict[str, Any] = field(default_factory=dict)  # extra fields for model.json
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run in ``out`` (else it is refused unless resuming)
-    batch_hook: Callable[[dict[str, Any], int], dict[str, Any]] | None = (
-        None  # e.g. add cached teacher outputs
-    )
-    data_epoch: Callable[[int], int] | None = None  # augmentation epoch of a training epoch (cache: e mod E)
 
 
 def lr_factor(st: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -66,70 +47,52 @@ def lr_factor(st: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def _loaders(job: Job, accelerator, views):
+def _loaders(spec: RunSpec, accelerator):
+    """The run's training loader and its evaluation loader (None without a val split), on this rank."""
     from pipelines import ViewLoader
 
-    cfg, st = job.cfg, getattr(job.cfg, job.stage)
-    common = dict(
-        seed=cfg.run.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        device=pipeline_device(cfg.data.device),
-        threads=cfg.data.threads,
-        size=cfg.data.size,
-        torch_device=accelerator.device,
-        skip_bad=cfg.data.skip_bad,  # bad samples left out of train and val (pipelines.loader)
+    where = dict(
+        rank=accelerator.process_index, world_size=accelerator.num_processes, torch_device=accelerator.device
     )
     # The loop is done with a batch before it asks for the next: no copy of DALI's buffers needed.
-    train = ViewLoader(
-        cfg.data.shards,
-        "train",
-        batch_size=st.batch_size,
-        views=views,
-        train=True,
-        reuse_buffers=True,
-        subset_fraction=cfg.data.subset_fraction,
-        label_noise=cfg.data.label_noise,
-        **common,
-    )
+    train = ViewLoader.for_run(spec, "train", reuse_buffers=True, **where)
     if train.subset_fraction < 1 or train.label_noise > 0:
         from pipelines.settings import describe
 
         log.info(
             "%s: training on %s: %d of the split's samples%s",
-            job.out,
+            spec.out,
             describe(train.subset_fraction, train.label_noise),
             train.num_samples,
             f", {len(train.flipped_ids)} labels flipped" if train.label_noise else "",
         )
         # RUN/data.json is written with the run's other files (open_outputs), once every check has passed
     val = None
-    if "val" in train.manifest["splits"]:
-        val = ViewLoader(cfg.data.shards, "val", batch_size=cfg.data.eval_batch_size, train=False, **common)
+    if "val" in spec.manifest["splits"]:
+        val = ViewLoader.for_run(spec, "val", **where)
     else:
-        log.info("%s: no val split: the run trains without evaluation", cfg.data.shards)
+        log.info("%s: no val split: the run trains without evaluation", spec.cfg.data.shards)
     return train, val
 
 
 class Run:
     """One stage while it trains: the method, its optimizer and loaders, the counters, the outputs."""
 
-    def __init__(self, job: Job, accelerator):
-        from shards.format import load_manifest
-
-        self.job, self.cfg, self.out = job, job.cfg, job.out
-        self.st: StageConfig = getattr(job.cfg, job.stage)
+    def __init__(self, spec: RunSpec, accelerator):
+        self.spec, self.cfg, self.out, self.stage = spec, spec.cfg, spec.out, spec.stage
+        self.record = spec.record  # what model.json and every checkpoint say of the run
+        self.st: StageConfig = spec.st
         self.accelerator, self.main, self.world = (
             accelerator,
             accelerator.is_main_process,
             accelerator.num_processes,
         )
-        # Built before the loaders so a bad teacher or architecture fails before any data is touched.
-        method = job.build(load_manifest(self.cfg.data.shards))
-        self.method_cls = stage_method(self.cfg, job.stage)
-        self.train_loader, self.val_loader = _loaders(
-            job, accelerator, resolve_views(self.cfg, self.method_cls)
+        gather = make_gather(accelerator) if self.world > 1 else None
+        # Built before the loaders so a bad architecture fails before any data is touched.
+        method = build_method(
+            spec, all_gather=gather, gather=gather if self.cfg.run.global_ss_batch else None
         )
+        self.train_loader, self.val_loader = _loaders(spec, accelerator)
         self.params = method.phase_parameters(None)
         st = self.st
         optimizer = torch.optim.SGD(
@@ -147,19 +110,19 @@ class Run:
             log.warning(
                 "%s.milestones %s all fall at or after epoch %d: the lr stays %g for the whole run "
                 "(set --set %s.milestones=[...] or %s.schedule=cosine)",
-                job.stage,
+                self.stage,
                 st.milestones,
                 st.epochs,
                 st.lr,
-                job.stage,
-                job.stage,
+                self.stage,
+                self.stage,
             )
         self.total_steps = min(st.epochs * self.steps_per_epoch, st.max_steps or math.inf)
-        if self.world > 1:
-            method.all_gather = make_gather(accelerator)
-            if self.cfg.run.global_ss_batch:
-                method.gather = method.all_gather
+        # Only the trained module is prepared (and under DDP wrapped); the frozen teacher is none of it and
+        # only goes to the training device.
         self.method, self.optimizer = accelerator.prepare(method, optimizer)
+        if method.frozen_teacher is not None:
+            method.frozen_teacher.to(accelerator.device)
         self.core = accelerator.unwrap_model(self.method)
         # Pre-training phases (a method's own; most have none), then the main training: state["phase"]
         # indexes [*phases, main], so a run without phases is always in phase 0.
@@ -175,10 +138,6 @@ class Run:
         self.batches = None  # the running epoch's batch iterator
         self._sums: dict[str, torch.Tensor] = {}
         self._seen, self._micro, self._t0 = 0, 0, time.perf_counter()
-        self.init_step_state()
-
-    def init_step_state(self) -> None:
-        """What the step keeps between calls beyond the counters: non-finite tracking, the run's start."""
         # Non-finite losses (run.nonfinite). stop: per term, the first (step, epoch) whose value was NaN/inf
         # and that value, kept on the device (no sync per step), looked at when the interval's sums are
         # reduced and before every checkpoint. skip: the accumulation window's verdict, the skipped steps.
@@ -233,9 +192,7 @@ class Run:
         if self.bar is not None:
             self.bar.reset(total=self.total_steps)
             self.bar.update(self.state["step"])
-            self.bar.set_description(
-                f"{self.job.stage} ({self.phase_name})" if self.phase_name else self.job.stage
-            )
+            self.bar.set_description(f"{self.stage} ({self.phase_name})" if self.phase_name else self.stage)
 
     def checkpoint(self, name: str) -> None:
         """Write ``checkpoints/<name>.pt`` with every rank's reader position (a collective: all ranks call).
@@ -265,8 +222,8 @@ class Run:
                         "scheduler": self.scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
                         "config": self.cfg.to_dict(),
-                        "stage": self.job.stage,
-                        "info": self.job.info,
+                        "stage": self.stage,
+                        "info": self.record,
                         "world_size": self.world,
                         "data_state": data_states,
                         **self.state,
@@ -337,8 +294,56 @@ class Run:
             self.bar.set_postfix(
                 loss=f"{loss:.3f}" if loss is not None else "-", img_s=f"{rec['images_per_s']:.0f}"
             )
+        self.reset_interval()
+
+    # ---- what a training step keeps between calls ------------------------------------------------------
+
+    def reset_interval(self) -> None:
+        """Start a new logging interval: no terms summed, no image seen, the clock from now."""
         self._sums, self._seen, self._micro, self._t0 = {}, 0, 0, time.perf_counter()
         self._good, self._skipped = None, 0
+
+    def begin_micro_batch(self) -> None:
+        """Skip mode, at an accumulation window's first micro-batch: keep the buffers as they are (its
+        forwards move BatchNorm statistics), to put them back if the window's step is skipped."""
+        if self.skip_nonfinite and self._buffers is None:
+            self._buffers = [b.detach().clone() for b in self.core.buffers()]
+
+    def skip_window(self) -> None:
+        """Skip mode: the window's optimizer step is skipped; count it, say so once, and put the buffers
+        back, so that the window's forwards leave no trace either (BatchNorm running statistics)."""
+        self._skipped += 1
+        self.state["skipped"] += 1
+        if self.state["skipped"] == 1:
+            log.warning(
+                "%s: non-finite loss or gradients at step %d (epoch %d): its optimizer step is skipped "
+                "(run.nonfinite=skip; skipped steps are counted in metrics.jsonl)",
+                self.out,
+                self.state["step"] + 1,
+                self.state["epoch"],
+            )
+        with torch.no_grad():
+            for buf, saved in zip(self.core.buffers(), self._buffers):
+                buf.copy_(saved)
+
+    def end_window(self) -> None:
+        """An optimizer step closed the accumulation window."""
+        self._buffers = None
+
+    def add_terms(self, out: dict[str, Any], batch: dict[str, Any], anybad: torch.Tensor | None) -> None:
+        """Count a micro-batch and add its terms (and correct predictions) to the interval's sums, on the
+        device; in skip mode a micro-batch with a non-finite term (``anybad``) is left out of the averages."""
+        self.state["batch"] += 1
+        self._micro += 1
+        self._seen += batch["label"].shape[0]
+        for k, v in out.items():
+            if k != "logits" and torch.is_tensor(v) and v.ndim == 0:
+                v = v.detach().float()
+                if anybad is not None:
+                    v = torch.where(anybad, torch.zeros_like(v), v)
+                self._sums[k] = self._sums.get(k, 0) + v
+        correct = (out["logits"].argmax(1) == batch["label"]).sum().float()
+        self._sums["correct"] = self._sums.get("correct", 0) + correct
 
     # ---- non-finite losses ---------------------------------------------------------------------------
 
@@ -462,12 +467,12 @@ class Run:
         return ""
 
 
-def claim_folder(job: Job, accelerator):
+def claim_folder(spec: RunSpec, accelerator):
     """The main process locks the run folder and checks it may write there; every rank learns the verdict."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
-            lock = runs.claim_run(job.out, resume=job.resume, overwrite=job.overwrite)
+            lock = runs.claim_run(spec.out, resume=spec.resume, overwrite=spec.overwrite)
         except SSKDError as exc:
             error = str(exc)
     error = agree_on_error(accelerator, error)
@@ -485,7 +490,7 @@ IGNORED_FOR_RESUME = ("run.progress", "run.log_with", "data.shards", "data.views
 
 def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
     """Refuse a resume whose settings cannot continue the checkpoint; say plainly what else changed."""
-    stage, path = run.job.stage, run.out / runs.CHECKPOINTS / "last.pt"
+    stage, path = run.stage, run.out / runs.CHECKPOINTS / "last.pt"
     if ckpt.get("stage") not in (None, stage):
         raise SSKDError(f"{path}: is a {ckpt['stage']!r} checkpoint, this command trains {stage!r}")
     fixed = {k.format(stage=stage) for k in FIXED_FOR_RESUME}
@@ -493,7 +498,7 @@ def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
         stage,
         "data",
         "run",
-        run.method_cls.section,
+        run.spec.method.section,
     }  # other stages' and methods' sections do not act here
     diffs = [
         d
@@ -502,9 +507,9 @@ def check_resumable(run: Run, ckpt: dict[str, Any]) -> None:
     ]
     saved_info = ckpt.get("info") or {}
     for key in ("shards_sha256", "teacher_weights_sha256", "views"):
-        if saved_info.get(key) and run.job.info.get(key) and saved_info[key] != run.job.info[key]:
+        if saved_info.get(key) and run.record.get(key) and saved_info[key] != run.record[key]:
             short = 12 if key.endswith("sha256") else None
-            diffs.append((key, saved_info[key][:short], run.job.info[key][:short]))
+            diffs.append((key, saved_info[key][:short], run.record[key][:short]))
             fixed.add(key)
     refused = [f"{k} was {a!r}, now {b!r}" for k, a, b in diffs if k in fixed]
     if refused:
@@ -542,7 +547,7 @@ def restore(run: Run) -> None:
         run.accelerator.scaler.load_state_dict(ckpt["scaler"])
     data_states = ckpt.get("data_state") or []
     old_world = ckpt.get("world_size", len(data_states) or 1)
-    old_batch = (ckpt.get("config", {}).get(run.job.stage) or {}).get("batch_size", run.st.batch_size)
+    old_batch = (ckpt.get("config", {}).get(run.stage) or {}).get("batch_size", run.st.batch_size)
     if run.state["batch"] and (old_world, old_batch) != (run.world, run.st.batch_size):
         # A rank's position in an epoch means other samples under another rank count or batch size.
         log.warning(
@@ -590,7 +595,7 @@ def open_outputs(run: Run) -> None:
                 write_record(run.out, train)
             except OSError as exc:
                 raise SSKDError(atomic.write_error(run.out / runs.DATA_RECORD, exc, "data record")) from None
-    keep_until = (run.state["phase"], run.state["step"]) if run.job.resume else None
+    keep_until = (run.state["phase"], run.state["step"]) if run.spec.resume else None
     run.metrics = runs.MetricsLog(
         run.out, enabled=run.main, keep_until=keep_until, accelerator=run.accelerator
     )
@@ -607,7 +612,7 @@ def open_outputs(run: Run) -> None:
         run.bar = tqdm(
             total=run.total_steps,
             initial=run.state["step"],
-            desc=run.job.stage,
+            desc=run.stage,
             unit="step",
             dynamic_ncols=True,
         )
@@ -616,10 +621,7 @@ def open_outputs(run: Run) -> None:
 def train_step(run: Run, batch: dict[str, Any]) -> None:
     """Forward, backward and (every ``grad_accum`` micro-batches) an optimizer step; sums the terms."""
     accelerator, st = run.accelerator, run.st
-    if (
-        run.skip_nonfinite and run._buffers is None
-    ):  # a window's first micro-batch: its forward moves BN statistics
-        run._buffers = [b.detach().clone() for b in run.core.buffers()]
+    run.begin_micro_batch()
     with accelerator.accumulate(run.method):
         out = run.method(batch)
         accelerator.backward(out["loss"])
@@ -628,45 +630,21 @@ def train_step(run: Run, batch: dict[str, Any]) -> None:
             accelerator.clip_grad_norm_(run.params, st.clip_grad)
         skip = run.skip_nonfinite and accelerator.sync_gradients and run.window_is_bad()
         if skip:
-            run._skipped += 1
-            run.state["skipped"] += 1
-            if run.state["skipped"] == 1:
-                log.warning(
-                    "%s: non-finite loss or gradients at step %d (epoch %d): its optimizer step is skipped "
-                    "(run.nonfinite=skip; skipped steps are counted in metrics.jsonl)",
-                    run.out,
-                    run.state["step"] + 1,
-                    run.state["epoch"],
-                )
-            with torch.no_grad():  # the window's forwards leave no trace either (BN running statistics)
-                for buf, saved in zip(run.core.buffers(), run._buffers):
-                    buf.copy_(saved)
+            run.skip_window()
         if not skip or accelerator.scaler is not None:  # fp16: the GradScaler skips a step whose gradients
             run.optimizer.step()  # are not finite (and keeps its own state right)
         run.optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
-            run._buffers = None
-    run.state["batch"] += 1
-    run._micro += 1
-    run._seen += batch["label"].shape[0]
-    for k, v in out.items():
-        if k != "logits" and torch.is_tensor(v) and v.ndim == 0:
-            v = v.detach().float()
-            if (
-                anybad is not None
-            ):  # skip mode: a micro-batch with a non-finite term is left out of the averages
-                v = torch.where(anybad, torch.zeros_like(v), v)
-            run._sums[k] = run._sums.get(k, 0) + v
-    run._sums["correct"] = (
-        run._sums.get("correct", 0) + (out["logits"].argmax(1) == batch["label"]).sum().float()
-    )
+            run.end_window()
+    run.add_terms(out, batch, anybad)
 
 
 def run_epoch(run: Run, stop: StopFlag) -> None:
     """The current epoch from where it stands, to its end, to ``max_steps``, or to an agreed stop."""
     state = run.state
     epoch = state["epoch"]
-    views_epoch = run.job.data_epoch(epoch) if run.job.data_epoch else epoch
+    teacher = run.spec.teacher  # a cache serves a teacher's outputs by augmentation epoch: e mod E
+    views_epoch = teacher.data_epoch(epoch) if teacher is not None else epoch
     # Kept on the run: a reader stopped mid-epoch (max_steps) stays open, so the final checkpoint holds
     # its DALI position and a later --resume continues it instead of re-making the batches.
     run.batches = batches = run.train_loader.epoch(
@@ -675,8 +653,8 @@ def run_epoch(run: Run, stop: StopFlag) -> None:
     run.resume_data = None
     run.core.set_epoch(epoch)
     for batch in batches:
-        if run.job.batch_hook is not None:
-            batch = run.job.batch_hook(batch, views_epoch)
+        if teacher is not None:
+            batch = teacher.batch(batch, views_epoch)
         train_step(run, batch)
         if not run.accelerator.sync_gradients:
             continue
@@ -724,15 +702,15 @@ def export(run: Run) -> dict[str, Any]:
         )
     if run.main:
         module = run.core.trainable_module()
-        manifest = run.train_loader.manifest
+        manifest = run.spec.manifest
         info = {
-            "stage": run.job.stage,
+            "stage": run.stage,
             "steps": state["step"],
             "epochs_done": state["epoch"],
             **describe_model(module),
             "num_classes": manifest["num_classes"],
             "classes": manifest["classes"],
-            **run.job.info,
+            **run.record,
             **run.core.export_info(),
         }
         if final is not None:
@@ -741,40 +719,35 @@ def export(run: Run) -> dict[str, Any]:
             info["skipped_steps"] = state["skipped"]
         runs.save_model(run.out, module, info)
     run.accelerator.wait_for_everyone()
-    # Each rank's own weights: DDP keeps them identical, and tests check that it did.
-    return dict(
-        final or {},
-        world_size=run.world,
-        rank=run.accelerator.process_index,
-        rank_weights_sha256=_weights_digest(run.core),
-    )
+    return dict(final or {}, world_size=run.world, rank=run.accelerator.process_index)
 
 
-def train(job: Job) -> dict[str, Any]:
-    """Run ``job`` to the end (or to ``max_steps``); returns the final evaluation.
+def train(spec: RunSpec) -> dict[str, Any]:
+    """Run the stage ``spec`` describes (:func:`sskd.engine.prepare.prepare`, with its ``out``) to the end
+    (or to ``max_steps``); returns the final evaluation.
 
     On SIGTERM or SIGINT the step in flight finishes, ``last.pt`` is written and :class:`Interrupted`
     is raised; ``--resume`` then continues exactly.
     """
-    st = getattr(job.cfg, job.stage)
+    if spec.out is None:
+        raise ValueError("train() needs a spec with a run folder: prepare(..., out=RUN)")
     accelerator = make_accelerator(
-        job.cfg.run.mixed_precision,
-        st.grad_accum,
-        job.cfg.data.device,
-        find_unused_parameters=stage_method(job.cfg, job.stage).has_phases,
-        **runs.accelerator_trackers(job.cfg.run.log_with, job.out),
+        spec.cfg.run.mixed_precision,
+        spec.st.grad_accum,
+        spec.cfg.data.device,
+        find_unused_parameters=spec.method.has_phases,
+        **runs.accelerator_trackers(spec.cfg.run.log_with, spec.out),
     )
-    torch.manual_seed(job.cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    lock = claim_folder(job, accelerator)
+    lock = claim_folder(spec, accelerator)
     # A new run (not a resume) can be undone until its first checkpoint: a start that fails on bad data,
     # a non-finite loss or a full disk leaves the folder as it was (an --overwrite'n run put back).
-    start = runs.NewRun(job.out) if accelerator.is_main_process and not job.resume else None
+    start = runs.NewRun(spec.out) if accelerator.is_main_process and not spec.resume else None
     try:
         with StopRequest() as request:
-            run = Run(job, accelerator)
+            run = Run(spec, accelerator)  # the method from the run seed: the same weights on every rank
             run.start = start
             run.enter_phase()
-            if job.resume:
+            if spec.resume:
                 restore(run)  # may enter the phase the checkpoint stopped in, and loads its optimizer
             open_outputs(run)
             stop = StopFlag(request, run.world)
@@ -811,25 +784,15 @@ def train(job: Job) -> dict[str, Any]:
             except Exception as exc:  # the first error is the one to report; say what could not be undone
                 log.error(
                     "%s: could not undo this run's start (%s: %s); look at %s",
-                    job.out,
+                    spec.out,
                     type(exc).__name__,
                     exc,
-                    job.out,
+                    spec.out,
                 )
         raise
     finally:
         if lock is not None:
             lock.release()
-
-
-def _weights_digest(module: torch.nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 _NONFINITE = "__nonfinite__"  # in the reduced sums: some rank saw a non-finite term (stop mode)

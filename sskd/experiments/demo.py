@@ -17,12 +17,12 @@ from typing import Any
 from sskd import runs
 from sskd.core.atomic import atomic_path, write_json
 from sskd.engine.config import Config, load_config
-from sskd.engine.loop import Job, train
-from sskd.engine.prepare import builder, run_info
+from sskd.engine.loop import train
+from sskd.engine.prepare import RunSpec, prepare
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"  # sskd/configs/demo.yaml
 STUDENT_METHODS = ("ce", "kd", "sskd", "hssakd")
 TEACHER_PARTS = {"sskd": "teacher-ss", "hssakd": "teacher-hssakd"}  # train-ss-head --method: run folder
 STUDENT_TEACHER = {"ce": None, "kd": "teacher", "sskd": "teacher-ss", "hssakd": "teacher-hssakd"}
@@ -44,17 +44,17 @@ def demo_config(
     return load_config(DEMO_CONFIG, [*sets, *overrides])
 
 
-def _stage(job: Job) -> dict[str, Any]:
+def _stage(spec: RunSpec) -> dict[str, Any]:
     """Run a stage unless its run folder already holds a finished model (then reuse it)."""
-    if (job.out / runs.MODEL_INFO).is_file():
-        log.info("%s: finished earlier, reusing it", job.out)
-        return runs.load_model_info(job.out)
+    if (spec.out / runs.MODEL_INFO).is_file():
+        log.info("%s: finished earlier, reusing it", spec.out)
+        return runs.load_model_info(spec.out)
     started = time.perf_counter()
-    train(job)
-    info = runs.load_model_info(job.out)
+    train(spec)
+    info = runs.load_model_info(spec.out)
     log.info(
         "%s: done in %.0f s, val top-1 %.2f%%",
-        job.out,
+        spec.out,
         time.perf_counter() - started,
         info.get("top1", float("nan")),
     )
@@ -78,16 +78,7 @@ def run_demo(
 
     def stage(kind: str, name: str, method: str, teacher: str | None = None) -> dict[str, Any]:
         getattr(cfg, kind).method = method
-        info = run_info(cfg, kind)
-        job = Job(
-            stage=kind,
-            cfg=cfg,
-            out=out / name,
-            build=builder(cfg, kind, info, teacher=teacher),
-            info=info,
-            resume=True,
-        )
-        return _stage(job)
+        return _stage(prepare(cfg, kind, out=out / name, teacher=teacher, resume=True))
 
     teacher = stage("teacher", "teacher", "ce")
     heads = {

@@ -29,16 +29,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from sskd.core import atomic
 from sskd.core.errors import SSKDError
 from sskd.core.stop import child_env, die_with_parent, stop_along
+
+if TYPE_CHECKING:
+    from sskd.engine.prepare import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -335,28 +337,27 @@ def plan(spec: Spec, out: Path) -> list[PlannedRun]:
     return runs
 
 
-def estimate(run: PlannedRun, samples_cache: dict, resolve: Callable[[PlannedRun], Any]) -> None:
-    """Optimizer steps and images the run will train on one process, from its config as the command
-    line resolves it (``resolve(run)``: the parsed command, defaults, YAML, flags and ``--set``)."""
-    cfg = resolve(run)
-    st = getattr(cfg, run.stage)
-    key = (cfg.data.shards, cfg.data.subset_fraction)
-    if key not in samples_cache:
-        from shards.format import load_manifest
-
-        n = int(load_manifest(cfg.data.shards)["splits"]["train"]["num_samples"])
-        if cfg.data.subset_fraction < 1:
+def estimate(spec: RunSpec, subset_sizes: dict) -> tuple[int, int]:
+    """Optimizer steps and images a run (resolved as its command line resolves it, without its teacher:
+    :func:`sskd.engine.prepare.prepare`) will train on one process. ``subset_sizes`` keeps the size of each
+    few-shot subset already counted (that reads every label of the split)."""
+    cfg, st = spec.cfg, spec.st
+    n = int(spec.manifest["splits"]["train"]["num_samples"])
+    if cfg.data.subset_fraction < 1:
+        key = (spec.shards_sha256, cfg.data.subset_fraction)
+        if key not in subset_sizes:
             from pipelines.settings import subset_ids
             from shards.labels import split_labels
 
-            n = len(subset_ids(split_labels(cfg.data.shards, "train"), cfg.data.subset_fraction))
-        samples_cache[key] = n
-    n = samples_cache[key]
+            subset_sizes[key] = len(
+                subset_ids(split_labels(cfg.data.shards, "train"), cfg.data.subset_fraction)
+            )
+        n = subset_sizes[key]
     per_epoch = max(1, math.ceil(n / st.batch_size) // st.grad_accum)
     steps = st.epochs * per_epoch
     if st.max_steps:
         steps = min(steps, st.max_steps)
-    run.steps, run.images = steps, steps * st.batch_size * st.grad_accum
+    return steps, steps * st.batch_size * st.grad_accum
 
 
 def _status(run: PlannedRun) -> str:

@@ -33,7 +33,7 @@ PLUGINS_ENV = "SSKD_METHODS"  # comma-separated modules of the user's own method
 
 def _load_plugins() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_") and info.name != "base":
+        if not info.name.startswith("_") and info.name not in ("base", "families"):
             importlib.import_module(f"{__name__}.{info.name}")
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:

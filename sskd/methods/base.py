@@ -18,7 +18,7 @@ teacher and ``sskd cache``). :meth:`Method.build` makes the method from a :class
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -62,24 +62,29 @@ class Phase:
     lr: float | None = None  # None: the stage's lr
 
 
-@dataclass
 class BuildContext:
-    """What a method may use to build itself: the run config, its section, the shards, the teacher."""
+    """What a method may use to build itself, made from the run's :class:`sskd.engine.prepare.RunSpec` for one
+    build: the run config and the method's section, the shards, the models of the run's architecture and
+    the teacher the spec resolved (already checked against the shards and the method)."""
 
-    cfg: Any  # sskd.engine.config.Config
-    stage: str  # teacher | ss_head | student
-    manifest: dict[str, Any]
-    teacher: str | None = None  # a run folder or torchvision:NAME
-    cached: bool = False  # the teacher's outputs come from a cache: do not build it
-    info: dict[str, Any] = field(default_factory=dict)  # what model.json will say about the run
+    def __init__(self, spec: Any):
+        self.spec = spec
+        self.cfg = spec.cfg
+        self.stage: str = spec.stage  # teacher | ss_head | student
+        self.manifest: dict[str, Any] = spec.manifest
+        self.views = spec.views  # the views the run trains on, as resolved (None: the normal view only)
+        self.size: int = spec.size  # the input height and width
+        # the teacher's run folder or torchvision:NAME; None without a teacher
+        self.teacher: str | None = spec.teacher.source if spec.teacher is not None else None
+        self.cached: bool = spec.teacher is not None and spec.teacher.cached  # outputs from a cache: no model
 
     @property
     def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
+        return self.spec.num_classes
 
     @property
     def arch(self) -> str:
-        return getattr(self.cfg, self.stage).arch
+        return self.spec.arch
 
     def section(self, cls: type[Method]) -> Any:
         return self.cfg.section(cls.section) if cls.section else None
@@ -90,42 +95,31 @@ class BuildContext:
         return create_model(arch or self.arch, num_classes=self.num_classes)
 
     def teacher_model(self, part: str | None, *, method: str) -> tuple[nn.Module | None, dict[str, Any]]:
-        """The frozen teacher (None when ``cached``) and its ``model.json``, checked to have ``part``."""
-        from sskd.runs.models import freeze, load_teacher, teacher_info
+        """The frozen teacher (None when a cache serves its outputs) and its ``model.json``.
 
-        if self.teacher is None:
+        The one place a student's teacher is built: under a forked RNG, since building it draws initial
+        weights (then overwritten) that must not move what the run seed decides for the student (made
+        before it) and for whatever the method makes after it, so live and cached runs start alike."""
+        from sskd.runs.models import freeze
+
+        if self.spec.teacher is None:
             raise SSKDError(f"--method {method} needs --teacher RUN")
+        info = self.spec.teacher.info
+        if part != self.spec.method.teacher_part:  # the spec checked the part the method declares
+            check_part(info, part, self.teacher, method)
         if self.cached:
-            model, info = None, teacher_info(self.teacher, self.manifest)
-        else:
-            # Building the teacher draws (then overwritten) initial weights; the RNG is put back so that
-            # whatever a method creates after it starts alike in live and cached runs.
-            rng = torch.random.get_rng_state()
-            model, info = load_teacher(self.teacher, self.manifest)
-            torch.random.set_rng_state(rng)
-            freeze(model)
-        check_part(info, part, self.teacher, method)
-        self.info.update(
-            teacher=str(self.teacher),
-            teacher_arch=info["arch"],
-            teacher_weights_sha256=info.get("weights_sha256"),
-        )
-        return model, info
+            return None, info
+        with torch.random.fork_rng(devices=[]):
+            model = self.spec.teacher.load()
+        return freeze(model), info
 
 
-def teacher_backbone(ctx) -> torch.nn.Module:
+def teacher_backbone(ctx: BuildContext) -> torch.nn.Module:
     """For the ``train-ss-head`` stage: the teacher's backbone with its classifier, without the parts of
-    any earlier head stage (they are made anew), recorded in the run's info."""
-    if ctx.teacher is None:
-        raise SSKDError("train-ss-head needs --teacher RUN (a train-teacher run or torchvision:NAME)")
-    from sskd.runs.models import load_teacher
-
-    model, info = load_teacher(ctx.teacher, ctx.manifest)
-    backbone = getattr(model, "backbone", model)
-    ctx.info.update(
-        arch=info["arch"], teacher_source=str(ctx.teacher), teacher_weights_sha256=info.get("weights_sha256")
-    )
-    return backbone
+    any earlier head stage (they are made anew). Loaded from the run seed's RNG, like the parts made after
+    it (no fork: the stage trains around it)."""
+    model = ctx.spec.teacher.load()
+    return getattr(model, "backbone", model)
 
 
 def part_makers(part: str) -> list[str]:
@@ -140,7 +134,7 @@ def part_makers(part: str) -> list[str]:
 
 def check_part(info: dict[str, Any], part: str | None, source: str, method: str) -> None:
     """A teacher run must carry the part (``ss_head``, ``branches``) the method reads; one line otherwise."""
-    have = info.get("wrapper") or ("ss_head" if info.get("has_head") else None)
+    have = info.get("wrapper")
     if part is not None and have != part:
         makers = part_makers(part) or ["a method that makes it"]
         how = f"sskd {makers[0]} --teacher {source} ..." + (
@@ -153,12 +147,54 @@ def check_part(info: dict[str, Any], part: str | None, source: str, method: str)
         )
 
 
-class Method(nn.Module):
-    """Base of every method: holds the trained model as ``student`` and an optional frozen ``teacher``.
+class FrozenTeacher:
+    """A method's teacher, held outside the method's module tree: frozen (eval mode, no gradients) and in
+    none of the method's ``parameters()``, ``state_dict()``, ``train()`` or ``to()``, so neither the
+    optimizer, a checkpoint, Accelerate nor DDP ever sees it. The loop moves it to the training device
+    itself (:class:`sskd.engine.loop.Run`); everything else reads it as ``method.teacher``."""
 
-    The teacher is frozen by construction: eval mode, no gradients, run under ``no_grad`` and *not a
-    registered submodule* — it is in no ``parameters()`` or ``state_dict()`` and DDP never sees it;
-    ``method.to(device)`` still moves it (see ``_apply``).
+    def __init__(self, module: nn.Module):
+        self.module = module.eval().requires_grad_(False)
+
+    def to(self, device: torch.device | str) -> None:
+        self.module.to(device)
+
+
+class Method(nn.Module):
+    """The method contract: all that the loop, the CLI, config loading and the cache know of a method.
+
+    **Required** (a subclass registered with :func:`register`):
+
+    - ``forward(batch) -> {"loss", "logits", <terms>}``. ``batch`` holds ``views`` (b, v, c, h, w; view 0
+      is the normal view), ``label`` (b,) and, when a cache serves the teacher, its outputs ``t_<name>``.
+      ``loss`` is what the optimizer minimises; ``logits`` (b, K) are the class scores of the normal view
+      (the logged training accuracy); every other 0-dim tensor is a named term the run logs.
+    - What trains: ``self.student``, the model :meth:`build` made (by default a fresh backbone of the
+      stage's architecture wrapped by :meth:`student_model`), with any submodules the method adds
+      (regressors, heads, projections). :meth:`trainable_module` is the part a run evaluates and exports
+      as ``model.safetensors`` (default: ``student``).
+
+    **Optional**, each with its default (class attributes, then hooks):
+
+    - ``summary``, ``paper``: a line and a citation for ``sskd methods`` (empty);
+    - ``section`` and ``Config``: the config section the method reads as ``self.cfg`` and its dataclass
+      (none);
+    - ``views``, ``default_views``, ``min_ss_views``: what the method trains on (the normal view only);
+    - ``needs_teacher`` (False), ``teacher_part`` (None: any classifier run), ``outputs`` and
+      ``topk_outputs`` (none), ``cache_refusal`` (None: cacheable when it has ``outputs``): the teacher it
+      reads, its outputs (:meth:`teacher_outputs`, read in ``forward`` through :meth:`teacher_batch`,
+      live or cached) and whether ``sskd cache`` serves them;
+    - ``produces`` (None): the part a teacher or head stage's runs carry for later stages;
+    - :meth:`build` (a fresh student, then the teacher if ``needs_teacher``), :meth:`student_model`,
+      :meth:`auto_views`, :meth:`check_teacher` (the run carries ``teacher_part``);
+    - the schedule: :meth:`set_epoch`, :meth:`phases` (none; ``has_phases`` False) with :meth:`set_phase`
+      and :meth:`phase_parameters` (every parameter that requires a gradient), :meth:`validate` (the
+      exported model's top-1 / top-5) and :meth:`export_info` (nothing more in ``model.json``).
+
+    The teacher, ``self.teacher`` (None when a cache serves its outputs), is frozen: eval mode, no gradient,
+    run under ``no_grad``, in no ``parameters()`` or ``state_dict()``: it is neither trained nor saved.
+    The family bases in :mod:`sskd.methods.families` fill most of this in for the logit, relation and
+    feature methods and for the head stages on a frozen backbone.
     """
 
     name: ClassVar[str] = ""
@@ -178,9 +214,8 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     outputs: ClassVar[tuple[str, ...]] = ()  # teacher outputs consumed (batch keys "t_<name>", (b, v, ...))
     topk_outputs: ClassVar[tuple[str, ...]] = ()  # which of them may be cached as top-K + log-sum-exp
-    cache_refusal: ClassVar[str | None] = (
-        None  # why `sskd cache` does not pay for this method (then it refuses)
-    )
+    # Why `sskd cache` does not pay for this method (then it refuses); None: its ``outputs`` may be cached
+    cache_refusal: ClassVar[str | None] = None
     has_phases: ClassVar[bool] = False  # True when :meth:`phases` may return pre-training phases
 
     def __init__(
@@ -190,14 +225,11 @@ class Method(nn.Module):
         self.student = student
         self.num_classes = num_classes
         self.cfg = cfg if cfg is not None else (self.Config() if self.Config else None)
-        # Not a submodule on purpose: no parameters, no state_dict entries, never wrapped by DDP.
-        self.__dict__["teacher"] = teacher
-        if teacher is not None:
-            teacher.eval()
-            teacher.requires_grad_(False)
-        # Optional all-gather of rows across ranks: gather(z) -> (z_all, offset) (``--global-ss-batch``).
+        self.frozen_teacher = FrozenTeacher(teacher) if teacher is not None else None
+        # The run's collectives, given as the method is built (sskd.engine.prepare.build_method); None on one
+        # process. gather(z) -> (z_all, offset): an all-gather of rows across ranks (``--global-ss-batch``);
+        # all_gather: the same, for state every rank must keep identical (a memory bank).
         self.gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
-        # All-gather of rows for state every rank must keep identical (a memory bank); None on one rank.
         self.all_gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
         self.epoch = 0  # the training epoch in progress (set_epoch)
         self.phase: str | None = None  # the pre-training phase in progress, None = the main training
@@ -224,7 +256,8 @@ class Method(nn.Module):
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
         """The method for a run: models made or loaded through ``ctx``. Default: a fresh backbone, wrapped;
-        then the frozen teacher if the method needs one (after the student: see :func:`sskd.runs.models.builder`)."""
+        then the frozen teacher if the method needs one (after the student: see
+        :meth:`BuildContext.teacher_model`)."""
         student = cls.student_model(ctx.backbone(), ctx.num_classes)
         teacher = ctx.teacher_model(cls.teacher_part, method=cls.name)[0] if cls.needs_teacher else None
         return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
@@ -275,19 +308,10 @@ class Method(nn.Module):
         """Extra fields for ``model.json``."""
         return {}
 
-    # -- the frozen teacher travels with the method but is none of its parameters ---------------------
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if self.teacher is not None:
-            self.teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # BN running statistics of the teacher never move
-        return self
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher's model (None without one, or when a cache serves its outputs)."""
+        return self.frozen_teacher.module if self.frozen_teacher is not None else None
 
 
 def normal(batch: dict[str, Any]) -> torch.Tensor:

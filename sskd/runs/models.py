@@ -1,14 +1,14 @@
-"""Models of run folders and teachers, and the one builder every stage command uses.
+"""Models of run folders and teachers: a fresh model by name, a run's model rebuilt from its ``model.json``,
+a teacher checked against the shards.
 
-Every check here runs before any training starts, so a wrong teacher, architecture or shard folder
-fails in a second with a one-line error instead of after an epoch. Which model a stage trains is the
-method's business (:meth:`sskd.methods.Method.build`); rebuilding a saved model only needs its
+The teacher checks here run before any training starts (:func:`sskd.engine.prepare.prepare`), so a wrong
+teacher fails in a second with a one-line error instead of after an epoch. Which model a stage trains is
+the method's business (:meth:`sskd.methods.Method.build`); rebuilding a saved model only needs its
 ``model.json`` (architecture, classes and the wrapper that adds its parts: SS head, branches).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,6 @@ from sskd import runs
 from sskd.core.errors import SSKDError
 
 TORCHVISION_PREFIX = "torchvision:"
-
-
-def manifest_sha256(shards: str | Path) -> str:
-    """Hash of the shard manifest: binds runs and caches to the exact data they were made from."""
-    return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
 
 
 def new_model(
@@ -46,7 +41,8 @@ def new_model(
 
 
 def describe_model(module: torch.nn.Module) -> dict[str, Any]:
-    """What ``model.json`` says so the model can be rebuilt: its wrapper and the wrapper's arguments."""
+    """What ``model.json`` says so the model can be rebuilt: its wrapper and the wrapper's arguments
+    (``has_head``: whether the wrapper is the SS head, for readers of the file; rebuilding reads ``wrapper``)."""
     wrapper = getattr(module, "wrapper", None)
     args = dict(module.wrapper_args()) if wrapper and hasattr(module, "wrapper_args") else {}
     return {
@@ -59,16 +55,26 @@ def describe_model(module: torch.nn.Module) -> dict[str, Any]:
 
 def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model of a run folder (with its parts) and its ``model.json``."""
+    info = run_info(run)
+    return model_from_info(run, info), info
+
+
+def run_info(run: str | Path) -> dict[str, Any]:
+    """A run's ``model.json``, with the fields that rebuild its model (``arch``, ``num_classes``)."""
     info = runs.load_model_info(run)
     for field in ("arch", "num_classes"):
         if field not in info:
             raise SSKDError(f"{Path(run) / runs.MODEL_INFO}: field {field!r} is missing")
-    wrapper = info.get("wrapper", "ss_head" if info.get("has_head") else None)
+    return info
+
+
+def model_from_info(run: str | Path, info: dict[str, Any]) -> torch.nn.Module:
+    """The model a run's ``model.json`` (``info``, already read and checked) describes, with its weights."""
     model = new_model(
-        info["arch"], info["num_classes"], wrapper=wrapper, wrapper_args=info.get("wrapper_args")
+        info["arch"], info["num_classes"], wrapper=info.get("wrapper"), wrapper_args=info.get("wrapper_args")
     )
     runs.load_weights(run, model)
-    return model, info
+    return model
 
 
 def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -77,12 +83,11 @@ def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
         return {
             "arch": source,
             "num_classes": manifest["num_classes"],
-            "has_head": False,
             "wrapper": None,
             "stage": "torchvision-pretrained",
             "weights_sha256": "torchvision-pretrained:" + source,
         }
-    info = runs.load_model_info(source)
+    info = run_info(source)
     if info.get("num_classes") != manifest["num_classes"]:
         raise SSKDError(
             f"--teacher {source}: teacher has {info.get('num_classes')} classes but the shards "
@@ -95,17 +100,17 @@ def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def load_teacher(source: str, manifest: dict[str, Any]) -> tuple[torch.nn.Module, dict]:
-    """A teacher from a run folder or ``torchvision:NAME`` (pretrained), checked against the shards."""
-    info = teacher_info(source, manifest)
+def teacher_model(source: str, info: dict[str, Any]) -> torch.nn.Module:
+    """The model of a teacher whose ``model.json`` (``info``, from :func:`teacher_info`) was checked: a run's
+    trained model, or ``torchvision:NAME``'s pretrained weights."""
     if source.startswith(TORCHVISION_PREFIX):
-        return new_model(source, manifest["num_classes"], pretrained=True), info
-    model, info = load_run_model(source)
-    return model, info
+        return new_model(source, info["num_classes"], pretrained=True)
+    return model_from_info(source, info)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    """The frozen-teacher contract: eval mode and no gradients (DESIGN.md, invariant 2)."""
+    """The frozen-teacher contract: eval mode and no gradients, so neither its weights nor its BatchNorm
+    statistics ever move."""
     model.eval()
     model.requires_grad_(False)
     return model

@@ -7,7 +7,7 @@ for a bit-exact check on the same machine.
 
 Regenerate (only when behaviour is meant to change, and say why in the commit)::
 
-    python tests/golden.py tests/data/golden_weights.json
+    python tests/integration/golden.py tests/data/golden_weights.json
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from golden import golden_runs
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_weights.json").read_text())
+GOLDEN = json.loads((Path(__file__).parents[1] / "data" / "golden_weights.json").read_text())
 
 
 def test_fixed_seed_runs_give_the_pinned_weights(digits_shards, tmp_path):

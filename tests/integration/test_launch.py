@@ -15,7 +15,7 @@ import pytest
 
 from sskd.runs import file_sha256, load_model_info, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fake_slurm(tmp_path: Path, hosts: list[str], nodelist: str) -> tuple[dict, Path, Path]:

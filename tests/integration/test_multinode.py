@@ -22,7 +22,7 @@ import pytest
 from sskd.cli import main as sskd_main
 from sskd.runs import load_model_info, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBE = REPO / "tests" / "scripts" / "cli_rank_probe.py"
 TIMEOUT = 600
 

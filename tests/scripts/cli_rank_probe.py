@@ -1,4 +1,4 @@
-"""``sskd <command> ...`` exactly as the CLI runs it, plus a per-rank probe (tests/test_multinode.py).
+"""``sskd <command> ...`` exactly as the CLI runs it, plus a per-rank probe (tests/integration/test_multinode.py).
 
     accelerate launch ... tests/scripts/cli_rank_probe.py PROBE_DIR distill --teacher ... --out ...
 

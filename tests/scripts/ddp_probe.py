@@ -1,4 +1,4 @@
-"""Run under `accelerate launch` by tests/test_train.py: a few real training steps on 2 CPU ranks.
+"""Run under `accelerate launch` by tests/test_loop.py: a few real training steps on 2 CPU ranks.
 
 Each rank records the world size, the sample ids it trained on, the evaluation count and a hash of
 its own final weights, so the test can check disjoint data, identical weights and exact-once evaluation.
