@@ -1,6 +1,6 @@
 """Write a :class:`shards.sources.Source` as webdataset tars + DALI indexes + manifest.
 
-Guarantees (DESIGN.md, invariant 5):
+Guarantees:
 - deterministic: the same input and seed give byte-identical shards whatever ``workers`` (items are
   shuffled with the seed before ids are given; tar headers carry no time or owner);
 - nothing half-written looks complete: a shard is written under a temporary name and renamed with its

@@ -1,4 +1,4 @@
-"""Write files so that nothing half-written ever looks complete (DESIGN.md, invariant 5).
+"""Write files so that nothing half-written ever looks complete.
 
 Everything the project writes that a later step trusts (shards, indexes, manifests, caches,
 checkpoints) goes through these helpers: the bytes land under a temporary name in the same folder

@@ -1,7 +1,7 @@
 """Feature-map distillation terms of RepDistiller's baselines (FitNet, AT, VID, AB, FT), as pure functions.
 
-Every function follows RepDistiller's re-implementation (HobbitLong/RepDistiller, ``distiller_zoo/``; facts
-sheet baselines-facts.md §2, §3, §6, §9, §10) where it differs from the paper (§20): AT and FT average
+Every function follows RepDistiller's re-implementation (HobbitLong/RepDistiller, ``distiller_zoo/``) where
+it differs from the paper: AT and FT average
 squared / absolute differences of normalised maps instead of taking a norm, VID has no log 2π, AB is
 scaled by 3/1000 per sample. Maps are ``(b, C, H, W)``; when two compared maps differ in size the larger
 one is adaptive-average-pooled to the smaller (:func:`match_size`), as RepDistiller does. All sums and

@@ -1,4 +1,4 @@
-"""The KDSS variant's loss terms (kdss-variant.txt; defaults in methods-spec.md §B, where the source is silent).
+"""The KDSS variant's loss terms (where its description is silent, the defaults are sskd/methods/kdss.py's).
 
 KDSS distills a classifier with three weighted terms: the task KD, a self-supervised contrastive loss
 that makes teacher and student representations consistent under augmentation, and a cosine alignment

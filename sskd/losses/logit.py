@@ -1,6 +1,6 @@
 """Logit-only distillation losses beyond Hinton KD: DKD, DIST and logit standardisation, as pure functions.
 
-Formulas and defaults: baselines-facts.md §15 (DKD), §16 (DIST), §17 (LS-KD) and §20, read from the official
+Formulas and defaults of DKD, DIST and LS-KD as read from the official
 code (megvii-research/mdistiller, hunto/image_classification_sota, sunshangquan/logit-standardization-KD).
 Every function takes (n, K) logits and detaches the teacher's; none weighs in the CE term or a warm-up.
 """
@@ -63,7 +63,7 @@ def dkd_terms(
     - NCKD: KL of the softmax over the K − 1 non-target classes ``q = softmax(z_{k≠y} / T)``.
 
     mdistiller (distillers/DKD.py) takes ``log`` of the summed student probabilities, which is +inf once
-    the student's non-target (or target) mass underflows (facts §20.4), and masks the target with −1000
+    the student's non-target (or target) mass underflows, and masks the target with −1000
     before the softmax for NCKD. Here both come from log-sum-exps and the target entry is left out of
     NCKD exactly: the same values to float32 rounding wherever mdistiller's are finite (its −1000 mask is
     exact unless the teacher's target logit / T leads by ~900), and finite where it returns inf.
