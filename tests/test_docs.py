@@ -145,7 +145,7 @@ def test_extending_shows_one_example_each_of_a_view_a_method_and_a_model():
 
 
 def test_the_view_example_runs_and_matches_its_reference(digits_shards):
-    from test_pipelines import decoded_images
+    from test_dali import decoded_images
     from test_views import check_view
 
     from pipelines.view_registry import view_names

@@ -1,7 +1,7 @@
 """The GPU branches of the code, one test each (``-m gpu``; skipped without CUDA, see conftest.py).
 
 Covered: DALI ``mixed`` (nvJPEG) decode and the views made on the GPU against the CPU views (32 px PNG:
-the documented 0.05 in normalised units of tests/test_pipelines.py; 224-px-layout JPEG photos: against
+the documented 0.05 in normalised units of tests/test_dali.py; 224-px-layout JPEG photos: against
 the torchvision reference within the README's 8 of 255 levels); the loader handing CUDA tensors
 (``device="gpu"``, and ``torch_device`` cuda with DALI on the CPU; the evaluation pipeline in float16);
 ``pipeline_device`` and ``make_accelerator`` on CUDA; fp16 with loss scaling and bf16 training steps
@@ -76,7 +76,7 @@ def _collect(loader, epoch=0):
 
 
 def _decoded_images(folder, split="train"):
-    """Every image of a split decoded by PIL, by sample id (as tests/test_pipelines.py reads them)."""
+    """Every image of a split decoded by PIL, by sample id (as tests/test_dali.py reads them)."""
     import io
 
     import numpy as np
@@ -101,7 +101,7 @@ def _decoded_images(folder, split="train"):
 
 def test_gpu_views_match_cpu_views_every_view_kind(digits_shards):
     """The paper's four views plus the normal one, made by DALI on the GPU, equal the CPU's to 0.05
-    (normalised units; the tolerance of tests/test_pipelines.py::test_gpu_pipeline_matches_cpu)."""
+    (normalised units; the tolerance of tests/test_dali.py::test_gpu_pipeline_matches_cpu)."""
     _dali()
     from pipelines import ViewLoader
 
