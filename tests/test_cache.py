@@ -96,8 +96,8 @@ def test_cached_terms_equal_live_terms(cache, ss_teacher, digits_shards):
     reader = CacheReader(cache)
     torch.manual_seed(0)
     student = SSModel(create_model("resnet8", 10))
-    live = create_method("sskd", student=student, teacher=teacher, num_classes=10).eval()
-    cached = create_method("sskd", student=student, teacher=None, num_classes=10).eval()
+    live = create_method("sskd", student=student, teacher=teacher).eval()
+    cached = create_method("sskd", student=student, teacher=None).eval()
     loader = ViewLoader(digits_shards, "train", batch_size=50, views="rotation")
     for epoch in (1, 3):  # epoch 3 of the student reuses augmentation epoch 3 mod 2 = 1
         batch = next(iter(loader.epoch(epoch % 2)))

@@ -170,7 +170,7 @@ def test_split_labels_are_the_labels_the_writer_wrote(digits_shards, tmp_path):
 def crd_method(seed=0, **cfg):
     torch.manual_seed(seed)
     teacher, student = create_model("resnet8", 4).eval(), create_model("resnet8", 4)
-    return CRD(student, teacher, num_classes=4, cfg=CRDConfig(nce_k=8, **cfg), labels=LABELS, seed=seed)
+    return CRD(student, teacher, cfg=CRDConfig(nce_k=8, **cfg), labels=LABELS, seed=seed)
 
 
 def a_batch(ids, seed=0):

@@ -167,7 +167,6 @@ def test_the_method_example_registers_and_trains_a_step():
         "logit_mse",
         student=create_model("resnet8", num_classes=10),
         teacher=create_model("resnet8", num_classes=10),
-        num_classes=10,
     )
     batch = {"views": torch.randn(4, 2, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3])}
     out = method(batch)
@@ -175,7 +174,7 @@ def test_the_method_example_registers_and_trains_a_step():
     out["loss"].backward()
     assert all(p.grad is not None for p in method.student.parameters() if p.requires_grad)
     cached = {**batch, "t_logits": torch.randn(4, 1, 10)}  # the teacher's outputs as `sskd cache` serves them
-    assert torch.isfinite(create_method("logit_mse", student=method.student, num_classes=10)(cached)["loss"])
+    assert torch.isfinite(create_method("logit_mse", student=method.student)(cached)["loss"])
 
 
 def test_the_model_example_is_created_and_answers_the_interface():

@@ -193,9 +193,7 @@ def test_each_method_sizes_its_modules_for_a_cross_architecture_pair(t_arch, s_a
         return {id(p) for p in params}
 
     for name in ("fitnet", "vid", "ab", "ft", "at"):
-        method = create_method(
-            name, student=create_model(s_arch, 100), teacher=teacher, num_classes=100
-        ).eval()
+        method = create_method(name, student=create_model(s_arch, 100), teacher=teacher).eval()
         student = ids(method.student.parameters())
         if name in (
             "fitnet",
@@ -254,7 +252,7 @@ def test_a_shape_error_while_connecting_is_the_one_line_pair_error():
     with pytest.raises(
         SSKDError, match=r"^--method unbridgeable: student \(maps 16x32x32, .* at 32x32: no module"
     ):
-        Unbridgeable(create_model("resnet8", 10), create_model("resnet20", 10), num_classes=10)
+        Unbridgeable(create_model("resnet8", 10), create_model("resnet20", 10))
 
 
 # -- through the CLI ---------------------------------------------------------------------------------------

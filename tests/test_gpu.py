@@ -218,7 +218,7 @@ def test_fp16_step_scales_the_loss_and_bf16_autocasts():
     for mp, half in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         acc = make_accelerator(mp)
         torch.manual_seed(0)
-        method = create_method("ce", student=create_model("resnet8", 10), num_classes=10)
+        method = create_method("ce", student=create_model("resnet8", 10))
         opt = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
         method, opt = acc.prepare(method, opt)
         before = [p.detach().clone() for p in method.parameters()]

@@ -297,8 +297,8 @@ def test_cached_student_terms_equal_the_live_ones_and_topk(runs_dir, digits_shar
     teacher, _ = load_run_model(runs_dir / "frozen")
     torch.manual_seed(0)
     student = BranchedModel(create_model("resnet8", 10), 10)
-    live = create_method("hssakd", student=student, teacher=teacher, num_classes=10).eval()
-    cached = create_method("hssakd", student=student, teacher=None, num_classes=10).eval()
+    live = create_method("hssakd", student=student, teacher=teacher).eval()
+    cached = create_method("hssakd", student=student, teacher=None).eval()
     batch = next(iter(ViewLoader(digits_shards, "train", batch_size=40, views="shared_rotation").epoch(0)))
     reader = CacheReader(cache)
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_online_peers_both_learn():
 
     torch.manual_seed(0)
     peers = torch.nn.ModuleList([BranchedModel(create_model("resnet8", 5), 5) for _ in range(2)])
-    method = create_method("hssakd_online", student=peers, num_classes=5)
+    method = create_method("hssakd_online", student=peers)
     g = torch.Generator().manual_seed(0)
     views = torch.randn(2, 1, 3, 32, 32, generator=g)
     views = torch.cat([torch.rot90(views, k, dims=(3, 4)) for k in range(4)], dim=1)

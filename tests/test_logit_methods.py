@@ -164,7 +164,6 @@ def test_dkd_warmup_factor_over_epochs():
         "dkd",
         student=create_model("resnet8", 10),
         teacher=teacher,
-        num_classes=10,
         cfg=DKDConfig(ce_weight=0.5),
     ).eval()
     batch = {
@@ -247,7 +246,7 @@ def test_kd_loss_standardize_is_kd_of_the_zscores():
     for method, cfg, fn in cases:
         want = fn(standardize_logits(s), standardize_logits(t)).item()
         # The logits as the "student" (an identity) and as cached teacher outputs (b, 1, K).
-        m = create_method(method, student=torch.nn.Identity(), teacher=None, num_classes=6, cfg=cfg)
+        m = create_method(method, student=torch.nn.Identity(), teacher=None, cfg=cfg)
         out = m({"views": s[:, None], "label": labels, "t_logits": t[:, None]})
         assert out[method].item() == pytest.approx(want, rel=1e-6), method
 
@@ -379,8 +378,8 @@ def test_cached_teacher_gives_the_live_terms(method, extra, teacher, digits_shar
     t, _ = load_run_model(teacher)
     torch.manual_seed(0)
     student = create_model("resnet8", 10)
-    live = create_method(method, student=student, teacher=t, num_classes=10).eval()
-    cached = create_method(method, student=student, teacher=None, num_classes=10).eval()
+    live = create_method(method, student=student, teacher=t).eval()
+    cached = create_method(method, student=student, teacher=None).eval()
     for m in (live, cached):
         m.cfg.standardize = bool(extra)
         m.set_epoch(3)

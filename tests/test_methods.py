@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sskd.losses import SSKDLossConfig
-from sskd.methods import METHODS, create_method
+from sskd.methods import METHODS, create_method, method_class
 from sskd.models import create_model
 from sskd.models.heads import SSModel
 
@@ -35,7 +35,7 @@ def test_registry_names_by_role():
 
 def test_sskd_terms_and_frozen_teacher():
     teacher, student = ss(seed=1), ss(seed=2)
-    method = create_method("sskd", student=student, teacher=teacher, num_classes=10)
+    method = create_method("sskd", student=student, teacher=teacher)
     method.train()
     assert not teacher.training  # stays in eval even when the method trains
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -65,7 +65,7 @@ def test_sskd_terms_and_frozen_teacher():
 def test_the_teacher_is_frozen_and_outside_the_method():
     """The teacher is no part of what trains, is saved or is wrapped by DDP: the loop moves it itself."""
     teacher = ss()
-    method = create_method("sskd", student=ss(seed=3), teacher=teacher, num_classes=10)
+    method = create_method("sskd", student=ss(seed=3), teacher=teacher)
     assert method.teacher is teacher and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     ids = {id(p) for p in teacher.parameters()}
@@ -81,7 +81,7 @@ def test_the_teacher_is_frozen_and_outside_the_method():
 
 def test_ss_head_stage_trains_only_the_head():
     model = ss()
-    method = create_method("sskd", role="head", student=model, num_classes=10)
+    method = create_method("sskd", role="head", student=model)
     method.train()
     assert not model.backbone.training and model.head.training
     before = snapshot(model.backbone)
@@ -103,7 +103,7 @@ def test_contrastive_target_layout_matches_eq5():
     from sskd.losses import contrastive_loss, similarity_matrix
 
     model = ss().eval()
-    method = create_method("sskd", role="head", student=model, num_classes=10)
+    method = create_method("sskd", role="head", student=model)
     b = batch(b=3, v=3)
     out = method(b)
     with torch.no_grad():
@@ -120,9 +120,7 @@ def test_contrastive_target_layout_matches_eq5():
 )
 def test_normal_view_methods(name, role, terms):
     teacher = create_model("resnet8", 10).eval() if name == "kd" else None
-    method = create_method(
-        name, role=role, student=create_model("resnet8", 10), teacher=teacher, num_classes=10
-    )
+    method = create_method(name, role=role, student=create_model("resnet8", 10), teacher=teacher)
     assert method.views is None  # the normal view only
     out = method(batch(v=1))
     assert terms <= out.keys() and out["loss"].ndim == 0
@@ -130,8 +128,8 @@ def test_normal_view_methods(name, role, terms):
 
 def test_cached_teacher_outputs_give_the_live_terms():
     teacher, student = ss(seed=1), ss(seed=2)
-    live = create_method("sskd", student=student, teacher=teacher, num_classes=10).eval()
-    cached = create_method("sskd", student=student, teacher=None, num_classes=10).eval()
+    live = create_method("sskd", student=student, teacher=teacher).eval()
+    cached = create_method("sskd", student=student, teacher=None).eval()
     b = batch()
     with torch.no_grad():
         out = teacher(b["views"].flatten(0, 1))
@@ -142,7 +140,7 @@ def test_cached_teacher_outputs_give_the_live_terms():
 
 
 def test_sskd_without_ss_views_reduces_to_ce_plus_kd():
-    method = create_method("sskd", student=ss(seed=2), teacher=ss(seed=1), num_classes=10)
+    method = create_method("sskd", student=ss(seed=2), teacher=ss(seed=1))
     out = method(batch(v=1))
     assert out["tf"].item() == 0.0 and out["ss"].item() == 0.0
     assert out["loss"].item() == pytest.approx((0.1 * out["ce"] + 0.9 * out["kd"]).item(), rel=1e-6)
@@ -153,7 +151,6 @@ def test_global_ss_batch_uses_the_gathered_columns():
     from sskd.losses import similarity_matrix, ss_kd_loss
 
     teacher, student = ss(seed=1), ss(seed=2)
-    method = create_method("sskd", student=student, teacher=teacher, num_classes=10).eval()
     b = batch(b=3, v=3)
     g = torch.Generator().manual_seed(9)
     other_s, other_t = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
@@ -166,7 +163,7 @@ def test_global_ss_batch_uses_the_gathered_columns():
         return torch.cat([other, z]), 2
 
     gather.calls = 0
-    method.gather = gather
+    method = method_class("student", "sskd")(student, teacher, gather=gather).eval()  # as a run builds it
     with torch.no_grad():
         out = method(b)
         s_out, t_out = student(b["views"].flatten(0, 1)), teacher(b["views"].flatten(0, 1))
@@ -184,3 +181,13 @@ def test_global_ss_batch_uses_the_gathered_columns():
             0.75,
         )
     assert out["ss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_create_method_takes_num_classes_with_a_deprecation_warning():
+    """``num_classes=`` is accepted still but ignored: a method takes the class count from its models."""
+    with pytest.warns(DeprecationWarning, match="num_classes"):
+        method = create_method(
+            "kd", student=create_model("resnet8", 10), teacher=create_model("resnet8", 10), num_classes=10
+        )
+    assert not hasattr(method, "num_classes")
+    assert method(batch(v=1))["logits"].shape == (4, 10)

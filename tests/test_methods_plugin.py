@@ -142,7 +142,7 @@ def test_the_toy_terms_are_what_its_forward_says(teacher):
     torch.manual_seed(0)
     from sskd.models import create_model
 
-    method = ToyMatch(create_model("resnet8", 10), t, num_classes=10)
+    method = ToyMatch(create_model("resnet8", 10), t)
     g = torch.Generator().manual_seed(0)
     batch = {
         "views": torch.randn(3, 2, 3, 32, 32, generator=g),

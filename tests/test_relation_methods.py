@@ -182,7 +182,7 @@ def test_method_terms_and_gradients(name):
     torch.manual_seed(0)
     # feat 64 vs 128, last map 64 vs 128 channels
     student, teacher = create_model("resnet8", 10), create_model("wrn_16_2", 10)
-    method = create_method(name, student=student, teacher=teacher, num_classes=10)
+    method = create_method(name, student=student, teacher=teacher)
     method.cfg.kd_weight = 0.5
     g = torch.Generator().manual_seed(1)
     batch = {
@@ -298,8 +298,8 @@ def test_cached_terms_equal_live_terms(name, teacher, digits_shards, tmp_path, c
     t, _ = load_run_model(teacher)
     torch.manual_seed(0)
     student = create_model("resnet8", 10)
-    live = create_method(name, student=student, teacher=t, num_classes=10).eval()
-    cached = create_method(name, student=student, teacher=None, num_classes=10).eval()
+    live = create_method(name, student=student, teacher=t).eval()
+    cached = create_method(name, student=student, teacher=None).eval()
     batch = next(iter(ViewLoader(digits_shards, "train", batch_size=50).epoch(0)))
     with torch.no_grad():
         a, c = live(batch), cached({**batch, **CacheReader(cache).lookup(batch["id"], 0)})

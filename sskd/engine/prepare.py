@@ -257,13 +257,11 @@ def build_method(spec: RunSpec, *, gather=None, all_gather=None):
     seed; a live teacher after it, loaded under a forked RNG so that it moves nothing the seed decides (see
     :meth:`sskd.methods.BuildContext.teacher_model`), so live and cached runs start alike.
 
-    ``gather`` / ``all_gather``: the run's all-gathers of rows across ranks (None on one process), given to
-    the method as it is built (:attr:`sskd.methods.Method.gather`)."""
+    ``gather`` / ``all_gather``: the run's all-gathers of rows across ranks (None on one process), which the
+    build context hands to the methods that use them (:class:`sskd.methods.BuildContext`)."""
     import torch
 
     from sskd.methods import BuildContext
 
     torch.manual_seed(spec.cfg.run.seed)
-    method = spec.method.build(BuildContext(spec))
-    method.gather, method.all_gather = gather, all_gather
-    return method
+    return spec.method.build(BuildContext(spec, gather=gather, all_gather=all_gather))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import warnings
 from typing import Any
 
 from torch import nn
@@ -52,15 +53,23 @@ def create_method(
     *,
     student: nn.Module,
     teacher: nn.Module | None = None,
-    num_classes: int,
     cfg: Any = None,
     role: str = "student",
+    num_classes: int | None = None,
 ) -> Method:
     """A method from models already made (tests, benchmarks): ``create_method("sskd", student=, teacher=)``.
 
-    Without a teacher the teacher's outputs must come in every batch (from a cache).
+    Without a teacher the teacher's outputs must come in every batch (from a cache). ``num_classes`` is
+    deprecated and ignored, with a warning: a method takes the class count from the models it is given.
     """
-    return method_class(role, name)(student, teacher, num_classes=num_classes, cfg=cfg)
+    if num_classes is not None:
+        warnings.warn(
+            "create_method(num_classes=...) is deprecated and ignored: a method takes the class count from "
+            "its models",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return method_class(role, name)(student, teacher, cfg=cfg)
 
 
 def section_types() -> dict[str, type]:

@@ -62,12 +62,21 @@ class Phase:
     lr: float | None = None  # None: the stage's lr
 
 
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
 class BuildContext:
     """What a method may use to build itself, made from the run's :class:`sskd.engine.prepare.RunSpec` for one
-    build: the run config and the method's section, the shards, the models of the run's architecture and
-    the teacher the spec resolved (already checked against the shards and the method)."""
+    build: the run config and the method's section, the shards, the models of the run's architecture, the
+    teacher the spec resolved (already checked against the shards and the method) and the run's collectives.
 
-    def __init__(self, spec: Any):
+    ``gather`` and ``all_gather`` are the run's all-gathers of rows across ranks (None on one process), for
+    the methods that need them to pass to their constructor: ``gather(z) -> (z_all, offset)``, with
+    ``offset`` the row of this rank's first row in ``z_all``, is differentiable (SSKD's
+    ``--global-ss-batch``); ``all_gather`` is the same for state every rank must keep identical (CRD's
+    memory banks)."""
+
+    def __init__(self, spec: Any, *, gather: Gather | None = None, all_gather: Gather | None = None):
         self.spec = spec
         self.cfg = spec.cfg
         self.stage: str = spec.stage  # teacher | ss_head | student
@@ -77,6 +86,7 @@ class BuildContext:
         # the teacher's run folder or torchvision:NAME; None without a teacher
         self.teacher: str | None = spec.teacher.source if spec.teacher is not None else None
         self.cached: bool = spec.teacher is not None and spec.teacher.cached  # outputs from a cache: no model
+        self.gather, self.all_gather = gather, all_gather
 
     @property
     def num_classes(self) -> int:
@@ -112,6 +122,16 @@ class BuildContext:
         with torch.random.fork_rng(devices=[]):
             model = self.spec.teacher.load()
         return freeze(model), info
+
+    def probe_teacher(self, teacher: nn.Module | None, info: dict[str, Any]) -> nn.Module:
+        """The model to probe for the teacher's shapes: ``teacher`` itself, or, when a cache serves its outputs
+        (``teacher`` None), a fresh model of its architecture (``info["arch"]``). That stand-in is made under
+        a forked RNG: its initial weights must move nothing the run seed decides, so live and cached runs
+        start alike."""
+        if teacher is not None:
+            return teacher
+        with torch.random.fork_rng(devices=[]):
+            return self.backbone(info["arch"])
 
 
 def teacher_backbone(ctx: BuildContext) -> torch.nn.Module:
@@ -186,7 +206,9 @@ class Method(nn.Module):
       live or cached) and whether ``sskd cache`` serves them;
     - ``produces`` (None): the part a teacher or head stage's runs carry for later stages;
     - :meth:`build` (a fresh student, then the teacher if ``needs_teacher``), :meth:`student_model`,
-      :meth:`auto_views`, :meth:`check_teacher` (the run carries ``teacher_part``);
+      :meth:`auto_views`, :meth:`check_teacher` (the run carries ``teacher_part``); a method that works
+      across ranks takes the run's all-gathers from the :class:`BuildContext` in its ``build`` and passes
+      them to its constructor (SSKD's ``gather``, CRD's ``all_gather``);
     - the schedule: :meth:`set_epoch`, :meth:`phases` (none; ``has_phases`` False) with :meth:`set_phase`
       and :meth:`phase_parameters` (every parameter that requires a gradient), :meth:`validate` (the
       exported model's top-1 / top-5) and :meth:`export_info` (nothing more in ``model.json``).
@@ -218,19 +240,11 @@ class Method(nn.Module):
     cache_refusal: ClassVar[str | None] = None
     has_phases: ClassVar[bool] = False  # True when :meth:`phases` may return pre-training phases
 
-    def __init__(
-        self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int, cfg: Any = None
-    ):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, cfg: Any = None):
         super().__init__()
         self.student = student
-        self.num_classes = num_classes
         self.cfg = cfg if cfg is not None else (self.Config() if self.Config else None)
         self.frozen_teacher = FrozenTeacher(teacher) if teacher is not None else None
-        # The run's collectives, given as the method is built (sskd.engine.prepare.build_method); None on one
-        # process. gather(z) -> (z_all, offset): an all-gather of rows across ranks (``--global-ss-batch``);
-        # all_gather: the same, for state every rank must keep identical (a memory bank).
-        self.gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
-        self.all_gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
         self.epoch = 0  # the training epoch in progress (set_epoch)
         self.phase: str | None = None  # the pre-training phase in progress, None = the main training
 
@@ -260,7 +274,7 @@ class Method(nn.Module):
         :meth:`BuildContext.teacher_model`)."""
         student = cls.student_model(ctx.backbone(), ctx.num_classes)
         teacher = ctx.teacher_model(cls.teacher_part, method=cls.name)[0] if cls.needs_teacher else None
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(student, teacher, cfg=ctx.section(cls))
 
     @staticmethod
     def teacher_outputs(teacher: nn.Module, views: torch.Tensor) -> dict[str, torch.Tensor]:

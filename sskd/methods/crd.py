@@ -30,7 +30,7 @@ from sskd.core.errors import SSKDError
 from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.crd import bank_rows, crd_scores, nce_contrast_loss
-from sskd.methods.base import BuildContext, Method, normal, register
+from sskd.methods.base import BuildContext, Gather, Method, normal, register
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,12 @@ def pooled_feature(model: nn.Module, x: torch.Tensor) -> Any:
     return model(x) if getattr(model, "wrapper", None) else model(x, features=True)
 
 
-def teacher_feat_dim(info: dict[str, Any]) -> int:
-    """The teacher's pooled feature size from its ``model.json`` (a cached run builds no teacher)."""
-    if info.get("feat_dim"):
+def teacher_feat_dim(ctx: BuildContext, teacher: nn.Module | None, info: dict[str, Any]) -> int:
+    """The teacher's pooled feature size: the live model's, else (a cached run builds no teacher) its
+    ``model.json``'s, else (torchvision: no ``model.json``) that of a stand-in of its architecture."""
+    if teacher is None and info.get("feat_dim"):
         return int(info["feat_dim"])
-    from sskd.runs.models import new_model
-
-    return int(new_model(info["arch"], int(info["num_classes"])).feat_dim)  # torchvision: no model.json
+    return int(ctx.probe_teacher(teacher, info).feat_dim)
 
 
 @register("student", "crd")
@@ -157,15 +156,16 @@ class CRD(Method):
         student: nn.Module,
         teacher: nn.Module | None = None,
         *,
-        num_classes: int,
         cfg: Any = None,
         labels: np.ndarray | None = None,
         t_dim: int | None = None,
         n_data: int | None = None,
         seed: int = 0,
         classes: list[str] | None = None,
+        all_gather: Gather | None = None,
     ):
-        super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
+        super().__init__(student, teacher, cfg=cfg)
+        self.all_gather = all_gather  # None on one process
         if labels is None:
             raise SSKDError(
                 "method 'crd' needs every training sample's label: build it with CRD.build, or pass "
@@ -193,11 +193,8 @@ class CRD(Method):
         from shards.labels import split_labels
 
         student = cls.student_model(ctx.backbone(), ctx.num_classes)
-        # Loading a teacher draws initial weights (then overwritten): forked away, so the embed heads start
-        # alike in live and cached runs.
-        with torch.random.fork_rng(devices=[]):
-            teacher, info = ctx.teacher_model(None, method=cls.name)
-            t_dim = teacher.feat_dim if teacher is not None else teacher_feat_dim(info)
+        teacher, info = ctx.teacher_model(None, method=cls.name)
+        t_dim = teacher_feat_dim(ctx, teacher, info)
         # The bank and its negatives cover the samples the run trains on, with the labels it trains with.
         d = ctx.cfg.data
         labels = training_labels(
@@ -210,13 +207,13 @@ class CRD(Method):
         return cls(
             student,
             teacher,
-            num_classes=ctx.num_classes,
             cfg=ctx.section(cls),
             labels=labels,
             t_dim=t_dim,
             n_data=int(ctx.manifest["splits"]["train"]["num_samples"]),
             seed=int(ctx.cfg.run.seed),
             classes=ctx.manifest.get("classes"),
+            all_gather=ctx.all_gather,
         )
 
     @staticmethod

@@ -30,7 +30,7 @@ from sskd.losses import kd_loss
 from sskd.losses.logit import standardize_logits
 from sskd.methods.base import BuildContext, Method, logits_of, normal, teacher_backbone
 from sskd.models.base import Features
-from sskd.models.connectors import PairShapes, ShapeError, build_pair, probe_pair
+from sskd.models.connectors import PairShapes, ShapeError, probe_pair
 
 PROBE_BATCH = 2  # images of RelationMethod's build-time shape check
 
@@ -116,25 +116,20 @@ class RelationMethod(Method):
     def build(cls, ctx: BuildContext) -> Method:
         student = cls.student_model(ctx.backbone(), ctx.num_classes)  # first: the run seed decides it
         teacher, info = ctx.teacher_model(cls.teacher_part, method=cls.name)
-        cls.check_shapes(ctx, student, teacher, info["arch"])
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        cls.check_shapes(ctx, student, ctx.probe_teacher(teacher, info), info["arch"])
+        return cls(student, teacher, cfg=ctx.section(cls))
 
     @classmethod
     def check_shapes(cls, ctx: BuildContext, student, teacher, t_arch: str) -> None:
         """Probe both models on a small batch of the run's image size; one line if the relation cannot pair
-        what they give. From a cache the teacher is a fresh model of its architecture (shapes only)."""
-        from pipelines.loader import DEFAULT_SIZE
-
-        size = ctx.cfg.data.size or DEFAULT_SIZE[ctx.manifest["layout"]]
-        x = torch.zeros(PROBE_BATCH, 3, size, size)
-        with torch.random.fork_rng(devices=[]):  # a stand-in teacher's initial weights must not move the RNG
-            probes = [(ctx.arch, student), (t_arch, teacher if teacher is not None else ctx.backbone(t_arch))]
-            got = [cls.probe(model, x) for _, model in probes]
+        what they give. ``teacher`` is the model to probe (:meth:`BuildContext.probe_teacher`)."""
+        x = torch.zeros(PROBE_BATCH, 3, ctx.size, ctx.size)
+        got = [cls.probe(model, x) for model in (student, teacher)]
         if not all(t is not None and cls.check_input(t, PROBE_BATCH) for t in got):
             raise SSKDError(
                 f"--method {cls.name} {cls.needs}: student {ctx.arch} gives {shape_of(got[0])}, "
                 f"teacher {t_arch} gives {shape_of(got[1])} (for {PROBE_BATCH} images of "
-                f"{size}x{size})"
+                f"{ctx.size}x{ctx.size})"
             )
 
     @classmethod
@@ -176,8 +171,8 @@ class FeatureMethod(Method):
     needs_teacher = True
     pairs_layers: ClassVar[bool] = True  # the term pairs every map: student and teacher need equal counts
 
-    def __init__(self, student, teacher=None, *, num_classes: int, cfg=None, pair: PairShapes | None = None):
-        super().__init__(student, teacher, num_classes=num_classes, cfg=cfg)
+    def __init__(self, student, teacher=None, *, cfg=None, pair: PairShapes | None = None):
+        super().__init__(student, teacher, cfg=cfg)
         self.pair = pair or probe_pair(student, teacher)
         if self.pairs_layers:
             self.pair.check_count(self.name)
@@ -191,8 +186,11 @@ class FeatureMethod(Method):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        student, teacher, pair = build_pair(ctx, cls.name)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls), pair=pair)
+        student = ctx.backbone()  # first: the run seed decides it
+        teacher, info = ctx.teacher_model(None, method=cls.name)
+        probe = ctx.probe_teacher(teacher, info)
+        pair = probe_pair(student, probe, ctx.size, ctx.arch, info["arch"])
+        return cls(student, teacher, cfg=ctx.section(cls), pair=pair)
 
     def with_ce_kd(self, f: Features, t: dict[str, torch.Tensor], batch, **term: torch.Tensor):
         """``forward``'s result for the method's term, passed under its logged name (``at=at``):
@@ -227,7 +225,7 @@ class FrozenBackboneStage(Method):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
-        return cls(cls.wrap(teacher_backbone(ctx), ctx), num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(cls.wrap(teacher_backbone(ctx), ctx), cfg=ctx.section(cls))
 
     def train(self, mode: bool = True):
         super().train(mode)

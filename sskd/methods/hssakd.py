@@ -145,7 +145,7 @@ class HSSAKD(Method):
         )  # before the teacher: the run seed decides it
         teacher, info = ctx.teacher_model(cls.teacher_part, method=cls.name)
         check_branches(student, info, ctx.teacher, ctx.arch)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(student, teacher, cfg=ctx.section(cls))
 
     @staticmethod
     def teacher_outputs(teacher, views):
@@ -187,7 +187,7 @@ class HSSAKDOnline(Method):
     @classmethod
     def build(cls, ctx: BuildContext) -> Method:
         peers = nn.ModuleList([BranchedModel(ctx.backbone(), ctx.num_classes) for _ in range(2)])  # two inits
-        return cls(peers, num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(peers, cfg=ctx.section(cls))
 
     def forward(self, batch):
         outs = [_forward(peer, batch["views"]) for peer in self.student]

@@ -124,7 +124,7 @@ class KDSS(Method):
         teacher, info = ctx.teacher_model(cls.teacher_part, method=cls.name)
         d_t = teacher.feat_dim if teacher is not None else info.get("feat_dim") or backbone.feat_dim
         student = KDSSModel(backbone, embed_dim=(info.get("wrapper_args") or {}).get("embed_dim", d_t))
-        return cls(student, teacher, teacher_dim=d_t, num_classes=ctx.num_classes, cfg=ctx.section(cls))
+        return cls(student, teacher, teacher_dim=d_t, cfg=ctx.section(cls))
 
     @classmethod
     def student_model(cls, backbone, num_classes):

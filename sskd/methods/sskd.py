@@ -13,7 +13,7 @@ from einops import rearrange, repeat
 
 from sskd.losses import SSKDLossConfig, kd_loss, ss_kd_loss, sskd_total, transformed_kd_loss
 from sskd.losses.pretext import check_teacher_pretext, get_pretext, own_image_targets
-from sskd.methods.base import BuildContext, Method, check_part, register
+from sskd.methods.base import BuildContext, Gather, Method, check_part, register
 from sskd.methods.families import FrozenBackboneStage
 from sskd.models.heads import SSModel
 
@@ -38,12 +38,9 @@ class _PretextViews:
 
     @classmethod
     def _task(cls, ctx: BuildContext):
-        from sskd.methods import resolve_views
-
         cfg = ctx.section(cls)
         task = get_pretext(cfg.pretext)
-        views = resolve_views(ctx.cfg, cls)
-        task.check_views(views.names if views is not None else ("normal",))
+        task.check_views(ctx.views.names if ctx.views is not None else ("normal",))
         return cfg, task
 
 
@@ -100,11 +97,13 @@ class SSKD(_PretextViews, Method):
     outputs = ("logits", "embed")  # embed: the SS head's output per view (projection or pretext scores)
     topk_outputs = ("logits",)
 
-    def __init__(self, student: SSModel, teacher=None, **kw):
+    def __init__(self, student: SSModel, teacher=None, *, gather: Gather | None = None, **kw):
         if not isinstance(student, SSModel):
             raise TypeError("method 'sskd' trains an SSModel (backbone + SS head)")
         super().__init__(student, teacher, **kw)
         self.task = get_pretext(student.pretext)
+        # ``--global-ss-batch``: all ranks' rows for one global similarity matrix (None: this rank's own)
+        self.gather = gather
 
     @classmethod
     def student_model(cls, backbone, num_classes):
@@ -121,7 +120,7 @@ class SSKD(_PretextViews, Method):
         student = SSModel(ctx.backbone(), pretext=task.name)  # the student first: the run seed decides it
         teacher, info = ctx.teacher_model(cls.teacher_part, method=cls.name)
         check_teacher_pretext(info, ctx.teacher, task.name)
-        return cls(student, teacher, num_classes=ctx.num_classes, cfg=cfg)
+        return cls(student, teacher, cfg=cfg, gather=ctx.gather)
 
     @staticmethod
     def teacher_outputs(teacher, views):

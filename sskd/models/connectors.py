@@ -4,9 +4,10 @@
 - :class:`ConvReg` (FitNet's regressor), :class:`Connector` (AB), :class:`Paraphraser` / :class:`Translator`
   (FT), :class:`VIDRegressor` (VID's μ(·) and per-channel log-variance). PyTorch's default initialisation,
   as RepDistiller (no Kaiming re-init).
-- :func:`probe_pair` / :func:`build_pair`: one forward of zeros through student and teacher at the run's input
-  size gives their maps' ``(C, H, W)`` (:class:`PairShapes`); a pair the modules cannot bridge is one
-  :class:`sskd.core.errors.SSKDError` line naming both architectures and their shapes (:meth:`PairShapes.error`).
+- :func:`probe_pair`: one forward of zeros through student and teacher at the run's input size gives their
+  maps' ``(C, H, W)`` (:class:`PairShapes`; :class:`sskd.methods.families.FeatureMethod` probes the pair as it
+  builds); a pair the modules cannot bridge is one :class:`sskd.core.errors.SSKDError` line naming both
+  architectures and their shapes (:meth:`PairShapes.error`).
 """
 
 from __future__ import annotations
@@ -272,24 +273,3 @@ def probe_pair(
             "a feature method made without a teacher needs the pair's map shapes (pair=PairShapes)"
         )
     return PairShapes(map_shapes(student, size), map_shapes(teacher, size), student_arch, teacher_arch, size)
-
-
-def build_pair(ctx, method: str) -> tuple[nn.Module, nn.Module | None, PairShapes]:
-    """For ``Method.build``: the student (first, from the run seed), the frozen teacher (None when cached) and
-    their :class:`PairShapes` at the run's input size (``data.size``, else 32 CIFAR / 224 ImageNet layout).
-
-    A cached run has no teacher model: its shapes come from a fresh model of the teacher's architecture
-    (``model.json``), built with the RNG put back so the helper modules start as in a live run.
-    """
-    from pipelines.loader import DEFAULT_SIZE
-    from sskd.models import create_model
-
-    student = ctx.backbone()
-    teacher, info = ctx.teacher_model(None, method=method)
-    probe = teacher
-    if probe is None:
-        rng = torch.random.get_rng_state()
-        probe = create_model(info["arch"], num_classes=ctx.num_classes)
-        torch.random.set_rng_state(rng)
-    size = ctx.cfg.data.size or DEFAULT_SIZE[ctx.manifest["layout"]]
-    return student, teacher, probe_pair(student, probe, size, ctx.arch, info["arch"])
