@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sskd.cli import main as sskd_main
+from sskd.core.errors import SSKDError
 from sskd.losses.feature import (
     ab_loss,
     at_loss,
@@ -492,3 +493,19 @@ def test_at_caches_attention_maps_and_the_others_refuse(teacher, digits_shards, 
         == 2
     )
     assert f"--method vid does not use the cache: {VID.cache_refusal}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["at", "fitnet", "vid", "ft"])
+def test_a_model_without_feature_maps_is_refused_in_one_line(method):
+    """An architecture that gives no stage maps (a timm model timm cannot split into stages) would make the
+    term an empty sum, 0: the method refuses it at construction, naming both architectures."""
+    from sskd.methods import METHODS
+    from sskd.models.connectors import PairShapes
+
+    student, teacher = create_model("resnet8", num_classes=10), create_model("resnet20", num_classes=10)
+    pair = PairShapes([], [(16, 32, 32), (32, 16, 16), (64, 8, 8)], "mystery_net", "resnet20", 32)
+    with pytest.raises(SSKDError) as exc:
+        METHODS["student"].get(method)(student, teacher, pair=pair)
+    msg = str(exc.value)
+    assert "\n" not in msg and f"--method {method}" in msg and "mystery_net" in msg
+    assert "needs feature maps on both sides" in msg

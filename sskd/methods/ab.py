@@ -59,6 +59,10 @@ class AB(FeatureMethod):
     )
 
     def connect(self, pair: PairShapes) -> None:
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            why = getattr(getattr(model, "backbone", model), "preact_refusal", None)  # a timm:NAME model's
+            if why:
+                raise pair.error(self.name, f"the {role} has no pre-activation maps: {why}")
         self.connector = Connector(pair.student, pair.teacher)
         self.feature_names = parameters_behind(self.student)  # RepDistiller's get_feat_modules
 

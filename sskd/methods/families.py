@@ -174,6 +174,8 @@ class FeatureMethod(Method):
     def __init__(self, student, teacher=None, *, cfg=None, pair: PairShapes | None = None):
         super().__init__(student, teacher, cfg=cfg)
         self.pair = pair or probe_pair(student, teacher)
+        if not self.pair.student or not self.pair.teacher:  # else the term would be an empty sum: 0
+            raise self.pair.error(self.name, "a feature method needs feature maps on both sides")
         if self.pairs_layers:
             self.pair.check_count(self.name)
         try:

@@ -1,4 +1,5 @@
-"""Model zoo: the CIFAR architectures of SSKD/CRD and torchvision's ImageNet ResNets, one registry.
+"""Model zoo: the CIFAR architectures of SSKD/CRD and torchvision's ImageNet ResNets, one registry, and
+any timm architecture as ``timm:NAME`` (:mod:`sskd.models.timm_models`, looked up in timm when asked for).
 
 ``create_model(name, num_classes)`` is the single door; every model answers ``model(x)`` (logits) and
 ``model(x, features=True)`` (:class:`Features`: logits, pooled feature, stage maps), and has ``feat_dim``.
@@ -13,18 +14,24 @@ from torch import nn
 
 from sskd.models.base import Classifier, Features
 from sskd.models.registry import MODELS
+from sskd.models.timm_models import PREFIX as TIMM_PREFIX
+from sskd.models.timm_models import create_timm
 
 
 def create_model(name: str, num_classes: int, **kw) -> nn.Module:
-    """A new model by registry name (``resnet8x4``, ``wrn_40_2``, ``torchvision:resnet34``, ...)."""
+    """A new model by registry name (``resnet8x4``, ``wrn_40_2``, ``torchvision:resnet34``, ...) or any timm
+    architecture as ``timm:NAME`` (``timm:convnext_tiny``)."""
     if num_classes < 1:
         from sskd.core.errors import SSKDError
 
         raise SSKDError(f"num_classes must be >= 1, not {num_classes}")
+    if name.startswith(TIMM_PREFIX):
+        return create_timm(name, num_classes, **kw)
     return MODELS.get(name)(num_classes=num_classes, **kw)
 
 
 def list_models() -> list[str]:
+    """The built-in architectures (timm's are not listed: any ``timm:NAME`` of ``timm.list_models()`` works)."""
     return MODELS.names()
 
 

@@ -46,9 +46,21 @@ class Branch(nn.Module):
         return self.fc(pool_flat(self.tail(self.body(x))))
 
 
+def branch_spec_of(backbone: nn.Module):
+    """``backbone.branch_spec()``; an architecture without a branch layout is one line naming HSSAKD, the
+    architecture and why (raised where the model is built, before any training)."""
+    try:
+        return backbone.branch_spec()
+    except NotImplementedError as exc:
+        from sskd.core.errors import SSKDError
+
+        arch = getattr(backbone, "arch", type(backbone).__name__)
+        raise SSKDError(f"HSSAKD's auxiliary branches cannot attach to {arch}: {exc}") from None
+
+
 def build_branches(backbone: nn.Module, num_classes: int, rotations: int = 4) -> nn.ModuleList:
     """One branch per tap of ``backbone.branch_spec()``, each ending in ``Linear(C, rotations · K)``."""
-    spec = backbone.branch_spec()
+    spec = branch_spec_of(backbone)
     branches = []
     for lvl in range(len(spec.taps)):
         later = spec.bodies[lvl + 1 :]
@@ -78,7 +90,7 @@ class BranchedModel(nn.Module):
     ):
         super().__init__()
         self.backbone = backbone
-        self.taps = list(backbone.branch_spec().taps)
+        self.taps = list(branch_spec_of(backbone).taps)
         self.branches = build_branches(backbone, num_classes, rotations)
         if num_branches is not None and num_branches != len(self.branches):
             from sskd.core.errors import SSKDError
