@@ -15,7 +15,19 @@ import sys
 import threading
 
 from sskd import __version__
-from sskd.cli import analyze, bench_shuffle, bench_train, cache, launch, report, shard, sweep, train, views
+from sskd.cli import (
+    analyze,
+    bench_shuffle,
+    bench_train,
+    cache,
+    export,
+    launch,
+    report,
+    shard,
+    sweep,
+    train,
+    views,
+)
 from sskd.cli.supervisor import supervised_command
 from sskd.core.errors import SSKDError
 from sskd.core.stop import Interrupted
@@ -32,6 +44,10 @@ COMMANDS = {
     "methods": (train, "list the registered methods: what each is, its paper, teacher and cache"),
     "models": (train, "list the architectures: parameters and the feature tensors each returns"),
     "evaluate": (train, "top-1 / top-5 of a trained model"),
+    "export": (
+        export,
+        "export a run's classifier (ONNX, TorchScript, safetensors), checked against the run's model",
+    ),
     "demo": (train, "SSKD and HSSAKD on scikit-learn's digits, in minutes on a CPU"),
     "cache": (
         cache,

@@ -189,20 +189,37 @@ def cmd_methods(args) -> int:
 def cmd_models(args) -> int:
     import torch
 
+    from sskd.core.errors import SSKDError
     from sskd.models import create_model, list_models
     from sskd.models.branches import BranchedModel
 
-    names = [args.arch] if args.arch else list_models()
-    for name in names:
+    if args.name and args.arch and args.name != args.arch:
+        raise SSKDError(
+            f"sskd models: two architectures given ({args.name} and --arch {args.arch}); give one"
+        )
+    one = args.name or args.arch
+    for name in [one] if one else list_models():
         model = create_model(name, num_classes=args.classes).eval()
-        with torch.no_grad():
-            f = model(torch.zeros(1, 3, args.size, args.size), features=True)
-            branches = BranchedModel(model, args.classes).num_branches
+        try:
+            with torch.no_grad():
+                f = model(torch.zeros(1, 3, args.size, args.size), features=True)
+        except (RuntimeError, ValueError) as exc:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SSKDError(f"{name} at {args.size}x{args.size}: {why} (try another --size)") from None
+        try:
+            branches = str(BranchedModel(model, args.classes).num_branches)
+        except SSKDError:
+            branches = "none"
         shape = lambda t: "x".join(str(d) for d in t.shape[1:])  # noqa: E731
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(
             f"{name:<22} {params:6.2f}M  feat {model.feat_dim}  maps {', '.join(shape(m) for m in f.maps)}  "
             f"stages {', '.join(shape(s) for s in f.stages)}  branches {branches}"
+        )
+    if not one:
+        print(
+            "\nany timm architecture works too, as timm:NAME (a name timm.list_models() gives, e.g. "
+            "timm:convnext_tiny): sskd models timm:NAME --size 224"
         )
     return 0
 
@@ -230,7 +247,19 @@ def cmd_evaluate(args) -> int:
         from sskd.core.atomic import check_writable
 
         check_writable(args.json, "--json result")
-    model, info = load_run_model(args.model)
+    size, described = None, None  # a run: the layout's default size, as the run's own evaluation
+    if Path(args.model).is_file():  # an exported ONNX classifier (`sskd export`), run by onnxruntime
+        from sskd.runs.export import OnnxClassifier, read_info
+
+        if Path(args.model).suffix != ".onnx":
+            raise SSKDError(
+                f"--model {args.model}: a file but not an .onnx one (a run folder or an exported .onnx)"
+            )
+        model, described = OnnxClassifier(args.model), read_info(args.model) or {}
+        info = {"arch": described.get("arch", "onnx"), "num_classes": model.num_classes}
+        size = model.size or (described.get("input") or {}).get("size")
+    else:
+        model, info = load_run_model(args.model)
     accelerator = make_accelerator(device=args.device)
     loader = ViewLoader(
         args.shards,
@@ -242,11 +271,18 @@ def cmd_evaluate(args) -> int:
         world_size=accelerator.num_processes,
         device=pipeline_device(args.device),
         threads=args.threads,
+        size=size,
         torch_device=accelerator.device,
     )
     if loader.manifest["num_classes"] != info["num_classes"]:
         raise SSKDError(
             f"--model {args.model}: {info['num_classes']} classes, shards have {loader.manifest['num_classes']}"
+        )
+    norm = {k: ((described or {}).get("input") or {}).get(k) for k in ("mean", "std")}
+    if any(v is not None and list(v) != list(loader.manifest[k]) for k, v in norm.items()):
+        raise SSKDError(
+            f"--model {args.model}: its .json records mean {norm['mean']} / std {norm['std']}, but the shards "
+            f"{args.shards} normalise with {loader.manifest['mean']} / {loader.manifest['std']}"
         )
     result = evaluate(model.to(accelerator.device), loader, accelerator)
     result.update(model=str(args.model), arch=info["arch"], split=args.split)
@@ -363,13 +399,18 @@ def register(sub, fmt) -> None:
         "models",
         help="list the architectures: parameters and the feature tensors each returns",
         formatter_class=fmt,
-        description="For each registered architecture (or --arch): parameters, the pooled feature "
-        "width (feat), the maps feature methods read (RepDistiller's feat[1:-1]) and "
-        "every stage's output, as CxHxW for a --size input, and HSSAKD's branch count.",
-        epilog="example:\n  sskd models --size 32\n  sskd models --size 224 --arch torchvision:resnet18",
+        description="For each built-in architecture (or one given, built-in or timm:NAME): parameters, "
+        "the pooled feature width (feat), the maps feature methods read (RepDistiller's feat[1:-1]) and "
+        "every stage's output, as CxHxW for a --size input, and HSSAKD's branch count. Any timm "
+        "architecture is named timm:NAME (a name of timm.list_models()).",
+        epilog="example:\n  sskd models --size 32\n  sskd models --size 224 --arch torchvision:resnet18\n"
+        "  sskd models timm:convnext_tiny --size 224",
+    )
+    p.add_argument(
+        "name", nargs="?", help="one architecture, e.g. timm:convnext_tiny (default: all built-in)"
     )
     p.add_argument("--size", type=int, default=32, help="input height and width")
-    p.add_argument("--arch", help="one architecture (default: all)")
+    p.add_argument("--arch", help="one architecture, as the positional name (default: all built-in)")
     p.add_argument("--classes", type=int, default=100, help="number of classes")
     p.set_defaults(func=cmd_models)
 
@@ -380,7 +421,11 @@ def register(sub, fmt) -> None:
         description="Evaluate a run's model on a split (each sample exactly once, across ranks too).",
         epilog="example:\n  sskd evaluate --model runs/s --shards data/shards/c100 --json eval.json",
     )
-    p.add_argument("--model", required=True, help="run folder with model.safetensors")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run folder with model.safetensors, or an .onnx file from `sskd export`",
+    )
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--split", default="val", help="split to evaluate")
     p.add_argument("--json", help="write {top1, top5, count} here")
