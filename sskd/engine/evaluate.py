@@ -11,11 +11,7 @@ from typing import Any
 import torch
 
 from sskd.core.errors import SSKDError
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """Logits from a model output: a tensor, or a NamedTuple whose first field is the logits."""
-    return output if torch.is_tensor(output) else output[0]
+from sskd.models.base import logits_of
 
 
 @torch.no_grad()

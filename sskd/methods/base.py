@@ -331,8 +331,3 @@ class Method(nn.Module):
 def normal(batch: dict[str, Any]) -> torch.Tensor:
     """View 0 of every image: (b, c, h, w)."""
     return batch["views"][:, 0]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """Logits from a model output: a tensor, or a NamedTuple whose first field is the logits."""
-    return output if torch.is_tensor(output) else output[0]

@@ -28,8 +28,8 @@ from sskd.core.errors import SSKDError
 from sskd.core.fields import bound
 from sskd.losses import kd_loss
 from sskd.losses.logit import standardize_logits
-from sskd.methods.base import BuildContext, Method, logits_of, normal, teacher_backbone
-from sskd.models.base import Features
+from sskd.methods.base import BuildContext, Method, normal, teacher_backbone
+from sskd.models.base import Features, logits_of
 from sskd.models.connectors import PairShapes, ShapeError, probe_pair
 
 PROBE_BATCH = 2  # images of RelationMethod's build-time shape check

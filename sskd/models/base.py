@@ -11,7 +11,7 @@ returns, with their shapes, is in the README ("Features") and tested in tests/te
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -89,6 +89,11 @@ def stage_pre(layer: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torc
     for block in blocks[:-1]:
         x = block(x)
     return blocks[-1].forward_pre(x)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from a model output: a tensor, or a NamedTuple whose first field is the logits."""
+    return output if torch.is_tensor(output) else output[0]
 
 
 def pool_flat(x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from torch import nn
 from sskd import runs
 from sskd.core import atomic
 from sskd.core.errors import SSKDError
+from sskd.models.base import logits_of
 
 # The formats, and the packages each needs beyond torch (the `export` extra installs onnx's).
 FORMATS = {
@@ -83,8 +84,7 @@ class Logits(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        return out if torch.is_tensor(out) else out[0]
+        return logits_of(self.net(x))
 
 
 def preprocessing(run: str | Path, info: dict[str, Any], shards: str | Path | None = None) -> dict[str, Any]:
