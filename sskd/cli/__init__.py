@@ -17,6 +17,7 @@ import threading
 from sskd import __version__
 from sskd.cli import (
     analyze,
+    bench_distill,
     bench_shuffle,
     bench_train,
     cache,
@@ -64,7 +65,7 @@ COMMANDS = {
     "bench": (None, "side-by-side benchmarks (pipeline, distill, train, shuffle)"),
 }
 # The modules that add a benchmark under `sskd bench`.
-BENCH_MODULES = (views, bench_shuffle, cache, bench_train)
+BENCH_MODULES = (views, bench_shuffle, bench_distill, bench_train)
 
 EPILOG = """\
 typical session:

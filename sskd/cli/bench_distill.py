@@ -1,0 +1,42 @@
+"""``sskd bench distill``."""
+
+from __future__ import annotations
+
+
+def cmd_bench(args) -> int:
+    from sskd.bench.distill import run_bench
+
+    run_bench(args)
+    return 0
+
+
+def register_bench(bench_sub, fmt) -> None:
+    p = bench_sub.add_parser(
+        "distill",
+        help="step time: CE-only student, a method with its live teacher and from the cache",
+        formatter_class=fmt,
+        description="Measures in one run, on the same batches of views (pre-loaded, warm-up excluded, the three "
+        "variants taking turns on every batch), the training step time of the method's student "
+        "model alone with CE only, the method with the live teacher and the method from a teacher "
+        "cache, and prints the ratios. Models are freshly initialised: the step cost does not "
+        "depend on the weights.",
+        epilog="example:\n  sskd bench distill --shards data/shards/digits --teacher-arch resnet32x4 "
+        "--student-arch resnet8x4 --json distill.json\n"
+        "  sskd bench distill --method hssakd --shards data/shards/digits --teacher-arch resnet32x4 "
+        "--student-arch resnet8x4 --json hssakd.json",
+    )
+    p.add_argument("--shards", required=True, help="shard folder")
+    p.add_argument("--teacher-arch", required=True, help="teacher architecture")
+    p.add_argument("--student-arch", required=True, help="student architecture")
+    from sskd.methods import METHODS
+
+    names = [n for n in METHODS["student"].names() if METHODS["student"].get(n).outputs]
+    p.add_argument(
+        "--method", choices=names, default="sskd", help="the method to time (any with teacher outputs)"
+    )
+    p.add_argument("--views", default="auto", help="SS views (auto: the method's own)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_bench)
