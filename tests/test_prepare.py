@@ -66,9 +66,9 @@ def test_a_cached_distill_run_reads_the_manifest_once_and_checks_its_teacher_onc
 
     real_info, infos = models.teacher_info, []
 
-    def teacher_info(source, manifest):
+    def teacher_info(source, manifest, weights=None):
         infos.append(source)
-        return real_info(source, manifest)
+        return real_info(source, manifest, weights)
 
     monkeypatch.setattr(models, "teacher_info", teacher_info)
     reads = _count_reads(monkeypatch, Path(digits_shards) / "manifest.json")

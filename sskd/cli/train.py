@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
         "method": f"{stage}.method",
         "global_ss_batch": "run.global_ss_batch",
         "skip_bad": "data.skip_bad",
+        "pretrained": f"{stage}.pretrained",
+        "weights": f"{stage}.weights",
     }
     for flag, dotted in flag_map.items():
         value = None if flag in own else getattr(args, flag, None)
@@ -135,6 +138,8 @@ def _train_stage(args, stage: str, *, teacher: str | None = None, cache: str | N
     from sskd.engine.loop import train
     from sskd.engine.prepare import prepare
 
+    allow_download(args)
+
     opener = None
     if cache:
         from sskd.cache import CacheFolder
@@ -148,8 +153,47 @@ def _train_stage(args, stage: str, *, teacher: str | None = None, cache: str | N
         cache=opener,
         resume=args.resume,
         overwrite=args.overwrite,
+        teacher_weights=getattr(args, "teacher_weights", None),
     )
     return _report(Path(args.out), train(spec))
+
+
+def allow_download(args: argparse.Namespace) -> None:
+    """``--allow-download``: this process (and the ranks it starts) may fetch pretrained weights."""
+    if getattr(args, "allow_download", False):
+        from sskd.models.weights import ALLOW_DOWNLOAD_ENV
+
+        os.environ[ALLOW_DOWNLOAD_ENV] = "1"
+
+
+def add_weight_flags(p: argparse.ArgumentParser, *, own: str | None, teacher: bool) -> None:
+    """The flags that start a model from weights made elsewhere (``own``: what the stage's model is called
+    in the help; ``teacher``: the command takes a teacher)."""
+    if own:
+        p.add_argument(
+            "--pretrained",
+            action="store_true",
+            help=f"start the {own} from its pretrained weights (timm:NAME[.TAG] from the local Hugging Face "
+            "cache, torchvision:NAME from the torch hub cache); a different class count gets a new head",
+        )
+        p.add_argument(
+            "--weights",
+            metavar="FILE",
+            help=f"start the {own} from this .safetensors or .pth state dict (weights only; a different "
+            "class count gets a new head)",
+        )
+    if teacher:
+        p.add_argument(
+            "--teacher-weights",
+            metavar="FILE",
+            help="the teacher is --teacher ARCH (any architecture) with the weights of this .safetensors or "
+            ".pth state dict (its classes must be the shards')",
+        )
+    p.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="fetch pretrained weights missing from the local cache (default: never touch the network)",
+    )
 
 
 def cmd_train_teacher(args) -> int:
@@ -213,8 +257,8 @@ def cmd_models(args) -> int:
         shape = lambda t: "x".join(str(d) for d in t.shape[1:])  # noqa: E731
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(
-            f"{name:<22} {params:6.2f}M  feat {model.feat_dim}  maps {', '.join(shape(m) for m in f.maps)}  "
-            f"stages {', '.join(shape(s) for s in f.stages)}  branches {branches}"
+            f"{name:<22} {params:6.2f}M  feat {model.feat_dim}  maps {', '.join(shape(m) for m in f.maps) or 'none'}  "
+            f"stages {', '.join(shape(s) for s in f.stages) or 'none'}  branches {branches}"
         )
     if not one:
         print(
@@ -316,12 +360,16 @@ def register(sub, fmt) -> None:
         epilog="example:\n  sskd train-teacher --shards data/shards/c100 --arch resnet32x4 --out runs/t \\\n"
         "      --config sskd/configs/cifar100/resnet32x4-resnet8x4.yaml\n"
         "  sskd train-teacher --method hssakd --arch resnet32x4 --shards data/shards/c100 --out runs/t-hs\n"
+        "  sskd train-teacher --arch timm:convnext_tiny.fb_in1k --pretrained --shards data/shards/c100 --out runs/t-cnx\n"
         "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd train-teacher ...",
     )
     _common(p)
     p.add_argument(
-        "--arch", help="teacher architecture (registry name, e.g. wrn_40_2 or torchvision:resnet34)"
+        "--arch",
+        help="teacher architecture: a built-in name (wrn_40_2, torchvision:resnet34), timm:NAME, or your own "
+        "as module.path:function (`sskd models`)",
     )
+    add_weight_flags(p, own="teacher", teacher=False)
     names, text = method_help("teacher")
     p.add_argument("--method", choices=names, help=f"what the teacher learns (default: ce). {text}")
     p.set_defaults(func=cmd_train_teacher)
@@ -338,11 +386,17 @@ def register(sub, fmt) -> None:
         "run holds the complete teacher.",
         epilog="example:\n  sskd train-ss-head --teacher runs/t --shards data/shards/c100 --out runs/t-ss\n"
         "  sskd train-ss-head --method hssakd --teacher runs/t --shards data/shards/c100 --out runs/t-hs\n"
-        "  sskd train-ss-head --teacher torchvision:resnet34 --shards data/shards/imagenet --out runs/r34-ss",
+        "  sskd train-ss-head --teacher torchvision:resnet34 --shards data/shards/imagenet --out runs/r34-ss\n"
+        "  sskd train-ss-head --teacher timm:resnet50.a1_in1k --shards data/shards/imagenet --out runs/r50-ss\n"
+        "  sskd train-ss-head --teacher resnet32x4 --teacher-weights t.safetensors --shards data/shards/c100 --out runs/t-ss",
     )
     p.add_argument(
-        "--teacher", required=True, help="a train-teacher run folder, or torchvision:NAME (pretrained)"
+        "--teacher",
+        required=True,
+        help="a train-teacher run folder; torchvision:NAME or timm:NAME[.TAG] (pretrained, from the local "
+        "caches); or any architecture with --teacher-weights FILE",
     )
+    add_weight_flags(p, own=None, teacher=True)
     names, text = method_help("head")
     p.add_argument(
         "--method", choices=names, help=f"the teacher's method-specific part (default: sskd). {text}"
@@ -360,14 +414,22 @@ def register(sub, fmt) -> None:
         "--shards data/shards/c100 --out runs/s\n"
         "  sskd distill --method hssakd --teacher runs/t-hs --student resnet8x4 --shards data/shards/c100 --out runs/h\n"
         "  sskd distill --method hssakd_online --student resnet8x4 --shards data/shards/c100 --out runs/o\n"
-        "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8x4 ... (teacher not run)",
+        "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8x4 ... (teacher not run)\n"
+        "  sskd distill --method kd --teacher timm:resnet50.a1_in1k --student timm:mobilenetv3_large_100 \\\n"
+        "      --pretrained --shards data/shards/imagenet --out runs/mnv3-kd\n"
+        "  sskd distill --method kd --teacher runs/t --student mypackage.models:make_net --shards ... --out runs/m",
     )
     p.add_argument(
         "--teacher",
         help="teacher run: a train-ss-head run for sskd (SS head) and hssakd (branches; or "
-        "a train-teacher --method hssakd run); any run or torchvision:NAME for kd",
+        "a train-teacher --method hssakd run); for kd and the other methods any run, "
+        "torchvision:NAME or timm:NAME[.TAG] (pretrained), or an architecture with --teacher-weights FILE",
     )
-    p.add_argument("--student", help="student architecture")
+    p.add_argument(
+        "--student",
+        help="student architecture: a built-in name, timm:NAME, or module.path:function (`sskd models`)",
+    )
+    add_weight_flags(p, own="student", teacher=True)
     names, text = method_help("student")
     p.add_argument(
         "--method",
@@ -418,7 +480,8 @@ def register(sub, fmt) -> None:
         "evaluate",
         help="top-1 / top-5 of a trained model",
         formatter_class=fmt,
-        description="Evaluate a run's model on a split (each sample exactly once, across ranks too).",
+        description="Evaluate a run's model, or a file `sskd export` wrote as ONNX, on a split (each sample exactly "
+        "once, across ranks too).",
         epilog="example:\n  sskd evaluate --model runs/s --shards data/shards/c100 --json eval.json",
     )
     p.add_argument(

@@ -53,11 +53,16 @@ class StageConfig:
 
     arch: str = ""
     method: str = ""
+    pretrained: bool = (
+        False  # start the stage's model from its pretrained weights (timm:NAME, torchvision:NAME)
+    )
+    weights: str | None = None  # start it from this .safetensors / .pth state dict (weights only)
     epochs: int = bound(240, ge=1)
     max_steps: int | None = bound(None, ge=1)  # stop after this many optimizer steps (smoke runs, benchmarks)
     batch_size: int = bound(64, ge=1)  # images per process per step (each image carries all its views)
     lr: float = bound(0.05, ge=0)
-    momentum: float = bound(0.9, ge=0, le=1)
+    optimizer: str = bound("sgd", choices=("sgd", "adamw"))  # adamw: AdamW (torch's betas), for transformers
+    momentum: float = bound(0.9, ge=0, le=1)  # SGD only
     weight_decay: float = bound(5e-4, ge=0)
     nesterov: bool = False
     schedule: str = bound("step", choices=("step", "cosine"))

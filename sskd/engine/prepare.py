@@ -143,6 +143,10 @@ class RunSpec:
                 teacher_arch=teacher.info["arch"],
                 teacher_weights_sha256=teacher.info.get("weights_sha256"),
             )
+            if teacher.info.get(
+                "normalization"
+            ):  # the teacher sees its own normalisation (sskd.models.weights)
+                rec["teacher_normalization"] = teacher.info["normalization"]
         return rec
 
     def cache_binding(self, split: str = "train") -> dict[str, Any]:
@@ -176,6 +180,7 @@ def prepare(
     resume: bool = False,
     overwrite: bool = False,
     without_teacher: bool = False,
+    teacher_weights: str | Path | None = None,
 ) -> RunSpec:
     """Resolve ``stage``'s run under ``cfg`` once, every check included (one line each, in this order):
     the shard folder, the method's views, the cache's method, the teacher, the cache's binding.
@@ -184,7 +189,8 @@ def prepare(
     needs one; ignored, with a log line, by a student method that does not), or a :class:`FreshTeacher`.
     ``cache``: the teacher-output cache a student reads instead of running its teacher (``distill --cache``).
     ``without_teacher``: resolve everything but the teacher, which is left out (``sskd sweep`` plans runs
-    whose teachers are not trained yet).
+    whose teachers are not trained yet). ``teacher_weights``: ``teacher`` is then an architecture whose
+    weights this file holds (``--teacher-weights``).
     """
     from pipelines.loader import DEFAULT_SIZE
     from shards.format import load_manifest_and_sha256
@@ -216,9 +222,13 @@ def prepare(
             }
             source = LiveTeacher(f"a fresh {teacher.arch}", info, fresh=True)
         else:
-            source = LiveTeacher(str(teacher), teacher_info(str(teacher), manifest))
+            source = LiveTeacher(str(teacher), teacher_info(str(teacher), manifest, teacher_weights))
             if stage == "student":
                 cls.check_teacher(source.info, source.source, cfg)
+    elif teacher_weights is not None and teacher is None:
+        raise SSKDError(
+            "--teacher-weights needs --teacher ARCH (the architecture whose weights the file holds)"
+        )
     elif teacher is not None and not needs:
         log.info("--method %s uses no teacher: --teacher %s is ignored", cls.name, teacher)
     spec = RunSpec(

@@ -51,7 +51,7 @@ class Phase:
     """A pre-training phase a method runs before its main training, in the same run (RepDistiller's
     init stage of AB and FT, FitNet's hint stage): its own epochs, parameters and constant lr.
 
-    The loop gives the phase a fresh SGD optimizer (the stage's momentum and weight decay) over
+    The loop gives the phase a fresh optimizer of the stage's kind (SGD with its momentum and weight decay, or AdamW) over
     :meth:`Method.phase_parameters`, tells the method with :meth:`Method.set_phase`, checkpoints and
     resumes inside it like in the main training, and starts the main training afterwards with the
     stage's own optimizer and schedule from step 0.
@@ -100,9 +100,31 @@ class BuildContext:
         return self.cfg.section(cls.section) if cls.section else None
 
     def backbone(self, arch: str | None = None) -> nn.Module:
+        """A fresh model of ``arch``; without one, the stage's own model: its architecture, started from its
+        pretrained weights or weights file when the stage says so, its input re-normalised to what those
+        weights were trained with (:mod:`sskd.models.weights`)."""
         from sskd.models import create_model
 
-        return create_model(arch or self.arch, num_classes=self.num_classes)
+        if arch is not None:
+            return create_model(arch, num_classes=self.num_classes)
+        from sskd.models.weights import attach_input_norm, load_weights_file
+
+        st = getattr(self.cfg, self.stage)
+        model = create_model(
+            self.arch, num_classes=self.num_classes, **({"pretrained": True} if st.pretrained else {})
+        )
+        start = {}
+        if st.pretrained:
+            start["pretrained"] = getattr(model, "input_norm", (None, None, self.arch))[2]
+        if st.weights:
+            start["weights"] = str(st.weights)
+            start["weights_sha256"] = load_weights_file(
+                model, st.weights, self.num_classes, new_head=True, arch=self.arch
+            )
+        if start:
+            model.sskd_start = start
+        attach_input_norm(model, self.manifest["mean"], self.manifest["std"])
+        return model
 
     def teacher_model(self, part: str | None, *, method: str) -> tuple[nn.Module | None, dict[str, Any]]:
         """The frozen teacher (None when a cache serves its outputs) and its ``model.json``.

@@ -30,7 +30,7 @@ class ShapeError(ValueError):
 
 
 def fmt_shapes(shapes: Sequence[Shape]) -> str:
-    return ", ".join("x".join(map(str, s)) for s in shapes)
+    return ", ".join("x".join(map(str, s)) for s in shapes) or "none"
 
 
 def _check_out(module: nn.Module, s: Shape, t: Shape) -> None:

@@ -159,13 +159,22 @@ class TimmClassifier(Classifier):
     """A timm model (``self.net``) answering the project's interface; see the module docstring. It overrides
     :meth:`forward` whole (timm computes the stages, the feature and the logits), so it has no ``fc``."""
 
-    def __init__(self, model_name: str, num_classes: int, **kw):
+    def __init__(self, model_name: str, num_classes: int, *, pretrained: bool = False, **kw):
         super().__init__()
         import timm
 
         self.arch = PREFIX + model_name
+        if pretrained:  # from the local Hugging Face cache (sskd.models.weights); timm fits the head
+            from sskd.models.weights import pretrained_cfg, pretrained_file, read_state_dict
+
+            cfg = pretrained_cfg(model_name)
+            self.pretrained_file = pretrained_file(model_name)
+            kw["pretrained_cfg_overlay"] = {"state_dict": read_state_dict(self.pretrained_file)}
+            full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+            self.input_norm = (tuple(cfg.mean), tuple(cfg.std), f"timm:{full} pretrained config")
+            self.input_size = tuple(cfg.input_size)
         try:
-            self.net = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kw)
+            self.net = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kw)
         except RuntimeError as exc:  # timm's own refusals (an unknown pretrained tag, ...)
             raise SSKDError(f"{self.arch}: {exc}") from None
         self.feat_dim = int(getattr(self.net, "head_hidden_size", None) or self.net.num_features)

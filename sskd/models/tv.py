@@ -24,6 +24,9 @@ class TorchvisionResNet(Classifier):
         net = getattr(torchvision.models, arch)(weights=None)
         if pretrained:
             net.load_state_dict(_pretrained_state(arch))
+            from sskd.models.weights import IMAGENET_NORM
+
+            self.input_norm = (*IMAGENET_NORM, f"torchvision {arch} ImageNet weights")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.feat_dim = net.fc.in_features

@@ -183,8 +183,9 @@ def _write(fmt: str, module: Logits, example: torch.Tensor, path: Path, what: st
         raise SSKDError(f"{what}: {fmt} export failed ({type(exc).__name__}: {first})") from exc
 
 
-def _load(fmt: str, path: Path, arch: str, num_classes: int):
-    """The written file loaded back as a deployment loads it: a function from images to logits."""
+def _load(fmt: str, path: Path, arch: str, num_classes: int, normalization: dict | None = None):
+    """The written file loaded back as a deployment loads it: a function from images to logits (for weights,
+    with the re-normalisation ``normalization`` records, so it is checked on the same inputs as the graphs)."""
     if fmt == "onnx":
         return OnnxClassifier(path)
     if fmt == "torchscript":
@@ -193,10 +194,24 @@ def _load(fmt: str, path: Path, arch: str, num_classes: int):
     from safetensors.torch import load_file
 
     from sskd.models import create_model
+    from sskd.models.weights import restore_input_norm
 
     model = create_model(arch, num_classes=num_classes)
     model.load_state_dict(load_file(str(path)))
+    restore_input_norm(model, normalization)
     return Logits(model).eval()
+
+
+def _network_norm(fmt: str, normalization: dict | None) -> dict[str, Any]:
+    """A network trained with its own normalisation (pretrained weights): an ONNX or TorchScript graph holds
+    the re-normalisation (it takes the data's normalisation, as ``prep`` says); bare weights do not, so their
+    input is normalised with the network's mean and std. Both are recorded."""
+    if not normalization:
+        return {}
+    out: dict[str, Any] = {"normalization": normalization}
+    if fmt == "safetensors":
+        out.update(mean=normalization["network"]["mean"], std=normalization["network"]["std"])
+    return out
 
 
 def compare(reference, exported, batches: Iterable, atol: float, rtol: float) -> dict[str, Any]:
@@ -285,7 +300,8 @@ def export_run(
     described = info_path(out)
     with atomic.atomic_path(out) as tmp:
         _write(fmt, module, torch.zeros(2, 3, size, size), tmp, f"{out} ({info['arch']})")
-        check = compare(module, _load(fmt, tmp, info["arch"], info["num_classes"]), batches, atol, rtol)
+        loaded = _load(fmt, tmp, info["arch"], info["num_classes"], info.get("normalization"))
+        check = compare(module, loaded, batches, atol, rtol)
         if not check["within_tolerance"]:
             raise SSKDError(
                 f"{out}: the exported model differs from the run's: max |Δlogit| {check['max_abs_logit_diff']:.3g} "
@@ -306,6 +322,7 @@ def export_run(
             "shape": ["batch", 3, size, size],
             **({"name": ONNX_INPUT} if fmt == "onnx" else {}),
             **prep,
+            **_network_norm(fmt, info.get("normalization")),
         },
         "output": {"shape": ["batch", info["num_classes"]], "what": "logits (no softmax)"},
         "source_run": str(Path(run).resolve()),

@@ -18,6 +18,7 @@ from sskd import runs
 from sskd.core.errors import SSKDError
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 def new_model(
@@ -45,12 +46,17 @@ def describe_model(module: torch.nn.Module) -> dict[str, Any]:
     (``has_head``: whether the wrapper is the SS head, for readers of the file; rebuilding reads ``wrapper``)."""
     wrapper = getattr(module, "wrapper", None)
     args = dict(module.wrapper_args()) if wrapper and hasattr(module, "wrapper_args") else {}
-    return {
+    described = {
         "wrapper": wrapper,
         "wrapper_args": args,
         "has_head": wrapper == "ss_head",
         "feat_dim": module.feat_dim,
     }
+    backbone = getattr(module, "backbone", module) if wrapper else module
+    for key, attr in (("normalization", "sskd_normalization"), ("start", "sskd_start")):
+        if getattr(backbone, attr, None):
+            described[key] = getattr(backbone, attr)
+    return described
 
 
 def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -70,23 +76,24 @@ def run_info(run: str | Path) -> dict[str, Any]:
 
 def model_from_info(run: str | Path, info: dict[str, Any]) -> torch.nn.Module:
     """The model a run's ``model.json`` (``info``, already read and checked) describes, with its weights."""
+    from sskd.models.weights import restore_input_norm
+
     model = new_model(
         info["arch"], info["num_classes"], wrapper=info.get("wrapper"), wrapper_args=info.get("wrapper_args")
     )
     runs.load_weights(run, model)
+    restore_input_norm(
+        getattr(model, "backbone", model) if info.get("wrapper") else model, info.get("normalization")
+    )
     return model
 
 
-def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The teacher's ``model.json`` (or a torchvision stand-in), checked against the shards; no weights."""
-    if source.startswith(TORCHVISION_PREFIX):
-        return {
-            "arch": source,
-            "num_classes": manifest["num_classes"],
-            "wrapper": None,
-            "stage": "torchvision-pretrained",
-            "weights_sha256": "torchvision-pretrained:" + source,
-        }
+def teacher_info(source: str, manifest: dict[str, Any], weights: str | Path | None = None) -> dict[str, Any]:
+    """The teacher's ``model.json``, checked against the shards; no weights loaded. ``source`` is a run folder,
+    or a stand-in: ``torchvision:NAME`` and ``timm:NAME[.TAG]`` (pretrained weights from the local caches),
+    or any architecture with ``weights`` (a weights file)."""
+    if weights is not None or source.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        return _stand_in_info(source, manifest, weights)
     info = run_info(source)
     if info.get("num_classes") != manifest["num_classes"]:
         raise SSKDError(
@@ -100,12 +107,66 @@ def teacher_info(source: str, manifest: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _stand_in_info(source: str, manifest: dict[str, Any], weights: str | Path | None) -> dict[str, Any]:
+    """A ``model.json`` for a teacher that is no run: its weights are found (and hashed) and its class count
+    and normalisation checked here, so a missing file or a wrong head fails before anything is made."""
+    from sskd.models.weights import IMAGENET_NORM, file_sha256, pretrained_cfg, pretrained_file
+
+    k = manifest["num_classes"]
+    info: dict[str, Any] = {"arch": source, "num_classes": k, "wrapper": None}
+    network = None
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise SSKDError(f"--teacher-weights {weights}: no such weights file")
+        info.update(stage="weights-file", weights_file=str(weights), weights_sha256=file_sha256(weights))
+    elif source.startswith(TORCHVISION_PREFIX):
+        info.update(stage="torchvision-pretrained", weights_sha256="torchvision-pretrained:" + source)
+        network = (*IMAGENET_NORM, f"{source} ImageNet weights")
+    else:
+        cfg = pretrained_cfg(source[len(TIMM_PREFIX) :])
+        full = TIMM_PREFIX + (f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture)
+        if cfg.num_classes != k:
+            raise SSKDError(
+                f"--teacher {source}: teacher has {cfg.num_classes} classes but the shards "
+                f"({manifest['dataset']}) have {k}"
+            )
+        path = pretrained_file(full[len(TIMM_PREFIX) :])
+        info.update(
+            arch=full, stage="timm-pretrained", weights_file=str(path), weights_sha256=file_sha256(path)
+        )
+        network = (tuple(cfg.mean), tuple(cfg.std), f"{full} pretrained config", list(cfg.input_size))
+    if network is not None:
+        info["normalization"] = {
+            "data": {"mean": list(manifest["mean"]), "std": list(manifest["std"])},
+            "network": {"mean": list(network[0]), "std": list(network[1]), "source": network[2]},
+        }
+        if len(network) > 3:
+            info["normalization"]["network"]["input_size"] = network[3]
+    return info
+
+
 def teacher_model(source: str, info: dict[str, Any]) -> torch.nn.Module:
     """The model of a teacher whose ``model.json`` (``info``, from :func:`teacher_info`) was checked: a run's
-    trained model, or ``torchvision:NAME``'s pretrained weights."""
-    if source.startswith(TORCHVISION_PREFIX):
-        return new_model(source, info["num_classes"], pretrained=True)
-    return model_from_info(source, info)
+    trained model, pretrained weights (``torchvision:NAME``, ``timm:NAME.TAG``) or a weights file, its input
+    re-normalised as ``info`` says."""
+    from sskd.models.weights import load_weights_file, restore_input_norm
+
+    if info.get("stage") == "weights-file":
+        model = new_model(info["arch"], info["num_classes"])
+        load_weights_file(
+            model,
+            info["weights_file"],
+            info["num_classes"],
+            new_head=False,
+            what="--teacher-weights",
+            arch=info["arch"],
+        )
+    elif info.get("stage") in ("torchvision-pretrained", "timm-pretrained"):
+        model = new_model(info["arch"], info["num_classes"], pretrained=True)
+    else:
+        return model_from_info(source, info)
+    restore_input_norm(model, info.get("normalization"))
+    return model
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
