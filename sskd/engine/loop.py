@@ -31,6 +31,16 @@ from sskd.runs.models import describe_model
 log = logging.getLogger(__name__)
 
 
+def make_optimizer(params, st, lr: float) -> torch.optim.Optimizer:
+    """The stage's optimizer: SGD (momentum, Nesterov, weight decay: the official codes'), or AdamW with the
+    stage's weight decay on every parameter (``optimizer: adamw``, the transformer recipes')."""
+    if st.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=st.weight_decay)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=st.momentum, weight_decay=st.weight_decay, nesterov=st.nesterov
+    )
+
+
 def lr_factor(st: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the base lr after ``step`` optimizer steps: warm-up, then step or cosine decay."""
     warmup = st.warmup_epochs * steps_per_epoch
@@ -95,9 +105,7 @@ class Run:
         self.train_loader, self.val_loader = _loaders(spec, accelerator)
         self.params = method.phase_parameters(None)
         st = self.st
-        optimizer = torch.optim.SGD(
-            self.params, lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay, nesterov=st.nesterov
-        )
+        optimizer = make_optimizer(self.params, st, st.lr)
         self.steps_per_epoch = max(1, len(self.train_loader) // st.grad_accum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(st, self.steps_per_epoch))
         if (
@@ -172,13 +180,7 @@ class Run:
         else:
             phase = self.phases[index]
             self.params = self.core.phase_parameters(phase.name)
-            optimizer = torch.optim.SGD(
-                self.params,
-                lr=phase.lr or st.lr,
-                momentum=st.momentum,
-                weight_decay=st.weight_decay,
-                nesterov=st.nesterov,
-            )
+            optimizer = make_optimizer(self.params, st, phase.lr or st.lr)
             self.optimizer = self.accelerator.prepare(optimizer)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant lr
             self.epochs = phase.epochs
