@@ -8,7 +8,8 @@ the torchvision reference within the README's 8 of 255 levels); the loader handi
 through ``sskd train-teacher --max-steps 2``; a cache built and read on the GPU (``sskd cache --device
 gpu``, ``distill --cache``, the device-type binding); NCCL with one process (torch.distributed, and
 Accelerate choosing it under a launcher's environment, with the loop's all-gather); ``sskd bench pipeline
---device gpu`` and ``sskd bench train --device gpu`` (with ``--cache``).
+--device gpu``, ``sskd bench train --device gpu`` (with ``--cache``) and ``sskd bench distill --device cuda``
+in fp16 and bf16 (no DALI needed: synthetic views).
 
 Tests that need DALI skip themselves when it is not installed, so the torch-only ones still run there
 (``launch/gpu-check.sh`` relies on it): nothing here imports DALI at module level.
@@ -553,3 +554,46 @@ def test_bench_train_on_the_gpu(digits_shards, tmp_path, cache):
     res = run_bench(args)
     assert res["config"]["dali_device"] == "gpu" and res["machine"]["training_device"].startswith("cuda")
     assert res["ratio"] > 0 and res["loader_images_per_s"] > 0
+
+
+def test_bench_distill_on_the_gpu_in_every_precision(digits_shards, tmp_path):
+    """``sskd bench distill --device cuda --data synthetic --mixed-precision no,fp16,bf16`` (no DALI): the
+    models and batches on CUDA, each precision timed, every result naming the GPU, precision and batch size;
+    ``--device auto`` picks the GPU."""
+    out = tmp_path / "d.json"
+    common = [
+        "--shards",
+        digits_shards,
+        "--teacher-arch",
+        "resnet8",
+        "--student-arch",
+        "resnet8",
+        "--data",
+        "synthetic",
+    ]
+    sskd(
+        "bench",
+        "distill",
+        *common,
+        "--method",
+        "kd,sskd",
+        "--device",
+        "cuda",
+        "--mixed-precision",
+        "no,fp16,bf16",
+        "--batch-size",
+        32,
+        "--steps",
+        2,
+        "--warmup",
+        1,
+        "--json",
+        out,
+    )
+    res = json.loads(out.read_text())
+    got = [(r["method"], r["precision"]) for r in res["results"]]
+    assert got == [(m, p) for m in ("kd", "sskd") for p in ("no", "fp16", "bf16")]
+    for r in res["results"]:
+        assert r["device"].startswith("cuda (") and r["batch_size"] == 32 and r["cached_images_per_s"] > 0
+    sskd("bench", "distill", *common, "--method", "kd", "--steps", 1, "--warmup", 1, "--json", out)
+    assert json.loads(out.read_text())["device"].startswith("cuda (")
