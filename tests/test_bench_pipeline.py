@@ -54,7 +54,9 @@ def test_bench_pipeline_reports_every_variant(request, tmp_path, capsys, shards,
         sum(r["images_per_s"]["dali"] for r in res["rounds"]) / 2, abs=0.11
     )
     kernel = res["resize_kernel"]
-    assert kernel["dali_ms"] > 0 and kernel["torchvision_ms"] > 0 and kernel["size"] == res["config"]["size"]
+    # DALI's figure is a difference of two timings (with and without the resize): reported, not judged
+    assert isinstance(kernel["dali_ms"], float) and kernel["torchvision_ms"] > 0
+    assert kernel["size"] == res["config"]["size"]
     printed = capsys.readouterr().out
     assert "dali_vs_torchvision per round" in printed and "torchvision" in printed
 

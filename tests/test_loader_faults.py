@@ -397,3 +397,29 @@ def test_shard_reindex_adds_checksums_to_old_shards_but_never_for_a_damaged_tar(
         f"{tar}: sample {e['first_id']:09d}: member {e['first_id']:09d}.png cannot be decoded "
         f"({check_samples(folder, 'train')[0].split('cannot be decoded (', 1)[1]}"
     ]
+
+
+def test_a_bad_sample_first_read_in_the_next_epoch_stops_that_epoch_not_the_one_before(
+    digits_shards, tmp_path
+):
+    """A training epoch opens the next one ahead (pipelines.loader), checking its samples: a bad one there
+    is no error in the epoch being read, and the next epoch, when asked for, stops with the usual line
+    (its samples are checked before DALI decodes any of them, ahead or not)."""
+    from pipelines import ViewLoader
+    from pipelines.order import rank_segments
+
+    case = corrupt(digits_shards, tmp_path / "flip", "flip", 0)
+    bad = case["bad"][0]
+    loader = ViewLoader(case["folder"], "train", batch_size=64, views=None, rank=0, world_size=2)
+    shards = loader._order_shards()
+
+    def reads(epoch: int) -> bool:
+        return any(bad in shards[s].ids[lines] for s, lines in rank_segments(shards, 0, epoch, 0, 2))
+
+    epoch = next(e for e in range(20) if not reads(e) and reads(e + 1))
+    ids = [i for b in loader.epoch(epoch) for i in b["id"].tolist()]
+    assert bad not in ids and loader._ahead is None  # opening epoch + 1 failed, quietly
+    with pytest.raises(SSKDError) as err:
+        next(loader.epoch(epoch + 1))
+    assert str(err.value).startswith(case["tar"] + ":") and f"sample {bad:09d}" in str(err.value)
+    assert "\n" not in str(err.value)

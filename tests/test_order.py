@@ -2,14 +2,16 @@
 size); DALI reads exactly that order; every sample once per epoch; sskd bench shuffle's figures."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipelines import ViewLoader
-from pipelines.order import epoch_sequence, rank_segments, split_shards
+from pipelines.order import MAX_SEGMENTS, chunk_size, epoch_sequence, rank_segments, split_shards
 from shards.format import load_manifest
 from sskd.bench.shuffle import dali_epoch, layout_shards, measure, run, simulated_epoch
 
@@ -156,3 +158,94 @@ def test_consecutive_shards_are_interleaved_in_chunks():
     pairs = set(zip(shard_of.tolist(), line_of.tolist()))
     assert len(pairs) == 4000  # still every sample once
     assert chunk_size(1_281_167, 8) == -(-(1_281_167 // 8) // MAX_SEGMENTS) == 10
+
+
+def _chunks(shards, world: int) -> int:
+    """How many chunks the interleave cuts the epoch into: each is read from one shard, so an epoch never
+    needs more segments than this, plus one per rank boundary that falls inside a chunk."""
+    sizes = [len(s.keep) if s.keep is not None else len(s.ids) for s in shards]
+    c = chunk_size(sum(sizes), world)
+    return sum(-(-n // c) for n in sizes)
+
+
+@pytest.mark.parametrize(
+    "layout,world", [("1437:3", 1), ("1437:6", 2), ("4000:32", 3), ("20000:24", 8), ("1281167:1024", 8)]
+)
+def test_an_epoch_has_no_more_segments_than_the_order_needs(layout, world):
+    """Counted, not timed: every segment is an index file written per epoch and a stream DALI's reader
+    opens, so an order spelled in more segments than its chunks is slower for nothing."""
+    shards = layout_shards(layout)
+    for epoch in (0, 1):
+        per_rank = [rank_segments(shards, 0, epoch, r, world) for r in range(world)]
+        for segs in per_rank:
+            assert all(a[0] != b[0] for a, b in zip(segs, segs[1:]))  # maximal runs of one shard
+            assert len(segs) <= MAX_SEGMENTS
+        assert sum(map(len, per_rank)) <= _chunks(shards, world) + world - 1
+    # the digits split of `sskd bench pipeline` (3 shards of 479): 120 chunks of 4 from each shard
+    assert len(rank_segments(layout_shards("1437:3"), 0, 0, 0, 1)) == 360
+
+
+def test_a_subset_has_no_more_segments_than_its_kept_samples_need(digits_shards):
+    manifest = load_manifest(digits_shards)
+    keep = np.arange(0, manifest["splits"]["train"]["num_samples"], 3)
+    shards = split_shards(digits_shards, manifest, "train", keep)
+    for world in (1, 2):
+        per_rank = [rank_segments(shards, 7, 1, r, world) for r in range(world)]
+        assert sum(len(lines) for segs in per_rank for _, lines in segs) == len(keep)
+        assert all(a[0] != b[0] for segs in per_rank for a, b in zip(segs, segs[1:]))
+        assert sum(map(len, per_rank)) <= _chunks(shards, world) + world - 1
+
+
+def test_the_loader_writes_one_index_file_per_segment_in_place_every_epoch(digits_shards):
+    """The same files every epoch, overwritten and cut to length (no file made or removed per segment and
+    epoch: on ext4 that was most of a digits epoch), and DALI reads exactly the order from them."""
+    loader = ViewLoader(digits_shards, "train", batch_size=64, rank=0, world_size=2)
+    shards = loader._order_shards()
+    counts = []
+    for epoch in range(3):
+        segs = rank_segments(shards, loader.seed, epoch, 0, 2)
+        if epoch:
+            held = loader._segments.dir / "held"
+            os.link(loader._segments.dir / "000000.idx", held)  # the file as it is now, by inode
+        tars, idxs = loader.epoch_files(epoch, segs)
+        if epoch:
+            assert os.path.samefile(held, idxs[0])  # rewritten, not replaced
+            held.unlink()
+        assert len(tars) == len(idxs) == len(segs) and idxs[0].endswith("000000.idx")
+        for (s, lines), tar, idx in zip(segs, tars, idxs):
+            text = Path(idx).read_bytes().splitlines()
+            assert tar == shards[s].tar and text[0] == b"v1.2 %d" % len(lines) and len(text) == len(lines) + 1
+        counts.append(len(segs))
+        assert loader_ids(loader, epoch) == rank_ids(shards, loader.seed, epoch, 0, 2).tolist()
+    assert loader._segments.created == max(counts) == len(list(loader._segments.dir.iterdir()))
+
+
+def test_rewriting_the_index_files_does_not_change_an_epoch_being_read(digits_shards):
+    """DALI parses its index files when the pipeline is built: the next epoch's files may be written while
+    an epoch is still being read (the loader checks every batch's ids against the order)."""
+    loader = ViewLoader(digits_shards, "train", batch_size=64)
+    batches = loader.epoch(0)
+    ids = next(batches)["id"].tolist()
+    loader.epoch_files(1)
+    ids += [i for b in batches for i in b["id"].tolist()]
+    assert ids == rank_ids(loader._order_shards(), loader.seed, 0, 0, 1).tolist()
+
+
+def test_the_next_epoch_opened_ahead_is_the_epoch_asked_for_or_dropped(digits_shards):
+    """A training epoch opens the next one before its own end (pipelines.loader): that epoch's batches are
+    a fresh loader's, and asking for another epoch (or resuming from a checkpoint) drops it."""
+    loader = ViewLoader(digits_shards, "train", batch_size=64, views="rotation", rank=1, world_size=2)
+    shards = loader._order_shards()
+    for epoch in (0, 1, 3, 2, 2):
+        assert loader_ids(loader, epoch) == rank_ids(shards, loader.seed, epoch, 1, 2).tolist()
+        assert loader._ahead is not None and loader._ahead.epoch == epoch + 1
+    fresh = ViewLoader(digits_shards, "train", batch_size=64, views="rotation", rank=1, world_size=2)
+    for a, b in zip(loader.epoch(3), fresh.epoch(3)):  # epoch 3 opened ahead by epoch 2, and not
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["views"], b["views"])
+    batches = loader.epoch(0)
+    next(batches)
+    state = loader.state()
+    batches.close()
+    loader._open_ahead(0)  # from its first batch: of no use to a resume from a checkpoint
+    tail = [i for b in loader.epoch(0, start_batch=1, resume_state=state) for i in b["id"].tolist()]
+    assert tail == rank_ids(shards, loader.seed, 0, 1, 2).tolist()[64:] and loader.replayed == 0
