@@ -9,12 +9,16 @@ layout reads it)::
 Each chunk holds, for the samples one rank saw in a run of consecutive batches (the first one and
 how many are in its metadata): ``ids`` int64 (n,) and every teacher output the method declares
 (:attr:`sskd.methods.Method.outputs`), per view: SSKD's ``logits`` (n, V, K) and ``embed`` (n, V, d) —
-the SS projections —, HSSAKD's ``logits`` and ``aux`` (n, V, L, 4K), KD's ``logits`` (n, 1, K); fp16.
-With ``--topk k`` an output the method allows it for is stored as ``<name>.topv`` fp16 / ``<name>.topi``
-int32 (..., k) plus ``<name>.lse`` fp32 (...), the log-sum-exp of all its logits. Embeddings are
-stored, not batch similarity matrices, so the matrix is recomputed for whatever batch size and rank
-layout the student run has. Chunks are written under a temporary name and renamed; readers
-memory-map them (safetensors header → numpy memmap).
+the SS projections —, HSSAKD's ``logits`` and ``aux`` (n, V, L, 4K), KD's ``logits`` (n, 1, K), each at
+the *storage level* the manifest records for it (:mod:`sskd.cache.levels`): fp16; top-K values, int16 or
+int32 classes and the log-sum-exp (``<name>.topv`` / ``.topi`` / ``.lse``); int8 unit rows with a
+per-row scale (``<name>.q`` / ``.scale``), optionally projected by a basis stored in
+``CACHE/projections.safetensors``. Embeddings are stored, not batch similarity matrices, so the matrix
+is recomputed for whatever batch size and rank layout the student run has. Chunks are written under a
+temporary name and renamed; readers memory-map them (safetensors header → numpy memmap).
+
+Format version 4 adds the levels (``storage`` per output, ``level`` in the binding); version 3 caches
+(fp16, or ``--topk`` with int32 classes) are read as they are.
 
 Integrity: every chunk carries a CRC-32 of its arrays in its metadata. A reader checks every chunk's
 header and size when it opens the cache (a damaged or truncated file fails at the start, not hours
@@ -44,8 +48,10 @@ from sskd.core.errors import SSKDError
 log = logging.getLogger(__name__)
 
 FORMAT = "sskd-teacher-cache"
-VERSION = 3  # 3: the method's named outputs; 2: chunks named by their first batch, CRC-32 per chunk
+VERSION = 4  # 4: storage levels; 3: the method's named outputs; 2: chunks named by first batch, CRC-32
+READ_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
+PROJECTIONS = "projections.safetensors"
 BINDING_FIELDS = (
     "method",
     "teacher_weights_sha256",
@@ -57,7 +63,14 @@ BINDING_FIELDS = (
     "device_type",
     "split",
 )
-_DT = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
+_DT = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+}
 
 
 def epoch_dir(cache: Path, epoch: int) -> Path:
@@ -73,11 +86,18 @@ def rank_chunks(cache: Path, epoch: int, rank: int) -> list[Path]:
     return sorted(epoch_dir(cache, epoch).glob(f"r{rank:03d}-b*.safetensors"))
 
 
-def bytes_per_sample(num_views: int, outputs: list[dict[str, Any]], topk: int | None) -> int:
-    """Disk per sample per epoch: every output of every view (fp16, or top-K + lse), plus the id.
+def bytes_per_sample(
+    num_views: int, outputs: list[dict[str, Any]], topk: int | None = None, storage: dict | None = None
+) -> int:
+    """Disk per sample per epoch: every output of every view, plus the id.
 
-    ``outputs``: ``[{"name", "shape" (per view), "topk": bool}]`` as in the cache manifest.
+    ``outputs``: ``[{"name", "shape" (per view), "topk": bool}]`` as in the cache manifest; ``storage``:
+    ``{name: levels.Storage}`` (format 4); without it, format 3's fp16 or top-K with int32 classes.
     """
+    if storage is not None:
+        from sskd.cache.levels import bytes_per_image
+
+        return bytes_per_image(num_views, outputs, storage)
     total = 8
     for o in outputs:
         rows = num_views * int(np.prod(o["shape"][:-1], dtype=np.int64))
@@ -95,19 +115,23 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def teacher_arrays(
-    ids: np.ndarray, outputs: dict[str, torch.Tensor], topk: int | None, topk_names: tuple[str, ...] = ()
+    ids: np.ndarray,
+    outputs: dict[str, torch.Tensor],
+    topk: int | None = None,
+    topk_names: tuple[str, ...] = (),
+    *,
+    storage: dict | None = None,
+    bases: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The stored form of a run of batches: ids (n,) and each output (n, V, ...) in fp16, or as top-K."""
+    """The stored form of a run of batches: ids (n,) and each output (n, V, ...) at its ``storage``
+    (``{name: levels.Storage}``; without it fp16, or top-K for ``topk_names`` with ``topk``)."""
+    from sskd.cache.levels import Storage, encode
+
+    if storage is None:
+        storage = {n: Storage("topk", k=topk) if topk and n in topk_names else Storage() for n in outputs}
     arrays = {"ids": np.ascontiguousarray(ids, dtype=np.int64)}
     for name, value in outputs.items():
-        value = value.float().cpu()
-        if topk and name in topk_names:
-            top = value.topk(topk, dim=-1)
-            arrays[f"{name}.topv"] = top.values.numpy().astype(np.float16)
-            arrays[f"{name}.topi"] = top.indices.numpy().astype(np.int32)
-            arrays[f"{name}.lse"] = torch.logsumexp(value, dim=-1).numpy().astype(np.float32)
-        else:
-            arrays[name] = value.numpy().astype(np.float16)
+        arrays.update(encode(name, value.float().cpu().numpy(), storage[name], (bases or {}).get(name)))
     return arrays
 
 
@@ -216,12 +240,47 @@ def read_manifest(cache: Path) -> dict[str, Any]:
     m = json.loads(path.read_text())
     if m.get("format") != FORMAT:
         raise SSKDError(f"{path}: not an sskd teacher cache")
-    if m.get("version") != VERSION:
+    if m.get("version") not in READ_VERSIONS:
         raise SSKDError(
-            f"{path}: a cache of format version {m.get('version')}; this sskd reads version {VERSION}: "
-            "rebuild it with `sskd cache`"
+            f"{path}: a cache of format version {m.get('version')}; this sskd reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}: rebuild it with `sskd cache`"
         )
     return m
+
+
+def manifest_storage(manifest: dict[str, Any]) -> dict:
+    """``{output: levels.Storage}`` of a cache: recorded per output (format 4), or format 3's fp16 / top-K."""
+    from sskd.cache.levels import Storage
+
+    out = {}
+    for o in manifest["outputs"]:
+        if "storage" in o:
+            out[o["name"]] = Storage.from_json(o["storage"])
+        elif manifest.get("topk") and o.get("topk"):
+            out[o["name"]] = Storage("topk", k=int(manifest["topk"]))
+        else:
+            out[o["name"]] = Storage()
+    return out
+
+
+def manifest_level(manifest: dict[str, Any]) -> str:
+    """The level name of a cache (``exact``, ``logits:top25+embed:int8-d128``), also for format 3."""
+    from sskd.cache.levels import level_name
+
+    return manifest["binding"].get("level") or level_name(manifest_storage(manifest))
+
+
+def level_matches(manifest: dict[str, Any], asked: str) -> bool:
+    """Whether a cache's level is the one a student asks for: ``any``, ``exact``, ``compact`` (the compact
+    level for the cache's shapes) or a level name."""
+    from sskd.cache.levels import compact, level_name
+
+    have = manifest_level(manifest)
+    if asked in (None, "any"):
+        return True
+    if asked == "compact":
+        return have == level_name(compact(manifest["outputs"]))
+    return have == asked
 
 
 def check_binding(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
@@ -233,6 +292,13 @@ def check_binding(manifest: dict[str, Any], expected: dict[str, Any], where: str
                 f"{where}: cache was made with {field}={have!r} but this run has {want!r}; "
                 "rebuild it with `sskd cache` for this run"
             )
+    # The storage level: a student that names one (exact, compact or a level name) gets that one only.
+    asked = expected.get("level")
+    if asked not in (None, "any") and not level_matches(manifest, asked):
+        raise SSKDError(
+            f"{where}: cache stores level {manifest_level(manifest)} but this run asks for {asked}; "
+            f"rebuild it with `sskd cache{' --exact' if asked == 'exact' else ''}` or ask for that level"
+        )
     # Data settings: a cache of the whole split serves any few-shot subset of it (outputs are keyed by id);
     # a subset's cache serves only that subset. Label noise is recorded, not compared: teacher outputs
     # never read labels. Caches from before these fields hold the whole split.
@@ -263,7 +329,10 @@ class CacheReader:
         self.epochs = int(self.manifest["epochs"])
         self.num_samples = int(self.manifest["num_samples"])
         self.topk = self.manifest.get("topk")
-        self.outputs = self.manifest["outputs"]  # [{"name", "shape", "topk"}]
+        self.outputs = self.manifest["outputs"]  # [{"name", "shape", "topk", "cosine", "storage"}]
+        self.storage = manifest_storage(self.manifest)
+        self.level = manifest_level(self.manifest)
+        self.bases = read_projections(self.path, self.manifest)
         self.files = {e: self._files(e) for e in range(self.epochs)} if require_complete else {}
         self._index: dict[int, tuple[list[dict[str, np.ndarray]], np.ndarray, np.ndarray]] = {}
         self._verified: set[Path] = set()
@@ -318,26 +387,28 @@ class CacheReader:
         if epoch not in self._index:
             self._index.clear()  # one epoch's maps at a time: memory maps are a per-process budget
             files = self.files.get(epoch) or self._files(epoch)
-            chunks, which, row = (
-                [],
-                np.full(self.num_samples, -1, np.int64),
-                np.zeros(self.num_samples, np.int64),
-            )
-            for c, f in enumerate(files):
-                arrays = map_chunk(f)
+            maps = [map_chunk(f) for f in files]
+            # Ids are the split's sample ids: a cache of a data.subset_fraction subset holds num_samples of
+            # them, spread over the split's whole id range (as long as its largest id).
+            size = self.num_samples
+            if self.manifest["binding"].get("subset_fraction", 1.0) != 1.0:
+                size = max([size] + [int(np.max(a["ids"])) + 1 for a in maps if len(a["ids"])])
+            chunks, which, row = [], np.full(size, -1, np.int64), np.zeros(size, np.int64)
+            for c, (f, arrays) in enumerate(zip(files, maps, strict=True)):
                 ids = np.asarray(arrays["ids"])
-                if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
-                    raise SSKDError(f"{f}: sample ids outside 0..{self.num_samples - 1}")
+                if len(ids) and (ids.min() < 0 or ids.max() >= size):
+                    raise SSKDError(f"{f}: sample ids outside 0..{size - 1}")
                 if (which[ids] >= 0).any():
                     raise SSKDError(
                         f"{f}: sample {int(ids[(which[ids] >= 0).argmax()])} is cached twice in epoch {epoch}"
                     )
                 which[ids], row[ids] = c, np.arange(len(ids))
                 chunks.append(dict(arrays, __path__=f))
-            missing = np.flatnonzero(which < 0)
-            if len(missing):
+            held = int((which >= 0).sum())
+            if held < self.num_samples:
+                missing = np.flatnonzero(which < 0)
                 raise SSKDError(
-                    f"{epoch_dir(self.path, epoch)}: {len(missing)} samples missing from the cache "
+                    f"{epoch_dir(self.path, epoch)}: {self.num_samples - held} samples missing from the cache "
                     f"(e.g. id {int(missing[0])})"
                 )
             self._index[epoch] = (chunks, which, row)
@@ -347,6 +418,13 @@ class CacheReader:
         """``{"t_<name>": (b, V, ...)}`` float32 for ``ids`` (b,) in ``epoch % E``, one per output."""
         chunks, which, row = self._epoch(epoch % self.epochs)
         idx = ids.cpu().numpy()
+        bad = (idx < 0) | (idx >= len(which))
+        bad[~bad] = which[idx[~bad]] < 0
+        if bad.any():
+            raise SSKDError(
+                f"{self.path}: sample {int(idx[bad.argmax()])} is not in the cache (a cache of another "
+                "data.subset_fraction?)"
+            )
         parts: dict[str, list] = {o["name"]: [] for o in self.outputs}
         order = np.empty(len(idx), np.int64)
         pos = 0
@@ -364,15 +442,10 @@ class CacheReader:
         return {f"t_{name}": torch.from_numpy(np.concatenate(p)[order]) for name, p in parts.items()}
 
     def _dense(self, arr: dict[str, np.ndarray], output: dict[str, Any], rows: np.ndarray) -> np.ndarray:
+        from sskd.cache.levels import decode
+
         name = output["name"]
-        if name in arr:
-            return np.asarray(arr[name][rows], dtype=np.float32)
-        return dense_from_topk(
-            np.asarray(arr[f"{name}.topv"][rows], np.float32),
-            np.asarray(arr[f"{name}.topi"][rows]),
-            np.asarray(arr[f"{name}.lse"][rows], np.float32),
-            int(output["shape"][-1]),
-        )
+        return decode(arr, name, self.storage[name], int(output["shape"][-1]), rows, self.bases.get(name))
 
     def verify(self, log_line=None) -> list[str]:
         """Every epoch's coverage and every chunk's checksum; returns the problems (empty = all good)."""
@@ -433,7 +506,59 @@ class CacheFolder:
                 f"{self.path}: holds no {', '.join(missing)} for --method {method.name}; rebuild it with "
                 f"`sskd cache --method {method.name}`"
             )
+        check_usable(reader.manifest, method, teacher.info, str(self.path))
         return CachedTeacher(teacher.source, teacher.info, reader)
+
+
+def check_usable(manifest: dict[str, Any], method: type, info: dict[str, Any] | None, where: str) -> None:
+    """Refuse, naming the output, its level and the method, a cache storing an output the method reads at a
+    level it cannot use (top-K of scores it does not read as class scores; int8 or projected rows of an
+    output it reads other than through cosines)."""
+    from sskd.cache.levels import allowed, cosine_outputs
+
+    cosine = cosine_outputs(method, info)
+    storage = manifest_storage(manifest)
+    for o in manifest["outputs"]:
+        if o["name"] not in method.outputs:
+            continue
+        want = {**o, "topk": o["name"] in method.topk_outputs, "cosine": o["name"] in cosine}
+        s = storage[o["name"]]
+        if not allowed(want, s):
+            why = (
+                "it reads them as more than the top classes"
+                if s.kind == "topk"
+                else "it reads them other than through cosine similarities"
+            )
+            raise SSKDError(
+                f"{where}: stores {o['name']} as {s.name}, which --method {method.name} cannot use ({why}); "
+                f"rebuild it with `sskd cache --method {method.name} --exact`"
+            )
+
+
+def read_projections(cache: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The projections a cache stores (``{output: {"basis": (d, D), "mean": (D,)}}``, in the file as
+    ``<output>.basis`` and ``<output>.mean``), checked against the manifest's hash."""
+    want = manifest.get("projections_sha256")
+    if not want:
+        return {}
+    path = Path(cache) / PROJECTIONS
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SSKDError(f"{path}: the cache's projections are unreadable ({exc.strerror})") from None
+    import hashlib
+
+    if hashlib.sha256(data).hexdigest() != want:
+        raise SSKDError(
+            f"{path}: does not match the cache manifest's projections_sha256 (damaged or replaced)"
+        )
+    from safetensors.numpy import load
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load(data).items():
+        name, _, part = key.rpartition(".")
+        out.setdefault(name, {})[part] = value
+    return out
 
 
 def dense_from_topk(topv: np.ndarray, topi: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch
 from sskd.cache import (
     FORMAT,
     MANIFEST,
+    PROJECTIONS,
     VERSION,
     CacheReader,
     bytes_per_sample,
@@ -22,9 +23,23 @@ from sskd.cache import (
     chunk_path,
     rank_chunks,
     read_manifest,
+    read_projections,
     teacher_arrays,
     verify_chunk,
     write_chunk,
+)
+from sskd.cache.levels import (
+    IMAGENET,
+    bytes_per_image,
+    cosine_outputs,
+    default,
+    fit_projection,
+    imagenet_outputs,
+    imagenet_views,
+    level_name,
+    pareto,
+    parse_level,
+    requested,
 )
 from sskd.core import atomic
 from sskd.core.errors import SSKDError
@@ -33,22 +48,85 @@ from sskd.engine.prepare import RunSpec, check_cacheable
 log = logging.getLogger(__name__)
 
 
-def dry_run(spec: RunSpec, epochs: int, topk: int | None = None, split: str = "train") -> dict[str, Any]:
-    """What a cache for this run would hold and weigh, without writing anything; printed by ``--dry-run``."""
+def _level_rows(num_views: int, outputs, n: int, epochs: int, marks: dict[str, str]) -> list[dict[str, Any]]:
+    """The dry run's table: every level on the size/faithfulness front, plus the marked ones."""
+    front = pareto(num_views, outputs)
+    names = [level_name(s) for s in front]
+    for name in marks:
+        if name not in names:
+            front.append(parse_level(name, [o["name"] for o in outputs]))
+            names.append(name)
+    rows = []
+    for storage, name in sorted(
+        zip(front, names, strict=True), key=lambda x: -bytes_per_image(num_views, outputs, x[0])
+    ):
+        per = bytes_per_image(num_views, outputs, storage)
+        rows.append(
+            {
+                "level": name,
+                "bytes_per_image_epoch": per,
+                "gb_per_epoch": round(per * n / 1e9, 3),
+                "gb_total": round(per * n * epochs / 1e9, 3),
+                "mark": marks.get(name, ""),
+            }
+        )
+    return rows
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    print(title)
+    width = max(len(r["level"]) for r in rows)
+    print(f"  {'level':<{width}} {'B/image-epoch':>14} {'GB/epoch':>9} {'GB total':>9}")
+    for r in rows:
+        print(
+            f"  {r['level']:<{width}} {r['bytes_per_image_epoch']:>14,} {r['gb_per_epoch']:>9.3f} "
+            f"{r['gb_total']:>9.3f}  {r['mark']}".rstrip()
+        )
+
+
+def storage_plan(spec: RunSpec, split: str, request: dict[str, Any]):
+    """``(outputs, loader, storage, why)`` of a cache for ``spec`` with the storage flags ``request``, from
+    the teacher's outputs on one blank sample (on the CPU: only their shapes matter); a bad request is
+    one line (:func:`sskd.cache.levels.check_request`)."""
     from pipelines import ViewLoader
     from sskd.runs.models import freeze
 
+    loader = ViewLoader.for_run(spec, split, train=True, batch_size=1, device="cpu", skip_bad=False)
+    outputs = output_specs(spec.method, freeze(spec.teacher.load()), loader, spec.teacher.info)
+    storage, why = requested(outputs, loader.num_views, spec.num_classes, **request)
+    return outputs, loader, storage, why
+
+
+def dry_run(
+    spec: RunSpec, epochs: int, topk: int | None = None, split: str = "train", **request: Any
+) -> dict[str, Any]:
+    """What a cache for this run would hold and weigh at every storage level it allows, and at the
+    level the flags pick (``request``: ``exact``, ``embed``, ``embed_dim``, ``budget``), for the run's shapes
+    and for the ImageNet recipe on paper; writes nothing. Printed by ``--dry-run``."""
     cls = spec.method
     check_cacheable(cls, refuse=False)
-    # One sample of the views as the cache would see them (on the CPU: only their count and size matter).
-    loader = ViewLoader.for_run(spec, split, train=True, batch_size=1, device="cpu", skip_bad=False)
-    outputs = output_specs(cls, freeze(spec.teacher.load()), loader)
-    per = bytes_per_sample(loader.num_views, outputs, topk)
+    outputs, loader, storage, why = storage_plan(spec, split, {"topk": topk, **request})
+    per = bytes_per_image(loader.num_views, outputs, storage)
+    chosen = level_name(storage)
+    img_outputs = imagenet_outputs(outputs, spec.num_classes)
+    img_views = imagenet_views(loader.num_views)
+    img_default = level_name(default(img_outputs, IMAGENET["classes"])[0])
     report = {
         "method": cls.name,
         "views": list(loader.view_names),
         "outputs": outputs,
         "topk": topk,
+        "level": chosen,
+        "levels": _level_rows(
+            loader.num_views, outputs, loader.num_samples, epochs, {chosen: "<- this cache"}
+        ),
+        "imagenet": {
+            **IMAGENET,
+            "default_level": img_default,
+            "levels": _level_rows(
+                img_views, img_outputs, IMAGENET["images"], epochs, {img_default: "<- default"}
+            ),
+        },
         "bytes_per_sample_epoch": per,
         "num_samples": loader.num_samples,
         "gb_per_epoch": round(per * loader.num_samples / 1e9, 3),
@@ -56,14 +134,17 @@ def dry_run(spec: RunSpec, epochs: int, topk: int | None = None, split: str = "t
         "gb_total": round(per * loader.num_samples * epochs / 1e9, 3),
         "refused": cls.cache_refusal,
     }
-    shapes = ", ".join(
-        f"{o['name']} {'x'.join(map(str, o['shape']))}{' (top-K)' if topk and o['topk'] else ''}"
-        for o in outputs
-    )
+    shapes = ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}" for o in outputs)
     print(
         f"--method {cls.name}: per sample and view {shapes}; {loader.num_views} views: {per:,} bytes per sample "
-        f"per epoch; {report['gb_per_epoch']} GB per epoch of {loader.num_samples:,} samples, "
-        f"{report['gb_total']} GB for {epochs} epochs"
+        f"per epoch at level {chosen} ({why}); {report['gb_per_epoch']} GB per epoch of "
+        f"{loader.num_samples:,} samples, {report['gb_total']} GB for {epochs} epochs"
+    )
+    _print_rows(f"levels for this run ({loader.num_samples:,} images, {epochs} epochs):", report["levels"])
+    img_shapes = ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}" for o in img_outputs)
+    _print_rows(
+        f"the ImageNet recipe on paper ({IMAGENET['images']:,} images, {img_views} views, {img_shapes}):",
+        report["imagenet"]["levels"],
     )
     if cls.cache_refusal:
         print(f"not cached: {cls.cache_refusal}")
@@ -104,6 +185,10 @@ def build_cache(
     chunk_batches: int = 20,
     resume: bool = False,
     progress: bool = True,
+    exact: bool = False,
+    embed: str | None = None,
+    embed_dim: int | None = None,
+    budget: int | None = None,
 ) -> Path:
     """Run the frozen teacher of ``spec`` (a student run's) over epochs 0..E-1 of its training views and store
     the outputs its method reads.
@@ -111,11 +196,19 @@ def build_cache(
     The main process holds the cache folder's lock for the build. On SIGTERM or SIGINT each rank
     writes what it has made as a chunk and stops (:class:`sskd.core.stop.Interrupted`); ``resume=True``
     continues after the last intact chunk of every rank and epoch.
+
+    The storage level (:mod:`sskd.cache.levels`): ``exact`` fp16, or ``topk`` / ``embed`` / ``embed_dim``
+    as asked, or the most faithful within ``budget`` bytes per image-epoch, or else the default (compact
+    for >= 100 classes and >= 128-dim embeddings); the flags are checked against the outputs' shapes
+    before any batch is made.
     """
     from sskd.core.lock import FolderLock
     from sskd.engine.dist import make_accelerator
 
     out = Path(out)
+    request = {"topk": topk, "exact": exact, "embed": embed, "embed_dim": embed_dim, "budget": budget}
+    check_cacheable(spec.method)
+    storage_plan(spec, split, request)  # a bad storage request is one line before the folder is touched
     for name, value in (
         ("--epochs", epochs),
         ("--batch-size", batch_size),
@@ -141,7 +234,7 @@ def build_cache(
         raise SSKDError(error)
     try:
         return _build(
-            spec, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator
+            spec, out, epochs, request, split, batch_size, chunk_batches, resume, progress, accelerator
         )
     finally:
         if lock is not None:
@@ -163,16 +256,57 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
         ) from None
 
 
-def output_specs(cls, model, loader) -> list[dict[str, Any]]:
-    """Name, per-view shape and top-K allowance of each output, read off the teacher on one blank image."""
+def output_specs(cls, model, loader, info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Name, per-view shape, top-K allowance and cosine-only reading (:func:`sskd.cache.levels.cosine_outputs`,
+    from the teacher's ``model.json`` ``info``) of each output, read off the teacher on one blank image."""
     param = next(model.parameters())
     views = torch.zeros(1, loader.num_views, 3, loader.size, loader.size, device=param.device)
     with torch.inference_mode():
         outs = cls.teacher_outputs(model, views)
-    return [{"name": n, "shape": list(outs[n].shape[2:]), "topk": n in cls.topk_outputs} for n in cls.outputs]
+    cosine = cosine_outputs(cls, info)
+    return [
+        {"name": n, "shape": list(outs[n].shape[2:]), "topk": n in cls.topk_outputs, "cosine": n in cosine}
+        for n in cls.outputs
+    ]
 
 
-def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, progress, accelerator) -> Path:
+FIT_ROWS = 4096  # embedding rows (image x view) the projection is fitted on: the first batches of epoch 0
+
+
+def fit_bases(cls, model, loader, storage, accelerator) -> dict[str, dict[str, np.ndarray]]:
+    """The projection basis of each output stored with a reduced dimension, fitted on the teacher's outputs
+    of the first batches of epoch 0 (this rank's: the main one's, shared through the cache folder)."""
+    dims = {n: s.dim for n, s in storage.items() if s.dim}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in dims}
+    got = 0
+    for batch in loader.epoch(0):
+        with torch.inference_mode(), accelerator.autocast():
+            o = cls.teacher_outputs(model, batch["views"])
+        for n in dims:
+            rows[n].append(o[n].float().cpu().numpy().reshape(-1, o[n].shape[-1]))
+        got += len(rows[next(iter(dims))][-1])
+        if got >= FIT_ROWS:
+            break
+    return {n: fit_projection(np.concatenate(rows[n]), d) for n, d in dims.items()}
+
+
+def write_projections(out: Path, bases: dict[str, dict[str, np.ndarray]]) -> str:
+    """The bases into ``CACHE/projections.safetensors`` (atomically); returns its sha256 for the manifest."""
+    import hashlib
+
+    from safetensors.numpy import save
+
+    data = save({f"{n}.{k}": np.ascontiguousarray(a) for n, p in bases.items() for k, a in p.items()})
+    try:
+        atomic.write_bytes(out / PROJECTIONS, data)
+    except OSError as exc:
+        raise SSKDError(atomic.write_error(out / PROJECTIONS, exc, "cache projections")) from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def _build(
+    spec, out, epochs, request, split, batch_size, chunk_batches, resume, progress, accelerator
+) -> Path:
     from pipelines import PIPELINE_VERSION, ViewLoader
     from sskd import __version__
     from sskd.core.stop import Interrupted, StopRequest
@@ -196,20 +330,19 @@ def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, pr
         label_noise=0.0,
         skip_bad=False,
     )
-    outputs = output_specs(cls, model, loader)
-    if topk is not None:
-        sizes = [o["shape"][-1] for o in outputs if o["topk"]]
-        if not sizes:
-            raise SSKDError(f"--topk: method {cls.name} stores no output as top-K (leave --topk out)")
-        if not 0 < topk < min(sizes):
-            raise SSKDError(
-                f"--topk {topk}: must be between 1 and {min(sizes) - 1} (or leave it out for all logits)"
-            )
+    outputs = output_specs(cls, model, loader, spec.teacher.info)
+    storage, why = requested(outputs, loader.num_views, spec.num_classes, **request)
+    level = level_name(storage)
+    if main:
+        log.info("cache level %s: %s", level, why)
+    for o in outputs:
+        o["storage"] = storage[o["name"]].to_json()
+    topk = request["topk"]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "complete": False,
-        "binding": spec.cache_binding(split),
+        "binding": {**spec.cache_binding(split), "level": level},
         "method": cls.name,
         "outputs": outputs,
         "epochs": epochs,
@@ -225,7 +358,7 @@ def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, pr
         "created_by": f"sskd {__version__}",
         "pipeline_version": PIPELINE_VERSION,
     }
-    per = bytes_per_sample(loader.num_views, outputs, topk)
+    per = bytes_per_sample(loader.num_views, outputs, storage=storage)
     need = per * loader.num_samples * epochs
     existing = (out / MANIFEST).is_file()
     accelerator.wait_for_everyone()  # every rank looks before the main one writes the manifest
@@ -240,6 +373,8 @@ def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, pr
                     f"{out}: the cache was started with {field}={old.get(field)!r}, not {manifest[field]!r}; "
                     "resume with the same settings"
                 )
+        bases = read_projections(out, old)  # a resumed cache keeps the bases its chunks were stored with
+        manifest["projections_sha256"] = old.get("projections_sha256")
         if old.get("complete"):
             try:
                 CacheReader(out)  # every epoch's chunk list: a chunk deleted or copied since is made again
@@ -267,10 +402,18 @@ def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, pr
             raise SSKDError(
                 f"{out}: the cache needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free"
             )
+        if any(s.dim for s in storage.values()):  # fitted once, by the main process, before any chunk
+            out.mkdir(parents=True, exist_ok=True)
+            manifest["projections_sha256"] = write_projections(
+                out, fit_bases(cls, model, loader, storage, accelerator)
+            )
         _write_manifest(out, manifest)
     if main:  # under the lock: partial files of a killed writer are garbage
         atomic.remove_stale_partials(out, recursive=True)
     accelerator.wait_for_everyone()
+    if not existing:  # every rank stores with the bases the main process fitted
+        manifest = {**manifest, "projections_sha256": read_manifest(out).get("projections_sha256")}
+        bases = read_projections(out, manifest)
     n_batches = len(loader)
     from tqdm.auto import tqdm
 
@@ -294,7 +437,7 @@ def _build(spec, out, epochs, topk, split, batch_size, chunk_batches, resume, pr
                 outs = {n: torch.cat([p[1][n] for p in pending]) for n in cls.outputs}
                 write_chunk(
                     chunk_path(out, epoch, rank, start),
-                    teacher_arrays(ids, outs, topk, cls.topk_outputs),
+                    teacher_arrays(ids, outs, storage=storage, bases=bases),
                     start,
                     len(pending),
                 )

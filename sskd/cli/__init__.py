@@ -62,10 +62,10 @@ COMMANDS = {
         "accelerate launch -m sskd COMMAND ..., ending in one line (no launcher traceback on Ctrl-C, "
         "SIGTERM or a failed rank)",
     ),
-    "bench": (None, "side-by-side benchmarks (pipeline, distill, train, shuffle)"),
+    "bench": (None, "side-by-side benchmarks (pipeline, distill, train, shuffle, cache)"),
 }
 # The modules that add a benchmark under `sskd bench`.
-BENCH_MODULES = (views, bench_shuffle, bench_distill, bench_train)
+BENCH_MODULES = (views, bench_shuffle, bench_distill, bench_train, cache)
 
 EPILOG = """\
 typical session:

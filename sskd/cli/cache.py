@@ -6,12 +6,29 @@ from __future__ import annotations
 def _student_run(args):
     """The student run whose teacher outputs the cache holds, resolved once (``--epochs`` and
     ``--batch-size`` are the cache's own, not the student's)."""
-    from sskd.cli.train import resolve_config
+    from sskd.cli.train import allow_download, resolve_config
     from sskd.engine.prepare import prepare
 
+    allow_download(args)
     return prepare(
-        resolve_config(args, "student", own=("epochs", "batch_size")), "student", teacher=args.teacher
+        resolve_config(args, "student", own=("epochs", "batch_size")),
+        "student",
+        teacher=args.teacher,
+        teacher_weights=args.teacher_weights,
     )
+
+
+def _storage_flags(args) -> dict:
+    """The storage-level flags, the checks that need no shapes done here (before the run is prepared)."""
+    from sskd.cache.levels import MIN_DIM, check_request
+    from sskd.core.errors import SSKDError
+
+    if args.embed_dim is not None and args.embed_dim < MIN_DIM:
+        raise SSKDError(f"--embed-dim {args.embed_dim}: must be at least {MIN_DIM}")
+    if args.topk is not None and args.topk < 1:
+        raise SSKDError(f"--topk {args.topk}: must be at least 1")
+    check_request([], exact=args.exact, budget=args.budget)  # --exact with --budget, a budget below 1
+    return {"exact": args.exact, "embed": args.embed, "embed_dim": args.embed_dim, "budget": args.budget}
 
 
 def cmd_cache(args) -> int:
@@ -41,11 +58,13 @@ def cmd_cache(args) -> int:
 
         if args.epochs < 1:
             raise SSKDError(f"--epochs must be >= 1, not {args.epochs}")
-        dry_run(_student_run(args), args.epochs, topk=args.topk, split=args.split)
+        flags = _storage_flags(args)
+        dry_run(_student_run(args), args.epochs, topk=args.topk, split=args.split, **flags)
         return 0
     for flag in ("batch_size", "chunk_batches", "epochs"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
+    flags = _storage_flags(args)
     build_cache(
         _student_run(args),
         args.out,
@@ -56,6 +75,7 @@ def cmd_cache(args) -> int:
         chunk_batches=args.chunk_batches,
         resume=args.resume,
         progress=not args.no_progress,
+        **flags,
     )
     print(f"wrote {args.out}/manifest.json")
     return 0
@@ -69,7 +89,11 @@ def register(sub, fmt) -> None:
         description="Runs the frozen teacher once over the exact views the training pipeline makes in epochs "
         "0..E-1 and stores, per (sample id, epoch, view), the outputs the student method consumes "
         "(sskd: logits and SS embeddings; hssakd: logits and every branch's class x rotation logits; "
-        "kd: the normal view's logits), in fp16 or, with --topk, as the top K + log-sum-exp. "
+        "kd: the normal view's logits) at a storage level: fp16 (--exact), the top K logits + "
+        "log-sum-exp (--topk), int8 unit-normalised embeddings (--embed int8) projected to D dims "
+        "(--embed-dim), or the most faithful level within --budget bytes per image-epoch; by default the "
+        "compact level for >= 100 classes and >= 128-dim embeddings, fp16 below. --dry-run prints every "
+        "level's size for this run and for the ImageNet recipe. "
         "`sskd distill --cache` then never runs the teacher; student epochs beyond E reuse "
         "augmentation epoch e mod E. The cache is bound to the method, teacher weights, shards, plan "
         "seed, views, image size, pipeline version and device type, and refused if any differs.",
@@ -79,7 +103,9 @@ def register(sub, fmt) -> None:
         "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8 --method sskd "
         "--shards data/shards/digits --out runs/s\n"
         "  sskd cache --method hssakd --teacher runs/t-hs --shards data/shards/digits --epochs 10 --out caches/h\n"
-        "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd cache ... --topk 10",
+        "  sskd cache --dry-run --teacher runs/t-ss --shards data/shards/digits --epochs 10 --budget 1024\n"
+        "  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --embed int8 --embed-dim 32 --out caches/c\n"
+        "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd cache ... --budget 1024",
     )
     from sskd.methods import METHODS
 
@@ -92,8 +118,12 @@ def register(sub, fmt) -> None:
     )
     p.add_argument(
         "--teacher",
-        help="the teacher run the student will use (for sskd a train-ss-head run); required to build",
+        help="the teacher run the student will use (for sskd a train-ss-head run; for the logit methods also "
+        "timm:NAME.TAG or torchvision:NAME, or ARCH with --teacher-weights); required to build",
     )
+    from sskd.cli.train import add_weight_flags
+
+    add_weight_flags(p, own=None, teacher=True)
     p.add_argument("--shards", help="shard folder; required to build")
     p.add_argument("--epochs", type=int, help="augmentation epochs to cache (E); required to build")
     p.add_argument("--out", help="cache folder (not needed with --dry-run)")
@@ -108,7 +138,32 @@ def register(sub, fmt) -> None:
         help="check an existing cache in --out: every sample once per epoch, every chunk's checksum",
     )
     p.add_argument(
-        "--topk", type=int, help="store only the top-K logits per view (+ log-sum-exp): for 1000 classes"
+        "--topk",
+        type=int,
+        help="store only the top-K logits per view (values fp16, classes int16, + log-sum-exp); "
+        "top-50 of 1000 is reported to cost nothing, top-10 to cost points",
+    )
+    p.add_argument(
+        "--embed",
+        choices=["fp16", "int8"],
+        help="how to store embeddings read only through cosines (SSKD's contrastive SS embeddings): "
+        "int8 unit rows with a per-row fp16 scale (about half of fp16's bytes)",
+    )
+    p.add_argument(
+        "--embed-dim",
+        type=int,
+        metavar="D",
+        help="project those embeddings to D dims (uncentred PCA fitted on the first batches, stored in the "
+        "cache); int8 unless --embed fp16",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        metavar="BYTES",
+        help="bytes per image and epoch: store the most faithful level that fits, and say which",
+    )
+    p.add_argument(
+        "--exact", action="store_true", help="every output in fp16 (format 3's storage; no compact default)"
     )
     p.add_argument("--split", default="train", help="split to cache")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per teacher batch")
@@ -129,3 +184,43 @@ def register(sub, fmt) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache)
+
+
+def cmd_bench_cache(args) -> int:
+    from sskd.bench.cache import run_bench
+
+    run_bench(args)
+    return 0
+
+
+def register_bench(bench_sub, fmt) -> None:
+    p = bench_sub.add_parser(
+        "cache",
+        help="fidelity and read speed of every cache storage level against the exact teacher",
+        formatter_class=fmt,
+        description="Runs the teacher on real batches of the training views and, for every storage level "
+        "the method allows, compares against the exact fp32 outputs: the relative error of each loss "
+        "term the method computes with a fixed student (per batch, the largest), the largest error of "
+        "the teacher's similarity entries, the agreement of SSKD's selective-transfer row mask, the top-1 "
+        "agreement of the stored logits, and the read rate of a chunk (memory-mapped, decoded to "
+        "tensors, one thread) beside the pipeline's decode rate for the same samples (one thread).",
+        epilog="example:\n  sskd bench cache --teacher runs/t-ss --shards data/shards/digits --json cache.json\n"
+        "  sskd bench cache --method hssakd --teacher runs/t-hs --shards data/shards/digits",
+    )
+    p.add_argument("--teacher", required=True, help="the teacher run (for sskd a train-ss-head run)")
+    p.add_argument("--shards", required=True, help="shard folder")
+    from sskd.methods import METHODS
+
+    names = [n for n in METHODS["student"].names() if METHODS["student"].get(n).outputs]
+    p.add_argument(
+        "--method", choices=names, default="sskd", help="the student method whose terms to compare"
+    )
+    p.add_argument("--student-arch", help="the fixed student (fresh, seed 0; default: the config's)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (the similarity matrix's size)"
+    )
+    p.add_argument("--batches", type=int, default=8, help="batches of epoch 0 to compare on")
+    p.add_argument("--config", help="the run's YAML recipe")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_bench_cache)

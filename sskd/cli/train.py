@@ -99,6 +99,7 @@ def resolve_config(args: argparse.Namespace, stage: str, own: tuple[str, ...] = 
         "method": f"{stage}.method",
         "global_ss_batch": "run.global_ss_batch",
         "skip_bad": "data.skip_bad",
+        "cache_level": "student.cache_level",
         "pretrained": f"{stage}.pretrained",
         "weights": f"{stage}.weights",
     }
@@ -437,6 +438,12 @@ def register(sub, fmt) -> None:
         help=f"distillation method (default: sskd; `sskd methods` lists them). {text}",
     )
     p.add_argument("--cache", help="teacher-output cache from `sskd cache`: the teacher is not run")
+    p.add_argument(
+        "--cache-level",
+        metavar="LEVEL",
+        help="accept only a cache stored at this level: exact, compact or a level name (`sskd cache "
+        "--dry-run` lists them; default: any)",
+    )
     p.add_argument(
         "--global-ss-batch",
         action="store_true",

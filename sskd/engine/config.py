@@ -57,6 +57,8 @@ class StageConfig:
         False  # start the stage's model from its pretrained weights (timm:NAME, torchvision:NAME)
     )
     weights: str | None = None  # start it from this .safetensors / .pth state dict (weights only)
+    # a student reading a teacher cache: the storage level it accepts (any | exact | compact | a level name)
+    cache_level: str = "any"
     epochs: int = bound(240, ge=1)
     max_steps: int | None = bound(None, ge=1)  # stop after this many optimizer steps (smoke runs, benchmarks)
     batch_size: int = bound(64, ge=1)  # images per process per step (each image carries all its views)

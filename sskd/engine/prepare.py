@@ -167,6 +167,7 @@ class RunSpec:
             "split": split,
             "subset_fraction": self.cfg.data.subset_fraction if split == "train" else 1.0,
             "label_noise": self.cfg.data.label_noise if split == "train" else 0.0,
+            "level": self.cfg.student.cache_level,  # compared only when not "any" (sskd.cache.levels)
         }
 
 

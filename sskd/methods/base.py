@@ -273,6 +273,13 @@ class Method(nn.Module):
     # -- what the rest of the system asks -------------------------------------------------------------
 
     @classmethod
+    def cosine_outputs(cls, teacher_info: dict[str, Any]) -> tuple[str, ...]:
+        """Which of ``outputs`` the method reads only through cosine similarities of rows, for the teacher
+        ``teacher_info`` describes: a cache may store those as unit rows in int8 or projected to fewer
+        dimensions (:mod:`sskd.cache.levels`). Default: none."""
+        return ()
+
+    @classmethod
     def student_model(cls, backbone: nn.Module, num_classes: int) -> nn.Module:
         """How this method wraps a registry backbone into the model it trains (default: as it is)."""
         return backbone

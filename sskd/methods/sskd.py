@@ -97,6 +97,14 @@ class SSKD(_PretextViews, Method):
     outputs = ("logits", "embed")  # embed: the SS head's output per view (projection or pretext scores)
     topk_outputs = ("logits",)
 
+    @classmethod
+    def cosine_outputs(cls, teacher_info: dict) -> tuple[str, ...]:
+        """``embed`` when the teacher's SS head is the contrastive one (its similarity matrix is all SSKD
+        reads of it); the other pretext tasks' heads give scores, read as they are."""
+        from sskd.losses.pretext import teacher_pretext
+
+        return ("embed",) if teacher_pretext(teacher_info) == "contrastive" else ()
+
     def __init__(self, student: SSModel, teacher=None, *, gather: Gather | None = None, **kw):
         if not isinstance(student, SSModel):
             raise TypeError("method 'sskd' trains an SSModel (backbone + SS head)")

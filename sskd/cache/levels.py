@@ -1,0 +1,403 @@
+"""Storage levels of the teacher cache: how each output a method declares is written, and what that costs.
+
+A *level* gives every cached output one :class:`Storage`:
+
+- ``fp16``: the output as it is, fp16 (format version 3's only form, and ``--exact``'s);
+- ``topK``: class scores (``Method.topk_outputs``: logits, HSSAKD's branch logits) as their K largest
+  values (fp16), their classes (int16 while the class count is <= 32,767, int32 above) and the
+  log-sum-exp of all of them (fp32), so the probability mass outside the top K is exact at T = 1
+  (:func:`sskd.cache.dense_from_topk` spreads it evenly);
+- ``int8`` / ``int8-dD`` / ``fp16-dD``: embeddings a method reads only through cosine similarities
+  (:func:`cosine_outputs`: SSKD's contrastive SS embeddings). Rows are unit-normalised first (the cosine
+  does not see the norm), optionally projected to D dimensions by a basis fitted once on the teacher's
+  embeddings of the first batches and stored in the cache (``projections.safetensors``), then stored
+  with a per-row fp16 scale and int8 codes. Reading multiplies back by the basis, so the method sees
+  the declared shape; cosines between rows are those of the D-dimensional codes.
+
+The basis spans the uncentred PCA subspace of the unit rows (the top right singular vectors): of all
+rank-D projections it keeps the Gram matrix of the fitting rows best in the least-squares sense, which
+is what the similarity matrix is (``docs/cache.md`` has the comparison with centred PCA and a random
+orthogonal projection on the digits teachers). Inside the subspace it is turned by a fixed random
+rotation, and int8 codes store the projected row less the rows' mean, so that no single large
+coordinate sets a row's int8 step.
+
+A level's name lists its outputs, ``logits:top25+embed:int8-d128``; ``exact`` is every output fp16.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sskd.core.errors import SSKDError
+
+TOPKS = (100, 50, 25, 10, 5)  # the top-K steps --budget and --dry-run consider (below the class count)
+EMBED_DIMS = (256, 128, 64, 32, 16)  # the projection steps (below the embedding width, >= MIN_DIM)
+MIN_DIM = 8
+COMPACT_TOPK = 25  # the compact level: ImageNet's 4 views x 1,000 classes at 944 B per image-epoch
+COMPACT_DIM = 128
+COMPACT_MIN_CLASSES = 100  # the default is compact from here up (issue #22: below, fp16 costs little)
+COMPACT_MIN_DIM = 128
+ID_BYTES = 8
+# The ImageNet recipe on paper (docs/cache.md): ResNet-34 teacher, 4 rotation views, d = 512.
+IMAGENET = {"images": 1_281_167, "views": 4, "classes": 1000, "embed_dim": 512}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one output is stored: ``kind`` fp16 | int8 | topk, ``k`` for top-K, ``dim`` for a projection."""
+
+    kind: str = "fp16"
+    k: int | None = None
+    dim: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "topk":
+            return f"top{self.k}"
+        return self.kind + (f"-d{self.dim}" if self.dim else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Storage:
+        """``fp16``, ``int8``, ``int8-d64``, ``fp16-d64``, ``top25`` -> a Storage; one line otherwise."""
+        try:
+            if text.startswith("top"):
+                return cls("topk", k=int(text[3:]))
+            kind, _, dim = text.partition("-d")
+            if kind in ("fp16", "int8"):
+                return cls(kind, dim=int(dim) if dim else None)
+        except ValueError:
+            pass
+        raise SSKDError(f"unknown cache storage {text!r} (fp16, int8, int8-dD, fp16-dD or topK)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "k": self.k, "dim": self.dim}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Storage:
+        return cls(d["kind"], d.get("k"), d.get("dim"))
+
+    def row_bytes(self, width: int) -> int:
+        """Bytes of one row of ``width`` values (one view of one output, or one branch of one view)."""
+        if self.kind == "topk":
+            return self.k * (2 + index_bytes(width)) + 4
+        d = self.dim or width
+        return d + 2 if self.kind == "int8" else 2 * d
+
+
+def index_bytes(num_classes: int) -> int:
+    """int16 class indices while they fit (<= 32,767 classes), int32 above."""
+    return 2 if num_classes <= 32767 else 4
+
+
+def level_name(storage: dict[str, Storage]) -> str:
+    if all(s.kind == "fp16" and not s.dim for s in storage.values()):
+        return "exact"
+    return "+".join(f"{n}:{s.name}" for n, s in storage.items())
+
+
+def parse_level(text: str, names: list[str]) -> dict[str, Storage]:
+    """``exact`` or ``logits:top25+embed:int8-d128`` (outputs left out: fp16) over the outputs ``names``."""
+    out = {n: Storage() for n in names}
+    if text == "exact":
+        return out
+    for part in text.split("+"):
+        name, _, how = part.partition(":")
+        if name not in out:
+            raise SSKDError(f"cache level {text!r}: no output {name!r} (this cache holds {', '.join(names)})")
+        out[name] = Storage.parse(how)
+    return out
+
+
+def cosine_outputs(cls: type, info: dict[str, Any] | None) -> tuple[str, ...]:
+    """The outputs of method ``cls`` it reads only through cosine similarities of rows (so unit rows, int8
+    and a projection keep what it reads), as the method declares (:meth:`sskd.methods.Method.cosine_outputs`:
+    SSKD's ``embed`` when its teacher's SS head is the contrastive one)."""
+    declared = getattr(cls, "cosine_outputs", None)
+    return tuple(declared(info or {})) if callable(declared) else ()
+
+
+def allowed(output: dict[str, Any], storage: Storage) -> bool:
+    """Whether an output (``{"name", "shape", "topk", "cosine"}`` as in the manifest) may use ``storage``."""
+    if storage.kind == "topk":
+        return bool(output.get("topk")) and 0 < storage.k < output["shape"][-1]
+    if storage.kind == "int8" or storage.dim:
+        return bool(output.get("cosine")) and (
+            storage.dim is None or MIN_DIM <= storage.dim < output["shape"][-1]
+        )
+    return storage.kind == "fp16"
+
+
+def ladder(output: dict[str, Any]) -> list[Storage]:
+    """The storages an output allows, most faithful first (what --budget and --dry-run walk)."""
+    width = output["shape"][-1]
+    steps = [Storage()]
+    if output.get("topk"):
+        steps += [Storage("topk", k=k) for k in TOPKS if k < width]
+    if output.get("cosine"):
+        steps += [Storage("int8")] + [Storage("int8", dim=d) for d in EMBED_DIMS if MIN_DIM <= d < width]
+    return steps
+
+
+def bytes_per_image(num_views: int, outputs: list[dict[str, Any]], storage: dict[str, Storage]) -> int:
+    """Disk per image per epoch: the id and every output of every view at its storage."""
+    total = ID_BYTES
+    for o in outputs:
+        rows = num_views * int(np.prod(o["shape"][:-1], dtype=np.int64))
+        total += rows * storage.get(o["name"], Storage()).row_bytes(o["shape"][-1])
+    return total
+
+
+def compact(outputs: list[dict[str, Any]]) -> dict[str, Storage]:
+    """The compact level: top-25 class scores (where there are more than 25 classes), int8 unit rows
+    projected to 128 dimensions (where wider) for cosine-only embeddings, fp16 for the rest."""
+    out = {}
+    for o in outputs:
+        width = o["shape"][-1]
+        if o.get("topk") and width > COMPACT_TOPK:
+            out[o["name"]] = Storage("topk", k=COMPACT_TOPK)
+        elif o.get("cosine"):
+            out[o["name"]] = Storage("int8", dim=COMPACT_DIM if width > COMPACT_DIM else None)
+        else:
+            out[o["name"]] = Storage()
+    return out
+
+
+def default(outputs: list[dict[str, Any]], num_classes: int) -> tuple[dict[str, Storage], str]:
+    """What ``sskd cache`` stores without a storage flag, and why: the compact level for label spaces of
+    >= 100 classes with cosine embeddings of >= 128 dimensions (or no embeddings), else exact fp16."""
+    cos = [o["shape"][-1] for o in outputs if o.get("cosine")]
+    if num_classes >= COMPACT_MIN_CLASSES and all(d >= COMPACT_MIN_DIM for d in cos):
+        return compact(outputs), (
+            f"{num_classes} classes{f', embeddings of {min(cos)} dims' if cos else ''}: the compact level "
+            "(--exact keeps fp16)"
+        )
+    return {o["name"]: Storage() for o in outputs}, (
+        f"{num_classes} classes{f', embeddings of {min(cos)} dims' if cos else ''}: exact fp16 (compact is "
+        f"the default from {COMPACT_MIN_CLASSES} classes and {COMPACT_MIN_DIM}-dim embeddings; ask for it "
+        "with --budget, --topk or --embed)"
+    )
+
+
+def _penalty(output: dict[str, Any], storage: Storage) -> int:
+    return ladder(output).index(storage)
+
+
+def pareto(num_views: int, outputs: list[dict[str, Any]]) -> list[dict[str, Storage]]:
+    """Every combination of the outputs' ladders not beaten by another on both size and faithfulness
+    (the summed ladder positions), largest first."""
+    combos = []
+    for choice in itertools.product(*(ladder(o) for o in outputs)):
+        storage = {o["name"]: s for o, s in zip(outputs, choice, strict=True)}
+        pen = sum(_penalty(o, s) for o, s in zip(outputs, choice, strict=True))
+        combos.append((bytes_per_image(num_views, outputs, storage), pen, storage))
+    front, best = [], None
+    for size, _, storage in sorted(combos, key=lambda c: (c[1], -c[0])):
+        if best is None or size < best:
+            front.append((size, storage))
+            best = size
+    return [s for _, s in sorted(front, key=lambda f: -f[0])]
+
+
+def for_budget(num_views: int, outputs: list[dict[str, Any]], budget: int) -> dict[str, Storage]:
+    """The most faithful level (smallest summed ladder position, then the most bytes) within ``budget``
+    bytes per image-epoch; one line naming the smallest level and its cost when none fits."""
+    front = pareto(num_views, outputs)
+    for storage in sorted(front, key=lambda s: sum(_penalty(o, s[o["name"]]) for o in outputs)):
+        if bytes_per_image(num_views, outputs, storage) <= budget:
+            return storage
+    smallest = front[-1]
+    raise SSKDError(
+        f"--budget {budget}: no storage level fits; the smallest is {level_name(smallest)} at "
+        f"{bytes_per_image(num_views, outputs, smallest):,} B per image-epoch"
+    )
+
+
+def imagenet_views(num_views: int) -> int:
+    """Views per image of the ImageNet recipe for a method that trains on ``num_views``: the recipe's 4
+    rotation views for an SS method, the normal view alone for one that reads only it (KD, DKD, ...)."""
+    return IMAGENET["views"] if num_views > 1 else 1
+
+
+def imagenet_outputs(outputs: list[dict[str, Any]], num_classes: int) -> list[dict[str, Any]]:
+    """The same outputs at the ImageNet recipe's shapes on paper: class scores over 1,000 classes (HSSAKD's
+    branches over 4,000 joint classes), cosine embeddings of 512 dimensions, anything else as it is."""
+    out = []
+    for o in outputs:
+        shape, width = list(o["shape"]), o["shape"][-1]
+        if o.get("cosine"):
+            shape[-1] = IMAGENET["embed_dim"]
+        elif o.get("topk") and width % num_classes == 0:
+            shape[-1] = IMAGENET["classes"] * (width // num_classes)
+        out.append({**o, "shape": shape})
+    return out
+
+
+def check_request(
+    outputs: list[dict[str, Any]],
+    *,
+    exact: bool = False,
+    topk: int | None = None,
+    embed: str | None = None,
+    embed_dim: int | None = None,
+    budget: int | None = None,
+) -> None:
+    """The storage flags against the outputs' shapes, one line each, before any work."""
+    asked = [
+        f for f, v in (("--topk", topk), ("--embed", embed), ("--embed-dim", embed_dim)) if v is not None
+    ]
+    if exact and (asked or budget is not None):
+        raise SSKDError(f"--exact stores every output in fp16: leave out {', '.join(asked or ['--budget'])}")
+    if budget is not None and asked:
+        raise SSKDError(f"--budget picks the level itself: leave out {', '.join(asked)}")
+    if budget is not None and budget < 1:
+        raise SSKDError(f"--budget must be >= 1 byte per image-epoch, not {budget}")
+    if topk is not None:
+        sizes = [o["shape"][-1] for o in outputs if o.get("topk")]
+        if not sizes:
+            raise SSKDError("--topk: this method stores no output as top-K (leave --topk out)")
+        if not 0 < topk < min(sizes):
+            raise SSKDError(
+                f"--topk {topk}: must be between 1 and {min(sizes) - 1}, below the {min(sizes)} classes "
+                "(or leave it out for all logits)"
+            )
+    if embed is not None or embed_dim is not None:
+        dims = [(o["name"], o["shape"][-1]) for o in outputs if o.get("cosine")]
+        if not dims:
+            raise SSKDError(
+                f"{'--embed-dim' if embed_dim is not None else '--embed'}: this method reads no embedding "
+                "through cosines only (nothing to store as int8 or project); leave it out"
+            )
+        if embed_dim is not None and not MIN_DIM <= embed_dim < min(d for _, d in dims):
+            name, d = min(dims, key=lambda x: x[1])
+            raise SSKDError(
+                f"--embed-dim {embed_dim}: must be between {MIN_DIM} and {d - 1}, below the {d} dims of "
+                f"{name} (or leave it out to keep them all)"
+            )
+
+
+def requested(
+    outputs: list[dict[str, Any]],
+    num_views: int,
+    num_classes: int,
+    *,
+    exact: bool = False,
+    topk: int | None = None,
+    embed: str | None = None,
+    embed_dim: int | None = None,
+    budget: int | None = None,
+) -> tuple[dict[str, Storage], str]:
+    """The level the flags ask for and a line saying which and why (checked by :func:`check_request`)."""
+    check_request(outputs, exact=exact, topk=topk, embed=embed, embed_dim=embed_dim, budget=budget)
+    if exact:
+        return {o["name"]: Storage() for o in outputs}, "--exact: every output fp16"
+    if budget is not None:
+        s = for_budget(num_views, outputs, budget)
+        return s, f"--budget {budget:,}: the most faithful level that fits"
+    if topk is None and embed is None and embed_dim is None:
+        return default(outputs, num_classes)
+    storage = {}
+    for o in outputs:
+        s = Storage()
+        if topk is not None and o.get("topk"):
+            s = Storage("topk", k=topk)
+        elif o.get("cosine") and (embed is not None or embed_dim is not None):
+            s = Storage(embed or "int8", dim=embed_dim)
+        storage[o["name"]] = s
+    return storage, "as asked"
+
+
+def fit_projection(rows: np.ndarray, dim: int) -> dict[str, np.ndarray]:
+    """``{"basis": (d, dim), "mean": (dim,)}`` fp32: the subspace of the uncentred PCA of the unit-normalised
+    ``rows`` (N, d) — the top right singular vectors, signs fixed so that a refit gives the same basis —
+    turned by a fixed random rotation, and the mean of the projected unit rows.
+
+    The mean is subtracted before int8 coding and added back when read: the first component of an
+    uncentred PCA is close to the rows' common direction, so without it one coordinate near 1 would set
+    every row's int8 step and leave the others coarse (measured: 3x the similarity error at d = 256 -> 128)."""
+    x = unit_rows(np.asarray(rows, np.float64).reshape(-1, rows.shape[-1]))
+    if x.shape[0] < dim:
+        raise SSKDError(
+            f"--embed-dim {dim}: the projection is fitted on {x.shape[0]} embedding rows, fewer than its "
+            f"{dim} dims (cache more samples, or a smaller --embed-dim)"
+        )
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    basis = vt[:dim].T
+    sign = np.sign(basis[np.abs(basis).argmax(0), np.arange(dim)])
+    basis = basis * np.where(sign == 0, 1, sign)
+    # A fixed random rotation inside the subspace: cosines in it are unchanged, but PCA piles a row's
+    # energy into its first coordinates, and one large coordinate sets the row's int8 step; rotated, the
+    # energy is spread and the step small (the trick of rotation-based quantisers).
+    q, r = np.linalg.qr(np.random.default_rng(0).normal(size=(dim, dim)))
+    basis = (basis @ (q * np.sign(np.diag(r)))).astype(np.float32)
+    return {"basis": basis, "mean": unit_rows(x.astype(np.float32) @ basis).mean(0).astype(np.float32)}
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length along the last axis (zero rows stay zero)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1)
+
+
+def encode(
+    name: str, value: np.ndarray, storage: Storage, proj: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The stored arrays of one output ``value`` (n, V, ..., w) float32 at ``storage``.
+
+    ``topk``: ``<name>.topv`` fp16, ``<name>.topi`` int16/int32, ``<name>.lse`` fp32; ``int8``:
+    ``<name>.q`` int8 (..., D) and ``<name>.scale`` fp16 (...), unit rows (projected by ``proj`` first, less
+    its mean);
+    ``fp16``: ``<name>`` (projected unit rows with a ``dim``)."""
+    value = np.asarray(value, np.float32)
+    if storage.kind == "topk":
+        import torch
+
+        t = torch.from_numpy(value)
+        top = t.topk(storage.k, dim=-1)
+        idx = np.int16 if index_bytes(value.shape[-1]) == 2 else np.int32
+        return {
+            f"{name}.topv": top.values.numpy().astype(np.float16),
+            f"{name}.topi": top.indices.numpy().astype(idx),
+            f"{name}.lse": torch.logsumexp(t, dim=-1).numpy().astype(np.float32),
+        }
+    if storage.kind == "fp16" and not storage.dim:
+        return {name: value.astype(np.float16)}
+    x = unit_rows(value)
+    if storage.dim:
+        x = unit_rows(x @ proj["basis"])
+    if storage.kind == "fp16":
+        return {name: x.astype(np.float16)}
+    if storage.dim:
+        x = x - proj["mean"]
+    peak = np.abs(x).max(-1)
+    scale = np.where(peak > 0, peak / 127, 1).astype(np.float16)
+    q = np.clip(np.rint(x / scale.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
+    return {f"{name}.q": q, f"{name}.scale": scale}
+
+
+def decode(
+    arrays: dict[str, np.ndarray], name: str, storage: Storage, width: int, rows=slice(None), proj=None
+) -> np.ndarray:
+    """One output back as float32 (len(rows), V, ..., ``width``) from the arrays :func:`encode` wrote."""
+    from sskd.cache import dense_from_topk
+
+    if storage.kind == "topk":
+        return dense_from_topk(
+            np.asarray(arrays[f"{name}.topv"][rows], np.float32),
+            np.asarray(arrays[f"{name}.topi"][rows]),
+            np.asarray(arrays[f"{name}.lse"][rows], np.float32),
+            width,
+        )
+    if storage.kind == "int8":
+        x = (
+            np.asarray(arrays[f"{name}.q"][rows], np.float32)
+            * np.asarray(arrays[f"{name}.scale"][rows], np.float32)[..., None]
+        )
+        if storage.dim:
+            x = x + proj["mean"]
+    else:
+        x = np.asarray(arrays[name][rows], np.float32)
+    return x @ proj["basis"].T if storage.dim else x

@@ -1,0 +1,379 @@
+"""Storage levels of the teacher cache (issue #22 B): each level's round trip against a hand computation,
+the selective-transfer mask from a compact cache, the level in the binding, format-3 caches, the dry
+run's sizes against the bytes written, the bad inputs, and the bench's JSON."""
+
+import argparse
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sskd.cache import (
+    VERSION,
+    CacheReader,
+    check_usable,
+    chunk_path,
+    dense_from_topk,
+    map_chunk,
+    write_chunk,
+)
+from sskd.cache.build import build_cache
+from sskd.cache.levels import (
+    IMAGENET,
+    Storage,
+    bytes_per_image,
+    check_request,
+    decode,
+    default,
+    encode,
+    fit_projection,
+    for_budget,
+    imagenet_outputs,
+    index_bytes,
+    level_name,
+)
+from sskd.cli import main as sskd_main
+from sskd.core.errors import SSKDError
+from sskd.engine.config import load_config
+from sskd.engine.prepare import prepare
+
+FAST = ["--no-progress", "--batch-size", "32", "--set", "data.eval_batch_size=128"]
+SSKD_OUTPUTS = [  # SSKD on the digits: 10 classes, the resnet8 SS head's 64-dim embeddings
+    {"name": "logits", "shape": [10], "topk": True, "cosine": False},
+    {"name": "embed", "shape": [64], "topk": False, "cosine": True},
+]
+
+
+def run(*args):
+    return sskd_main([str(a) for a in args])
+
+
+# ---- round trips against hand computations -------------------------------------------------------------
+
+
+def test_int8_rows_are_unit_rows_with_a_per_row_scale():
+    x = np.array([[[3.0, -4.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]]], np.float32)  # (n=2, V=1, d=4)
+    a = encode("embed", x, Storage("int8"))
+    # unit row (0.6, -0.8, 0, 0): peak 0.8, scale 0.8 / 127 in fp16, codes round(row / scale)
+    scale = np.float16(0.8 / 127)
+    assert a["embed.scale"].dtype == np.float16 and a["embed.scale"][0, 0] == scale
+    want = np.rint(np.array([0.6, -0.8, 0, 0]) / np.float32(scale)).astype(np.int8)
+    assert a["embed.q"].dtype == np.int8 and (a["embed.q"][0, 0] == want).all() and want[1] == -127
+    assert (a["embed.q"][1] == 0).all()  # a zero row stays zero (no division by zero)
+    back = decode(a, "embed", Storage("int8"), 4)
+    assert np.allclose(back[0, 0], [0.6, -0.8, 0, 0], atol=0.8 / 127)
+    assert Storage("int8").row_bytes(4) == 4 + 2
+
+
+def test_projection_keeps_the_cosines_of_rows_in_its_subspace():
+    g = np.random.default_rng(0)
+    plane = np.linalg.qr(g.normal(size=(6, 2)))[0]  # an orthonormal basis of a plane in 6 dims
+    rows = g.normal(size=(40, 2)) @ plane.T * g.uniform(0.5, 3, size=(40, 1))
+    proj = fit_projection(rows, 2)
+    basis = proj["basis"]
+    assert basis.shape == (6, 2) and np.allclose(basis.T @ basis, np.eye(2), atol=1e-5)
+    assert np.allclose(basis @ basis.T, plane @ plane.T, atol=1e-5)  # it found the plane
+    x = rows.reshape(40, 1, 6).astype(np.float32)
+    for kind in ("fp16", "int8"):
+        s = Storage(kind, dim=2)
+        a = encode("embed", x, s, proj)
+        stored = a["embed"] if kind == "fp16" else a["embed.q"]
+        assert stored.shape == (40, 1, 2)
+        back = decode(a, "embed", s, 6, proj=proj)[:, 0]
+        unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        cos = (back / np.linalg.norm(back, axis=1, keepdims=True)) @ unit.T
+        assert np.abs(cos - unit @ unit.T).max() < (1e-3 if kind == "fp16" else 2e-2), kind
+    unit_codes = (rows / np.linalg.norm(rows, axis=1, keepdims=True)) @ basis
+    unit_codes /= np.linalg.norm(unit_codes, axis=1, keepdims=True)
+    assert np.allclose(proj["mean"], unit_codes.mean(0), atol=1e-5)  # subtracted before int8 coding
+    assert Storage("int8", dim=2).row_bytes(6) == 2 + 2 and Storage("fp16", dim=2).row_bytes(6) == 4
+
+
+def test_topk_indices_are_int16_up_to_32767_classes():
+    assert index_bytes(32767) == 2 and index_bytes(32768) == 4
+    small = encode(
+        "logits", np.random.default_rng(0).normal(size=(2, 3, 50)).astype(np.float32), Storage("topk", k=5)
+    )
+    assert small["logits.topi"].dtype == np.int16 and small["logits.topv"].dtype == np.float16
+    big = encode("logits", np.zeros((1, 1, 40000), np.float32), Storage("topk", k=5))
+    assert big["logits.topi"].dtype == np.int32
+    assert (
+        Storage("topk", k=5).row_bytes(50) == 5 * (2 + 2) + 4
+        and Storage("topk", k=5).row_bytes(40000) == 5 * 6 + 4
+    )
+
+
+def test_topk_keeps_the_mass_outside_the_top_k_exact():
+    logits = np.array([[[2.0, 1.0, 0.0, -1.0]]], np.float32)
+    a = encode("logits", logits, Storage("topk", k=2))
+    assert a["logits.lse"][0, 0] == pytest.approx(np.log(np.exp(logits).sum()), abs=1e-6)
+    dense = decode(a, "logits", Storage("topk", k=2), 4)[0, 0]
+    p, q = np.exp(logits[0, 0]) / np.exp(logits).sum(), np.exp(dense) / np.exp(dense).sum()
+    assert q[:2] == pytest.approx(p[:2], abs=1e-3)  # fp16 top values
+    # the two other classes share their exact total mass evenly
+    assert q[2] == pytest.approx(q[3]) and q[2] + q[3] == pytest.approx(p[2] + p[3], abs=1e-3)
+
+
+def test_budget_picks_the_most_faithful_level_that_fits_and_sizes_are_hand_counted():
+    # exact: 8 + 4 views x (10 + 64) x 2 = 600; embed int8: 8 + 4 x (20 + 66) = 352
+    assert bytes_per_image(4, SSKD_OUTPUTS, {"logits": Storage(), "embed": Storage()}) == 600
+    assert level_name(for_budget(4, SSKD_OUTPUTS, 600)) == "exact"
+    assert level_name(for_budget(4, SSKD_OUTPUTS, 599)) == "logits:fp16+embed:int8"
+    assert level_name(for_budget(4, SSKD_OUTPUTS, 300)) == "logits:fp16+embed:int8-d32"  # 8 + 4 x (20 + 34)
+    with pytest.raises(
+        SSKDError,
+        match=r"--budget 100: no storage level fits; the smallest is "
+        r"logits:fp16\+embed:int8-d16 at 160 B per image-epoch",
+    ):
+        for_budget(4, SSKD_OUTPUTS, 100)
+
+
+def test_imagenet_default_is_compact_and_within_1024_bytes():
+    img = imagenet_outputs(SSKD_OUTPUTS, 10)
+    assert [o["shape"] for o in img] == [[1000], [512]]
+    storage, why = default(img, IMAGENET["classes"])
+    assert level_name(storage) == "logits:top25+embed:int8-d128" and "compact" in why
+    # 8 + 4 views x (25 x (2 + 2) + 4 + 128 + 2)
+    assert bytes_per_image(4, img, storage) == 8 + 4 * (104 + 130) == 944 <= 1024
+    assert level_name(default(SSKD_OUTPUTS, 10)[0]) == "exact"  # the digits: fp16 costs little
+
+
+# ---- bad input: one line each, before any work ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"embed_dim": 64}, r"--embed-dim 64: must be between 8 and 63, below the 64 dims of embed"),
+        ({"embed_dim": 4}, r"--embed-dim 4: must be between 8 and 63"),
+        ({"topk": 10}, r"--topk 10: must be between 1 and 9, below the 10 classes"),
+        ({"exact": True, "topk": 3}, r"--exact stores every output in fp16: leave out --topk"),
+        ({"budget": 512, "embed": "int8"}, r"--budget picks the level itself: leave out --embed"),
+    ],
+)
+def test_bad_storage_requests_are_one_line(kw, match):
+    with pytest.raises(SSKDError, match=match):
+        check_request(SSKD_OUTPUTS, **kw)
+
+
+def test_embed_flags_on_a_method_without_cosine_embeddings_are_refused():
+    with pytest.raises(SSKDError, match="--embed-dim: this method reads no embedding through cosines"):
+        check_request([{"name": "logits", "shape": [100], "topk": True, "cosine": False}], embed_dim=16)
+
+
+# ---- with a real (tiny) teacher -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ss_teacher(digits_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("levels_teacher")
+    common = ["--shards", digits_shards, *FAST]
+    assert run("train-teacher", "--arch", "resnet8", "--out", root / "t", "--max-steps", 10, *common) == 0
+    assert (
+        run("train-ss-head", "--teacher", root / "t", "--out", root / "ss", "--max-steps", 10, *common) == 0
+    )
+    return root / "ss"
+
+
+SUBSET = "data.subset_fraction=0.2"  # a fifth of the digits (287 images): caches in seconds
+
+
+def student_run(shards, teacher, *extra):
+    cfg = load_config(None, [f"data.shards={shards}", "run.progress=false", SUBSET, *extra])
+    return prepare(cfg, "student", teacher=str(teacher))
+
+
+@pytest.fixture(scope="module")
+def compact_cache(ss_teacher, digits_shards, tmp_path_factory):
+    """The compact level of these shapes: 10 classes keep fp16 logits, 64-dim embeddings int8 (no projection)."""
+    out = tmp_path_factory.mktemp("levels") / "c"
+    build_cache(
+        student_run(digits_shards, ss_teacher), out, epochs=1, batch_size=256, embed="int8", progress=False
+    )
+    return out
+
+
+def test_compact_cache_keeps_the_selective_transfer_mask(compact_cache, ss_teacher, digits_shards):
+    from pipelines import ViewLoader
+    from sskd.bench.cache import _similarity
+    from sskd.losses import select_rows
+    from sskd.losses.pretext import own_image_targets
+    from sskd.methods.sskd import SSKD
+    from sskd.runs.models import load_run_model
+
+    teacher, _ = load_run_model(ss_teacher)
+    reader = CacheReader(compact_cache)
+    spec = student_run(digits_shards, ss_teacher)
+    assert (
+        reader.level == "logits:fp16+embed:int8" and not (compact_cache / "projections.safetensors").exists()
+    )
+    batch = next(iter(ViewLoader.for_run(spec, "train", batch_size=64).epoch(0)))
+    with torch.no_grad():
+        live = SSKD.teacher_outputs(teacher.eval(), batch["views"])
+    got = reader.lookup(batch["id"], 0)
+    assert got["t_embed"].shape == (64, 4, 64) and got["t_logits"].shape == (64, 4, 10)
+    a, c = _similarity(live["embed"]), _similarity(got["t_embed"])
+    target = own_image_targets(64, 4, a.device)
+    agree = (select_rows(a, target, 0.75) == select_rows(c, target, 0.75)).float().mean()
+    print(f"mask agreement {float(agree):.4f}, largest similarity error {float((a - c).abs().max()):.4f}")
+    assert float(agree) >= 0.995, float(agree)  # the issue's target
+    assert (a - c).abs().max() < 0.02
+
+
+def test_the_level_is_in_the_binding(compact_cache, ss_teacher, digits_shards):
+    binding = student_run(digits_shards, ss_teacher).cache_binding()
+    m = json.loads((compact_cache / "manifest.json").read_text())
+    assert m["version"] == VERSION == 4 and m["binding"]["level"] == "logits:fp16+embed:int8"
+    CacheReader(compact_cache, expected=binding)  # a run that names no level takes any
+    CacheReader(compact_cache, expected={**binding, "level": "logits:fp16+embed:int8"})
+    CacheReader(compact_cache, expected={**binding, "level": "compact"})  # the compact level of its shapes
+    for asked in ("exact", "logits:fp16+embed:int8-d32"):
+        with pytest.raises(
+            SSKDError,
+            match=rf"cache stores level logits:fp16\+embed:int8 but this run asks for {re.escape(asked)};",
+        ):
+            CacheReader(compact_cache, expected={**binding, "level": asked})
+
+
+def test_a_method_that_cannot_use_a_level_is_refused_naming_both(compact_cache):
+    from sskd.methods.sskd import SSKD
+
+    m = json.loads((compact_cache / "manifest.json").read_text())
+    check_usable(m, SSKD, {}, "c")  # the contrastive head's embeddings: cosines only
+    with pytest.raises(SSKDError, match=r"c: stores embed as int8, which --method sskd cannot use"):
+        check_usable(m, SSKD, {"wrapper_args": {"pretext": "rotation"}}, "c")
+
+
+@pytest.mark.slow
+def test_dry_run_sizes_are_the_bytes_written(ss_teacher, digits_shards, tmp_path, capsys):
+    from sskd.cache.build import dry_run
+
+    for kw in ({"exact": True}, {"embed_dim": 16, "topk": 3}, {"budget": 300}):
+        spec = student_run(digits_shards, ss_teacher)
+        topk = kw.pop("topk", None)
+        report = dry_run(spec, 1, topk=topk, **kw)
+        out = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        build_cache(spec, out, epochs=1, batch_size=512, progress=False, topk=topk, **kw)
+        written = sum(
+            sum(a.nbytes for a in map_chunk(f).values()) for f in sorted(out.glob("epoch-0000/*.safetensors"))
+        )
+        reader = CacheReader(out)
+        assert reader.level == report["level"]
+        assert written == report["bytes_per_sample_epoch"] * reader.num_samples, (kw, reader.level)
+    printed = capsys.readouterr().out
+    assert "the ImageNet recipe on paper (1,281,167 images, 4 views, logits 1000, embed 512)" in printed
+    assert "logits:top25+embed:int8-d128" in printed and "944" in printed
+
+
+def test_cli_bad_input_is_one_line_before_any_work(ss_teacher, digits_shards, tmp_path, capsys):
+    base = [
+        "cache",
+        "--teacher",
+        ss_teacher,
+        "--shards",
+        digits_shards,
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "c",
+    ]
+    for extra, msg in (
+        (
+            ["--budget", 50],
+            "--budget 50: no storage level fits; the smallest is logits:fp16+embed:int8-d16 at 160 B",
+        ),
+        (["--embed-dim", 4], "--embed-dim 4: must be at least 8"),
+        (["--embed-dim", 100], "--embed-dim 100: must be between 8 and 63, below the 64 dims of embed"),
+        (["--topk", 12], "--topk 12: must be between 1 and 9, below the 10 classes"),
+    ):
+        assert run(*base, *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+        assert not (tmp_path / "c").exists()
+
+
+def test_format_3_caches_still_read(tmp_path):
+    """A version-3 cache (its top-K classes int32, no storage in the manifest) reads as it always did."""
+    g = torch.Generator().manual_seed(0)
+    logits, embed = torch.randn(5, 2, 12, generator=g), torch.randn(5, 2, 6, generator=g)
+    top = logits.topk(3, dim=-1)
+    arrays = {
+        "ids": np.arange(5, dtype=np.int64),
+        "logits.topv": top.values.numpy().astype(np.float16),
+        "logits.topi": top.indices.numpy().astype(np.int32),
+        "logits.lse": torch.logsumexp(logits, -1).numpy(),
+        "embed": embed.numpy().astype(np.float16),
+    }
+    write_chunk(chunk_path(tmp_path, 0, 0, 0), arrays, 0, 1)
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "sskd-teacher-cache",
+                "version": 3,
+                "complete": True,
+                "binding": {"method": "sskd"},
+                "epochs": 1,
+                "num_samples": 5,
+                "topk": 3,
+                "outputs": [
+                    {"name": "logits", "shape": [12], "topk": True},
+                    {"name": "embed", "shape": [6], "topk": False},
+                ],
+            }
+        )
+    )
+    reader = CacheReader(tmp_path, expected={"method": "sskd"})
+    assert reader.level == "logits:top3+embed:fp16"
+    got = reader.lookup(torch.tensor([3, 0]), 0)
+    want = dense_from_topk(
+        arrays["logits.topv"].astype(np.float32), arrays["logits.topi"], arrays["logits.lse"], 12
+    )
+    assert np.array_equal(got["t_logits"].numpy(), want[[3, 0]])
+    assert np.array_equal(got["t_embed"].numpy(), arrays["embed"][[3, 0]].astype(np.float32))
+
+
+@pytest.mark.slow
+def test_bench_json_has_exactly_the_keys(ss_teacher, digits_shards, tmp_path):
+    from sskd.cli.cache import register_bench
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers(), argparse.HelpFormatter)
+    args = parser.parse_args(
+        [
+            "cache",
+            "--teacher",
+            str(ss_teacher),
+            "--shards",
+            str(digits_shards),
+            "--batch-size",
+            "32",
+            "--set",
+            SUBSET,
+            "--batches",
+            "3",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    assert args.func(args) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res) == {"levels", "decode_samples_per_s", "default_level", "imagenet_bytes_per_image_epoch"}
+    keys = {
+        "name",
+        "bytes_per_image_epoch",
+        "term_rel_err",
+        "similarity_max_err",
+        "mask_agreement",
+        "top1_agreement",
+        "read_samples_per_s",
+    }
+    assert all(set(r) == keys for r in res["levels"])
+    exact = next(r for r in res["levels"] if r["name"] == "exact")
+    assert set(exact["term_rel_err"]) >= {"kd", "tf", "ss"} and max(exact["term_rel_err"].values()) < 1e-2
+    assert exact["mask_agreement"] > 0.99 and exact["top1_agreement"] > 0.99
+    assert res["default_level"] == "exact" and res["imagenet_bytes_per_image_epoch"] == 944
+    assert [r["bytes_per_image_epoch"] for r in res["levels"]] == sorted(
+        (r["bytes_per_image_epoch"] for r in res["levels"]), reverse=True
+    )
