@@ -294,7 +294,7 @@ def test_the_teachers_predictions_cache(task, runs, digits_shards, tmp_path):
     )
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     width = {"jigsaw": 24, "exemplar": 64}[task]
-    assert {"name": "embed", "shape": [width], "topk": False} in manifest["outputs"]
+    assert {"name": "embed", "shape": [width], "topk": False} in declared(manifest)
     assert manifest["views"] == ["normal", *AUTO_VIEWS[task].split(",")]
     assert run(*common, "--out", tmp_path / "cached", "--cache", tmp_path / "c") == 0
     live, cached = (
@@ -325,3 +325,10 @@ def test_predictions_per_task_on_a_toy_batch():
 
     with pytest.raises(SSKDError, match="carries no jigsaw_label"):
         get_pretext("jigsaw").predictions(jig, {})
+
+
+def declared(manifest: dict) -> list[dict]:
+    """A cache manifest's outputs as the method declares them (name, shape, whether top-K may store them),
+    each checked to be stored exactly (fp16): the digits' 10 classes never get a compact default."""
+    assert all(o["storage"]["kind"] == "fp16" and o["storage"]["dim"] is None for o in manifest["outputs"])
+    return [{k: o[k] for k in ("name", "shape", "topk")} for o in manifest["outputs"]]
