@@ -231,9 +231,11 @@ class CEOnly(torch.nn.Module):
         return {"loss": _ce_loss(self.model(v.flatten(0, 1)), batch["label"], v.shape[1])}
 
 
-def _cached_source(spec, cls, teacher, batches, shape, folder: Path, precision: Precision):
+def cached_source(spec, teacher, batches, shape, folder: Path, autocast):
     """The teacher's outputs on exactly ``batches`` as a one-chunk cache in ``folder`` (untimed), as the run's
-    teacher source (:class:`sskd.cache.CachedTeacher`, what ``distill --cache`` reads)."""
+    teacher source (:class:`sskd.cache.CachedTeacher`, what ``distill --cache`` reads), and the outputs'
+    specs. ``shape`` gives ``num_samples``, ``num_views`` and ``size`` (a loader, or the bench's own);
+    ``autocast`` makes the precision's autocast context. ``bench train --cache`` uses it too."""
     from sskd.cache import (
         FORMAT,
         VERSION,
@@ -245,7 +247,8 @@ def _cached_source(spec, cls, teacher, batches, shape, folder: Path, precision: 
     )
     from sskd.cache.build import output_specs
 
-    with torch.inference_mode(), precision.autocast():
+    cls = spec.method
+    with torch.inference_mode(), autocast():
         outs = [cls.teacher_outputs(teacher, b["views"]) for b in batches]
     ids = np.concatenate([b["id"].cpu().numpy() for b in batches])
     ids, first = np.unique(ids, return_index=True)  # a small split repeats ids: keep each once
@@ -284,7 +287,7 @@ def bench_method(args, method: str, precision: str, device: torch.device) -> dic
     live = build_method(spec).to(device)  # the student from the run seed, then the fresh teacher
     teacher = live.teacher.to(device)
     with tempfile.TemporaryDirectory(prefix="sskd-bench-cache-") as tmp:
-        source, specs = _cached_source(spec, cls, teacher, batches, shape, Path(tmp), prec)
+        source, specs = cached_source(spec, teacher, batches, shape, Path(tmp), prec.autocast)
         cached = prec.make_step(build_method(replace(spec, teacher=source)).to(device))
         student = cls.student_model(create_model(args.student_arch, spec.num_classes), spec.num_classes)
         times = _interleaved(

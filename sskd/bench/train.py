@@ -25,7 +25,6 @@ method without a teacher and read the outputs through :class:`sskd.cache.CachedT
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -33,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sskd.core.atomic import write_json
@@ -251,42 +249,10 @@ def run_bench(args) -> dict:
 
 def _cache_source(spec, teacher, batches, loader, accelerator, cache: Path):
     """Teacher outputs of exactly ``batches`` as a one-chunk cache (untimed), as the run's teacher source
-    (:class:`sskd.cache.CachedTeacher`, what ``distill --cache`` reads)."""
-    from sskd.bench.distill import _partial_index
-    from sskd.cache import (
-        FORMAT,
-        VERSION,
-        CachedTeacher,
-        CacheReader,
-        chunk_path,
-        teacher_arrays,
-        write_chunk,
-    )
-    from sskd.cache.build import output_specs
+    (:class:`sskd.cache.CachedTeacher`, what ``distill --cache`` reads): ``bench distill``'s."""
+    from sskd.bench.distill import cached_source
 
-    cls = spec.method
-    with torch.inference_mode(), accelerator.autocast():
-        outs = [cls.teacher_outputs(teacher, b["views"]) for b in batches]
-    ids = np.concatenate([b["id"].cpu().numpy() for b in batches])
-    arrays = teacher_arrays(
-        ids, {n: torch.cat([o[n].float().cpu() for o in outs]) for n in cls.outputs}, None
-    )
-    write_chunk(chunk_path(cache, 0, 0, 0), arrays, 0, len(batches))
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "complete": True,
-        "binding": {},
-        "epochs": 1,
-        "num_samples": loader.num_samples,
-        "num_classes": loader.num_classes,
-        "topk": None,
-        "outputs": output_specs(cls, teacher, loader),
-    }
-    (cache / "manifest.json").write_text(json.dumps(manifest))
-    reader = CacheReader(cache, require_complete=False)  # a chunk of a few batches: its own index below
-    reader._index[0] = _partial_index(reader, loader.num_samples)
-    return CachedTeacher(spec.teacher.source, spec.teacher.info, reader)
+    return cached_source(spec, teacher, batches, loader, cache, accelerator.autocast)[0]
 
 
 def format_table(res: dict) -> str:
