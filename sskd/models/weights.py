@@ -257,6 +257,16 @@ def _norm(mean, std) -> dict[str, list[float]]:
     return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
+def norm_record(data_mean, data_std, mean, std, source: str, input_size=None) -> dict[str, Any]:
+    """What ``model.json`` records of a network's normalisation: the ``data``'s (the shards') and the
+    ``network``'s own, with where it comes from and, for a pretrained config, the input size (C, H, W) its
+    weights were trained at."""
+    network: dict[str, Any] = {**_norm(mean, std), "source": source}
+    if input_size:
+        network["input_size"] = list(input_size)
+    return {"data": _norm(data_mean, data_std), "network": network}
+
+
 def attach_input_norm(model: nn.Module, data_mean, data_std) -> dict[str, Any] | None:
     """Re-normalise ``model``'s input from the data's normalisation to the one it was trained with
     (``model.input_norm``: ``(mean, std, source)``), when they differ; returns what ``model.json`` records
@@ -264,11 +274,7 @@ def attach_input_norm(model: nn.Module, data_mean, data_std) -> dict[str, Any] |
     net = getattr(model, "input_norm", None)
     if net is None:
         return None
-    mean, std, source = net
-    network: dict[str, Any] = {**_norm(mean, std), "source": source}
-    if getattr(model, "input_size", None):  # what the pretrained config says it was trained at (C, H, W)
-        network["input_size"] = list(model.input_size)
-    record = {"data": _norm(data_mean, data_std), "network": network}
+    record = norm_record(data_mean, data_std, *net, getattr(model, "input_size", None))
     return restore_input_norm(model, record)
 
 

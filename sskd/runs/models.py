@@ -110,7 +110,7 @@ def teacher_info(source: str, manifest: dict[str, Any], weights: str | Path | No
 def _stand_in_info(source: str, manifest: dict[str, Any], weights: str | Path | None) -> dict[str, Any]:
     """A ``model.json`` for a teacher that is no run: its weights are found (and hashed) and its class count
     and normalisation checked here, so a missing file or a wrong head fails before anything is made."""
-    from sskd.models.weights import IMAGENET_NORM, file_sha256, pretrained_cfg, pretrained_file
+    from sskd.models.weights import IMAGENET_NORM, file_sha256, norm_record, pretrained_cfg, pretrained_file
 
     k = manifest["num_classes"]
     info: dict[str, Any] = {"arch": source, "num_classes": k, "wrapper": None}
@@ -136,12 +136,7 @@ def _stand_in_info(source: str, manifest: dict[str, Any], weights: str | Path | 
         )
         network = (tuple(cfg.mean), tuple(cfg.std), f"{full} pretrained config", list(cfg.input_size))
     if network is not None:
-        info["normalization"] = {
-            "data": {"mean": list(manifest["mean"]), "std": list(manifest["std"])},
-            "network": {"mean": list(network[0]), "std": list(network[1]), "source": network[2]},
-        }
-        if len(network) > 3:
-            info["normalization"]["network"]["input_size"] = network[3]
+        info["normalization"] = norm_record(manifest["mean"], manifest["std"], *network)
     return info
 
 
