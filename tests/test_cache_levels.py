@@ -33,6 +33,8 @@ from sskd.cache.levels import (
     imagenet_outputs,
     index_bytes,
     level_name,
+    level_storage,
+    requested,
 )
 from sskd.cli import main as sskd_main
 from sskd.core.errors import SSKDError
@@ -156,6 +158,45 @@ def test_imagenet_default_is_compact_and_within_1024_bytes():
 def test_bad_storage_requests_are_one_line(kw, match):
     with pytest.raises(SSKDError, match=match):
         check_request(SSKD_OUTPUTS, **kw)
+
+
+def test_a_level_by_name_gives_each_output_its_storage():
+    assert level_name(level_storage("exact", SSKD_OUTPUTS)) == "exact"
+    # compact whatever the class count: 10 classes keep fp16 logits, 64-dim embeddings become int8 rows
+    assert level_name(level_storage("compact", SSKD_OUTPUTS)) == "logits:fp16+embed:int8"
+    storage = level_storage("logits:top3+embed:int8-d16", SSKD_OUTPUTS)
+    assert storage == {"logits": Storage("topk", k=3), "embed": Storage("int8", dim=16)}
+    assert level_storage("embed:fp16-d32", SSKD_OUTPUTS)["logits"] == Storage()  # left out: fp16
+    assert requested(SSKD_OUTPUTS, 4, 10, level="logits:top3")[0]["logits"] == Storage("topk", k=3)
+
+
+@pytest.mark.parametrize(
+    ("level", "kw", "match"),
+    [
+        (
+            "logits:int8",
+            {},
+            r"--level logits:int8: logits \(10 wide\) cannot be stored as int8 .*it allows fp16, top5",
+        ),
+        ("embed:top5", {}, r"embed \(64 wide\) cannot be stored as top5 \(top-K needs class scores"),
+        (
+            "logits:top10",
+            {},
+            r"logits \(10 wide\) cannot be stored as top10 \(top-K needs class scores and 0 < K < 10\)",
+        ),
+        ("embed:int8-d64", {}, r"cannot be stored as int8-d64"),
+        ("feat:fp16", {}, r"cache level 'feat:fp16': no output 'feat' \(this cache holds logits, embed\)"),
+        (
+            "logits:top9",
+            {"exact": True},
+            r"--level logits:top9 names every output's storage: leave out --exact",
+        ),
+        ("compact", {"topk": 3, "budget": 100}, r"leave out --topk, --budget"),
+    ],
+)
+def test_a_bad_level_is_one_line_naming_the_output(level, kw, match):
+    with pytest.raises(SSKDError, match=match):
+        check_request(SSKD_OUTPUTS, level=level, **kw)
 
 
 def test_embed_flags_on_a_method_without_cosine_embeddings_are_refused():
@@ -287,6 +328,11 @@ def test_cli_bad_input_is_one_line_before_any_work(ss_teacher, digits_shards, tm
         (["--embed-dim", 4], "--embed-dim 4: must be at least 8"),
         (["--embed-dim", 100], "--embed-dim 100: must be between 8 and 63, below the 64 dims of embed"),
         (["--topk", 12], "--topk 12: must be between 1 and 9, below the 10 classes"),
+        (["--level", "logits:top12"], "--level logits:top12: logits (10 wide) cannot be stored as top12"),
+        (
+            ["--level", "compact", "--exact"],
+            "--level compact names every output's storage: leave out --exact",
+        ),
     ):
         assert run(*base, *extra) == 2, extra
         err = capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,60 @@ def test_the_plan_shares_teachers_and_heads_and_puts_settings_on_students_only(t
     assert sskd_run.args[sskd_run.args.index("--teacher") + 1] == str(heads["resnet20-sskd"].folder)
     assert "--teacher" not in next(r for r in few if r.meta["label"] == "ce").args
     assert sskd_run.folder == tmp_path / "out" / "runs" / "few25" / "sskd" / "resnet20-resnet8" / "seed1"
+
+
+def test_a_cache_setting_makes_a_cache_before_each_student_that_reads_a_teacher(tmp_path, digits_shards):
+    spec = load_spec(
+        write_spec(
+            tmp_path / "s.yaml",
+            shards=str(digits_shards),
+            pairs=[{"teacher": "resnet20", "student": "resnet8"}],
+            methods=["ce", "sskd", "hssakd"],
+            seeds=[0, 1],
+            settings={"live": {}, "compact": {"cache": "compact", "data.subset_fraction": 0.5}},
+            set={"student.epochs": 2},
+        )
+    )
+    runs = plan(spec, tmp_path / "out")
+    caches = [r for r in runs if r.kind == "cache"]
+    assert len(caches) == 2 * 2  # sskd and hssakd, two seeds, in the cache setting only
+    for cache in caches:
+        student = runs[runs.index(cache) + 1]  # made just before the student that reads it
+        assert student.kind == "student" and student.meta["setting"] == "compact"
+        assert (student.meta["method"], student.meta["seed"]) == (cache.meta["method"], cache.meta["seed"])
+        assert cache.folder == tmp_path / "out" / "caches" / "compact" / cache.meta[
+            "label"
+        ] / "resnet20-resnet8" / (f"seed{cache.meta['seed']}")
+        a, b = cache.args, student.args
+        assert a[:3] == ["cache", "--method", student.meta["method"]] and a[-2:] == ["--level", "compact"]
+        # the cache is made for exactly the student's teacher, seed and data settings (its binding)
+        for flag in ("--teacher", "--seed"):
+            assert a[a.index(flag) + 1] == b[b.index(flag) + 1]
+        assert "data.subset_fraction=0.5" in a and "cache" not in " ".join(x for x in a if "=" in x)
+        assert b[b.index("--cache") + 1] == str(cache.folder) and b[b.index("--cache-level") + 1] == "compact"
+    ce = [r for r in runs if r.kind == "student" and r.meta["method"] == "ce"]
+    assert ce and not any("--cache" in r.args for r in ce)  # no teacher: nothing to cache
+    assert not any("--cache" in r.args for r in runs if r.meta.get("setting") == "live")
+
+
+@pytest.mark.parametrize(
+    ("settings", "methods", "message"),
+    [
+        ({"c": {"cache": "logits"}}, ["sskd"], "settings.c.cache: 'logits' is not a level"),
+        ({"c": {"cache": "logits:top0x"}}, ["sskd"], "settings.c.cache: unknown cache storage 'top0x'"),
+        ({"c": {"cache": 5}}, ["sskd"], "settings.c.cache: a storage level"),
+        (
+            {"c": {"cache": "exact"}},
+            ["kd", "fitnet"],
+            "method fitnet (fitnet) cannot read its teacher from a cache",
+        ),
+    ],
+)
+def test_a_bad_cache_setting_is_one_line_naming_it(tmp_path, settings, methods, message):
+    path = write_spec(tmp_path / "spec.yaml", shards="x", methods=methods, settings=settings)
+    with pytest.raises(SSKDError, match=re.escape(message)) as err:
+        load_spec(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
 def test_dry_run_prints_every_run_with_its_steps_and_trains_nothing(tmp_path, digits_shards, capsys):
@@ -192,6 +247,69 @@ def test_report_numbers_equal_the_runs_and_the_paired_interval_is_students_t(tmp
     with pytest.raises(SystemExit):
         sskd_main(["report", "--out", str(out)])
     assert sskd_main(["report", str(tmp_path), "--out", str(out)]) == 2  # not a sweep folder
+
+
+def test_report_versus_a_setting_gives_the_paired_difference_per_method(tmp_path):
+    from scipy.stats import t
+
+    results = {}
+    for setting, shift in (("exact", 0.0), ("compact", -0.5)):
+        for method in ("ce", "sskd"):
+            for seed in range(3):
+                top1 = 80.0 + 3 * seed + (shift * (seed + 1) if method == "sskd" else 0.0)
+                results[(setting, method, seed)] = (top1, top1, [top1])
+    sweep = fabricate(tmp_path / "sw", results)
+    out = tmp_path / "report.md"
+    argv = ["report", str(sweep), "--out", str(out), "--json", str(tmp_path / "r.json"), "--no-plots"]
+    assert sskd_main([*argv, "--versus", "exact"]) == 0
+    rows = {(r["setting"], r["method"]): r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert rows[("exact", "sskd")]["delta_versus"] is None
+    d = np.array([-0.5, -1.0, -1.5])  # compact - exact, paired by seed
+    half = t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)
+    got = rows[("compact", "sskd")]["delta_versus"]
+    assert got["n"] == 3 and got["mean"] == pytest.approx(-1.0)
+    assert (got["ci_low"], got["ci_high"]) == (pytest.approx(-1.0 - half), pytest.approx(-1.0 + half))
+    assert rows[("compact", "ce")]["delta_versus"]["mean"] == 0.0
+    text = out.read_text()
+    assert "| Δ vs exact |" in text and f"-1.00 [{-1.0 - half:+.2f}, {-1.0 + half:+.2f}]" in text
+    assert sskd_main([*argv, "--versus", "fp8"]) == 2  # no such setting: one line, nothing written anew
+
+
+@pytest.mark.slow
+def test_a_sweep_with_cache_settings_makes_the_caches_its_students_read(tmp_path, digits_shards):
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        shards=str(digits_shards),
+        pairs=[{"teacher": "resnet8", "student": "resnet8"}],
+        methods=["sskd"],
+        seeds=[0],
+        settings={"exact": {"cache": "exact"}, "small": {"cache": "logits:top3+embed:int8-d16"}},
+        set={
+            "teacher.max_steps": 3,
+            "ss_head.max_steps": 3,
+            "student.epochs": 1,
+            "student.max_steps": 3,
+            "student.batch_size": 32,
+            "data.subset_fraction": 0.2,
+            "data.eval_batch_size": 360,
+        },
+    )
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "sskd", "sweep", str(spec), "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for setting, level in (("exact", "exact"), ("small", "logits:top3+embed:int8-d16")):
+        cache = out / "caches" / setting / "sskd" / "resnet8-resnet8" / "seed0"
+        manifest = json.loads((cache / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["binding"]["level"] == level
+        assert manifest["epochs"] == 1  # the student's epochs, without --epochs
+        assert json.loads((cache / "sweep.json").read_text())["status"] == "done"
+        student = out / "runs" / setting / "sskd" / "resnet8-resnet8" / "seed0"
+        assert json.loads((student / "model.json").read_text())["cache"] == str(cache)
+    logs = {p: p.read_text() for p in out.rglob("sweep.log")}
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(p.read_text() == text for p, text in logs.items())  # caches and students done: not rerun
 
 
 @pytest.mark.slow

@@ -189,6 +189,7 @@ def build_cache(
     embed: str | None = None,
     embed_dim: int | None = None,
     budget: int | None = None,
+    level: str | None = None,
 ) -> Path:
     """Run the frozen teacher of ``spec`` (a student run's) over epochs 0..E-1 of its training views and store
     the outputs its method reads.
@@ -198,7 +199,8 @@ def build_cache(
     continues after the last intact chunk of every rank and epoch.
 
     The storage level (:mod:`sskd.cache.levels`): ``exact`` fp16, or ``topk`` / ``embed`` / ``embed_dim``
-    as asked, or the most faithful within ``budget`` bytes per image-epoch, or else the default (compact
+    as asked, or the one ``level`` names (``exact``, ``compact``, ``logits:top25+...``), or the most faithful
+    within ``budget`` bytes per image-epoch, or else the default (compact
     for >= 100 classes and >= 128-dim embeddings); the flags are checked against the outputs' shapes
     before any batch is made.
     """
@@ -206,7 +208,14 @@ def build_cache(
     from sskd.engine.dist import make_accelerator
 
     out = Path(out)
-    request = {"topk": topk, "exact": exact, "embed": embed, "embed_dim": embed_dim, "budget": budget}
+    request = {
+        "topk": topk,
+        "exact": exact,
+        "embed": embed,
+        "embed_dim": embed_dim,
+        "budget": budget,
+        "level": level,
+    }
     check_cacheable(spec.method)
     storage_plan(spec, split, request)  # a bad storage request is one line before the folder is touched
     for name, value in (

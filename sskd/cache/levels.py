@@ -244,11 +244,19 @@ def check_request(
     embed: str | None = None,
     embed_dim: int | None = None,
     budget: int | None = None,
+    level: str | None = None,
 ) -> None:
     """The storage flags against the outputs' shapes, one line each, before any work."""
     asked = [
         f for f, v in (("--topk", topk), ("--embed", embed), ("--embed-dim", embed_dim)) if v is not None
     ]
+    if level is not None:
+        other = asked + (["--exact"] if exact else []) + (["--budget"] if budget is not None else [])
+        if other:
+            raise SSKDError(f"--level {level} names every output's storage: leave out {', '.join(other)}")
+        if outputs:
+            level_storage(level, outputs)
+        return
     if exact and (asked or budget is not None):
         raise SSKDError(f"--exact stores every output in fp16: leave out {', '.join(asked or ['--budget'])}")
     if budget is not None and asked:
@@ -289,9 +297,14 @@ def requested(
     embed: str | None = None,
     embed_dim: int | None = None,
     budget: int | None = None,
+    level: str | None = None,
 ) -> tuple[dict[str, Storage], str]:
     """The level the flags ask for and a line saying which and why (checked by :func:`check_request`)."""
-    check_request(outputs, exact=exact, topk=topk, embed=embed, embed_dim=embed_dim, budget=budget)
+    check_request(
+        outputs, exact=exact, topk=topk, embed=embed, embed_dim=embed_dim, budget=budget, level=level
+    )
+    if level is not None:
+        return level_storage(level, outputs), f"--level {level}"
     if exact:
         return {o["name"]: Storage() for o in outputs}, "--exact: every output fp16"
     if budget is not None:
@@ -308,6 +321,30 @@ def requested(
             s = Storage(embed or "int8", dim=embed_dim)
         storage[o["name"]] = s
     return storage, "as asked"
+
+
+def level_storage(level: str, outputs: list[dict[str, Any]]) -> dict[str, Storage]:
+    """The storage of every output at the level ``level`` names: ``exact``, ``compact`` (the compact level
+    for these shapes, whatever the class count) or a level name (``logits:top25+embed:int8-d128``; outputs
+    it leaves out are fp16); one line naming the output when it cannot be stored so."""
+    if level == "compact":
+        return compact(outputs)
+    storage = parse_level(level, [o["name"] for o in outputs])
+    for o in outputs:
+        s = storage[o["name"]]
+        if not allowed(o, s):
+            width = o["shape"][-1]
+            why = (
+                f"top-K needs class scores and 0 < K < {width}"
+                if s.kind == "topk"
+                else f"int8 and projections are for embeddings read only through cosines, D in "
+                f"{MIN_DIM}..{width - 1}"
+            )
+            raise SSKDError(
+                f"--level {level}: {o['name']} ({width} wide) cannot be stored as {s.name} ({why}); "
+                f"it allows {', '.join(x.name for x in ladder(o))}"
+            )
+    return storage
 
 
 def fit_projection(rows: np.ndarray, dim: int) -> dict[str, np.ndarray]:

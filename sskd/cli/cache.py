@@ -27,8 +27,27 @@ def _storage_flags(args) -> dict:
         raise SSKDError(f"--embed-dim {args.embed_dim}: must be at least {MIN_DIM}")
     if args.topk is not None and args.topk < 1:
         raise SSKDError(f"--topk {args.topk}: must be at least 1")
-    check_request([], exact=args.exact, budget=args.budget)  # --exact with --budget, a budget below 1
-    return {"exact": args.exact, "embed": args.embed, "embed_dim": args.embed_dim, "budget": args.budget}
+    # --exact with --budget, a budget below 1, --level with any other storage flag
+    others = {"topk": args.topk, "embed": args.embed, "embed_dim": args.embed_dim} if args.level else {}
+    check_request([], exact=args.exact, budget=args.budget, level=args.level, **others)
+    return {
+        "exact": args.exact,
+        "embed": args.embed,
+        "embed_dim": args.embed_dim,
+        "budget": args.budget,
+        "level": args.level,
+    }
+
+
+def _epochs(args, spec) -> int:
+    """``--epochs``, or the student run's own epochs (``student.epochs`` from --config/--set): a cache of
+    every epoch the student trains."""
+    from sskd.core.errors import SSKDError
+
+    epochs = args.epochs if args.epochs is not None else int(spec.st.epochs)
+    if epochs < 1:
+        raise SSKDError(f"--epochs must be >= 1, not {epochs}")
+    return epochs
 
 
 def cmd_cache(args) -> int:
@@ -46,29 +65,27 @@ def cmd_cache(args) -> int:
             problems,
             f"{args.out}: every epoch holds every sample once and every chunk's checksum matches",
         )
-    missing = [
-        flag
-        for flag, v in (("--teacher", args.teacher), ("--shards", args.shards), ("--epochs", args.epochs))
-        if v is None
-    ]
+    missing = [flag for flag, v in (("--teacher", args.teacher), ("--shards", args.shards)) if v is None]
     if missing:
         raise SSKDError(f"the following arguments are required to build a cache: {', '.join(missing)}")
     if args.dry_run:
         from sskd.cache.build import dry_run
 
-        if args.epochs < 1:
-            raise SSKDError(f"--epochs must be >= 1, not {args.epochs}")
         flags = _storage_flags(args)
-        dry_run(_student_run(args), args.epochs, topk=args.topk, split=args.split, **flags)
+        spec = _student_run(args)
+        dry_run(spec, _epochs(args, spec), topk=args.topk, split=args.split, **flags)
         return 0
-    for flag in ("batch_size", "chunk_batches", "epochs"):
+    for flag in ("batch_size", "chunk_batches"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
+    if args.epochs is not None and args.epochs < 1:
+        raise SSKDError(f"--epochs must be >= 1, not {args.epochs}")
     flags = _storage_flags(args)
+    spec = _student_run(args)
     build_cache(
-        _student_run(args),
+        spec,
         args.out,
-        args.epochs,
+        _epochs(args, spec),
         topk=args.topk,
         split=args.split,
         batch_size=args.batch_size,
@@ -105,6 +122,7 @@ def register(sub, fmt) -> None:
         "  sskd cache --method hssakd --teacher runs/t-hs --shards data/shards/digits --epochs 10 --out caches/h\n"
         "  sskd cache --dry-run --teacher runs/t-ss --shards data/shards/digits --epochs 10 --budget 1024\n"
         "  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --embed int8 --embed-dim 32 --out caches/c\n"
+        "  sskd cache --teacher runs/t-ss --shards data/shards/digits --level compact --set student.epochs=10 --out caches/k\n"
         "  accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m sskd cache ... --budget 1024",
     )
     from sskd.methods import METHODS
@@ -125,7 +143,12 @@ def register(sub, fmt) -> None:
 
     add_weight_flags(p, own=None, teacher=True)
     p.add_argument("--shards", help="shard folder; required to build")
-    p.add_argument("--epochs", type=int, help="augmentation epochs to cache (E); required to build")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="augmentation epochs to cache (E; default: the student run's student.epochs, from --config "
+        "or --set)",
+    )
     p.add_argument("--out", help="cache folder (not needed with --dry-run)")
     p.add_argument(
         "--dry-run",
@@ -164,6 +187,13 @@ def register(sub, fmt) -> None:
     )
     p.add_argument(
         "--exact", action="store_true", help="every output in fp16 (format 3's storage; no compact default)"
+    )
+    p.add_argument(
+        "--level",
+        metavar="LEVEL",
+        help="every output's storage by name: exact, compact (the compact level whatever the class count) "
+        "or a level as --dry-run lists them, e.g. logits:top25+embed:int8-d128 (outputs left out: fp16); "
+        "what `distill --cache-level` and a sweep setting's `cache:` name",
     )
     p.add_argument("--split", default="train", help="split to cache")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per teacher batch")

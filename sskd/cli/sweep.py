@@ -76,6 +76,7 @@ spec (YAML):
     full: {}
     few25: {data.subset_fraction: 0.25}
     noisy40: {data.label_noise: 0.4}
+    # compact: {cache: compact}             # students read a teacher cache at this level (exact, compact, LEVEL)
   set: {teacher.epochs: 12, ss_head.epochs: 4, student.epochs: 6}   # every run
   # config: sskd/configs/cifar100/resnet32x4-resnet8x4.yaml          # a recipe under every run
   # teacher_seed: 0
@@ -85,6 +86,8 @@ examples:
   sskd sweep sskd/configs/sweeps/digits.yaml --out sweeps/digits
   sskd sweep spec.yaml --out sweeps/x --launcher "sskd launch --config_file launch/accelerate/multi_gpu.yaml"
   sskd report sweeps/digits --out sweeps/digits/report.md --json sweeps/digits/report.json
+  sskd sweep sskd/configs/sweeps/digits-cache.yaml --out sweeps/digits-cache
+  sskd report sweeps/digits-cache --versus exact --out sweeps/digits-cache/report.md
 """
 
 

@@ -3,7 +3,8 @@
 Per data setting and (method, teacher, student): top-1 / top-5 mean ± sample std over the seeds (with
 their number), at the final and at the best epoch; the paired difference to CE and to KD over the seeds
 both ran (mean and a 95% confidence interval from Student's t with n - 1 degrees of freedom; none for a
-single seed); learning curves (val top-1 per epoch, mean over seeds) and a bar chart with std error
+single seed), and with ``--versus SETTING`` to the same method and pair in that setting (say, students
+from a compact teacher cache against those from the exact one); learning curves (val top-1 per epoch, mean over seeds) and a bar chart with std error
 bars as PNGs beside the report. Every number comes from the runs' own ``model.json`` (final ``top1``,
 ``top5``, ``best_top1``) and ``metrics.jsonl`` (the curves); ``--json`` writes them unrounded.
 """
@@ -135,8 +136,9 @@ def _curve(metrics: Path) -> dict[int, float]:
     return curve
 
 
-def summarise(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (setting, method label, teacher, student)."""
+def summarise(found: list[dict[str, Any]], versus: str | None = None) -> list[dict[str, Any]]:
+    """One row per (setting, method label, teacher, student); with ``versus``, each row of another setting
+    also gets ``delta_versus``: its paired difference to the same label and pair in setting ``versus``."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     order: list[tuple] = []
     for r in found:
@@ -177,6 +179,12 @@ def summarise(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 None,
             )
             row[f"delta_{base}"] = paired(mine, ref) if ref is not None and label != base else None
+        if versus is not None:
+            ref = next(
+                ({r["seed"]: r["top1"] for r in g} for k, g in groups.items() if k == (versus, *key[1:])),
+                None,
+            )
+            row["delta_versus"] = paired(mine, ref) if ref is not None and setting != versus else None
         walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
         row["wall_s_mean"] = sum(walls) / len(walls) if walls else None
         epochs = sorted(set().union(*(r["curve"] for r in runs)))
@@ -265,7 +273,14 @@ def _save(fig, path: Path) -> None:
     atomic.write_bytes(path, buf.getvalue())
 
 
-def render(rows: list[dict], found: list[dict], dirs: list[str], pictures: list[Path], out: Path) -> str:
+def render(
+    rows: list[dict],
+    found: list[dict],
+    dirs: list[str],
+    pictures: list[Path],
+    out: Path,
+    versus: str | None = None,
+) -> str:
     lines = [f"# sskd report: {', '.join(map(str, dirs))}", ""]
     done = [r for r in found if r["status"] == "done"]
     missing = [r for r in found if r["kind"] == "student" and r["status"] != "done"]
@@ -279,15 +294,18 @@ def render(rows: list[dict], found: list[dict], dirs: list[str], pictures: list[
         "Top-1 / top-5: val accuracy (%) at the last epoch, mean ± sample std over the n seeds; best: "
         "the best epoch's top-1. Δ: the paired difference in final top-1 over the seeds both ran, mean "
         "[95% t interval]; * where the interval excludes 0 (otherwise the difference is within the noise "
-        "of these seeds).",
+        "of these seeds)." + (f" Δ vs {versus}: the same against setting {versus}." if versus else ""),
         "",
     ]
+    extra = f" Δ vs {versus} |" if versus else ""
     for setting in dict.fromkeys(r["setting"] for r in rows):
         lines += [
             f"## {setting}",
             "",
-            "| method | teacher → student | n | top-1 | top-5 | best top-1 | Δ vs CE | Δ vs KD | s / run |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | teacher → student | n | top-1 | top-5 | best top-1 | Δ vs CE | Δ vs KD |"
+            + extra
+            + " s / run |",
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if versus else ""),
         ]
         for r in (r for r in rows if r["setting"] == setting):
             wall = f"{r['wall_s_mean']:.0f}" if r["wall_s_mean"] is not None else "—"
@@ -295,7 +313,9 @@ def render(rows: list[dict], found: list[dict], dirs: list[str], pictures: list[
                 f"| {r['method']} | {r['teacher']} → {r['student']} | {r['n']} | "
                 f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['top5_mean']:.2f} ± {r['top5_std']:.2f} | "
                 f"{r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} | {_fmt_delta(r['delta_ce'])} | "
-                f"{_fmt_delta(r['delta_kd'])} | {wall} |"
+                f"{_fmt_delta(r['delta_kd'])} |"
+                + (f" {_fmt_delta(r['delta_versus'])} |" if versus else "")
+                + f" {wall} |"
             )
         lines.append("")
     for p in pictures:

@@ -8,6 +8,7 @@ started as a child process (or under ``--launcher "accelerate launch ..."``), in
     DIR/teachers/<arch>                            stage-1 teacher, one per teacher architecture
     DIR/teachers/<arch>-<head method>[-<hash>]     its SS head / branches / KDSS heads, one per kind the methods need
     DIR/runs/<setting>/<label>/<teacher>-<student>/seed<k>   the students
+    DIR/caches/<setting>/<label>/<teacher>-<student>/seed<k> their teacher caches, in a setting with ``cache:``
 
 Teachers (and their heads) are trained once, on the full clean data, with ``teacher_seed``, and shared
 by every student that needs them; data settings act on the students only (SSKD Sec. 4.3: "the teacher
@@ -15,6 +16,12 @@ is trained with clean data and will be shared by all students"). Each run folder
 (its command, status, wall time and result) and ``sweep.log`` (the command's output). A rerun skips
 finished runs, resumes an interrupted one (``--resume``) and refuses a finished run whose recorded
 command differs from the spec's (the spec changed under it).
+
+A setting may name a teacher-cache storage level, ``cache: exact | compact | LEVEL`` (a level as ``sskd
+cache --dry-run`` lists them): its students of methods whose teacher outputs can be cached then read them
+from a cache (``sskd cache --level LEVEL``, one per student run: a cache is bound to the run's seed and data
+settings) made just before, and ask for that level (``distill --cache-level``), so settings that differ
+only in the level compare what the storage costs. Methods without a teacher run as in any setting.
 """
 
 from __future__ import annotations
@@ -82,6 +89,14 @@ class PlannedRun:
     def record(self) -> dict[str, Any]:
         path = self.folder / RECORD
         return _read_json(path) if path.is_file() else {}
+
+    def finished(self) -> bool:
+        """Whether the run's own output says it finished: a trained model's ``model.json``, a cache's
+        complete ``manifest.json``."""
+        if self.kind != "cache":
+            return (self.folder / "model.json").is_file()
+        manifest = self.folder / "manifest.json"
+        return manifest.is_file() and _read_json(manifest).get("complete") is True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -170,9 +185,11 @@ def load_spec(path: str | Path) -> Spec:
     settings = raw.get("settings") or {"full": {}}
     if not isinstance(settings, dict) or not all(isinstance(v or {}, dict) for v in settings.values()):
         raise _fail(str(path), "settings: a mapping name -> {section.key: value}")
-    for name in settings:
+    for name, overrides in settings.items():
         if not str(name).replace("-", "").replace("_", "").isalnum():
             raise _fail(str(path), f"settings: {name!r} is not a folder-safe name")
+        if "cache" in (overrides or {}):
+            _check_cache_setting(str(path), str(name), overrides["cache"], methods)
     sets = raw.get("set") or {}
     if not isinstance(sets, dict):
         raise _fail(str(path), "set: a mapping section.key: value")
@@ -187,6 +204,41 @@ def load_spec(path: str | Path) -> Spec:
         teacher_seed=int(raw.get("teacher_seed", 0)),
         name=str(raw.get("name", path.stem)),
     )
+
+
+def _check_cache_setting(where: str, setting: str, level: Any, methods: list[MethodSpec]) -> None:
+    """A setting's ``cache:`` names a storage level, and every method of the spec that needs a teacher can
+    read its teacher from a cache (the shapes are checked when the cache is made)."""
+    from sskd.cache.levels import Storage
+    from sskd.methods import METHODS
+
+    if not isinstance(level, str) or not level:
+        raise _fail(
+            where,
+            f"settings.{setting}.cache: a storage level (exact, compact or e.g. logits:top5+embed:int8)",
+        )
+    if level not in ("exact", "compact"):
+        for part in level.split("+"):
+            name, colon, how = part.partition(":")
+            if not name or not colon:
+                raise _fail(
+                    where,
+                    f"settings.{setting}.cache: {level!r} is not a level (exact, compact or "
+                    "OUTPUT:STORAGE joined by '+', e.g. logits:top5+embed:int8-d32)",
+                )
+            try:
+                Storage.parse(how)
+            except SSKDError as exc:
+                raise _fail(where, f"settings.{setting}.cache: {exc}") from None
+    for m in methods:
+        cls = METHODS["student"].get(m.name)
+        if cls.needs_teacher and (not cls.outputs or cls.cache_refusal):
+            raise _fail(
+                where,
+                f"settings.{setting}.cache: method {m.label} ({m.name}) cannot read its teacher from a cache "
+                f"({cls.cache_refusal or 'it declares no teacher outputs'}); sweep it in a setting without "
+                "cache",
+            )
 
 
 def _set_args(values: dict[str, Any]) -> list[str]:
@@ -284,7 +336,9 @@ def plan(spec: Spec, out: Path) -> list[PlannedRun]:
             )
             heads[key] = heads[(t_arch, head, json.dumps(m.sets, sort_keys=True))] = run
             runs.append(run)
-    for setting, overrides in spec.settings.items():
+    for setting, given in spec.settings.items():
+        overrides = {k: v for k, v in given.items() if k != "cache"}
+        level = given.get("cache")
         for pair in spec.pairs:
             t_arch, s_arch = pair.get("teacher"), pair["student"]
             pair_common = (["--config", pair["config"]] if pair.get("config") else []) + common
@@ -302,19 +356,35 @@ def plan(spec: Spec, out: Path) -> list[PlannedRun]:
                 pair_name = f"{(t_arch or 'none').replace(':', '-')}-{s_arch}"
                 for seed in spec.seeds:
                     folder = out / "runs" / setting / m.label / pair_name / f"seed{seed}"
-                    args = [
-                        "distill",
-                        "--method",
-                        m.name,
-                        *teacher_args,
-                        "--student",
-                        s_arch,
+                    run_args = [
                         *pair_common,
                         "--seed",
                         str(seed),
                         *base_sets,
                         *_set_args(m.sets),
                         *_set_args(overrides),
+                    ]
+                    cache_args: list[str] = []
+                    if level is not None and cls.needs_teacher:
+                        # The student's views, seed and data settings; every epoch it trains (the default).
+                        cache_run = PlannedRun(
+                            "cache",
+                            out / "caches" / setting / m.label / pair_name / f"seed{seed}",
+                            ["cache", "--method", m.name, *teacher_args, *run_args, "--level", level],
+                            "student",
+                            {"setting": setting, "method": m.name, "label": m.label, "seed": seed},
+                        )
+                        runs.append(cache_run)
+                        cache_args = ["--cache", str(cache_run.folder), "--cache-level", level]
+                    args = [
+                        "distill",
+                        "--method",
+                        m.name,
+                        *teacher_args,
+                        *cache_args,
+                        "--student",
+                        s_arch,
+                        *run_args,
                     ]
                     runs.append(
                         PlannedRun(
@@ -362,10 +432,12 @@ def estimate(spec: RunSpec, subset_sizes: dict) -> tuple[int, int]:
 
 def _status(run: PlannedRun) -> str:
     rec = run.record()
-    if rec.get("status") == "done" and (run.folder / "model.json").is_file():
+    if rec.get("status") == "done" and run.finished():
         return "done"
     from sskd.runs import earlier_work
 
+    if run.kind == "cache" and (run.folder / "manifest.json").is_file():
+        return "partial"  # `sskd cache --resume` keeps its complete chunks
     if run.folder.is_dir() and earlier_work(run.folder):
         return "partial"
     return "todo"
@@ -453,7 +525,7 @@ def execute(
         if status == "done":
             bar.update(1)
             continue
-        if status == "todo" and run.folder.is_dir() and (run.folder / "model.json").is_file():
+        if status == "todo" and run.folder.is_dir() and run.finished():
             status = "done"
         deps = [d for d in failed if str(d.folder) in run.args]
         if deps:
@@ -467,7 +539,9 @@ def execute(
         started = time.time()
         base = {"args": run.args, "command": shlex.join(prefix + args), "kind": run.kind, **run.meta}
         atomic.write_json(run.folder / RECORD, {**base, "status": "running", "started": started})
-        bar.set_postfix_str(f"{run.kind} {run.folder.name if run.kind != 'student' else run.meta['label']}")
+        bar.set_postfix_str(
+            f"{run.kind} {run.meta['label'] if run.kind in ('student', 'cache') else run.folder.name}"
+        )
         log.info(
             "[%d/%d] %s%s",
             i,
@@ -478,14 +552,17 @@ def execute(
         child = _Child(prefix + args, run.folder / OUTPUT)
         rc = child.run()
         wall = round(time.time() - started, 1)
-        if rc == 0 and (run.folder / "model.json").is_file():
-            result = _result(run.folder)
+        if rc == 0 and run.finished():
+            result = _result(run.folder) if run.kind != "cache" else {}
             atomic.write_json(
                 run.folder / RECORD, {**base, "status": "done", "wall_s": wall, "result": result}
             )
-            log.info(
-                "[%d/%d] %s: top-1 %s in %.0f s", i, len(runs), run.folder, result.get("top1", "-"), wall
-            )
+            if run.kind == "cache":
+                log.info("[%d/%d] %s: cached in %.0f s", i, len(runs), run.folder, wall)
+            else:
+                log.info(
+                    "[%d/%d] %s: top-1 %s in %.0f s", i, len(runs), run.folder, result.get("top1", "-"), wall
+                )
             if child.interrupted:  # it finished as the signal came: stop here all the same
                 bar.close()
                 log.warning(
