@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -453,7 +453,7 @@ class ViewLoader:
             self._ahead = None
 
     def _raw_batches(
-        self, epoch: int, start: int = 0, checkpoint: bytes | None = None
+        self, epoch: int, start: int = 0, checkpoint: bytes | None = None, next_epoch: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of one epoch from batch ``start`` on, straight from DALI's outputs.
 
@@ -461,8 +461,9 @@ class ViewLoader:
         ceil(rank samples / batch size) iterations and trim the padding, so every sample comes once.
         With a DALI ``checkpoint`` taken after batch ``start`` - 1 the pipeline continues from there;
         without one, the batches before ``start`` are made and dropped (counted in ``self.replayed``).
-        A training epoch opens the next one once its own last iteration is scheduled (:meth:`_open_ahead`);
-        asking for another epoch, or resuming from a checkpoint, drops that one.
+        A training epoch opens ``next_epoch`` (the one its caller reads next; None: none) once its own
+        last iteration is scheduled (:meth:`_open_ahead`); asking for another epoch, or resuming from a
+        checkpoint, drops that one.
         """
         opened, self._ahead = self._ahead, None
         if opened is not None and (opened.epoch != epoch or checkpoint is not None):
@@ -493,8 +494,8 @@ class ViewLoader:
                 if scheduled < last:
                     pipe.schedule_run()
                     scheduled += 1
-                elif self.train and i == max(first, last - PREFETCH):  # the last iteration is scheduled
-                    self._open_ahead(epoch + 1)
+                elif self.train and next_epoch is not None and i == max(first, last - PREFETCH):
+                    self._open_ahead(next_epoch)  # this epoch's last iteration is scheduled
                 if i < start:
                     self.replayed += 1
                     continue
@@ -532,9 +533,17 @@ class ViewLoader:
             opened.close()
 
     def epoch(
-        self, epoch: int, start_batch: int = 0, resume_state: dict | None = None
+        self,
+        epoch: int,
+        start_batch: int = 0,
+        resume_state: dict | None = None,
+        next_epoch: int | None | Literal["default"] = "default",
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` on this rank, from batch ``start_batch`` on (exact resume).
+
+        A training loader opens ``next_epoch`` (default ``epoch + 1``) while this one's last batches are
+        made; a caller that knows better says which (a cached run's augmentation epochs wrap around) or
+        None after its last epoch, so that no pipeline is built that nobody reads.
 
         With ``resume_state`` (from :meth:`state` at that batch, by the same rank and set-up) DALI's
         pipeline restarts from its checkpoint; otherwise (or if the state does not fit) the batches
@@ -557,7 +566,10 @@ class ViewLoader:
                 )
         self._yielded = start_batch
         held = None  # the last batch of a rank whose extra tail is merged into it (a copy, see _raw_batches)
-        for i, batch in enumerate(self._raw_batches(epoch, start_batch, checkpoint), start=start_batch):
+        after = epoch + 1 if next_epoch == "default" else next_epoch
+        for i, batch in enumerate(
+            self._raw_batches(epoch, start_batch, checkpoint, after), start=start_batch
+        ):
             if self._merge_tail and i == self._batches - 1:
                 held = batch
                 continue

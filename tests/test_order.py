@@ -249,3 +249,31 @@ def test_the_next_epoch_opened_ahead_is_the_epoch_asked_for_or_dropped(digits_sh
     loader._open_ahead(0)  # from its first batch: of no use to a resume from a checkpoint
     tail = [i for b in loader.epoch(0, start_batch=1, resume_state=state) for i in b["id"].tolist()]
     assert tail == rank_ids(shards, loader.seed, 0, 1, 2).tolist()[64:] and loader.replayed == 0
+
+
+def test_the_epoch_opened_ahead_is_the_one_the_caller_reads_next_and_none_after_the_last(digits_shards):
+    """A cached run's augmentation epochs wrap around (e mod E) and a run's last epoch is followed by
+    none: the caller names the next epoch, and no pipeline is built that nobody reads."""
+    loader = ViewLoader(digits_shards, "train", batch_size=256, views="rotation")
+    shards = loader._order_shards()
+    assert [i for b in loader.epoch(1, next_epoch=None) for i in b["id"].tolist()] == rank_ids(
+        shards, loader.seed, 1, 0, 1
+    ).tolist()
+    assert loader._ahead is None
+    list(loader.epoch(1, next_epoch=0))
+    assert loader._ahead is not None and loader._ahead.epoch == 0
+    fresh = ViewLoader(digits_shards, "train", batch_size=256, views="rotation")
+    for a, b in zip(loader.epoch(0, next_epoch=None), fresh.epoch(0)):  # the wrapped epoch, opened ahead
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["views"], b["views"])
+
+
+def test_a_training_run_opens_ahead_only_the_epochs_it_trains(digits_shards, tmp_path, monkeypatch):
+    from sskd.cli import main as sskd_main
+
+    opened = []
+    real = ViewLoader._open_ahead
+    monkeypatch.setattr(ViewLoader, "_open_ahead", lambda self, e: opened.append(e) or real(self, e))
+    argv = ["distill", "--method", "ce", "--student", "resnet8", "--shards", str(digits_shards)]
+    argv += ["--out", str(tmp_path / "ce"), "--epochs", "3", "--batch-size", "64", "--no-progress"]
+    assert sskd_main([*argv, "--set", "data.subset_fraction=0.1", "--set", "data.eval_batch_size=360"]) == 0
+    assert opened == [1, 2]  # after epochs 0 and 1; none after the last

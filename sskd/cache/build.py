@@ -453,7 +453,10 @@ def _build(
                 pending.clear()
 
             start = first
-            for i, batch in enumerate(loader.epoch(epoch, start_batch=first), start=first):
+            following = epoch + 1 if epoch + 1 < epochs else None  # the epoch opened ahead
+            for i, batch in enumerate(
+                loader.epoch(epoch, start_batch=first, next_epoch=following), start=first
+            ):
                 with torch.inference_mode(), accelerator.autocast():
                     o = cls.teacher_outputs(model, batch["views"])
                 pending.append((batch["id"].cpu().numpy(), {n: o[n].float().cpu() for n in cls.outputs}))

@@ -647,10 +647,13 @@ def run_epoch(run: Run, stop: StopFlag) -> None:
     epoch = state["epoch"]
     teacher = run.spec.teacher  # a cache serves a teacher's outputs by augmentation epoch: e mod E
     views_epoch = teacher.data_epoch(epoch) if teacher is not None else epoch
+    following = None  # the views epoch read next, opened ahead by the loader (none after the last)
+    if epoch + 1 < run.spec.st.epochs:
+        following = teacher.data_epoch(epoch + 1) if teacher is not None else epoch + 1
     # Kept on the run: a reader stopped mid-epoch (max_steps) stays open, so the final checkpoint holds
     # its DALI position and a later --resume continues it instead of re-making the batches.
     run.batches = batches = run.train_loader.epoch(
-        views_epoch, start_batch=state["batch"], resume_state=run.resume_data
+        views_epoch, start_batch=state["batch"], resume_state=run.resume_data, next_epoch=following
     )
     run.resume_data = None
     run.core.set_epoch(epoch)
