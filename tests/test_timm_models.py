@@ -172,6 +172,31 @@ def test_a_vit_built_for_one_input_size_refuses_another_in_one_line():
         model(torch.zeros(1, 3, 32, 32), features=True)
 
 
+def test_a_run_whose_views_a_fixed_size_vit_cannot_take_is_refused_before_training(
+    small_digits, tmp_path, capsys
+):
+    assert create_model("timm:test_vit3", num_classes=10).fixed_input_size == (160, 160)  # strict patch grid
+    assert create_model("timm:test_vit", num_classes=10).fixed_input_size is None  # a dynamic one
+    out = tmp_path / "s"
+    argv = [
+        "distill",
+        "--method",
+        "ce",
+        "--student",
+        "timm:test_vit3",
+        "--shards",
+        small_digits,
+        "--out",
+        out,
+    ]
+    assert run(*argv, *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (
+        "timm:test_vit3 takes 160x160 inputs only, and this run's views are 32x32: set data.size=160" in err
+    )
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_importing_the_models_does_not_import_timm():
     code = "import sys, sskd.models; assert 'timm' not in sys.modules, 'timm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

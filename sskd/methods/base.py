@@ -106,13 +106,14 @@ class BuildContext:
         from sskd.models import create_model
 
         if arch is not None:
-            return create_model(arch, num_classes=self.num_classes)
+            return self.fits_size(create_model(arch, num_classes=self.num_classes), arch)
         from sskd.models.weights import attach_input_norm, load_weights_file
 
         st = getattr(self.cfg, self.stage)
         model = create_model(
             self.arch, num_classes=self.num_classes, **({"pretrained": True} if st.pretrained else {})
         )
+        self.fits_size(model, self.arch)
         start = {}
         if st.pretrained:
             start["pretrained"] = getattr(model, "input_norm", (None, None, self.arch))[2]
@@ -143,7 +144,19 @@ class BuildContext:
             return None, info
         with torch.random.fork_rng(devices=[]):
             model = self.spec.teacher.load()
-        return freeze(model), info
+        return freeze(self.fits_size(model, f"--teacher {self.teacher}")), info
+
+    def fits_size(self, model: nn.Module, what: str) -> nn.Module:
+        """``model``, unless it takes only inputs of another size than this run's views (a timm ViT built for
+        224 px on 32-px shards): one line before any training, not an assertion at the first step."""
+        fixed = getattr(getattr(model, "backbone", model), "fixed_input_size", None)
+        if fixed is not None and tuple(fixed) != (self.size, self.size):
+            h, w = fixed
+            raise SSKDError(
+                f"{what} takes {h}x{w} inputs only, and this run's views are {self.size}x{self.size}: "
+                f"set data.size={h} (--set data.size={h}), or pick a model that takes {self.size} px"
+            )
+        return model
 
     def probe_teacher(self, teacher: nn.Module | None, info: dict[str, Any]) -> nn.Module:
         """The model to probe for the teacher's shapes: ``teacher`` itself, or, when a cache serves its outputs

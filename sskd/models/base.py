@@ -46,6 +46,7 @@ class Classifier(nn.Module):
 
     feat_dim: int
     maps: slice = slice(None)  # which of ``stages`` are the feature methods' maps
+    fixed_input_size: tuple[int, int] | None = None  # (h, w) a model takes only (a timm ViT's patch grid)
 
     def stages_and_feat(
         self, x: torch.Tensor, preact: bool = False

@@ -178,6 +178,9 @@ class TimmClassifier(Classifier):
         except RuntimeError as exc:  # timm's own refusals (an unknown pretrained tag, ...)
             raise SSKDError(f"{self.arch}: {exc}") from None
         self.feat_dim = int(getattr(self.net, "head_hidden_size", None) or self.net.num_features)
+        patch = getattr(self.net, "patch_embed", None)  # a ViT built for one size asserts it at every call
+        if getattr(patch, "strict_img_size", False) and not getattr(self.net, "dynamic_img_size", False):
+            self.fixed_input_size = tuple(int(v) for v in patch.img_size)
         info = list(getattr(self.net, "feature_info", None) or [])
         self.has_stages = bool(info) and hasattr(self.net, "forward_intermediates")
         self.tap_names = [f["module"] for f in info] if self.has_stages else []
