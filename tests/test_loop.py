@@ -149,6 +149,21 @@ def test_evaluate_command(teacher_runs, digits_shards, tmp_path):
     assert result["top1"] == pytest.approx(load_model_info(teacher_runs / "t")["top1"])
 
 
+def test_evaluate_skip_bad_leaves_out_what_cannot_be_read(teacher_runs, digits_shards, tmp_path, capsys):
+    from test_loader_faults import corrupt
+
+    case = corrupt(Path(digits_shards), tmp_path / "bad", "magic", seed=0)
+    argv = ["evaluate", "--model", teacher_runs / "t", "--shards", case["folder"], "--split", "train"]
+    assert run(*argv) == 2  # without the flag: the first bad sample stops it, named
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--skip-bad" in err
+    assert run(*argv, "--skip-bad", "--json", tmp_path / "e.json") == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert list(map(int, result["skipped"])) == case["bad"]
+    assert result["count"] == 1437 - len(case["bad"])
+    assert f"({result['count']} samples; 1 unreadable left out)" in capsys.readouterr().out
+
+
 def test_resume_equals_uninterrupted(digits_shards, tmp_path):
     common = [
         "train-teacher",

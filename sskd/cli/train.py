@@ -318,6 +318,7 @@ def cmd_evaluate(args) -> int:
         threads=args.threads,
         size=size,
         torch_device=accelerator.device,
+        skip_bad=args.skip_bad,
     )
     if loader.manifest["num_classes"] != info["num_classes"]:
         raise SSKDError(
@@ -331,10 +332,13 @@ def cmd_evaluate(args) -> int:
         )
     result = evaluate(model.to(accelerator.device), loader, accelerator)
     result.update(model=str(args.model), arch=info["arch"], split=args.split)
+    if args.skip_bad:
+        result["skipped"] = {str(i): why for i, why in sorted(loader.skipped.items())}
     if accelerator.is_main_process:
+        left_out = f"; {len(loader.skipped)} unreadable left out" if loader.skipped else ""
         print(
             f"{args.model} ({info['arch']}) on {args.split}: top-1 {result['top1']:.2f}%  "
-            f"top-5 {result['top5']:.2f}%  ({result['count']} samples)"
+            f"top-5 {result['top5']:.2f}%  ({result['count']} samples{left_out})"
         )
         if args.json:
             from sskd.core.atomic import write_json
@@ -489,7 +493,8 @@ def register(sub, fmt) -> None:
         formatter_class=fmt,
         description="Evaluate a run's model, or a file `sskd export` wrote as ONNX, on a split (each sample exactly "
         "once, across ranks too).",
-        epilog="example:\n  sskd evaluate --model runs/s --shards data/shards/c100 --json eval.json",
+        epilog="example:\n  sskd evaluate --model runs/s --shards data/shards/c100 --json eval.json\n"
+        "  sskd evaluate --model student.onnx --shards data/shards/c100 --skip-bad",
     )
     p.add_argument(
         "--model",
@@ -498,7 +503,15 @@ def register(sub, fmt) -> None:
     )
     p.add_argument("--shards", required=True, help="shard folder")
     p.add_argument("--split", default="val", help="split to evaluate")
-    p.add_argument("--json", help="write {top1, top5, count} here")
+    p.add_argument(
+        "--json", help="write {top1, top5, count} here (with --skip-bad also skipped: {id: what is wrong})"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="check every sample of the split first and leave out those that cannot be read (counted, listed "
+        "in the log and --json) instead of stopping at the first",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per process per batch")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="where DALI decodes")
     p.add_argument("--threads", type=int, default=2, help="DALI threads per process")
