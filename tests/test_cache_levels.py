@@ -118,6 +118,69 @@ def test_topk_keeps_the_mass_outside_the_top_k_exact():
     assert q[2] == pytest.approx(q[3]) and q[2] + q[3] == pytest.approx(p[2] + p[3], abs=1e-3)
 
 
+def test_topk_keeps_the_tail_exact_at_the_temperature_it_was_stored_for():
+    logits = np.array([[[6.0, 4.0, 1.0, 0.5, -2.0, -3.0]]], np.float32)
+    t = 4.0
+    s = Storage("topk", k=2, t=t)
+    a = encode("logits", logits, s)
+    # lse = t * log(sum(exp(x / t))), by hand
+    assert a["logits.lse"][0, 0] == pytest.approx(t * np.log(np.exp(logits / t).sum()), abs=1e-5)
+    dense = decode(a, "logits", s, 6)[0, 0]
+
+    def soft(x, temp):
+        e = np.exp(x / temp)
+        return e / e.sum()
+
+    p, q = soft(logits[0, 0].astype(np.float64), t), soft(dense.astype(np.float64), t)
+    assert q[:2] == pytest.approx(p[:2], abs=1e-3)  # the top 2 at T = 4: as exact as fp16 values
+    assert q[2:] == pytest.approx(np.full(4, p[2:].sum() / 4), abs=1e-4)  # the tail's exact mass, evenly
+    # The T = 1 tail filled in evenly holds too much at T = 4: what a T = 1 cache got wrong at the KD's T.
+    q1 = soft(
+        decode(encode("logits", logits, Storage("topk", k=2)), "logits", Storage("topk", k=2), 6)[0, 0], t
+    )
+    assert q1[2:].sum() > p[2:].sum() + 0.03  # 0.365 against 0.327
+    # decode passes the storage's temperature on
+    assert dense_from_topk(a["logits.topv"], a["logits.topi"], a["logits.lse"], 6, t)[0, 0] == pytest.approx(
+        dense
+    )
+
+
+def test_a_topk_storage_records_its_temperature_and_old_ones_read_as_before():
+    s = Storage("topk", k=25, t=4.0)
+    assert Storage.from_json(s.to_json()) == s and s.to_json()["t"] == 4.0
+    old = {"kind": "topk", "k": 25, "dim": None}  # format 4 before the temperature: T = 1, t None
+    assert Storage.from_json(old) == Storage("topk", k=25) and "t" not in Storage("topk", k=25).to_json()
+    assert s.name == "top25"  # the level's name does not change with it
+
+
+def test_methods_name_the_temperatures_they_read_their_scores_at():
+    from sskd.methods import method_class
+
+    def temps(name, **cfg):
+        cls = method_class("student", name)
+        return cls.topk_temperatures(cls.Config(**cfg) if cls.Config else None)
+
+    assert temps("sskd") == {"logits": (4.0, 4.0)}
+    assert temps("sskd", kd_T=2.0) == {"logits": (2.0, 4.0)}
+    assert temps("hssakd") == {"logits": (3.0,), "aux": (3.0,)}
+    assert temps("kd", T=6.0) == {"logits": (6.0,)}
+    assert temps("dist", tau=1.0) == {"logits": (1.0,)}
+
+
+def test_top_k_storage_takes_the_method_temperature_or_refuses_two():
+    from sskd.cache.levels import at_temperatures
+
+    storage = {"logits": Storage("topk", k=3), "embed": Storage("int8")}
+    assert at_temperatures(storage, {"logits": (4.0, 4.0)}, "sskd") == {
+        "logits": Storage("topk", k=3, t=4.0),
+        "embed": Storage("int8"),
+    }
+    exact = {"logits": Storage(), "embed": Storage()}
+    assert at_temperatures(exact, {"logits": (2.0, 4.0)}, "sskd") == exact  # nothing top-K: nothing to refuse
+    with pytest.raises(SSKDError, match=r"--method sskd reads logits at temperatures 2 and 4: top-K keeps"):
+        at_temperatures(storage, {"logits": (2.0, 4.0)}, "sskd")
+
+
 def test_budget_picks_the_most_faithful_level_that_fits_and_sizes_are_hand_counted():
     # exact: 8 + 4 views x (10 + 64) x 2 = 600; embed int8: 8 + 4 x (20 + 66) = 352
     assert bytes_per_image(4, SSKD_OUTPUTS, {"logits": Storage(), "embed": Storage()}) == 600
@@ -285,6 +348,23 @@ def test_a_method_that_cannot_use_a_level_is_refused_naming_both(compact_cache):
     check_usable(m, SSKD, {}, "c")  # the contrastive head's embeddings: cosines only
     with pytest.raises(SSKDError, match=r"c: stores embed as int8, which --method sskd cannot use"):
         check_usable(m, SSKD, {"wrapper_args": {"pretext": "rotation"}}, "c")
+
+
+def test_a_cache_whose_tail_is_at_another_temperature_is_refused_naming_both():
+    from sskd.methods.sskd import SSKD
+
+    def manifest(storage):
+        return {"outputs": [{"name": "logits", "shape": [100], "topk": True, "storage": storage.to_json()}]}
+
+    at4 = manifest(Storage("topk", k=25, t=4.0))
+    check_usable(at4, SSKD, {}, "c", {"logits": (4.0, 4.0)})
+    with pytest.raises(
+        SSKDError,
+        match=r"c: stores logits as top25 with the tail's mass exact at T = 4, but this run's "
+        r"--method sskd reads it at T = 2 and 4; rebuild",
+    ):
+        check_usable(at4, SSKD, {}, "c", {"logits": (2.0, 4.0)})
+    check_usable(manifest(Storage("topk", k=25)), SSKD, {}, "c", {"logits": (2.0, 2.0)})  # recorded none
 
 
 @pytest.mark.slow

@@ -106,6 +106,7 @@ def run_bench(args) -> dict[str, Any]:
     from sskd.cache.build import FIT_ROWS, output_specs
     from sskd.cache.levels import (
         IMAGENET,
+        at_temperatures,
         bytes_per_image,
         compact,
         default,
@@ -151,7 +152,9 @@ def run_bench(args) -> dict[str, Any]:
     views = loader.num_views
     default_storage, _ = default(outputs, k)
     levels, names = [], set()
+    temps = cls.topk_temperatures(spec.method_cfg)  # top-K tails kept where the method reads them, as built
     for storage in [*pareto(views, outputs), compact(outputs), default_storage]:
+        storage = at_temperatures(storage, temps, cls.name)
         if level_name(storage) not in names:
             names.add(level_name(storage))
             levels.append(storage)
@@ -160,7 +163,7 @@ def run_bench(args) -> dict[str, Any]:
     torch.manual_seed(0)  # the fixed student every level is compared with
     arch = spec.cfg.student.arch
     student = cls.student_model(create_model(arch, k), k)
-    method = cls(student, None, cfg=spec.cfg.section(cls.section) if cls.section else None).eval()
+    method = cls(student, None, cfg=spec.method_cfg).eval()
     ratio = getattr(method.cfg, "ss_ratio", None)
     cosine = [o["name"] for o in outputs if o.get("cosine")]
     n = sum(len(b["id"]) for b in batches)

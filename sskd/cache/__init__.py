@@ -496,9 +496,16 @@ class CacheFolder:
 
     path: Path
 
-    def open(self, binding: dict[str, Any], method: type, teacher: Any) -> CachedTeacher:
+    def open(
+        self,
+        binding: dict[str, Any],
+        method: type,
+        teacher: Any,
+        temperatures: dict[str, tuple] | None = None,
+    ) -> CachedTeacher:
         """The cache as ``method``'s teacher source; refused in one line when it was made from anything
-        else than ``binding`` says, or holds not every output the method reads."""
+        else than ``binding`` says, holds not every output the method reads, or keeps a top-K output's tail
+        at another temperature than the run reads it at (``temperatures``: ``Method.topk_temperatures``)."""
         reader = CacheReader(self.path, expected=binding)
         missing = [n for n in method.outputs if n not in {o["name"] for o in reader.outputs}]
         if missing:
@@ -506,14 +513,21 @@ class CacheFolder:
                 f"{self.path}: holds no {', '.join(missing)} for --method {method.name}; rebuild it with "
                 f"`sskd cache --method {method.name}`"
             )
-        check_usable(reader.manifest, method, teacher.info, str(self.path))
+        check_usable(reader.manifest, method, teacher.info, str(self.path), temperatures)
         return CachedTeacher(teacher.source, teacher.info, reader)
 
 
-def check_usable(manifest: dict[str, Any], method: type, info: dict[str, Any] | None, where: str) -> None:
+def check_usable(
+    manifest: dict[str, Any],
+    method: type,
+    info: dict[str, Any] | None,
+    where: str,
+    temperatures: dict[str, tuple] | None = None,
+) -> None:
     """Refuse, naming the output, its level and the method, a cache storing an output the method reads at a
     level it cannot use (top-K of scores it does not read as class scores; int8 or projected rows of an
-    output it reads other than through cosines)."""
+    output it reads other than through cosines; top-K whose tail is exact at another temperature than
+    the run reads it at, ``temperatures``; a cache that recorded none, T = 1 before, serves any)."""
     from sskd.cache.levels import allowed, cosine_outputs
 
     cosine = cosine_outputs(method, info)
@@ -532,6 +546,13 @@ def check_usable(manifest: dict[str, Any], method: type, info: dict[str, Any] | 
             raise SSKDError(
                 f"{where}: stores {o['name']} as {s.name}, which --method {method.name} cannot use ({why}); "
                 f"rebuild it with `sskd cache --method {method.name} --exact`"
+            )
+        wanted = sorted(set((temperatures or {}).get(o["name"], ())))
+        if s.kind == "topk" and s.t is not None and any(t != s.t for t in wanted):
+            raise SSKDError(
+                f"{where}: stores {o['name']} as {s.name} with the tail's mass exact at T = {s.t:g}, but this "
+                f"run's --method {method.name} reads it at T = {' and '.join(f'{t:g}' for t in wanted)}; "
+                "rebuild the cache with this run's settings (`sskd cache` with the same --set)"
             )
 
 
@@ -561,20 +582,24 @@ def read_projections(cache: Path, manifest: dict[str, Any]) -> dict[str, np.ndar
     return out
 
 
-def dense_from_topk(topv: np.ndarray, topi: np.ndarray, lse: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dense logits from top-K values, their classes and the log-sum-exp of all logits.
+def dense_from_topk(
+    topv: np.ndarray, topi: np.ndarray, lse: np.ndarray, num_classes: int, t: float = 1.0
+) -> np.ndarray:
+    """Dense logits from top-K values, their classes and ``lse = t · logsumexp(logits / t)``.
 
-    Every class outside the top K gets one common logit chosen so that the softmax (T = 1) keeps the
-    exact probabilities of the top K and gives the rest their exact total mass, shared evenly. At T = 1
-    the KD loss then only loses how that leftover mass is spread; at other temperatures it is an
-    approximation (FKD's "marginal smoothing" idea).
+    Every class outside the top K gets one common logit chosen so that the softmax at temperature ``t``
+    keeps the exact probabilities of the top K and gives the rest their exact total mass, shared evenly
+    (FKD's "marginal smoothing" idea). A loss at temperature ``t`` then only loses how that leftover mass
+    is spread; at another temperature the leftover's mass is off too (an even fill of the T = 1 mass
+    holds too much of it at T = 4), which is why a cache keeps the tail at the temperature its method
+    reads (``Method.topk_temperatures``).
     """
     k = topv.shape[-1]
     rest = num_classes - k
     out = np.empty(topv.shape[:-1] + (num_classes,), np.float32)
     if rest > 0:
-        left = 1.0 - np.exp(topv - lse[..., None]).sum(-1)
-        fill = lse + np.log(np.clip(left, 1e-12, None) / rest)
+        left = 1.0 - np.exp((topv.astype(np.float64) - lse[..., None]) / t).sum(-1)
+        fill = lse + t * np.log(np.clip(left, 1e-12, None) / rest)
         out[:] = fill[..., None]
     np.put_along_axis(out, topi.astype(np.int64), topv, axis=-1)
     return out

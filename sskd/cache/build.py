@@ -30,6 +30,7 @@ from sskd.cache import (
 )
 from sskd.cache.levels import (
     IMAGENET,
+    at_temperatures,
     bytes_per_image,
     cosine_outputs,
     default,
@@ -93,8 +94,20 @@ def storage_plan(spec: RunSpec, split: str, request: dict[str, Any]):
 
     loader = ViewLoader.for_run(spec, split, train=True, batch_size=1, device="cpu", skip_bad=False)
     outputs = output_specs(spec.method, freeze(spec.teacher.load()), loader, spec.teacher.info)
-    storage, why = requested(outputs, loader.num_views, spec.num_classes, **request)
+    storage, why = run_storage(spec, outputs, loader.num_views, request)
     return outputs, loader, storage, why
+
+
+def run_storage(spec: RunSpec, outputs: list[dict[str, Any]], num_views: int, request: dict[str, Any]):
+    """``(storage, why)``: the level the storage flags ``request`` pick for ``spec``'s outputs, top-K tails
+    kept at the temperatures its method reads them at (:func:`sskd.cache.levels.at_temperatures`)."""
+    cls = spec.method
+    storage, why = requested(outputs, num_views, spec.num_classes, **request)
+    storage = at_temperatures(storage, cls.topk_temperatures(spec.method_cfg), cls.name)
+    tails = [f"{name} at T = {s.t:g}" for name, s in storage.items() if s.kind == "topk"]
+    if tails:
+        why += f"; the mass outside the top K exact for {', '.join(tails)}, the temperature the method reads"
+    return storage, why
 
 
 def dry_run(
@@ -340,7 +353,7 @@ def _build(
         skip_bad=False,
     )
     outputs = output_specs(cls, model, loader, spec.teacher.info)
-    storage, why = requested(outputs, loader.num_views, spec.num_classes, **request)
+    storage, why = run_storage(spec, outputs, loader.num_views, request)
     level = level_name(storage)
     if main:
         log.info("cache level %s: %s", level, why)

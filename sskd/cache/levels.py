@@ -5,8 +5,9 @@ A *level* gives every cached output one :class:`Storage`:
 - ``fp16``: the output as it is, fp16 (format version 3's only form, and ``--exact``'s);
 - ``topK``: class scores (``Method.topk_outputs``: logits, HSSAKD's branch logits) as their K largest
   values (fp16), their classes (int16 while the class count is <= 32,767, int32 above) and the
-  log-sum-exp of all of them (fp32), so the probability mass outside the top K is exact at T = 1
-  (:func:`sskd.cache.dense_from_topk` spreads it evenly);
+  log-sum-exp of all of them at the temperature the method reads them at (fp32,
+  ``Method.topk_temperatures``: SSKD's and KD's T = 4, HSSAKD's 3), so the probability mass outside the
+  top K is exact at that temperature (:func:`sskd.cache.dense_from_topk` spreads it evenly);
 - ``int8`` / ``int8-dD`` / ``fp16-dD``: embeddings a method reads only through cosine similarities
   (:func:`cosine_outputs`: SSKD's contrastive SS embeddings). Rows are unit-normalised first (the cosine
   does not see the norm), optionally projected to D dimensions by a basis fitted once on the teacher's
@@ -53,6 +54,9 @@ class Storage:
     kind: str = "fp16"
     k: int | None = None
     dim: int | None = None
+    # top-K: the temperature at which the tail's mass is exact (``None``: T = 1, a cache written before
+    # the temperature was recorded; any run may read it, as before)
+    t: float | None = None
 
     @property
     def name(self) -> str:
@@ -74,11 +78,16 @@ class Storage:
         raise SSKDError(f"unknown cache storage {text!r} (fp16, int8, int8-dD, fp16-dD or topK)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "k": self.k, "dim": self.dim}
+        return {
+            "kind": self.kind,
+            "k": self.k,
+            "dim": self.dim,
+            **({"t": self.t} if self.t is not None else {}),
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Storage:
-        return cls(d["kind"], d.get("k"), d.get("dim"))
+        return cls(d["kind"], d.get("k"), d.get("dim"), d.get("t"))
 
     def row_bytes(self, width: int) -> int:
         """Bytes of one row of ``width`` values (one view of one output, or one branch of one view)."""
@@ -91,6 +100,26 @@ class Storage:
 def index_bytes(num_classes: int) -> int:
     """int16 class indices while they fit (<= 32,767 classes), int32 above."""
     return 2 if num_classes <= 32767 else 4
+
+
+def at_temperatures(
+    storage: dict[str, Storage], temperatures: dict[str, tuple[float, ...]], method: str
+) -> dict[str, Storage]:
+    """``storage`` with each top-K output's tail kept exact at the temperature ``method`` reads it at
+    (``temperatures``: ``Method.topk_temperatures``); one line when it reads one output at two."""
+    out = {}
+    for name, s in storage.items():
+        if s.kind == "topk":
+            ts = sorted(set(temperatures.get(name, (1.0,))))
+            if len(ts) > 1:
+                raise SSKDError(
+                    f"--method {method} reads {name} at temperatures {' and '.join(f'{t:g}' for t in ts)}: "
+                    f"top-K keeps the tail's mass exact at one; store {name} whole (--exact, or a level "
+                    "without top-K) or give both terms one temperature"
+                )
+            s = Storage("topk", k=s.k, t=float(ts[0]))
+        out[name] = s
+    return out
 
 
 def level_name(storage: dict[str, Storage]) -> str:
@@ -384,7 +413,8 @@ def encode(
 ) -> dict[str, np.ndarray]:
     """The stored arrays of one output ``value`` (n, V, ..., w) float32 at ``storage``.
 
-    ``topk``: ``<name>.topv`` fp16, ``<name>.topi`` int16/int32, ``<name>.lse`` fp32; ``int8``:
+    ``topk``: ``<name>.topv`` fp16, ``<name>.topi`` int16/int32, ``<name>.lse`` fp32 (``t · logsumexp(x / t)``
+    at the storage's temperature ``t``, in logit units); ``int8``:
     ``<name>.q`` int8 (..., D) and ``<name>.scale`` fp16 (...), unit rows (projected by ``proj`` first, less
     its mean);
     ``fp16``: ``<name>`` (projected unit rows with a ``dim``)."""
@@ -392,13 +422,14 @@ def encode(
     if storage.kind == "topk":
         import torch
 
-        t = torch.from_numpy(value)
-        top = t.topk(storage.k, dim=-1)
+        x = torch.from_numpy(value)
+        top = x.topk(storage.k, dim=-1)
         idx = np.int16 if index_bytes(value.shape[-1]) == 2 else np.int32
+        t = storage.t or 1.0
         return {
             f"{name}.topv": top.values.numpy().astype(np.float16),
             f"{name}.topi": top.indices.numpy().astype(idx),
-            f"{name}.lse": torch.logsumexp(t, dim=-1).numpy().astype(np.float32),
+            f"{name}.lse": (t * torch.logsumexp(x.double() / t, dim=-1)).numpy().astype(np.float32),
         }
     if storage.kind == "fp16" and not storage.dim:
         return {name: value.astype(np.float16)}
@@ -427,6 +458,7 @@ def decode(
             np.asarray(arrays[f"{name}.topi"][rows]),
             np.asarray(arrays[f"{name}.lse"][rows], np.float32),
             width,
+            storage.t or 1.0,
         )
     if storage.kind == "int8":
         x = (

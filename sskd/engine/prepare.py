@@ -75,7 +75,9 @@ class CacheOpener(Protocol):
 
     path: Path
 
-    def open(self, binding: dict[str, Any], method: type, teacher: LiveTeacher) -> Any: ...
+    def open(
+        self, binding: dict[str, Any], method: type, teacher: LiveTeacher, temperatures: dict[str, tuple]
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,11 @@ class RunSpec:
             ):  # the teacher sees its own normalisation (sskd.models.weights)
                 rec["teacher_normalization"] = teacher.info["normalization"]
         return rec
+
+    @property
+    def method_cfg(self) -> Any:
+        """The method's config section (``method.Config``), None for a method without one."""
+        return self.cfg.section(self.method.section) if self.method.section else None
 
     def cache_binding(self, split: str = "train") -> dict[str, Any]:
         """What a teacher-output cache must have been made from to serve this run's ``split``: the method,
@@ -248,7 +255,8 @@ def prepare(
     )
     if cache is None:
         return spec
-    return replace(spec, teacher=cache.open(spec.cache_binding(), cls, source), cache=Path(cache.path))
+    opened = cache.open(spec.cache_binding(), cls, source, cls.topk_temperatures(spec.method_cfg))
+    return replace(spec, teacher=opened, cache=Path(cache.path))
 
 
 def check_cacheable(cls: type, *, refuse: bool = True) -> None:

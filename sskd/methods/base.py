@@ -236,7 +236,7 @@ class Method(nn.Module):
       (none);
     - ``views``, ``default_views``, ``min_ss_views``: what the method trains on (the normal view only);
     - ``needs_teacher`` (False), ``teacher_part`` (None: any classifier run), ``outputs`` and
-      ``topk_outputs`` (none), ``cache_refusal`` (None: cacheable when it has ``outputs``): the teacher it
+      ``topk_outputs`` (none) with :meth:`topk_temperatures`, ``cache_refusal`` (None: cacheable when it has ``outputs``): the teacher it
       reads, its outputs (:meth:`teacher_outputs`, read in ``forward`` through :meth:`teacher_batch`,
       live or cached) and whether ``sskd cache`` serves them;
     - ``produces`` (None): the part a teacher or head stage's runs carry for later stages;
@@ -284,6 +284,14 @@ class Method(nn.Module):
         self.phase: str | None = None  # the pre-training phase in progress, None = the main training
 
     # -- what the rest of the system asks -------------------------------------------------------------
+
+    @classmethod
+    def topk_temperatures(cls, cfg: Any) -> dict[str, tuple[float, ...]]:
+        """The temperatures the method's terms read each of ``topk_outputs`` at under its config ``cfg``
+        (``self.cfg``): a top-K cache keeps the tail's mass exact at that one. Default: the section's
+        ``T`` (KD's, DKD's, CRD's, HSSAKD's, the RepDistiller families'), else 1."""
+        t = float(getattr(cfg, "T", 1.0))
+        return {name: (t,) for name in cls.topk_outputs}
 
     @classmethod
     def cosine_outputs(cls, teacher_info: dict[str, Any]) -> tuple[str, ...]:

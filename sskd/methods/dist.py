@@ -41,6 +41,10 @@ class StudentDIST(LogitMethod):
     paper = "Huang et al., NeurIPS 2022"  # Knowledge Distillation from A Stronger Teacher
     section, Config = "dist", DISTConfig
 
+    @classmethod
+    def topk_temperatures(cls, cfg):
+        return {"logits": (float(cfg.tau),)}
+
     def forward(self, batch):
         cfg = self.cfg
         logits, t_logits, ce = self.logit_pair(batch)

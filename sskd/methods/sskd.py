@@ -98,6 +98,10 @@ class SSKD(_PretextViews, Method):
     topk_outputs = ("logits",)
 
     @classmethod
+    def topk_temperatures(cls, cfg):
+        return {"logits": (float(cfg.kd_T), float(cfg.tf_T))}  # kd on the normal view, tf on the SS views
+
+    @classmethod
     def cosine_outputs(cls, teacher_info: dict) -> tuple[str, ...]:
         """``embed`` when the teacher's SS head is the contrastive one (its similarity matrix is all SSKD
         reads of it); the other pretext tasks' heads give scores, read as they are."""
