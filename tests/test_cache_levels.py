@@ -145,6 +145,59 @@ def test_topk_keeps_the_tail_exact_at_the_temperature_it_was_stored_for():
     )
 
 
+def test_q8_codes_every_score_within_half_a_step_of_the_row_range():
+    row = np.array([[[-3.0, 1.0, 5.0, 0.3]]], np.float32)
+    a = encode("logits", row, Storage("q8"))
+    # midpoint 1, half-range 4: step 4/127, codes by hand
+    assert a["logits.mid"][0, 0] == 1.0 and a["logits.step"][0, 0] == np.float16(4 / 127)
+    assert a["logits.q"][0, 0].tolist() == [-127, 0, 127, round(-0.7 / float(np.float16(4 / 127)))]
+    back = decode(a, "logits", Storage("q8"), 4)
+    assert np.abs(back - row).max() <= float(np.float16(4 / 127)) / 2 + 1e-3
+    logits = np.random.default_rng(0).normal(scale=3, size=(64, 4, 100)).astype(np.float32) + 40
+    a = encode("logits", logits, Storage("q8"))
+    back = decode(a, "logits", Storage("q8"), 100)
+    # within half the row's stored step: codes around the fp16 midpoint, step = the larger half / 127
+    step = a["logits.step"].astype(np.float32)
+    assert np.all(np.abs(back - logits) <= step[..., None] / 2 + 1e-5)
+    assert np.all(step <= (logits.max(-1) - logits.min(-1)) / 254 + 0.0157 / 127 + 1e-4)
+    soft = torch.softmax(torch.from_numpy(logits) / 4, -1), torch.softmax(torch.from_numpy(back) / 4, -1)
+    assert float((soft[0] - soft[1]).abs().max()) < 2e-3
+    assert Storage("q8").row_bytes(100) == 104 and Storage.parse("q8") == Storage("q8")
+
+
+def test_a_q8_and_a_topk_cache_read_back_what_decode_gives(tmp_path):
+    from sskd.bench.cache import _write_cache
+
+    outputs = [{"name": "logits", "shape": [100], "topk": True, "cosine": False}]
+    logits = torch.randn(6, 2, 100) * 3
+    for storage in (Storage("q8"), Storage("topk", k=25, t=4.0)):
+        folder = _write_cache(
+            tmp_path / storage.name, outputs, {"logits": storage}, {}, {"logits": logits}, 6
+        )
+        reader = CacheReader(folder)
+        got = reader.lookup(torch.tensor([4, 0, 2]), 0)["t_logits"].numpy()
+        want = decode(encode("logits", logits.numpy(), storage), "logits", storage, 100)[[4, 0, 2]]
+        assert reader.outputs[0]["storage"] == storage.to_json()
+        assert np.array_equal(got, want)
+
+
+def test_compact_codes_scores_as_q8_where_no_larger_than_their_top_25():
+    def outputs(**widths):
+        return [{"name": n, "shape": [w], "topk": True, "cosine": False} for n, w in widths.items()]
+
+    from sskd.cache.levels import compact, ladder
+
+    assert compact(outputs(logits=100)) == {"logits": Storage("q8")}  # 104 B a row, as the top 25
+    assert compact(outputs(logits=101)) == {"logits": Storage("topk", k=25)}  # 105 B: the top 25's 104
+    assert compact(outputs(logits=10, aux=40)) == {"logits": Storage(), "aux": Storage("q8")}
+    assert [s.name for s in ladder(outputs(logits=100)[0])][:3] == ["fp16", "q8", "top50"]
+    assert "q8" not in [s.name for s in ladder(outputs(logits=25)[0])]  # 25 classes or fewer stay fp16
+    with pytest.raises(
+        SSKDError, match=r"--level logits:q8: logits \(10 wide\) cannot be stored as q8 \(q8 is"
+    ):
+        level_storage("logits:q8", SSKD_OUTPUTS)
+
+
 def test_a_topk_storage_records_its_temperature_and_old_ones_read_as_before():
     s = Storage("topk", k=25, t=4.0)
     assert Storage.from_json(s.to_json()) == s and s.to_json()["t"] == 4.0

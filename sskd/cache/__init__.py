@@ -11,7 +11,8 @@ how many are in its metadata): ``ids`` int64 (n,) and every teacher output the m
 (:attr:`sskd.methods.Method.outputs`), per view: SSKD's ``logits`` (n, V, K) and ``embed`` (n, V, d) —
 the SS projections —, HSSAKD's ``logits`` and ``aux`` (n, V, L, 4K), KD's ``logits`` (n, 1, K), each at
 the *storage level* the manifest records for it (:mod:`sskd.cache.levels`): fp16; top-K values, int16 or
-int32 classes and the log-sum-exp (``<name>.topv`` / ``.topi`` / ``.lse``); int8 unit rows with a
+int32 classes and the log-sum-exp (``<name>.topv`` / ``.topi`` / ``.lse``); 8-bit codes of class scores
+(``<name>.q`` / ``.mid`` / ``.step``); int8 unit rows with a
 per-row scale (``<name>.q`` / ``.scale``), optionally projected by a basis stored in
 ``CACHE/projections.safetensors``. Embeddings are stored, not batch similarity matrices, so the matrix
 is recomputed for whatever batch size and rank layout the student run has. Chunks are written under a
@@ -541,6 +542,8 @@ def check_usable(
             why = (
                 "it reads them as more than the top classes"
                 if s.kind == "topk"
+                else "it reads them as more than class scores"
+                if s.kind == "q8"
                 else "it reads them other than through cosine similarities"
             )
             raise SSKDError(

@@ -8,6 +8,11 @@ A *level* gives every cached output one :class:`Storage`:
   log-sum-exp of all of them at the temperature the method reads them at (fp32,
   ``Method.topk_temperatures``: SSKD's and KD's T = 4, HSSAKD's 3), so the probability mass outside the
   top K is exact at that temperature (:func:`sskd.cache.dense_from_topk` spreads it evenly);
+- ``q8``: class scores of more than 25 classes as 8-bit codes of the whole row: int8 codes around the
+  row's midpoint with a per-row fp16 step (``<name>.q``, ``<name>.mid``, ``<name>.step``), every value
+  within half a step (the row's range / 254) of the original; the softmax does not see the midpoint's
+  rounding (a constant shift of a row). ``w + 4`` bytes a row: the compact level's choice wherever it is
+  no larger than the top 25 (up to 100 classes; CIFAR-100's logits, HSSAKD's branches on the digits);
 - ``int8`` / ``int8-dD`` / ``fp16-dD``: embeddings a method reads only through cosine similarities
   (:func:`cosine_outputs`: SSKD's contrastive SS embeddings). Rows are unit-normalised first (the cosine
   does not see the norm), optionally projected to D dimensions by a basis fitted once on the teacher's
@@ -49,7 +54,7 @@ IMAGENET = {"images": 1_281_167, "views": 4, "classes": 1000, "embed_dim": 512}
 
 @dataclass(frozen=True)
 class Storage:
-    """How one output is stored: ``kind`` fp16 | int8 | topk, ``k`` for top-K, ``dim`` for a projection."""
+    """How one output is stored: ``kind`` fp16 | q8 | int8 | topk, ``k`` for top-K, ``dim`` for a projection."""
 
     kind: str = "fp16"
     k: int | None = None
@@ -66,16 +71,18 @@ class Storage:
 
     @classmethod
     def parse(cls, text: str) -> Storage:
-        """``fp16``, ``int8``, ``int8-d64``, ``fp16-d64``, ``top25`` -> a Storage; one line otherwise."""
+        """``fp16``, ``q8``, ``int8``, ``int8-d64``, ``fp16-d64``, ``top25`` -> a Storage; one line otherwise."""
         try:
             if text.startswith("top"):
                 return cls("topk", k=int(text[3:]))
+            if text == "q8":
+                return cls("q8")
             kind, _, dim = text.partition("-d")
             if kind in ("fp16", "int8"):
                 return cls(kind, dim=int(dim) if dim else None)
         except ValueError:
             pass
-        raise SSKDError(f"unknown cache storage {text!r} (fp16, int8, int8-dD, fp16-dD or topK)")
+        raise SSKDError(f"unknown cache storage {text!r} (fp16, q8, topK, int8, int8-dD or fp16-dD)")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +100,8 @@ class Storage:
         """Bytes of one row of ``width`` values (one view of one output, or one branch of one view)."""
         if self.kind == "topk":
             return self.k * (2 + index_bytes(width)) + 4
+        if self.kind == "q8":
+            return width + 4
         d = self.dim or width
         return d + 2 if self.kind == "int8" else 2 * d
 
@@ -153,6 +162,8 @@ def allowed(output: dict[str, Any], storage: Storage) -> bool:
     """Whether an output (``{"name", "shape", "topk", "cosine"}`` as in the manifest) may use ``storage``."""
     if storage.kind == "topk":
         return bool(output.get("topk")) and 0 < storage.k < output["shape"][-1]
+    if storage.kind == "q8":
+        return bool(output.get("topk")) and output["shape"][-1] > COMPACT_TOPK
     if storage.kind == "int8" or storage.dim:
         return bool(output.get("cosine")) and (
             storage.dim is None or MIN_DIM <= storage.dim < output["shape"][-1]
@@ -165,6 +176,7 @@ def ladder(output: dict[str, Any]) -> list[Storage]:
     width = output["shape"][-1]
     steps = [Storage()]
     if output.get("topk"):
+        steps += [Storage("q8")] if width > COMPACT_TOPK else []
         steps += [Storage("topk", k=k) for k in TOPKS if k < width]
     if output.get("cosine"):
         steps += [Storage("int8")] + [Storage("int8", dim=d) for d in EMBED_DIMS if MIN_DIM <= d < width]
@@ -181,13 +193,15 @@ def bytes_per_image(num_views: int, outputs: list[dict[str, Any]], storage: dict
 
 
 def compact(outputs: list[dict[str, Any]]) -> dict[str, Storage]:
-    """The compact level: top-25 class scores (where there are more than 25 classes), int8 unit rows
-    projected to 128 dimensions (where wider) for cosine-only embeddings, fp16 for the rest."""
+    """The compact level: class scores of more than 25 classes as 8-bit codes (q8) where that is no larger
+    than their top 25, else their top 25; int8 unit rows projected to 128 dimensions (where wider) for
+    cosine-only embeddings; fp16 for the rest."""
     out = {}
     for o in outputs:
         width = o["shape"][-1]
         if o.get("topk") and width > COMPACT_TOPK:
-            out[o["name"]] = Storage("topk", k=COMPACT_TOPK)
+            top = Storage("topk", k=COMPACT_TOPK)
+            out[o["name"]] = Storage("q8") if Storage("q8").row_bytes(width) <= top.row_bytes(width) else top
         elif o.get("cosine"):
             out[o["name"]] = Storage("int8", dim=COMPACT_DIM if width > COMPACT_DIM else None)
         else:
@@ -366,6 +380,8 @@ def level_storage(level: str, outputs: list[dict[str, Any]]) -> dict[str, Storag
             why = (
                 f"top-K needs class scores and 0 < K < {width}"
                 if s.kind == "topk"
+                else f"q8 is for class scores of more than {COMPACT_TOPK} classes"
+                if s.kind == "q8"
                 else f"int8 and projections are for embeddings read only through cosines, D in "
                 f"{MIN_DIM}..{width - 1}"
             )
@@ -414,7 +430,8 @@ def encode(
     """The stored arrays of one output ``value`` (n, V, ..., w) float32 at ``storage``.
 
     ``topk``: ``<name>.topv`` fp16, ``<name>.topi`` int16/int32, ``<name>.lse`` fp32 (``t · logsumexp(x / t)``
-    at the storage's temperature ``t``, in logit units); ``int8``:
+    at the storage's temperature ``t``, in logit units); ``q8``: ``<name>.q`` int8 (..., w), ``<name>.mid`` and
+    ``<name>.step`` fp16 (...); ``int8``:
     ``<name>.q`` int8 (..., D) and ``<name>.scale`` fp16 (...), unit rows (projected by ``proj`` first, less
     its mean);
     ``fp16``: ``<name>`` (projected unit rows with a ``dim``)."""
@@ -433,6 +450,14 @@ def encode(
         }
     if storage.kind == "fp16" and not storage.dim:
         return {name: value.astype(np.float16)}
+    if storage.kind == "q8":
+        lo, hi = value.min(-1), value.max(-1)
+        mid = ((lo + hi) / 2).astype(np.float16)
+        m = mid.astype(np.float32)
+        half = np.maximum(hi - m, m - lo)
+        step = np.where(half > 0, half / 127, 1).astype(np.float16)
+        q = np.clip(np.rint((value - m[..., None]) / step.astype(np.float32)[..., None]), -127, 127)
+        return {f"{name}.q": q.astype(np.int8), f"{name}.mid": mid, f"{name}.step": step}
     x = unit_rows(value)
     if storage.dim:
         x = unit_rows(x @ proj["basis"])
@@ -459,6 +484,11 @@ def decode(
             np.asarray(arrays[f"{name}.lse"][rows], np.float32),
             width,
             storage.t or 1.0,
+        )
+    if storage.kind == "q8":
+        return np.asarray(arrays[f"{name}.mid"][rows], np.float32)[..., None] + (
+            np.asarray(arrays[f"{name}.q"][rows], np.float32)
+            * np.asarray(arrays[f"{name}.step"][rows], np.float32)[..., None]
         )
     if storage.kind == "int8":
         x = (

@@ -163,8 +163,9 @@ def register(sub, fmt) -> None:
     p.add_argument(
         "--topk",
         type=int,
-        help="store only the top-K logits per view (values fp16, classes int16, + log-sum-exp); "
-        "top-50 of 1000 is reported to cost nothing, top-10 to cost points",
+        help="store only the top-K logits per view (values fp16, classes int16, + the log-sum-exp at the "
+        "temperature the method reads them at, so the other classes' mass is exact there); top-50 of 1000 "
+        "is reported to cost nothing, top-10 to cost points",
     )
     p.add_argument(
         "--embed",
