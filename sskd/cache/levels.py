@@ -10,8 +10,9 @@ A *level* gives every cached output one :class:`Storage`:
   top K is exact at that temperature (:func:`sskd.cache.dense_from_topk` spreads it evenly);
 - ``q8``: class scores of more than 25 classes as 8-bit codes of the whole row: int8 codes around the
   row's midpoint with a per-row fp16 step (``<name>.q``, ``<name>.mid``, ``<name>.step``), every value
-  within half a step (the row's range / 254) of the original; the softmax does not see the midpoint's
-  rounding (a constant shift of a row). ``w + 4`` bytes a row: the compact level's choice wherever it is
+  within half a step (the row's range / 254) of the original — scores tied in code with the row's top
+  class one step lower, within 1.5 steps, so that the top class stays the teacher's; the softmax does
+  not see the midpoint's rounding (a constant shift of a row). ``w + 4`` bytes a row: the compact level's choice wherever it is
   no larger than the top 25 (up to 100 classes; CIFAR-100's logits, HSSAKD's branches on the digits);
 - ``int8`` / ``int8-dD`` / ``fp16-dD``: embeddings a method reads only through cosine similarities
   (:func:`cosine_outputs`: SSKD's contrastive SS embeddings). Rows are unit-normalised first (the cosine
@@ -457,6 +458,10 @@ def encode(
         half = np.maximum(hi - m, m - lo)
         step = np.where(half > 0, half / 127, 1).astype(np.float16)
         q = np.clip(np.rint((value - m[..., None]) / step.astype(np.float32)[..., None]), -127, 127)
+        # The row's top class keeps a code of its own: scores within half a step of it go one step down,
+        # so the stored scores still name the teacher's class (a near tie would otherwise pick the first).
+        top = value.argmax(-1)[..., None]
+        q -= (q == np.take_along_axis(q, top, -1)) & (np.arange(value.shape[-1]) != top)
         return {f"{name}.q": q.astype(np.int8), f"{name}.mid": mid, f"{name}.step": step}
     x = unit_rows(value)
     if storage.dim:
