@@ -555,6 +555,7 @@ def test_bench_json_has_exactly_the_keys(ss_teacher, digits_shards, tmp_path):
         "name",
         "bytes_per_image_epoch",
         "term_rel_err",
+        "grad_rel_err",
         "similarity_max_err",
         "mask_agreement",
         "top1_agreement",
@@ -563,7 +564,7 @@ def test_bench_json_has_exactly_the_keys(ss_teacher, digits_shards, tmp_path):
     assert all(set(r) == keys for r in res["levels"])
     exact = next(r for r in res["levels"] if r["name"] == "exact")
     assert set(exact["term_rel_err"]) >= {"kd", "tf", "ss"} and max(exact["term_rel_err"].values()) < 1e-2
-    assert exact["mask_agreement"] > 0.99 and exact["top1_agreement"] > 0.99
+    assert exact["mask_agreement"] > 0.99 and exact["top1_agreement"] > 0.99 and exact["grad_rel_err"] < 1e-2
     assert res["default_level"] == "exact" and res["imagenet_bytes_per_image_epoch"] == 944
     assert [r["bytes_per_image_epoch"] for r in res["levels"]] == sorted(
         (r["bytes_per_image_epoch"] for r in res["levels"]), reverse=True

@@ -45,6 +45,16 @@ def _terms(method, batch: dict[str, Any], outs: dict[str, torch.Tensor]) -> dict
     }
 
 
+def _grad(method, batch: dict[str, Any], outs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gradient of the method's loss on ``batch`` with the teacher outputs ``outs`` with respect to the
+    fixed student's parameters, flattened: what a training step sees (a loss term's value also holds parts
+    no gradient sees, such as the teacher's own entropy in a KL)."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    loss = method({**batch, **{f"t_{n}": v for n, v in outs.items()}})["loss"]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
 def _similarity(embed: torch.Tensor) -> torch.Tensor:
     """SSKD's teacher similarity matrix of a batch (Eq. 4): transformed views' rows against normal views."""
     from einops import rearrange
@@ -148,6 +158,7 @@ def run_bench(args) -> dict[str, Any]:
     teacher = freeze(spec.teacher.load())
     with torch.inference_mode():
         exact = [{n: v.float() for n, v in cls.teacher_outputs(teacher, b["views"]).items()} for b in batches]
+    exact = [{n: v.clone() for n, v in e.items()} for e in exact]  # normal tensors: _grad saves them
     outputs = output_specs(cls, teacher, loader, spec.teacher.info)
     views = loader.num_views
     default_storage, _ = default(outputs, k)
@@ -168,6 +179,7 @@ def run_bench(args) -> dict[str, Any]:
     cosine = [o["name"] for o in outputs if o.get("cosine")]
     n = sum(len(b["id"]) for b in batches)
     ref_terms = [_terms(method, b, e) for b, e in zip(batches, exact, strict=True)]
+    ref_grads = [_grad(method, b, e) for b, e in zip(batches, exact, strict=True)]
     joined = {name: torch.cat([e[name] for e in exact]) for name in cls.outputs}
     dims = {s.dim for st in levels for s in st.values() if s.dim}
     fit_rows = {
@@ -188,13 +200,16 @@ def run_bench(args) -> dict[str, Any]:
             rate = _read_rate(reader, n, args.batch_size)
             errs: dict[str, float] = {}
             sim_err, agree, top1, start = 0.0, [], [], 0
-            for b, e, ref in zip(batches, exact, ref_terms, strict=True):
+            grad_err = 0.0
+            for b, e, ref, ref_g in zip(batches, exact, ref_terms, ref_grads, strict=True):
                 m = len(b["id"])
                 got = {key[2:]: v for key, v in reader.lookup(torch.arange(start, start + m), 0).items()}
                 start += m
                 for term, value in _terms(method, b, got).items():
                     rel = abs(value - ref[term]) / max(abs(ref[term]), 1e-12)
                     errs[term] = max(errs.get(term, 0.0), rel)
+                g = _grad(method, b, got)
+                grad_err = max(grad_err, float((g - ref_g).norm() / ref_g.norm().clamp_min(1e-12)))
                 for name in cosine[:1]:
                     a, c = _similarity(e[name]), _similarity(got[name])
                     sim_err = max(sim_err, float((a - c).abs().max()))
@@ -208,6 +223,7 @@ def run_bench(args) -> dict[str, Any]:
                     "name": level_name(storage),
                     "bytes_per_image_epoch": bytes_per_image(views, outputs, storage),
                     "term_rel_err": {t: round(v, 6) for t, v in errs.items()},
+                    "grad_rel_err": round(grad_err, 6),
                     "similarity_max_err": round(sim_err, 6) if cosine else None,
                     "mask_agreement": round(float(torch.cat(agree).float().mean()), 6) if agree else None,
                     "top1_agreement": round(float(torch.cat([t.flatten() for t in top1]).float().mean()), 6)
@@ -239,7 +255,7 @@ def _print(res, method: str, args, n: int, views: int, outputs, compact_name: st
     terms = sorted({t for r in res["levels"] for t in r["term_rel_err"]})
     width = max(len(r["name"]) for r in res["levels"])
     head = f"{'level':<{width}} {'B/img-ep':>8} " + " ".join(f"{'err ' + t:>9}" for t in terms)
-    print(head + f" {'sim err':>8} {'mask':>7} {'top1':>7} {'read/s':>9}")
+    print(head + f" {'grad err':>9} {'sim err':>8} {'mask':>7} {'top1':>7} {'read/s':>9}")
 
     def fmt(v, f: str) -> str:
         return f"{'-':>{f.split('.')[0]}}" if v is None else format(v, f)
@@ -250,7 +266,7 @@ def _print(res, method: str, args, n: int, views: int, outputs, compact_name: st
         print(
             f"{r['name']:<{width}} {r['bytes_per_image_epoch']:>8,} "
             + " ".join(f"{r['term_rel_err'].get(t, 0.0):>9.2e}" for t in terms)
-            + f" {fmt(r['similarity_max_err'], '8.5f')} {fmt(r['mask_agreement'], '7.4f')} "
+            + f" {r['grad_rel_err']:>9.2e} {fmt(r['similarity_max_err'], '8.5f')} {fmt(r['mask_agreement'], '7.4f')} "
             f"{fmt(r['top1_agreement'], '7.4f')} {r['read_samples_per_s']:>9,.0f}{mark}"
         )
     fastest = min(r["read_samples_per_s"] for r in res["levels"])
