@@ -544,12 +544,15 @@ def test_bench_json_has_exactly_the_keys(ss_teacher, digits_shards, tmp_path):
             SUBSET,
             "--batches",
             "3",
+            "--level",
+            "logits:fp16+embed:fp16-d32",  # not on the front: measured because asked for
             "--json",
             str(tmp_path / "b.json"),
         ]
     )
     assert args.func(args) == 0
     res = json.loads((tmp_path / "b.json").read_text())
+    assert "logits:fp16+embed:fp16-d32" in [r["name"] for r in res["levels"]]
     assert set(res) == {"levels", "decode_samples_per_s", "default_level", "imagenet_bytes_per_image_epoch"}
     keys = {
         "name",

@@ -124,6 +124,7 @@ def run_bench(args) -> dict[str, Any]:
         imagenet_outputs,
         imagenet_views,
         level_name,
+        level_storage,
         pareto,
     )
     from sskd.core.atomic import write_json
@@ -164,7 +165,8 @@ def run_bench(args) -> dict[str, Any]:
     default_storage, _ = default(outputs, k)
     levels, names = [], set()
     temps = cls.topk_temperatures(spec.method_cfg)  # top-K tails kept where the method reads them, as built
-    for storage in [*pareto(views, outputs), compact(outputs), default_storage]:
+    asked = [level_storage(name, outputs) for name in getattr(args, "level", [])]  # one line when bad
+    for storage in [*pareto(views, outputs), compact(outputs), default_storage, *asked]:
         storage = at_temperatures(storage, temps, cls.name)
         if level_name(storage) not in names:
             names.add(level_name(storage))

@@ -231,12 +231,14 @@ def register_bench(bench_sub, fmt) -> None:
         formatter_class=fmt,
         description="Runs the teacher on real batches of the training views and, for every storage level "
         "the method allows, compares against the exact fp32 outputs: the relative error of each loss "
-        "term the method computes with a fixed student (per batch, the largest), the largest error of "
+        "term the method computes with a fixed student (per batch, the largest) and of the gradient of its "
+        "loss with respect to that student's parameters, the largest error of "
         "the teacher's similarity entries, the agreement of SSKD's selective-transfer row mask, the top-1 "
         "agreement of the stored logits, and the read rate of a chunk (memory-mapped, decoded to "
         "tensors, one thread) beside the pipeline's decode rate for the same samples (one thread).",
         epilog="example:\n  sskd bench cache --teacher runs/t-ss --shards data/shards/digits --json cache.json\n"
-        "  sskd bench cache --method hssakd --teacher runs/t-hs --shards data/shards/digits",
+        "  sskd bench cache --method hssakd --teacher runs/t-hs --shards data/shards/digits\n"
+        "  sskd bench cache --teacher runs/p8-ss --shards data/shards/pairs --level logits:top25+embed:int8",
     )
     p.add_argument("--teacher", required=True, help="the teacher run (for sskd a train-ss-head run)")
     p.add_argument("--shards", required=True, help="shard folder")
@@ -253,5 +255,12 @@ def register_bench(bench_sub, fmt) -> None:
     p.add_argument("--batches", type=int, default=8, help="batches of epoch 0 to compare on")
     p.add_argument("--config", help="the run's YAML recipe")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument(
+        "--level",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also measure this level (a name as `sskd cache --dry-run` lists them, or compact); repeatable",
+    )
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_bench_cache)
