@@ -364,6 +364,33 @@ def compact_cache(ss_teacher, digits_shards, tmp_path_factory):
     return out
 
 
+def test_a_topk_cache_says_how_much_probability_its_tail_holds(ss_teacher, digits_shards, tmp_path, caplog):
+    from sskd.cache.levels import tail_mass
+
+    # by hand: logits (2, 0, 0, 0) at T = 2, top 1 kept: the others hold 3 / (e + 3)
+    a = encode("logits", np.array([[[2.0, 0, 0, 0]]], np.float32), Storage("topk", k=1, t=2.0))
+    assert tail_mass(a, "logits", Storage("topk", k=1, t=2.0)) == pytest.approx(3 / (np.e + 3), abs=1e-3)
+    with caplog.at_level("INFO"):
+        build_cache(
+            student_run(digits_shards, ss_teacher),
+            tmp_path / "c",
+            epochs=1,
+            batch_size=256,
+            topk=3,
+            progress=False,
+        )
+    said = [r for r in caplog.records if "stored as its top 3" in r.getMessage()]
+    assert (
+        len(said) == 1
+        and "% of the probability at T = 4 (mean over the first chunk's rows)" in said[0].getMessage()
+    )
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    mass = tail_mass(map_chunk(chunk_path(tmp_path / "c", 0, 0, 0)), "logits", Storage("topk", k=3, t=4.0))
+    assert manifest["outputs"][0]["storage"]["t"] == 4.0  # SSKD's kd_T and tf_T
+    assert f"hold {100 * mass:.1f} % of" in said[0].getMessage()  # the first chunk's rows
+    assert said[0].levelname == ("WARNING" if mass > 0.01 else "INFO")
+
+
 def test_compact_cache_keeps_the_selective_transfer_mask(compact_cache, ss_teacher, digits_shards):
     from pipelines import ViewLoader
     from sskd.bench.cache import _similarity

@@ -98,6 +98,30 @@ def storage_plan(spec: RunSpec, split: str, request: dict[str, Any]):
     return outputs, loader, storage, why
 
 
+def report_tails(arrays: dict[str, np.ndarray], storage: dict) -> None:
+    """Log how much probability each top-K output's left-out classes hold at the method's temperature on
+    one chunk (:func:`sskd.cache.levels.tail_mass`); a warning above 1 %, where the method's terms will
+    not be within 1 % of exact (docs/cache.md, "100 classes")."""
+    from sskd.cache.levels import tail_mass
+
+    for name, s in storage.items():
+        if s.kind != "topk":
+            continue
+        mass = tail_mass(arrays, name, s)
+        line = (
+            f"{name} stored as its top {s.k}: the other classes hold {100 * mass:.1f} % of the probability at "
+            f"T = {s.t or 1:g} (mean over the first chunk's rows)"
+        )
+        if mass > 0.01:
+            log.warning(
+                '%s; the terms reading it will be off by several %% (docs/cache.md, "100 classes"): q8 or '
+                "a larger K keeps more (`sskd bench cache --level NAME` measures a level)",
+                line,
+            )
+        else:
+            log.info("%s", line)
+
+
 def run_storage(spec: RunSpec, outputs: list[dict[str, Any]], num_views: int, request: dict[str, Any]):
     """``(storage, why)``: the level the storage flags ``request`` pick for ``spec``'s outputs, top-K tails
     kept at the temperatures its method reads them at (:func:`sskd.cache.levels.at_temperatures`)."""
@@ -446,6 +470,7 @@ def _build(
         disable=not (main and progress),
         dynamic_ncols=True,
     )
+    told: list = []  # the top-K tails are reported once, from the main process's first chunk
     with StopRequest() as request:
         for epoch in range(epochs):
             first = resume_point(out, epoch, rank)
@@ -457,12 +482,11 @@ def _build(
             def flush(start: int) -> None:
                 ids = np.concatenate([p[0] for p in pending])
                 outs = {n: torch.cat([p[1][n] for p in pending]) for n in cls.outputs}
-                write_chunk(
-                    chunk_path(out, epoch, rank, start),
-                    teacher_arrays(ids, outs, storage=storage, bases=bases),
-                    start,
-                    len(pending),
-                )
+                arrays = teacher_arrays(ids, outs, storage=storage, bases=bases)
+                if main and not told:
+                    report_tails(arrays, storage)
+                    told.append(True)
+                write_chunk(chunk_path(out, epoch, rank, start), arrays, start, len(pending))
                 pending.clear()
 
             start = first

@@ -476,6 +476,15 @@ def encode(
     return {f"{name}.q": q, f"{name}.scale": scale}
 
 
+def tail_mass(arrays: dict[str, np.ndarray], name: str, storage: Storage) -> float:
+    """The mean probability, at the storage's temperature, of the classes a top-K row leaves out: what
+    :func:`sskd.cache.dense_from_topk` spreads evenly, so how much of a KL term top-K may change."""
+    t = storage.t or 1.0
+    topv = np.asarray(arrays[f"{name}.topv"], np.float64)
+    lse = np.asarray(arrays[f"{name}.lse"], np.float64)
+    return float(np.clip(1.0 - np.exp((topv - lse[..., None]) / t).sum(-1), 0.0, 1.0).mean())
+
+
 def decode(
     arrays: dict[str, np.ndarray], name: str, storage: Storage, width: int, rows=slice(None), proj=None
 ) -> np.ndarray:
