@@ -601,8 +601,10 @@ def dense_from_topk(
     rest = num_classes - k
     out = np.empty(topv.shape[:-1] + (num_classes,), np.float32)
     if rest > 0:
-        left = 1.0 - np.exp((topv.astype(np.float64) - lse[..., None]) / t).sum(-1)
-        fill = lse + t * np.log(np.clip(left, 1e-12, None) / rest)
+        left = 1.0 - np.exp((topv - lse[..., None]) / np.float32(t)).sum(-1)
+        fill = lse + np.float32(t) * np.log(np.clip(left, 1e-12, None) / rest)
         out[:] = fill[..., None]
-    np.put_along_axis(out, topi.astype(np.int64), topv, axis=-1)
+    # one flat scatter: numpy's put_along_axis builds an index per axis, and reading a top-K cache is this
+    rows = np.arange(topv.size // max(k, 1), dtype=np.int64)[:, None] * num_classes
+    out.reshape(-1)[(rows + topi.reshape(-1, k)).ravel()] = topv.ravel()
     return out
