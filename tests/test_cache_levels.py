@@ -202,6 +202,8 @@ def test_compact_codes_scores_as_q8_where_no_larger_than_their_top_25():
     assert compact(outputs(logits=100)) == {"logits": Storage("q8")}  # 104 B a row, as the top 25
     assert compact(outputs(logits=101)) == {"logits": Storage("topk", k=25)}  # 105 B: the top 25's 104
     assert compact(outputs(logits=10, aux=40)) == {"logits": Storage(), "aux": Storage("q8")}
+    # HSSAKD's branch logits stay q8 where the logits go top-25 (their top 25 of 400: 70 % off)
+    assert compact(outputs(logits=1000, aux=4000)) == {"logits": Storage("topk", k=25), "aux": Storage("q8")}
     assert [s.name for s in ladder(outputs(logits=100)[0])][:3] == ["fp16", "q8", "top50"]
     assert "q8" not in [s.name for s in ladder(outputs(logits=25)[0])]  # 25 classes or fewer stay fp16
     with pytest.raises(
