@@ -216,7 +216,7 @@ def test_a_start_that_fails_on_its_data_leaves_no_run_and_the_rerun_needs_no_ove
 ):
     from pipelines.loader import ViewLoader
 
-    def damaged(self, epoch, start_batch=0, resume_state=None):
+    def damaged(self, epoch, start_batch=0, resume_state=None, next_epoch="default"):
         raise SSKDError(f"{digits_shards}/train-000000.tar: sample 000003: damaged image")
         yield  # a generator, as the real one
 
@@ -386,8 +386,10 @@ def _nan_batch(monkeypatch, at: int):
 
     real = ViewLoader.epoch
 
-    def epoch(self, epoch, start_batch=0, resume_state=None):
-        for i, batch in enumerate(real(self, epoch, start_batch, resume_state), start=start_batch):
+    def epoch(self, epoch, start_batch=0, resume_state=None, next_epoch="default"):
+        for i, batch in enumerate(
+            real(self, epoch, start_batch, resume_state, next_epoch), start=start_batch
+        ):
             if self.train and i == at:
                 batch = dict(batch, views=torch.full_like(batch["views"], float("nan")))
             yield batch
