@@ -395,7 +395,8 @@ def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resum
         pairs=[{"student": "resnet8"}],
         methods=["ce"],
         set={
-            "student.max_steps": 60,
+            # long enough that a loaded machine's signal still lands mid-run (60 steps once ran out first)
+            "student.max_steps": 200,
             "student.batch_size": 32,
             "run.log_every": 1,
             "run.ckpt_every": 2,
@@ -419,7 +420,7 @@ def test_a_signal_to_the_sweep_stops_its_run_with_a_checkpoint_and_a_rerun_resum
     assert again.returncode == 0, again.stderr[-2000:]
     assert "--resume" in (run_dir / "sweep.log").read_text().split("\n$ ")[-1]
     assert json.loads((run_dir / "sweep.json").read_text())["status"] == "done"
-    assert json.loads((run_dir / "model.json").read_text())["steps"] == 60
+    assert json.loads((run_dir / "model.json").read_text())["steps"] == 200
 
 
 @pytest.mark.slow
