@@ -169,6 +169,9 @@ def test_q8_codes_every_score_within_half_a_step_of_the_row_range():
     np.put_along_axis(tied, (top + 1) % 100, np.take_along_axis(tied, top, -1) - 1e-3, -1)
     a = encode("logits", tied, Storage("q8"))
     back, step = decode(a, "logits", Storage("q8"), 100), a["logits.step"].astype(np.float32)
+    assert np.array_equal(
+        back, a["logits.mid"].astype(np.float32)[..., None] + a["logits.q"] * step[..., None]
+    )
     assert np.array_equal(back.argmax(-1), tied.argmax(-1))
     assert np.all(np.abs(back - tied) <= step[..., None] * 1.5 + 1e-5)
     assert np.all(step <= (logits.max(-1) - logits.min(-1)) / 254 + 0.0157 / 127 + 1e-4)
@@ -191,6 +194,62 @@ def test_a_q8_and_a_topk_cache_read_back_what_decode_gives(tmp_path):
         want = decode(encode("logits", logits.numpy(), storage), "logits", storage, 100)[[4, 0, 2]]
         assert reader.outputs[0]["storage"] == storage.to_json()
         assert np.array_equal(got, want)
+
+
+def test_lookup_across_chunks_equals_each_row_decoded_on_its_own(tmp_path):
+    """lookup decodes a one-chunk batch straight into place and a batch over several chunks into one
+    array: both give, bit for bit, what decode gives row by row, in the order asked, at every storage."""
+    from sskd.bench.cache import _write_cache
+    from sskd.cache import chunk_path, teacher_arrays, write_chunk
+
+    outputs = [
+        {"name": "logits", "shape": [100], "topk": True, "cosine": False},
+        {"name": "aux", "shape": [2, 40], "topk": True, "cosine": False},
+        {"name": "embed", "shape": [16], "topk": False, "cosine": True},
+    ]
+    g = torch.Generator().manual_seed(3)
+    values = {
+        "logits": torch.randn(30, 2, 100, generator=g) * 3,
+        "aux": torch.randn(30, 2, 2, 40, generator=g) * 3,
+        "embed": torch.randn(30, 2, 16, generator=g),
+    }
+    levels = [
+        {"logits": Storage("fp16"), "aux": Storage("fp16"), "embed": Storage("fp16")},
+        {"logits": Storage("q8"), "aux": Storage("q8"), "embed": Storage("int8")},
+        {
+            "logits": Storage("topk", k=25, t=4.0),
+            "aux": Storage("topk", k=5, t=3.0),
+            "embed": Storage("int8"),
+        },
+    ]
+    for i, storage in enumerate(levels):
+        folder = _write_cache(tmp_path / str(i), outputs, storage, {}, values, 30)
+        for c in chunk_path(folder, 0, 0, 0).parent.glob("*.safetensors"):
+            c.unlink()
+        for first, part in ((0, np.arange(0, 30, 3)), (1, np.arange(1, 30, 3)), (2, np.arange(2, 30, 3))):
+            arrays = teacher_arrays(part, {k: v[part] for k, v in values.items()}, storage=storage)
+            write_chunk(chunk_path(folder, 0, 0, first), arrays, first, 1)
+        reader = CacheReader(folder)
+        for ids in ([7, 0, 29, 4, 4, 11], [3, 9, 27, 0], [5], []):
+            got = reader.lookup(torch.tensor(ids, dtype=torch.int64), 0)
+            for o in outputs:
+                name, width = o["name"], o["shape"][-1]
+                want = [
+                    decode(
+                        encode(name, values[name][j : j + 1].numpy(), storage[name]),
+                        name,
+                        storage[name],
+                        width,
+                    )
+                    for j in ids
+                ]
+                want = (
+                    np.concatenate(want)
+                    if ids
+                    else np.empty((0,) + tuple(values[name].shape[1:]), np.float32)
+                )
+                assert got[f"t_{name}"].dtype == torch.float32, (i, name, ids)
+                assert np.array_equal(got[f"t_{name}"].numpy(), want), (i, name, ids)
 
 
 def test_compact_codes_scores_as_q8_where_no_larger_than_their_top_25():

@@ -426,21 +426,27 @@ class CacheReader:
                 f"{self.path}: sample {int(idx[bad.argmax()])} is not in the cache (a cache of another "
                 "data.subset_fraction?)"
             )
-        parts: dict[str, list] = {o["name"]: [] for o in self.outputs}
-        order = np.empty(len(idx), np.int64)
-        pos = 0
-        for c in np.unique(which[idx]):
-            sel = np.flatnonzero(which[idx] == c)
-            rows = row[idx[sel]]
+        chunk_of = which[idx]
+        used = np.unique(chunk_of)
+        for c in used:
             arr = chunks[c]
             if arr["__path__"] not in self._verified:  # the first read of a chunk checks all of it
                 verify_chunk(arr["__path__"], {k: v for k, v in arr.items() if k != "__path__"})
                 self._verified.add(arr["__path__"])
-            for o in self.outputs:
-                parts[o["name"]].append(self._dense(arr, o, rows))
-            order[sel] = np.arange(pos, pos + len(sel))
-            pos += len(sel)
-        return {f"t_{name}": torch.from_numpy(np.concatenate(p)[order]) for name, p in parts.items()}
+        if len(used) <= 1 and chunks:  # a batch from one chunk, as training reads them: decoded in place
+            arr, rows = chunks[used[0] if len(used) else 0], row[idx]
+            return {f"t_{o['name']}": torch.from_numpy(self._dense(arr, o, rows)) for o in self.outputs}
+        out = {}
+        for o in self.outputs:
+            dense = None
+            for c in used:
+                sel = np.flatnonzero(chunk_of == c)
+                part = self._dense(chunks[c], o, row[idx[sel]])
+                if dense is None:
+                    dense = np.empty((len(idx),) + part.shape[1:], part.dtype)
+                dense[sel] = part
+            out[f"t_{o['name']}"] = torch.from_numpy(dense)
+        return out
 
     def _dense(self, arr: dict[str, np.ndarray], output: dict[str, Any], rows: np.ndarray) -> np.ndarray:
         from sskd.cache.levels import decode

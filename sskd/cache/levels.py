@@ -506,10 +506,10 @@ def decode(
             storage.t or 1.0,
         )
     if storage.kind == "q8":
-        return np.asarray(arrays[f"{name}.mid"][rows], np.float32)[..., None] + (
-            np.asarray(arrays[f"{name}.q"][rows], np.float32)
-            * np.asarray(arrays[f"{name}.step"][rows], np.float32)[..., None]
-        )
+        x = np.asarray(arrays[f"{name}.q"][rows], np.float32)  # mid + q * step, in place: reads are this
+        x *= np.asarray(arrays[f"{name}.step"][rows], np.float32)[..., None]
+        x += np.asarray(arrays[f"{name}.mid"][rows], np.float32)[..., None]
+        return x
     if storage.kind == "int8":
         x = (
             np.asarray(arrays[f"{name}.q"][rows], np.float32)
