@@ -156,6 +156,52 @@ def test_distill_from_cache_refuses_other_seed_and_runs(cache, ss_teacher, digit
     assert first[0]["kd"] == pytest.approx(first[1]["kd"], rel=5e-3)
 
 
+@pytest.mark.slow
+def test_cache_skip_bad_leaves_out_what_cannot_be_read_and_serves_a_skip_bad_student(
+    cache, ss_teacher, digits_shards, tmp_path, capsys
+):
+    """`sskd cache` stopped at a corrupt sample telling the user to rerun with --skip-bad, a flag it did not
+    have: a student distilled with --skip-bad could not get a cache at all."""
+    from test_loader_faults import corrupt
+
+    case = corrupt(Path(digits_shards), tmp_path / "bad", "magic", seed=0)
+    out = tmp_path / "k"
+    argv = ["cache", "--teacher", ss_teacher, "--shards", case["folder"], "--epochs", 2, "--out", out]
+    argv += ["--batch-size", 128, "--chunk-batches", 4, "--no-progress"]
+    assert run(*argv) == 2  # without the flag: the first bad sample stops it, named, nothing complete
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"sample {case['bad'][0]:09d}" in err and "--skip-bad" in err
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert run(*argv, "--resume", "--skip-bad") == 2  # started without it: refused, naming both
+    assert "leaving out the samples none, this run leaves out 617" in capsys.readouterr().err.replace(
+        str(case["bad"][0]), "617"
+    )
+    import shutil
+
+    shutil.rmtree(out)
+    assert run(*argv, "--skip-bad") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and list(map(int, m["skipped"])) == case["bad"]
+    assert m["num_samples"] == 1437 - len(case["bad"])
+    # Every other sample holds what the intact shards' cache holds: views are keyed by sample id, not by
+    # the batch a sample lands in (fp16 storage: the teacher's batches differ, so allow its rounding).
+    reader, ref = CacheReader(out), CacheReader(cache)
+    kept = torch.tensor([i for i in range(1437) if i not in case["bad"]])
+    for epoch in (0, 1):
+        a, b = reader.lookup(kept, epoch), ref.lookup(kept, epoch)
+        assert all(torch.allclose(a[k], b[k], rtol=2e-3, atol=2e-3) for k in a)
+    with pytest.raises(
+        SSKDError, match=f"sample {case['bad'][0]} is not in the cache .left out as unreadable"
+    ):
+        reader.lookup(torch.tensor(case["bad"]), 1)
+    assert reader.verify() == []
+    student = ["distill", "--teacher", ss_teacher, "--cache", out, "--student", "resnet8", "--method", "sskd"]
+    student += ["--shards", case["folder"], "--out", tmp_path / "s", "--max-steps", 2, *FAST]
+    assert run(*student) == 2  # a student that would read the bad sample stops at it, as without a cache
+    assert f"sample {case['bad'][0]:09d}" in capsys.readouterr().err
+    assert run(*student, "--skip-bad", "--overwrite") == 0
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "incomplete"])
 def test_damaged_cache_is_an_error_naming_the_file(cache, tmp_path, damage):
     import shutil

@@ -389,10 +389,11 @@ class CacheReader:
             self._index.clear()  # one epoch's maps at a time: memory maps are a per-process budget
             files = self.files.get(epoch) or self._files(epoch)
             maps = [map_chunk(f) for f in files]
-            # Ids are the split's sample ids: a cache of a data.subset_fraction subset holds num_samples of
-            # them, spread over the split's whole id range (as long as its largest id).
+            # Ids are the split's sample ids: a cache of a data.subset_fraction subset, or one that left out
+            # unreadable samples (--skip-bad), holds num_samples of them, spread over the split's whole id
+            # range (as long as its largest id).
             size = self.num_samples
-            if self.manifest["binding"].get("subset_fraction", 1.0) != 1.0:
+            if self.manifest["binding"].get("subset_fraction", 1.0) != 1.0 or self.manifest.get("skipped"):
                 size = max([size] + [int(np.max(a["ids"])) + 1 for a in maps if len(a["ids"])])
             chunks, which, row = [], np.full(size, -1, np.int64), np.zeros(size, np.int64)
             for c, (f, arrays) in enumerate(zip(files, maps, strict=True)):
@@ -422,9 +423,15 @@ class CacheReader:
         bad = (idx < 0) | (idx >= len(which))
         bad[~bad] = which[idx[~bad]] < 0
         if bad.any():
+            first = int(idx[bad.argmax()])
+            why = (self.manifest.get("skipped") or {}).get(str(first))
             raise SSKDError(
-                f"{self.path}: sample {int(idx[bad.argmax()])} is not in the cache (a cache of another "
-                "data.subset_fraction?)"
+                f"{self.path}: sample {first} is not in the cache "
+                + (
+                    f"(left out as unreadable when it was made, --skip-bad: {why})"
+                    if why
+                    else "(a cache of another data.subset_fraction?)"
+                )
             )
         chunk_of = which[idx]
         used = np.unique(chunk_of)

@@ -363,7 +363,9 @@ def _build(
     check_cacheable(cls)
     model = freeze(spec.teacher.load()).to(accelerator.device)
     # The training views of ``split``; the teacher reads no label, and every sample is cached (a student
-    # with --skip-bad reads the ones it keeps).
+    # with --skip-bad reads the ones it keeps) but those --skip-bad (data.skip_bad) leaves out here: its
+    # check is the student's, so a student with --skip-bad on the same shards reads exactly what is held.
+    skip_bad = bool(spec.cfg.data.skip_bad)
     loader = ViewLoader.for_run(
         spec,
         split,
@@ -374,7 +376,7 @@ def _build(
         batch_size=batch_size,
         reuse_buffers=True,
         label_noise=0.0,
-        skip_bad=False,
+        skip_bad=skip_bad,
     )
     outputs = output_specs(cls, model, loader, spec.teacher.info)
     storage, why = run_storage(spec, outputs, loader.num_views, request)
@@ -403,6 +405,7 @@ def _build(
         "teacher": str(spec.teacher.source),
         "created_by": f"sskd {__version__}",
         "pipeline_version": PIPELINE_VERSION,
+        "skipped": {str(i): why for i, why in sorted(loader.skipped.items())},  # unreadable, left out
     }
     per = bytes_per_sample(loader.num_views, outputs, storage=storage)
     need = per * loader.num_samples * epochs
@@ -419,6 +422,15 @@ def _build(
                     f"{out}: the cache was started with {field}={old.get(field)!r}, not {manifest[field]!r}; "
                     "resume with the same settings"
                 )
+        if sorted(old.get("skipped", {}), key=int) != sorted(manifest["skipped"], key=int):
+            was, now = (
+                ", ".join(sorted(m, key=int)[:5]) or "none"
+                for m in (old.get("skipped", {}), manifest["skipped"])
+            )
+            raise SSKDError(
+                f"{out}: the cache was started leaving out the samples {was}, this run leaves out {now} "
+                f"(--skip-bad{' is off' if not skip_bad else ''}); resume with the same --skip-bad on the same shards"
+            )
         bases = read_projections(out, old)  # a resumed cache keeps the bases its chunks were stored with
         manifest["projections_sha256"] = old.get("projections_sha256")
         if old.get("complete"):

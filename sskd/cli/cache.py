@@ -117,6 +117,7 @@ def register(sub, fmt) -> None:
         epilog="example:\n  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --out caches/t\n"
         "  sskd cache --dry-run --method hssakd --teacher runs/t-hs --shards data/shards/digits --epochs 10\n"
         "  sskd cache --verify --out caches/t\n"
+        "  sskd cache --teacher runs/t-ss --shards data/shards/digits --epochs 10 --skip-bad --out caches/t\n"
         "  sskd distill --teacher runs/t-ss --cache caches/t --student resnet8 --method sskd "
         "--shards data/shards/digits --out runs/s\n"
         "  sskd cache --method hssakd --teacher runs/t-hs --shards data/shards/digits --epochs 10 --out caches/h\n"
@@ -206,6 +207,13 @@ def register(sub, fmt) -> None:
     p.add_argument("--views", help="SS views (must match the student run)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], help="where DALI makes the views")
     p.add_argument("--threads", type=int, help="DALI threads per process")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out samples that fail their checksum, id or label check (listed once, and in the "
+        "manifest's `skipped`) instead of stopping at the first: what a student with --skip-bad reads "
+        "(data.skip_bad)",
+    )
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="teacher autocast dtype")
     p.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config override"

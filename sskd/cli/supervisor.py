@@ -64,11 +64,13 @@ def _check_shards_after_crash(args_in: list[str], command: str) -> None:
         print(f"sskd: {line}", file=sys.stderr)
     if len(problems) > 20:
         print(f"sskd: ... and {len(problems) - 20} more", file=sys.stderr)
-    if problems and command != "cache":
-        print(
-            "sskd: rerun with --resume --skip-bad to leave such samples out (or rewrite the shards)",
-            file=sys.stderr,
+    if problems:
+        how = (  # a cache's batches, and so its chunks, follow the samples it keeps: it resumes only as begun
+            "rerun with --skip-bad and a new --out (a cache begun without it does not resume with it)"
+            if command == "cache"
+            else "rerun with --resume --skip-bad"
         )
+        print(f"sskd: {how} to leave such samples out (or rewrite the shards)", file=sys.stderr)
     elif not problems:
         print(
             f"sskd: no sample of {folder} is damaged (bytes, ids, labels): the crash does not come from the data",
