@@ -329,6 +329,21 @@ def test_imagenet_default_is_compact_and_within_1024_bytes():
     # 8 + 4 views x (25 x (2 + 2) + 4 + 128 + 2)
     assert bytes_per_image(4, img, storage) == 8 + 4 * (104 + 130) == 944 <= 1024
     assert level_name(default(SSKD_OUTPUTS, 10)[0]) == "exact"  # the digits: fp16 costs little
+    # HSSAKD's branches on paper are ResNet-34's four, whatever the measured teacher has (resnet8: 3)
+    hs = [
+        {"name": "logits", "shape": [10], "topk": True, "cosine": False},
+        {"name": "aux", "shape": [3, 40], "topk": True, "cosine": False},
+    ]
+    img = imagenet_outputs(hs, 10)
+    assert [o["shape"] for o in img] == [[1000], [4, 4000]]
+    assert (
+        bytes_per_image(4, img, {"logits": Storage(), "aux": Storage()})
+        == 8 + 4 * (2000 + 4 * 8000)
+        == 136_008
+    )
+    storage = default(img, IMAGENET["classes"])[0]
+    assert level_name(storage) == "logits:top25+aux:q8"
+    assert bytes_per_image(4, img, storage) == 8 + 4 * (104 + 4 * 4004) == 64_488  # docs/methods.md
 
 
 # ---- bad input: one line each, before any work ----------------------------------------------------------

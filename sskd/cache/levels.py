@@ -55,7 +55,9 @@ COMPACT_MIN_CLASSES = 100  # the default is compact from here up (issue #22: bel
 COMPACT_MIN_DIM = 128
 ID_BYTES = 8
 # The ImageNet recipe on paper (docs/cache.md): ResNet-34 teacher, 4 rotation views, d = 512.
-IMAGENET = {"images": 1_281_167, "views": 4, "classes": 1000, "embed_dim": 512}
+# The ImageNet recipe on paper: ResNet-34 teacher (HSSAKD: a branch at each of its 4 stages), 4 rotation
+# views, d = 512 SS embeddings.
+IMAGENET = {"images": 1_281_167, "views": 4, "classes": 1000, "embed_dim": 512, "branches": 4}
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,8 @@ def imagenet_views(num_views: int) -> int:
 
 def imagenet_outputs(outputs: list[dict[str, Any]], num_classes: int) -> list[dict[str, Any]]:
     """The same outputs at the ImageNet recipe's shapes on paper: class scores over 1,000 classes (HSSAKD's
-    branches over 4,000 joint classes), cosine embeddings of 512 dimensions, anything else as it is."""
+    branches over 4,000 joint classes, as many as ResNet-34 has: 4, whatever the run's teacher has),
+    cosine embeddings of 512 dimensions, anything else as it is."""
     out = []
     for o in outputs:
         shape, width = list(o["shape"]), o["shape"][-1]
@@ -282,6 +285,8 @@ def imagenet_outputs(outputs: list[dict[str, Any]], num_classes: int) -> list[di
             shape[-1] = IMAGENET["embed_dim"]
         elif o.get("topk") and width % num_classes == 0:
             shape[-1] = IMAGENET["classes"] * (width // num_classes)
+            if len(shape) == 2:  # (branches, joint classes): one row per branch
+                shape[0] = IMAGENET["branches"]
         out.append({**o, "shape": shape})
     return out
 
