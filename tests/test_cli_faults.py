@@ -485,6 +485,27 @@ def test_a_command_dying_by_sigsegv_is_one_line_naming_the_signal_and_command(
     assert (out / "checkpoints" / "last.pt").is_file() and _lock_free(out)
 
 
+@pytest.mark.parametrize("command", ["distill", "cache"])
+def test_after_a_crash_the_shards_check_says_how_each_command_leaves_bad_samples_out(
+    tmp_path, digits_shards, capsys, command
+):
+    """A cache's batches (and so its chunks) follow the samples it keeps: it cannot resume with --skip-bad
+    when begun without it, so after a crash it is told to start a new cache, not to --resume."""
+    from test_loader_faults import corrupt
+
+    from sskd.cli.supervisor import _check_shards_after_crash
+
+    case = corrupt(Path(digits_shards), tmp_path / "bad", "magic", seed=0)
+    _check_shards_after_crash([command, "--shards", case["folder"]], command)
+    err = capsys.readouterr().err
+    assert f"{case['bad'][0]:09d}" in err
+    advice = err.strip().splitlines()[-1]
+    if command == "cache":
+        assert "--skip-bad and a new --out" in advice and "--resume" not in advice.split("(")[0]
+    else:
+        assert "rerun with --resume --skip-bad" in advice
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
