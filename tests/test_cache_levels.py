@@ -528,8 +528,8 @@ def test_a_cache_whose_tail_is_at_another_temperature_is_refused_naming_both():
     check_usable(at4, SSKD, {}, "c", {"logits": (4.0, 4.0)})
     with pytest.raises(
         SSKDError,
-        match=r"c: stores logits as top25 with the tail's mass exact at T = 4, but this run's "
-        r"--method sskd reads it at T = 2 and 4; rebuild",
+        match=r"c: stores logits as top25 with the tail's mass exact at T = 4, but this run "
+        r"\(--method sskd\) reads it at T = 2 and 4; rebuild",
     ):
         check_usable(at4, SSKD, {}, "c", {"logits": (2.0, 4.0)})
     check_usable(manifest(Storage("topk", k=25)), SSKD, {}, "c", {"logits": (2.0, 2.0)})  # recorded none

@@ -567,7 +567,7 @@ def check_usable(
         if s.kind == "topk" and s.t is not None and any(t != s.t for t in wanted):
             raise SSKDError(
                 f"{where}: stores {o['name']} as {s.name} with the tail's mass exact at T = {s.t:g}, but this "
-                f"run's --method {method.name} reads it at T = {' and '.join(f'{t:g}' for t in wanted)}; "
+                f"run (--method {method.name}) reads it at T = {' and '.join(f'{t:g}' for t in wanted)}; "
                 "rebuild the cache with this run's settings (`sskd cache` with the same --set)"
             )
 
