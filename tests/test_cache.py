@@ -173,9 +173,8 @@ def test_cache_skip_bad_leaves_out_what_cannot_be_read_and_serves_a_skip_bad_stu
     assert err.count("\n") == 1 and f"sample {case['bad'][0]:09d}" in err and "--skip-bad" in err
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     assert run(*argv, "--resume", "--skip-bad") == 2  # started without it: refused, naming both
-    assert "leaving out the samples none, this run leaves out 617" in capsys.readouterr().err.replace(
-        str(case["bad"][0]), "617"
-    )
+    bad = case["bad"][0]
+    assert f"leaving out the samples none, this run leaves out {bad}" in capsys.readouterr().err
     import shutil
 
     shutil.rmtree(out)

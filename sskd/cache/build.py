@@ -362,9 +362,9 @@ def _build(
     cls = spec.method
     check_cacheable(cls)
     model = freeze(spec.teacher.load()).to(accelerator.device)
-    # The training views of ``split``; the teacher reads no label, and every sample is cached (a student
-    # with --skip-bad reads the ones it keeps) but those --skip-bad (data.skip_bad) leaves out here: its
-    # check is the student's, so a student with --skip-bad on the same shards reads exactly what is held.
+    # The training views of ``split``; the teacher reads no label. Every sample is cached except those
+    # --skip-bad (data.skip_bad) leaves out: the same check as the student's, so a student with --skip-bad
+    # on the same shards reads exactly what the cache holds.
     skip_bad = bool(spec.cfg.data.skip_bad)
     loader = ViewLoader.for_run(
         spec,

@@ -54,9 +54,8 @@ COMPACT_DIM = 128
 COMPACT_MIN_CLASSES = 100  # the default is compact from here up (issue #22: below, fp16 costs little)
 COMPACT_MIN_DIM = 128
 ID_BYTES = 8
-# The ImageNet recipe on paper (docs/cache.md): ResNet-34 teacher, 4 rotation views, d = 512.
-# The ImageNet recipe on paper: ResNet-34 teacher (HSSAKD: a branch at each of its 4 stages), 4 rotation
-# views, d = 512 SS embeddings.
+# The ImageNet recipe on paper (docs/cache.md): ResNet-34 teacher (HSSAKD: a branch at each of its 4
+# stages), 4 rotation views, d = 512 SS embeddings.
 IMAGENET = {"images": 1_281_167, "views": 4, "classes": 1000, "embed_dim": 512, "branches": 4}
 
 

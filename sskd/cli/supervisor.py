@@ -71,7 +71,7 @@ def _check_shards_after_crash(args_in: list[str], command: str) -> None:
             else "rerun with --resume --skip-bad"
         )
         print(f"sskd: {how} to leave such samples out (or rewrite the shards)", file=sys.stderr)
-    elif not problems:
+    else:
         print(
             f"sskd: no sample of {folder} is damaged (bytes, ids, labels): the crash does not come from the data",
             file=sys.stderr,
