@@ -7,11 +7,11 @@ requires, also for GPU operators.
 
 Work order keeps resampling to one pass per view: one shared flip (of the small CIFAR image, or folded
 into each resize window) → per view a crop (or a random-resized-crop straight to the output size) →
-exact 90° rotations (transpose+flip for the fixed ones, one nearest-neighbour warp for the per-sample
-k, which beats DALI conditionals); colour drop takes DALI's luma of the whole image once and crops and
-resamples that one channel. The training graph ends in uint8 HWC views (colour drop: one channel) plus
-the colour-distortion matrices; :mod:`pipelines.finish` applies those matrices, replicates the grey
-channel, and makes the CHW layout and the normalisation in torch on the training device (measured
+exact 90° rotations (transpose+flip for the fixed ones; the per-sample k is left to the finishing step);
+colour drop takes DALI's luma of the whole image once and crops and resamples that one channel. The
+training graph ends in uint8 HWC views (colour drop: one channel) plus the colour-distortion matrices
+and the per-sample quarter turns; :mod:`pipelines.finish` applies those matrices and turns, replicates
+the grey channel, and makes the CHW layout and the normalisation in torch on the training device (measured
 cheaper than DALI's CPU colour-matrix, stack and normalise operators, and a quarter of the bytes to
 move to a GPU).
 """
@@ -103,7 +103,8 @@ def train_pipeline(
     tars, idxs, *, views, plan_seed, epoch, size, layout, device="cpu", shard_id=0, num_shards=1
 ):
     """Training views of one epoch, per sample: V uint8 views (size, size, 3), the label, the id, then
-    ``M`` (3, 3) and ``T`` (3,) of each view of :func:`plan.colour_views` (finished by :mod:`pipelines.finish`).
+    ``M`` (3, 3) and ``T`` (3,) of each view of :func:`plan.colour_views` and the quarter turns ``k`` of
+    each view of :func:`plan.turn_views` (finished by :mod:`pipelines.finish`).
 
     The samples come in the order of ``tars``/``idxs`` (DALI's shuffle is off): the loader passes the
     epoch's segments for its rank (:mod:`pipelines.order`), with ``shard_id=0, num_shards=1``."""
@@ -124,7 +125,8 @@ def train_pipeline(
             make_view(img, prm, name=name, view=view, size=size, gray=gray, normal=out[0] if out else None)
         )
     colour = [prm[f"v{v}.{a}"] for v in plan.colour_views(views) for a in ("M", "T")]
-    return (*out, lbl, sid, *colour)
+    turns = [prm[f"v{v}.k"] for v in plan.turn_views(views)]
+    return (*out, lbl, sid, *colour, *turns)
 
 
 @pipeline_def

@@ -2,8 +2,11 @@
 normalisation and dtype.
 
 DALI makes every view's geometry and its cheap integer operations (decode, crops, random-resized
-crops, 90° rotations, colour drop) and hands over uint8 HWC views (colour drop as its one luma
+crops, fixed 90° rotations, colour drop) and hands over uint8 HWC views (colour drop as its one luma
 channel); this module turns them into the batch the model sees, ``(b, V, 3, H, W)`` normalised floats.
+A view turned by a per-sample number of quarter turns (the paper's rotation) is turned here, sample by
+sample, in the copy that makes the CHW layout anyway: a uint8 ``rot90`` of each sample costs less than
+DALI's nearest-neighbour warp of the whole view (``sskd bench pipeline``), with the same pixels.
 Doing the float part here rather than in DALI's CPU operators is measured (``sskd bench pipeline``):
 DALI's CPU colour matrix, stack and normalise kernels cost about 3 ms per 224-px image more than these
 few batched torch operations, and on a GPU both are negligible while moving uint8 instead of float to
@@ -55,6 +58,7 @@ class Finisher:
         self,
         views_u8: list[torch.Tensor],
         colour: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        turns: dict[int, torch.Tensor] | None = None,
         *,
         reuse: bool = False,
     ) -> torch.Tensor:
@@ -65,6 +69,8 @@ class Finisher:
                 grey view (replicated to three channels).
             colour: ``{view: (M (b, 3, 3), T (b, 3))}`` float32 colour matrices of the colour-distortion
                 views (``out = clamp(M @ rgb + T, 0, 255)`` on 0-255 values).
+            turns: ``{view: k (b,)}`` integer quarter turns, counter-clockwise (as ``np.rot90``), of the
+                views turned sample by sample, before anything else (square views only).
             reuse: write into the output buffer of the previous ``reuse`` call (the caller is done with
                 that batch); otherwise the result is a new tensor of its own.
         Returns:
@@ -75,13 +81,15 @@ class Finisher:
         shape = (b, len(views_u8), 3, h, w)
         out = self._buffer("_out", shape, device) if reuse else torch.empty(shape, device=device)
         scale, bias = self._scale_bias(device)
+        turns = turns or {}
         for v, x in enumerate(views_u8):
+            k = turns[v].reshape(-1).tolist() if v in turns else None
             x = x.permute(0, 3, 1, 2)  # (b, C, H, W) view of the HWC bytes
             o = out[:, v]
             if v in colour:
                 m, t = (a.to(device=device, dtype=torch.float32).view(b, 3, -1, 1, 1) for a in colour[v])
                 xf = self._buffer("_scratch", (b, 3, h, w), device)
-                xf.copy_(x)
+                _cast(xf, x, k)
                 # Element-wise in a fixed order (not a batched matmul, whose kernel and summation order
                 # may depend on the batch size): a sample's pixels never depend on its batch.
                 torch.mul(m[:, :, 0], xf[:, 0:1], out=o)
@@ -89,5 +97,15 @@ class Finisher:
                 o.add_(t[:, :, 0]).clamp_(0, 255).mul_(scale).add_(bias)
             else:  # cast (a grey channel broadcast to three), then scale and shift in place. (addcmul
                 # straight from uint8 casts through a fresh temporary: 3x slower with the page faults.)
-                o.copy_(x.expand(b, 3, h, w)).mul_(scale).add_(bias)
+                _cast(o, x.expand(b, 3, h, w), k).mul_(scale).add_(bias)
         return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
+def _cast(dst: torch.Tensor, x: torch.Tensor, turns: list[int] | None) -> torch.Tensor:
+    """``dst.copy_(x)``, sample i turned by ``turns[i]`` quarter turns counter-clockwise when given (each
+    sample's turn is a small uint8 copy that stays in the cache; the cast reads it in place)."""
+    if turns is None:
+        return dst.copy_(x)
+    for i, k in enumerate(turns):
+        dst[i].copy_(torch.rot90(x[i], k, dims=(1, 2)) if k % 4 else x[i])
+    return dst

@@ -35,7 +35,7 @@ import torch
 
 from pipelines.finish import Finisher
 from pipelines.order import ORDER_VERSION
-from pipelines.plan import ViewConfig, colour_views, view_labels
+from pipelines.plan import ViewConfig, colour_views, turn_views, view_labels
 from shards.format import IMAGE_EXTS, MANIFEST, load_manifest, sample_key, split_files
 from shards.index import check_lines, check_shard, parse_index
 from sskd.core.errors import SSKDError
@@ -475,6 +475,7 @@ class ViewLoader:
         first, last = (start if checkpoint is not None else 0), -(-n // bs)
         at = first  # the batch being made (named if DALI fails)
         colour = colour_views(self.view_names) if self.train else []
+        turned = turn_views(self.view_names) if self.train else []
         finish = Finisher(
             self.manifest["mean"], self.manifest["std"], dtype=self.dtype
         )  # buffers kept per epoch
@@ -508,7 +509,8 @@ class ViewLoader:
                     u8 = [_to_torch(o, False)[:keep].to(finish_device, non_blocking=True) for o in outs[:nv]]
                     params = [_to_torch(o, False)[:keep] for o in outs[nv + 2 :]]
                     mats = {v: (params[2 * j], params[2 * j + 1]) for j, v in enumerate(colour)}
-                    views = finish(u8, mats, reuse=not copy)
+                    turns = {v: params[2 * len(colour) + j] for j, v in enumerate(turned)}
+                    views = finish(u8, mats, turns, reuse=not copy)
                 else:
                     views = _to_torch(outs[0], copy)[:keep]
                 label, ids = (

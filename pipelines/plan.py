@@ -83,6 +83,11 @@ def colour_views(views) -> list[int]:
     return [i for i, n in enumerate(views) if get_view(n).colour]
 
 
+def turn_views(views) -> list[int]:
+    """Views whose per-sample quarter turns ``k`` follow the colour matrices among the training outputs."""
+    return [i for i, n in enumerate(views) if get_view(n).turns]
+
+
 def param_names(views, layout: str) -> list[str]:
     """Names of the arrays :func:`view_params` returns, in order (one DALI node each)."""
     return ["flip"] + [p for view, name in enumerate(views) for p in get_view(name).param_names(view, layout)]

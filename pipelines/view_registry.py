@@ -12,8 +12,9 @@ step need to know about it:
 - (c) its exact torch reference (:meth:`View.reference`), how close DALI must come to it
   (:attr:`View.tolerance`, :attr:`View.resized_tolerance`) and, optionally, the obvious torchvision
   implementation the benchmark compares against (:meth:`View.baseline`);
-- (d) whether the finishing step applies its colour matrices ``M``, ``T`` (:attr:`View.colour`) and
-  whether it is made from the image's luma (:attr:`View.luma`, computed once per image).
+- (d) whether the finishing step applies its colour matrices ``M``, ``T`` (:attr:`View.colour`) or
+  turns it by its per-sample quarter turns ``k`` (:attr:`View.turns`), and whether it is made from the
+  image's luma (:attr:`View.luma`, computed once per image).
 
 ``pipelines/plan.py``, ``dali.py``, ``reference.py`` and ``finish.py`` loop over the views of a set
 and ask them; none names a view. Your own view::
@@ -84,6 +85,9 @@ class View:
 
     name: str = ""  # the registered name (set by :func:`register_view`)
     colour: ClassVar[bool] = False  # the finishing step applies its M (3, 3), T (3,) (pipelines.finish)
+    # The finishing step turns it by its per-sample ``k`` quarter turns (parameter ``v{view}.k``): the
+    # turn rides along with the layout copy there instead of costing DALI a warp of its own.
+    turns: ClassVar[bool] = False
     luma: ClassVar[bool] = False  # made from the image's luma: DALI hands over one channel
     labels: ClassVar[tuple[str, ...]] = ()  # pretext label kinds this view carries (:meth:`label`)
     # How far the DALI view may be from :meth:`reference`, in 0-255 levels (tests/test_views.py checks every
@@ -316,10 +320,13 @@ class ColorDrop(CropView):
 
 @register_view("rotation")
 class Rotation(CropView):
-    """The paper's rotation: k x 90° counter-clockwise, k uniform in {1, 2, 3}, one nearest-neighbour warp
-    per sample (exact on a square view; beats DALI conditionals)."""
+    """The paper's rotation: k x 90° counter-clockwise, k uniform in {1, 2, 3}, per sample. DALI hands
+    over the unturned crop and the finishing step turns it while it copies the view into the CHW float
+    batch (:attr:`View.turns`): exact, and cheaper than DALI's nearest-neighbour warp (``sskd bench
+    pipeline``, docs/benchmarks.md), which in turn beat DALI conditionals."""
 
     labels = ("rotation",)
+    turns = True
 
     def more_slots(self):
         return [params.SLOT_ROT]
@@ -332,16 +339,6 @@ class Rotation(CropView):
 
     def label(self, kind, u, *, view, n):
         return self.more_params(u)["k"].astype(np.int64)
-
-    def after_dali(self, v, prm, *, view, size):
-        from nvidia.dali import fn, types
-
-        return fn.rotate(
-            v,
-            angle=fn.cast(prm[f"v{view}.k"], dtype=types.FLOAT) * 90.0,
-            interp_type=types.INTERP_NN,
-            keep_size=True,
-        )
 
     def after_reference(self, v, prm, *, view, size):
         import torch

@@ -82,6 +82,30 @@ def test_registry_lists_every_view_and_keeps_the_presets():
         ViewConfig.parse("normal")  # view 0 is always there, never an SS view
     assert get_view("color_distort").colour and get_view("color_drop").luma
     assert plan.colour_views(("normal", "jigsaw", "color_distort")) == [2]
+    assert plan.turn_views(("normal", "rot90", "rotation", "color_distort")) == [2]
+
+
+def test_the_finishing_step_turns_each_sample_as_rot90_before_the_rest():
+    """A view with per-sample quarter turns (the paper's rotation, :attr:`View.turns`) finished with its
+    turns equals the same view turned first and finished without: bit for bit, for a plain, a grey and a
+    colour view, every k of 0-3 (and 4: a full turn), fresh and reused buffers."""
+    from pipelines.finish import Finisher
+
+    g = torch.Generator().manual_seed(0)
+    b, size = 5, 8
+    views = [torch.randint(0, 256, (b, size, size, c), dtype=torch.uint8, generator=g) for c in (3, 1, 3)]
+    m = torch.eye(3).expand(b, 3, 3) * 0.8 + 0.1 * torch.rand(b, 3, 3, generator=g)
+    colour = {2: (m.contiguous(), 5 * torch.rand(b, 3, generator=g))}
+    k = torch.tensor([1, 2, 3, 0, 4], dtype=torch.int32)
+    turned = [torch.stack([torch.rot90(x[i], int(k[i]), dims=(0, 1)) for i in range(b)]) for x in views]
+    finish = Finisher([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    want = finish(turned, colour)
+    for reuse in (False, True):
+        got = finish(views, colour, {0: k, 1: k, 2: k}, reuse=reuse)
+        assert torch.equal(got, want)
+    assert not torch.equal(finish(views, colour), want)  # the turns are not a no-op on this batch
+    one = finish(views, colour, {0: k})  # only the turned view changes
+    assert torch.equal(one[:, 0], want[:, 0]) and torch.equal(one[:, 1:], finish(views, colour)[:, 1:])
 
 
 def test_the_permutation_set_is_the_24_orders_of_four_tiles():
