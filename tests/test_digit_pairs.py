@@ -108,3 +108,41 @@ def test_shard_cifar100_accepts_it(pairs, tmp_path):
             seen += 1
     assert seen == 300
     assert main(["shard", "verify", str(out)]) == 0
+
+
+def test_triples_are_1000_classes_of_three_scans_each(tmp_path):
+    """``--digits 3``: each image is a blank column, three 10-column scans, a blank column; its label is the
+    three digits read left to right, matched pixel for pixel against the scans resized here."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    thirds = {}
+    for i, g in enumerate(gray):
+        third = np.asarray(Image.fromarray(g, "L").resize((10, 32), Image.BICUBIC))
+        assert third.tobytes() not in thirds  # every scan distinct, so a third names its scan
+        thirds[third.tobytes()] = (i, int(digits.target[i]))
+    out = load_script().build(tmp_path / "trip", n_train=1000, n_test=1000, seed=1, n_digits=3)
+    scans = {}
+    for split in ("train", "test"):
+        d = unpickle(out / split)
+        images = np.asarray(d[b"data"]).reshape(1000, 3, 32, 32)[:, 0]
+        assert sorted(d[b"fine_labels"]) == list(range(1000))  # one image per class
+        assert d[b"coarse_labels"] == [c // 100 for c in d[b"fine_labels"]]
+        assert (images[:, :, 0] == 0).all() and (images[:, :, 31] == 0).all()
+        used = set()
+        for img, label, name in zip(images, d[b"fine_labels"], d[b"filenames"], strict=True):
+            drawn = [
+                thirds[np.ascontiguousarray(img[:, 1 + 10 * j : 11 + 10 * j]).tobytes()] for j in range(3)
+            ]
+            assert label == 100 * drawn[0][1] + 10 * drawn[1][1] + drawn[2][1]
+            (a, _), (b, _), (c, _) = drawn
+            assert name.decode().startswith("trip_") and name.decode().endswith(
+                f"_a{a:04d}_b{b:04d}_c{c:04d}.png"
+            )
+            used |= {a, b, c}
+        scans[split] = used
+    assert not scans["train"] & scans["test"]
+    assert unpickle(out / "meta")[b"fine_label_names"][:2] == [b"000", b"001"]
+    with pytest.raises(SystemExit, match=">= 1000"):
+        load_script().build(tmp_path / "few", n_train=500, n_test=1000, n_digits=3)
