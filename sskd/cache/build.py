@@ -101,7 +101,7 @@ def storage_plan(spec: RunSpec, split: str, request: dict[str, Any]):
 def report_tails(arrays: dict[str, np.ndarray], storage: dict) -> None:
     """Log how much probability each top-K output's left-out classes hold at the method's temperature on
     one chunk (:func:`sskd.cache.levels.tail_mass`); a warning above 1 %, where the method's terms will
-    not be within 1 % of exact (docs/cache.md, "100 classes")."""
+    not be within 1 % of exact (docs/cache.md, "100 classes" and "1,000 classes")."""
     from sskd.cache.levels import tail_mass
 
     for name, s in storage.items():
@@ -114,8 +114,9 @@ def report_tails(arrays: dict[str, np.ndarray], storage: dict) -> None:
         )
         if mass > 0.01:
             log.warning(
-                '%s; the terms reading it will be off by several %% (docs/cache.md, "100 classes"): q8 or '
-                "a larger K keeps more (`sskd bench cache --level NAME` measures a level)",
+                "%s; the terms reading it will be off by several %% at 100 classes and tens of %% at 1,000 "
+                '(docs/cache.md, "100 classes", "1,000 classes"): q8 keeps every class, a larger K a little '
+                "more (`sskd bench cache --level NAME` measures a level)",
                 line,
             )
         else:
