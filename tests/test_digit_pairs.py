@@ -27,19 +27,23 @@ def load_script():
     return mod
 
 
-@pytest.fixture(scope="module")
-def halves_by_pixels():
-    """Every scan as the 32-row x 16-column half it becomes, keyed by its pixels: (scan index, digit)."""
+def scans_by_pixels(columns: int) -> dict:
+    """Every scan as the 32-row x ``columns``-column slot it becomes, keyed by its pixels: (scan index, digit)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     gray = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
     out = {}
     for i, g in enumerate(gray):
-        half = np.asarray(Image.fromarray(g, "L").resize((16, 32), Image.BICUBIC))
-        assert half.tobytes() not in out  # every scan distinct, so a half names its scan
-        out[half.tobytes()] = (i, int(digits.target[i]))
+        slot = np.asarray(Image.fromarray(g, "L").resize((columns, 32), Image.BICUBIC))
+        assert slot.tobytes() not in out  # every scan distinct, so a slot names its scan
+        out[slot.tobytes()] = (i, int(digits.target[i]))
     return out
+
+
+@pytest.fixture(scope="module")
+def halves_by_pixels():
+    return scans_by_pixels(16)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +117,7 @@ def test_shard_cifar100_accepts_it(pairs, tmp_path):
 def test_triples_are_1000_classes_of_three_scans_each(tmp_path):
     """``--digits 3``: each image is a blank column, three 10-column scans, a blank column; its label is the
     three digits read left to right, matched pixel for pixel against the scans resized here."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    gray = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    thirds = {}
-    for i, g in enumerate(gray):
-        third = np.asarray(Image.fromarray(g, "L").resize((10, 32), Image.BICUBIC))
-        assert third.tobytes() not in thirds  # every scan distinct, so a third names its scan
-        thirds[third.tobytes()] = (i, int(digits.target[i]))
+    thirds = scans_by_pixels(10)
     out = load_script().build(tmp_path / "trip", n_train=1000, n_test=1000, seed=1, n_digits=3)
     scans = {}
     for split in ("train", "test"):
