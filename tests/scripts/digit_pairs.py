@@ -39,10 +39,11 @@ import numpy as np
 from PIL import Image
 
 SIZE = 32  # images are SIZE x SIZE
-NAMES = {2: ("pair", "lr"), 3: ("trip", "abc")}  # file-name prefix and one letter per digit
+# Per digit count: the set's name, its file-name prefix, one letter per digit.
+NAMES = {2: ("pairs", "pair", "lr"), 3: ("triples", "trip", "abc")}
 
 
-def digit_halves(n_digits: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def digit_slots(n_digits: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Every scikit-learn digit as a 32-row x (32 // n_digits)-column uint8 slot, and its digit: for pairs
     (1797, 32, 16), (1797,)."""
     from sklearn.datasets import load_digits
@@ -50,8 +51,8 @@ def digit_halves(n_digits: int = 2) -> tuple[np.ndarray, np.ndarray]:
     digits = load_digits()
     gray = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
     size = (SIZE // n_digits, SIZE)  # (columns, rows)
-    halves = np.stack([np.asarray(Image.fromarray(g, "L").resize(size, Image.BICUBIC)) for g in gray])
-    return halves, digits.target.astype(np.int64)
+    slots = np.stack([np.asarray(Image.fromarray(g, "L").resize(size, Image.BICUBIC)) for g in gray])
+    return slots, digits.target.astype(np.int64)
 
 
 def pools(targets: np.ndarray, seed: int, test_fraction: float = 0.2) -> dict[str, np.ndarray]:
@@ -64,7 +65,7 @@ def pools(targets: np.ndarray, seed: int, test_fraction: float = 0.2) -> dict[st
 
 
 def compose(
-    halves: np.ndarray, targets: np.ndarray, pool: np.ndarray, per_class: int, rng, n_digits: int = 2
+    slots: np.ndarray, targets: np.ndarray, pool: np.ndarray, per_class: int, rng, n_digits: int = 2
 ) -> dict:
     """``per_class`` images of each of the 10**n_digits classes from the scans in ``pool``, in a shuffled
     order; ``scans`` (n, n_digits) are the scan indices drawn, left to right."""
@@ -81,7 +82,7 @@ def compose(
         ],
         axis=1,
     )
-    gray = np.concatenate([halves[scans[:, j]] for j in range(n_digits)], axis=2)  # (n, 32, w * n_digits)
+    gray = np.concatenate([slots[scans[:, j]] for j in range(n_digits)], axis=2)  # (n, 32, w * n_digits)
     pad = SIZE - gray.shape[2]
     gray = np.pad(gray, ((0, 0), (0, 0), (pad // 2, pad - pad // 2)))  # (n, 32, 32)
     data = np.repeat(gray[:, None], 3, axis=1).reshape(len(labels), 3 * SIZE * SIZE)  # channel-major RGB
@@ -100,17 +101,17 @@ def build(out: str | Path, n_train: int = 6000, n_test: int = 1000, seed: int = 
         raise SystemExit(
             f"--train and --test must be >= {classes} (one image per class), not {n_train}, {n_test}"
         )
-    prefix, letters = NAMES[n_digits]
-    halves, targets = digit_halves(n_digits)
+    kind, prefix, letters = NAMES[n_digits]
+    slots, targets = digit_slots(n_digits)
     pool = pools(targets, seed)
     rng = np.random.default_rng(seed)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for split, n in (("train", n_train), ("test", n_test)):
-        s = compose(halves, targets, pool[split], n // classes, rng, n_digits)
+        s = compose(slots, targets, pool[split], n // classes, rng, n_digits)
         d = {
-            b"batch_label": f"digit {'pairs' if n_digits == 2 else 'triples'} {split}, seed {seed}".encode(),
+            b"batch_label": f"digit {kind} {split}, seed {seed}".encode(),
             b"filenames": [
                 (
                     f"{prefix}_{i:05d}"
