@@ -25,9 +25,12 @@ from sskd.cache.levels import (
     Storage,
     bytes_per_image,
     check_request,
+    code_basis,
+    code_levels,
     decode,
     default,
     encode,
+    fit_code,
     fit_projection,
     for_budget,
     imagenet_outputs,
@@ -145,6 +148,59 @@ def test_topk_keeps_the_tail_exact_at_the_temperature_it_was_stored_for():
     )
 
 
+def test_a_top_k_over_a_code_keeps_the_top_k_and_codes_the_rest_by_hand():
+    g = np.random.default_rng(1)
+    w = 30  # rows in a plane of a 30-class space, around a centre off the origin
+    plane = np.linalg.qr(g.normal(size=(w, 2)))[0]
+    rows = (g.normal(size=w) * 2 + (g.normal(size=(50, 2)) * 3) @ plane.T).astype(np.float32)
+    code = fit_code(rows, 2)
+    basis, center = code_basis(code), code["center"]
+    assert code["levels"].dtype == np.int16 and np.abs(code["levels"]).max() == code_levels(2) == 32767
+    assert basis.shape == (w, 2) and np.allclose(basis.T @ basis, np.eye(2), atol=1e-4)
+    assert np.allclose(basis @ basis.T, plane @ plane.T, atol=1e-4)  # the centred PCA found the plane
+    assert np.allclose(center, rows.mean(0), atol=1e-5)
+    # each class's basis row as integer levels times a step: codes x levels sum exactly in float32
+    assert code_levels(128) == 1032 and 127 * 1032 * 128 < 2**24 <= 127 * 1033 * 128
+    s = Storage("topk", k=3, dim=2)
+    z = rows.reshape(25, 2, w)  # (n, V, classes)
+    a = encode("logits", z, s, code)
+    assert set(a) == {"logits.topv", "logits.topi", "logits.q", "logits.scale"}  # no lse: no temperature
+    # by hand: the centred row's coordinates, int8 codes with a per-row fp16 step (the largest / 127)
+    coords = (z - center) @ basis
+    step = (np.abs(coords).max(-1) / 127).astype(np.float16)
+    q = np.clip(np.rint(coords / step.astype(np.float32)[..., None]), -127, 127)
+    assert np.array_equal(a["logits.scale"], step) and np.array_equal(a["logits.q"], q.astype(np.int8))
+    top = np.argsort(-z, -1)[..., :3]
+    topv = np.take_along_axis(z, top, -1).astype(np.float16)
+    assert np.array_equal(a["logits.topi"], top) and np.array_equal(a["logits.topv"], topv)
+    # read: the code's row, every class outside the top 3 held at or below the 3rd value, the top 3 over it
+    want = center + (q * step.astype(np.float32)[..., None]) @ basis.T.astype(np.float64)
+    want = np.minimum(want, topv[..., -1:].astype(np.float32))
+    np.put_along_axis(want, top, topv.astype(np.float32), -1)
+    back = decode(a, "logits", s, w, proj=code)
+    assert back.shape == z.shape and np.allclose(back, want, atol=1e-5)
+    assert np.abs(back - z).max() < 0.05 and np.array_equal(back.argmax(-1), z.argmax(-1))
+    # K x (2 + 2) + D + 2 bytes a row; the name and the manifest's form
+    assert s.row_bytes(w) == 3 * 4 + 2 + 2 and s.name == "top3-d2" and Storage.parse("top3-d2") == s
+    assert Storage.from_json(s.to_json()) == s
+    with pytest.raises(
+        SSKDError, match=r"its basis is fitted on 2 class-score rows, no more than its 2 dims"
+    ):
+        fit_code(rows[:2], 2)
+
+
+def test_a_top_k_over_a_code_has_no_temperature_and_serves_any():
+    from sskd.cache.levels import at_temperatures
+    from sskd.methods.sskd import SSKD
+
+    storage = {"logits": Storage("topk", k=10, dim=32)}
+    assert at_temperatures(storage, {"logits": (2.0, 4.0)}, "sskd") == storage  # two temperatures: fine
+    m = {
+        "outputs": [{"name": "logits", "shape": [100], "topk": True, "storage": storage["logits"].to_json()}]
+    }
+    check_usable(m, SSKD, {}, "c", {"logits": (2.0, 4.0)})
+
+
 def test_q8_codes_every_score_within_half_a_step_of_the_row_range():
     row = np.array([[[-3.0, 1.0, 5.0, 0.3]]], np.float32)
     a = encode("logits", row, Storage("q8"))
@@ -184,16 +240,20 @@ def test_a_q8_and_a_topk_cache_read_back_what_decode_gives(tmp_path):
     from sskd.bench.cache import _write_cache
 
     outputs = [{"name": "logits", "shape": [100], "topk": True, "cosine": False}]
-    logits = torch.randn(6, 2, 100) * 3
-    for storage in (Storage("q8"), Storage("topk", k=25, t=4.0)):
+    logits = torch.randn(40, 2, 100) * 3
+    code = fit_code(logits.numpy().reshape(-1, 100), 16)
+    for storage in (Storage("q8"), Storage("topk", k=25, t=4.0), Storage("topk", k=10, dim=16)):
+        bases = {"logits": code} if storage.dim else {}
         folder = _write_cache(
-            tmp_path / storage.name, outputs, {"logits": storage}, {}, {"logits": logits}, 6
+            tmp_path / storage.name, outputs, {"logits": storage}, bases, {"logits": logits}, 40
         )
         reader = CacheReader(folder)
         got = reader.lookup(torch.tensor([4, 0, 2]), 0)["t_logits"].numpy()
-        want = decode(encode("logits", logits.numpy(), storage), "logits", storage, 100)[[4, 0, 2]]
+        want = decode(encode("logits", logits.numpy(), storage, code), "logits", storage, 100, proj=code)
         assert reader.outputs[0]["storage"] == storage.to_json()
-        assert np.array_equal(got, want)
+        assert np.array_equal(got, want[[4, 0, 2]])
+        if storage.dim:  # the code's basis travels in the cache, checked against the manifest's hash
+            assert all(np.array_equal(reader.bases["logits"][key], code[key]) for key in code)
 
 
 def test_lookup_across_chunks_equals_each_row_decoded_on_its_own(tmp_path):
@@ -221,13 +281,26 @@ def test_lookup_across_chunks_equals_each_row_decoded_on_its_own(tmp_path):
             "aux": Storage("topk", k=5, t=3.0),
             "embed": Storage("int8"),
         },
+        {  # codes under a top K, and a projection: the rows' bits must not depend on the batch either
+            "logits": Storage("topk", k=10, dim=16),
+            "aux": Storage("topk", k=5, dim=8),
+            "embed": Storage("int8", dim=8),
+        },
     ]
+    fitted = {
+        "logits": fit_code(values["logits"].numpy().reshape(-1, 100), 16),
+        "aux": fit_code(values["aux"].numpy().reshape(-1, 40), 8),
+        "embed": fit_projection(values["embed"].numpy().reshape(-1, 16), 8),
+    }
     for i, storage in enumerate(levels):
-        folder = _write_cache(tmp_path / str(i), outputs, storage, {}, values, 30)
+        bases = {name: fitted[name] for name, s in storage.items() if s.dim}
+        folder = _write_cache(tmp_path / str(i), outputs, storage, bases, values, 30)
         for c in chunk_path(folder, 0, 0, 0).parent.glob("*.safetensors"):
             c.unlink()
         for first, part in ((0, np.arange(0, 30, 3)), (1, np.arange(1, 30, 3)), (2, np.arange(2, 30, 3))):
-            arrays = teacher_arrays(part, {k: v[part] for k, v in values.items()}, storage=storage)
+            arrays = teacher_arrays(
+                part, {k: v[part] for k, v in values.items()}, storage=storage, bases=bases
+            )
             write_chunk(chunk_path(folder, 0, 0, first), arrays, first, 1)
         reader = CacheReader(folder)
         for ids in ([7, 0, 29, 4, 4, 11], [3, 9, 27, 0], [5], []):
@@ -236,10 +309,11 @@ def test_lookup_across_chunks_equals_each_row_decoded_on_its_own(tmp_path):
                 name, width = o["name"], o["shape"][-1]
                 want = [
                     decode(
-                        encode(name, values[name][j : j + 1].numpy(), storage[name]),
+                        encode(name, values[name][j : j + 1].numpy(), storage[name], bases.get(name)),
                         name,
                         storage[name],
                         width,
+                        proj=bases.get(name),
                     )
                     for j in ids
                 ]
@@ -258,13 +332,24 @@ def test_compact_codes_scores_as_q8_where_no_larger_than_their_top_25():
 
     from sskd.cache.levels import compact, ladder
 
+    code = Storage("topk", k=10, dim=64)
     assert compact(outputs(logits=100)) == {"logits": Storage("q8")}  # 104 B a row, as the top 25
-    assert compact(outputs(logits=101)) == {"logits": Storage("topk", k=25)}  # 105 B: the top 25's 104
+    assert compact(outputs(logits=101)) == {
+        "logits": code
+    }  # q8 105 B, the top 25 104: the top 10 over a code
     assert compact(outputs(logits=10, aux=40)) == {"logits": Storage(), "aux": Storage("q8")}
-    # HSSAKD's branch logits stay q8 where the logits go top-25 (their top 25 of 400: 70 % off)
-    assert compact(outputs(logits=1000, aux=4000)) == {"logits": Storage("topk", k=25), "aux": Storage("q8")}
-    assert [s.name for s in ladder(outputs(logits=100)[0])][:3] == ["fp16", "q8", "top50"]
+    # HSSAKD's branch logits stay q8 where the logits go to a code (their top 25 of 400: 70 % off)
+    assert compact(outputs(logits=1000, aux=4000)) == {"logits": code, "aux": Storage("q8")}
+    assert [s.name for s in ladder(outputs(logits=100)[0])][:5] == [
+        "fp16",
+        "q8",
+        "top10-d64",
+        "top10-d32",
+        "top50",
+    ]
+    assert [s.name for s in ladder(outputs(logits=1000)[0])][2:5] == ["top10-d128", "top10-d64", "top10-d32"]
     assert "q8" not in [s.name for s in ladder(outputs(logits=25)[0])]  # 25 classes or fewer stay fp16
+    assert "top10-d8" not in [s.name for s in ladder(outputs(logits=25)[0])]  # and have no code
     with pytest.raises(
         SSKDError, match=r"--level logits:q8: logits \(10 wide\) cannot be stored as q8 \(q8 is"
     ):
@@ -325,9 +410,9 @@ def test_imagenet_default_is_compact_and_within_1024_bytes():
     img = imagenet_outputs(SSKD_OUTPUTS, 10)
     assert [o["shape"] for o in img] == [[1000], [512]]
     storage, why = default(img, IMAGENET["classes"])
-    assert level_name(storage) == "logits:top25+embed:int8-d128" and "compact" in why
-    # 8 + 4 views x (25 x (2 + 2) + 4 + 128 + 2)
-    assert bytes_per_image(4, img, storage) == 8 + 4 * (104 + 130) == 944 <= 1024
+    assert level_name(storage) == "logits:top10-d64+embed:int8-d128" and "compact" in why
+    # 8 + 4 views x (10 x (2 + 2) + 64 + 2 + 128 + 2)
+    assert bytes_per_image(4, img, storage) == 8 + 4 * (106 + 130) == 952 <= 1024
     assert level_name(default(SSKD_OUTPUTS, 10)[0]) == "exact"  # the digits: fp16 costs little
     # HSSAKD's branches on paper are ResNet-34's four, whatever the measured teacher has (resnet8: 3)
     hs = [
@@ -342,8 +427,8 @@ def test_imagenet_default_is_compact_and_within_1024_bytes():
         == 136_008
     )
     storage = default(img, IMAGENET["classes"])[0]
-    assert level_name(storage) == "logits:top25+aux:q8"
-    assert bytes_per_image(4, img, storage) == 8 + 4 * (104 + 4 * 4004) == 64_488  # docs/methods.md
+    assert level_name(storage) == "logits:top10-d64+aux:q8"
+    assert bytes_per_image(4, img, storage) == 8 + 4 * (106 + 4 * 4004) == 64_496  # docs/methods.md
 
 
 # ---- bad input: one line each, before any work ----------------------------------------------------------
@@ -389,6 +474,14 @@ def test_a_level_by_name_gives_each_output_its_storage():
             r"logits \(10 wide\) cannot be stored as top10 \(top-K needs class scores and 0 < K < 10\)",
         ),
         ("embed:int8-d64", {}, r"cannot be stored as int8-d64"),
+        (
+            "logits:top5-d8",
+            {},
+            r"logits \(10 wide\) cannot be stored as top5-d8 \(top-K over a code needs class scores of more "
+            r"than 25 classes",
+        ),
+        ("embed:top5-d8", {}, r"embed \(64 wide\) cannot be stored as top5-d8 \(top-K over a code"),
+        ("logits:top5-dx", {}, r"unknown cache storage 'top5-dx' \(fp16, q8, topK, topK-dD,"),
         ("feat:fp16", {}, r"cache level 'feat:fp16': no output 'feat' \(this cache holds logits, embed\)"),
         (
             "logits:top9",
@@ -415,9 +508,12 @@ def test_embed_flags_on_a_method_without_cosine_embeddings_are_refused():
 def ss_teacher(digits_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("levels_teacher")
     common = ["--shards", digits_shards, *FAST]
+    # The SS head gets 60 steps: after 10 its similarities were near ties, int8's 0.002 moved 13 % of the
+    # rows' ranks, and the mask agreement hung on the machine's arithmetic (on an AMD EPYC VM 0.990 of the
+    # subset's rows, where an Intel Xeon had passed); after 60 it was 1.0 there.
     assert run("train-teacher", "--arch", "resnet8", "--out", root / "t", "--max-steps", 10, *common) == 0
     assert (
-        run("train-ss-head", "--teacher", root / "t", "--out", root / "ss", "--max-steps", 10, *common) == 0
+        run("train-ss-head", "--teacher", root / "t", "--out", root / "ss", "--max-steps", 60, *common) == 0
     )
     return root / "ss"
 
@@ -472,6 +568,7 @@ def test_compact_cache_keeps_the_selective_transfer_mask(compact_cache, ss_teach
     from sskd.bench.cache import _similarity
     from sskd.losses import select_rows
     from sskd.losses.pretext import own_image_targets
+    from sskd.losses.sskd import target_rank
     from sskd.methods.sskd import SSKD
     from sskd.runs.models import load_run_model
 
@@ -481,23 +578,30 @@ def test_compact_cache_keeps_the_selective_transfer_mask(compact_cache, ss_teach
     assert (
         reader.level == "logits:fp16+embed:int8" and not (compact_cache / "projections.safetensors").exists()
     )
-    batch = next(iter(ViewLoader.for_run(spec, "train", batch_size=64).epoch(0)))
-    with torch.no_grad():
-        live = SSKD.teacher_outputs(teacher.eval(), batch["views"])
-    got = reader.lookup(batch["id"], 0)
-    assert got["t_embed"].shape == (64, 4, 64) and got["t_logits"].shape == (64, 4, 10)
-    a, c = _similarity(live["embed"]), _similarity(got["t_embed"])
-    target = own_image_targets(64, 4, a.device)
-    agree = (select_rows(a, target, 0.75) == select_rows(c, target, 0.75)).float().mean()
-    print(f"mask agreement {float(agree):.4f}, largest similarity error {float((a - c).abs().max()):.4f}")
-    assert float(agree) >= 0.995, float(agree)  # the issue's target
-    assert (a - c).abs().max() < 0.02
+    agree, err, changed, n = 0, 0.0, 0, 0
+    for batch in ViewLoader.for_run(spec, "train", batch_size=64).epoch(0):
+        with torch.no_grad():
+            live = SSKD.teacher_outputs(teacher.eval(), batch["views"])
+        got = reader.lookup(batch["id"], 0)
+        m = len(batch["id"])
+        assert got["t_embed"].shape == (m, 4, 64) and got["t_logits"].shape == (m, 4, 10)
+        a, c = _similarity(live["embed"]), _similarity(got["t_embed"])
+        target = own_image_targets(m, 4, a.device)
+        agree += int((select_rows(a, target, 0.75) == select_rows(c, target, 0.75)).sum())
+        changed += int((target_rank(a, target) != target_rank(c, target)).sum())
+        err = max(err, float((a - c).abs().max()))
+        n += len(target)
+    print(
+        f"mask agreement {agree / n:.4f} of {n} rows, ranks changed {changed}, largest similarity error {err:.4f}"
+    )
+    assert agree / n >= 0.995, agree / n  # the issue's target
+    assert err < 0.02
 
 
 def test_the_level_is_in_the_binding(compact_cache, ss_teacher, digits_shards):
     binding = student_run(digits_shards, ss_teacher).cache_binding()
     m = json.loads((compact_cache / "manifest.json").read_text())
-    assert m["version"] == VERSION == 4 and m["binding"]["level"] == "logits:fp16+embed:int8"
+    assert m["version"] == VERSION == 5 and m["binding"]["level"] == "logits:fp16+embed:int8"
     CacheReader(compact_cache, expected=binding)  # a run that names no level takes any
     CacheReader(compact_cache, expected={**binding, "level": "logits:fp16+embed:int8"})
     CacheReader(compact_cache, expected={**binding, "level": "compact"})  # the compact level of its shapes
@@ -553,7 +657,62 @@ def test_dry_run_sizes_are_the_bytes_written(ss_teacher, digits_shards, tmp_path
         assert written == report["bytes_per_sample_epoch"] * reader.num_samples, (kw, reader.level)
     printed = capsys.readouterr().out
     assert "the ImageNet recipe on paper (1,281,167 images, 4 views, logits 1000, embed 512)" in printed
-    assert "logits:top25+embed:int8-d128" in printed and "944" in printed
+    assert "logits:top10-d64+embed:int8-d128" in printed and "952" in printed
+
+
+@pytest.mark.slow
+def test_a_code_cache_at_100_classes_holds_the_dry_runs_bytes_and_reads_its_code(tmp_path, capsys):
+    """KD on the 100-class digit pairs with its logits as the top 10 over a 32-dimensional code: the basis
+    is fitted by `sskd cache` on the teacher's first rows and stored, the chunks hold the bytes the dry run
+    counts, and every row reads back as its code by hand (centre + codes x step on the basis, the tail held
+    at the 10th value, the top 10 over it) with the top class the teacher's."""
+    import importlib.util
+    from pathlib import Path
+
+    from sskd.cache.build import dry_run
+    from sskd.runs.models import load_run_model
+
+    script = Path(__file__).parent / "scripts" / "digit_pairs.py"
+    mod_spec = importlib.util.spec_from_file_location("digit_pairs", script)
+    pairs = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(pairs)
+    pairs.build(tmp_path / "src" / "cifar-100-python", n_train=300, n_test=100, seed=3)
+    assert run("shard", "cifar100", tmp_path / "src", tmp_path / "shards", "--no-progress") == 0
+    teacher = tmp_path / "t"
+    common = ["--shards", tmp_path / "shards", *FAST]
+    assert run("train-teacher", "--arch", "resnet8", "--out", teacher, "--max-steps", 5, *common) == 0
+    cfg = load_config(None, [f"data.shards={tmp_path / 'shards'}", "run.progress=false", "student.method=kd"])
+    spec = prepare(cfg, "student", teacher=str(teacher))
+    level = "logits:top10-d32"
+    report = dry_run(spec, 1, level=level)
+    assert report["level"] == level and report["bytes_per_sample_epoch"] == 8 + 10 * 4 + 32 + 2
+    out = build_cache(spec, tmp_path / "c", epochs=1, batch_size=128, progress=False, level=level)
+    chunks = sorted(out.glob("epoch-0000/*.safetensors"))
+    written = sum(sum(a.nbytes for a in map_chunk(f).values()) for f in chunks)
+    reader = CacheReader(out)
+    assert reader.level == level and reader.manifest["version"] == VERSION
+    assert written == report["bytes_per_sample_epoch"] * reader.num_samples == 82 * 300
+    code = reader.bases["logits"]
+    assert code["levels"].shape == (100, 32) and code["center"].shape == (100,)
+    a = map_chunk(chunks[0])
+    q = a["logits.q"].astype(np.float64) * a["logits.scale"].astype(np.float64)[..., None]
+    topv = a["logits.topv"].astype(np.float32)
+    want = np.minimum(code["center"] + q @ code_basis(code).T.astype(np.float64), topv[..., -1:])
+    np.put_along_axis(want, a["logits.topi"].astype(np.int64), topv, -1)
+    got = reader.lookup(torch.from_numpy(np.array(a["ids"])), 0)["t_logits"].numpy()
+    assert np.allclose(got, want, atol=1e-5)
+    # the teacher's own logits of these samples' view: the top 10 as stored, the rest within the code's error
+    from pipelines import ViewLoader
+
+    model, _ = load_run_model(teacher)
+    batch = next(iter(ViewLoader.for_run(spec, "train", batch_size=64).epoch(0)))
+    with torch.no_grad():
+        live = model.eval()(batch["views"].flatten(0, 1)).numpy()
+    stored = reader.lookup(batch["id"], 0)["t_logits"].numpy()[:, 0]
+    assert np.array_equal(stored.argmax(-1), live.argmax(-1))
+    rel = np.linalg.norm(stored - live) / np.linalg.norm(live - live.mean(-1, keepdims=True))
+    print(f"100 classes, top10-d32 of a 5-step teacher: relative error {rel:.4f}")
+    assert rel < 0.05
 
 
 def test_cli_bad_input_is_one_line_before_any_work(ss_teacher, digits_shards, tmp_path, capsys):
@@ -586,6 +745,21 @@ def test_cli_bad_input_is_one_line_before_any_work(ss_teacher, digits_shards, tm
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
         assert not (tmp_path / "c").exists()
+
+
+def test_format_4_caches_still_read(compact_cache, tmp_path):
+    """A version-4 cache (the levels before the code under a top K) reads as it did: the same rows."""
+    import shutil
+
+    old = shutil.copytree(compact_cache, tmp_path / "v4")
+    m = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**m, "version": 4}))
+    ids = torch.from_numpy(
+        np.array(map_chunk(sorted(old.glob("epoch-0000/*.safetensors"))[0])["ids"][[5, 1, 2]])
+    )
+    got, want = CacheReader(old).lookup(ids, 0), CacheReader(compact_cache).lookup(ids, 0)
+    assert CacheReader(old).manifest["version"] == 4 and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_format_3_caches_still_read(tmp_path):
@@ -671,7 +845,24 @@ def test_bench_json_has_exactly_the_keys(ss_teacher, digits_shards, tmp_path):
     exact = next(r for r in res["levels"] if r["name"] == "exact")
     assert set(exact["term_rel_err"]) >= {"kd", "tf", "ss"} and max(exact["term_rel_err"].values()) < 1e-2
     assert exact["mask_agreement"] > 0.99 and exact["top1_agreement"] > 0.99 and exact["grad_rel_err"] < 1e-2
-    assert res["default_level"] == "exact" and res["imagenet_bytes_per_image_epoch"] == 944
+    assert res["default_level"] == "exact" and res["imagenet_bytes_per_image_epoch"] == 952
     assert [r["bytes_per_image_epoch"] for r in res["levels"]] == sorted(
         (r["bytes_per_image_epoch"] for r in res["levels"]), reverse=True
     )
+
+
+def test_bench_only_measures_the_levels_asked_for(ss_teacher, digits_shards, tmp_path):
+    from sskd.cli.cache import register_bench
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers(), argparse.HelpFormatter)
+    base = ["cache", "--teacher", str(ss_teacher), "--shards", str(digits_shards), "--batch-size", "32"]
+    base += ["--set", SUBSET, "--batches", "2", "--only"]
+    with pytest.raises(SSKDError, match=r"--only measures the --level levels: name at least one"):
+        run_args = parser.parse_args(base)
+        run_args.func(run_args)
+    args = parser.parse_args([*base, "--level", "embed:int8-d16", "--json", str(tmp_path / "b.json")])
+    assert args.func(args) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    # the level asked for, the exact reference and the default (exact here): nothing of the front
+    assert [r["name"] for r in res["levels"]] == ["exact", "logits:fp16+embed:int8-d16"]

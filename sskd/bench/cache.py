@@ -120,7 +120,7 @@ def run_bench(args) -> dict[str, Any]:
         bytes_per_image,
         compact,
         default,
-        fit_projection,
+        fit_basis,
         imagenet_outputs,
         imagenet_views,
         level_name,
@@ -137,6 +137,8 @@ def run_bench(args) -> dict[str, Any]:
     for flag in ("batch_size", "batches"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
+    if getattr(args, "only", False) and not getattr(args, "level", []):
+        raise SSKDError("--only measures the --level levels: name at least one with --level")
     spec = bench_spec(args)
     cls, k = spec.method, spec.num_classes
     if cls.cache_refusal:
@@ -166,7 +168,9 @@ def run_bench(args) -> dict[str, Any]:
     levels, names = [], set()
     temps = cls.topk_temperatures(spec.method_cfg)  # top-K tails kept where the method reads them, as built
     asked = [level_storage(name, outputs) for name in getattr(args, "level", [])]  # one line when bad
-    for storage in [*pareto(views, outputs), compact(outputs), default_storage, *asked]:
+    only = getattr(args, "only", False)
+    front = [level_storage("exact", outputs)] if only else [*pareto(views, outputs), compact(outputs)]
+    for storage in [*front, default_storage, *asked]:
         storage = at_temperatures(storage, temps, cls.name)
         if level_name(storage) not in names:
             names.add(level_name(storage))
@@ -183,20 +187,21 @@ def run_bench(args) -> dict[str, Any]:
     ref_terms = [_terms(method, b, e) for b, e in zip(batches, exact, strict=True)]
     ref_grads = [_grad(method, b, e) for b, e in zip(batches, exact, strict=True)]
     joined = {name: torch.cat([e[name] for e in exact]) for name in cls.outputs}
-    dims = {s.dim for st in levels for s in st.values() if s.dim}
-    fit_rows = {
-        name: joined[name].reshape(-1, joined[name].shape[-1])[: max(FIT_ROWS, 1)].numpy() for name in cosine
-    }
+    # Bases (embeddings' projections, codes under a top K) fitted as `sskd cache` fits them: on the first
+    # FIT_ROWS rows of epoch 0, here the first batches' (the rows after them are coded, not fitted on).
+    fit_rows = {name: joined[name].reshape(-1, joined[name].shape[-1])[:FIT_ROWS].numpy() for name in joined}
+    fitted: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def bases_for(storage) -> dict[str, dict[str, np.ndarray]]:
+        for name, s in storage.items():
+            if s.dim and (name, s.kind, s.dim) not in fitted:
+                fitted[name, s.kind, s.dim] = fit_basis(fit_rows[name], s)
+        return {name: fitted[name, s.kind, s.dim] for name, s in storage.items() if s.dim}
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="sskd-bench-cache-") as tmp:
-        bases_by_dim = {d: {name: fit_projection(fit_rows[name], d) for name in cosine} for d in dims}
         for i, storage in enumerate(levels):
-            dim = next((s.dim for s in storage.values() if s.dim), None)
-            bases = (
-                {name: b for name, b in bases_by_dim.get(dim, {}).items() if storage[name].dim} if dim else {}
-            )
-            folder = _write_cache(Path(tmp) / f"l{i}", outputs, storage, bases, joined, n)
+            folder = _write_cache(Path(tmp) / f"l{i}", outputs, storage, bases_for(storage), joined, n)
             reader = CacheReader(folder)
             assert manifest_storage(reader.manifest) == storage
             rate = _read_rate(reader, n, args.batch_size)

@@ -12,14 +12,16 @@ how many are in its metadata): ``ids`` int64 (n,) and every teacher output the m
 the SS projections —, HSSAKD's ``logits`` and ``aux`` (n, V, L, 4K), KD's ``logits`` (n, 1, K), each at
 the *storage level* the manifest records for it (:mod:`sskd.cache.levels`): fp16; top-K values, int16 or
 int32 classes and the log-sum-exp (``<name>.topv`` / ``.topi`` / ``.lse``); 8-bit codes of class scores
-(``<name>.q`` / ``.mid`` / ``.step``); int8 unit rows with a
+(``<name>.q`` / ``.mid`` / ``.step``); top-K values and classes over an int8 code of the row (``topK-dD``);
+int8 unit rows with a
 per-row scale (``<name>.q`` / ``.scale``), optionally projected by a basis stored in
 ``CACHE/projections.safetensors``. Embeddings are stored, not batch similarity matrices, so the matrix
 is recomputed for whatever batch size and rank layout the student run has. Chunks are written under a
 temporary name and renamed; readers memory-map them (safetensors header → numpy memmap).
 
-Format version 4 adds the levels (``storage`` per output, ``level`` in the binding); version 3 caches
-(fp16, or ``--topk`` with int32 classes) are read as they are.
+Format version 4 adds the levels (``storage`` per output, ``level`` in the binding), version 5 the top K
+over a code (``topK-dD``: ``<name>.topv`` / ``.topi`` / ``.q`` / ``.scale`` and the code's basis in
+``projections.safetensors``); version 3 and 4 caches are read as they are.
 
 Integrity: every chunk carries a CRC-32 of its arrays in its metadata. A reader checks every chunk's
 header and size when it opens the cache (a damaged or truncated file fails at the start, not hours
@@ -49,8 +51,10 @@ from sskd.core.errors import SSKDError
 log = logging.getLogger(__name__)
 
 FORMAT = "sskd-teacher-cache"
-VERSION = 4  # 4: storage levels; 3: the method's named outputs; 2: chunks named by first batch, CRC-32
-READ_VERSIONS = (3, 4)
+# 5: top-K over a code (topK-dD); 4: storage levels; 3: the method's named outputs; 2: chunks named by
+# first batch, CRC-32
+VERSION = 5
+READ_VERSIONS = (3, 4, 5)
 MANIFEST = "manifest.json"
 PROJECTIONS = "projections.safetensors"
 BINDING_FIELDS = (
@@ -553,7 +557,9 @@ def check_usable(
         s = storage[o["name"]]
         if not allowed(want, s):
             why = (
-                "it reads them as more than the top classes"
+                "it reads them as more than class scores"
+                if s.kind == "topk" and s.dim
+                else "it reads them as more than the top classes"
                 if s.kind == "topk"
                 else "it reads them as more than class scores"
                 if s.kind == "q8"
@@ -573,8 +579,9 @@ def check_usable(
 
 
 def read_projections(cache: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The projections a cache stores (``{output: {"basis": (d, D), "mean": (D,)}}``, in the file as
-    ``<output>.basis`` and ``<output>.mean``), checked against the manifest's hash."""
+    """The projections a cache stores (``{output: {"basis": (d, D), "mean": (D,)}}`` for embeddings,
+    ``{"levels": (w, D), "step": (w,), "center": (w,)}`` for a top-K over a code; in the file as
+    ``<output>.basis`` and so on), checked against the manifest's hash."""
     want = manifest.get("projections_sha256")
     if not want:
         return {}

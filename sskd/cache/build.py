@@ -34,7 +34,7 @@ from sskd.cache.levels import (
     bytes_per_image,
     cosine_outputs,
     default,
-    fit_projection,
+    fit_basis,
     imagenet_outputs,
     imagenet_views,
     level_name,
@@ -105,7 +105,7 @@ def report_tails(arrays: dict[str, np.ndarray], storage: dict) -> None:
     from sskd.cache.levels import tail_mass
 
     for name, s in storage.items():
-        if s.kind != "topk":
+        if s.kind != "topk" or s.dim:  # a top-K over a code keeps the tail
             continue
         mass = tail_mass(arrays, name, s)
         line = (
@@ -115,8 +115,8 @@ def report_tails(arrays: dict[str, np.ndarray], storage: dict) -> None:
         if mass > 0.01:
             log.warning(
                 "%s; the terms reading it will be off by several %% at 100 classes and tens of %% at 1,000 "
-                '(docs/cache.md, "100 classes", "1,000 classes"): q8 keeps every class, a larger K a little '
-                "more (`sskd bench cache --level NAME` measures a level)",
+                '(docs/cache.md, "100 classes", "1,000 classes"): q8 or a top-K over a code (top10-d64) keep '
+                "every class, a larger K a little more (`sskd bench cache --level NAME` measures a level)",
                 line,
             )
         else:
@@ -129,7 +129,7 @@ def run_storage(spec: RunSpec, outputs: list[dict[str, Any]], num_views: int, re
     cls = spec.method
     storage, why = requested(outputs, num_views, spec.num_classes, **request)
     storage = at_temperatures(storage, cls.topk_temperatures(spec.method_cfg), cls.name)
-    tails = [f"{name} at T = {s.t:g}" for name, s in storage.items() if s.kind == "topk"]
+    tails = [f"{name} at T = {s.t:g}" for name, s in storage.items() if s.kind == "topk" and not s.dim]
     if tails:
         why += f"; the mass outside the top K exact for {', '.join(tails)}, the temperature the method reads"
     return storage, why
@@ -321,9 +321,10 @@ FIT_ROWS = 4096  # embedding rows (image x view) the projection is fitted on: th
 
 
 def fit_bases(cls, model, loader, storage, accelerator) -> dict[str, dict[str, np.ndarray]]:
-    """The projection basis of each output stored with a reduced dimension, fitted on the teacher's outputs
-    of the first batches of epoch 0 (this rank's: the main one's, shared through the cache folder)."""
-    dims = {n: s.dim for n, s in storage.items() if s.dim}
+    """The basis of each output stored with a reduced dimension (an embedding's projection, the code under a
+    top-K), fitted on the teacher's outputs of the first batches of epoch 0 (this rank's: the main one's,
+    shared through the cache folder)."""
+    dims = {n: s for n, s in storage.items() if s.dim}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in dims}
     got = 0
     for batch in loader.epoch(0):
@@ -334,7 +335,7 @@ def fit_bases(cls, model, loader, storage, accelerator) -> dict[str, dict[str, n
         got += len(rows[next(iter(dims))][-1])
         if got >= FIT_ROWS:
             break
-    return {n: fit_projection(np.concatenate(rows[n]), d) for n, d in dims.items()}
+    return {n: fit_basis(np.concatenate(rows[n]), s) for n, s in dims.items()}
 
 
 def write_projections(out: Path, bases: dict[str, dict[str, np.ndarray]]) -> str:

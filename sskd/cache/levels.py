@@ -14,6 +14,17 @@ A *level* gives every cached output one :class:`Storage`:
   class one step lower, within 1.5 steps, so that the top class stays the teacher's; the softmax does
   not see the midpoint's rounding (a constant shift of a row). ``w + 4`` bytes a row: the compact level's choice wherever it is
   no larger than the top 25 (up to 100 classes; CIFAR-100's logits, HSSAKD's branches on the digits);
+- ``topK-dD``: class scores of more than 25 classes as their K largest values (fp16) and classes (as
+  ``topK``) over an int8 code of the whole row in D dimensions: the row less a centre, projected on a
+  basis of its centred PCA fitted once on the teacher's scores of the first batches (stored in the cache
+  beside the embeddings' projections, each class's row as int16 levels times a step, so that codes
+  times levels sum exactly in float32 and a row reads the same bits in any batch), with a per-row fp16
+  scale (``<name>.q``, ``<name>.scale``).
+  Reading rebuilds the row from the code, holds every class outside the top K at or below the K-th
+  value, and writes the top K over it: the top classes exactly as ``topK`` keeps them, the tail as the
+  teacher spread it rather than evenly, and no temperature (a network's logits are an affine function of
+  its last features, so a few dimensions hold nearly all of a row; ``docs/cache.md``, "1,000 classes").
+  ``K (2 + index bytes) + D + 2`` bytes a row: the compact level's logits above 100 classes;
 - ``int8`` / ``int8-dD`` / ``fp16-dD``: embeddings a method reads only through cosine similarities
   (:func:`cosine_outputs`: SSKD's contrastive SS embeddings). Rows are unit-normalised first (the cosine
   does not see the norm), optionally projected to D dimensions by a basis fitted once on the teacher's
@@ -28,7 +39,7 @@ orthogonal projection on the digits teachers). Inside the subspace it is turned 
 rotation, and int8 codes store the projected row less the rows' mean, so that no single large
 coordinate sets a row's int8 step.
 
-A level's name lists its outputs, ``logits:top25+embed:int8-d128``; ``exact`` is every output fp16.
+A level's name lists its outputs, ``logits:top10-d64+embed:int8-d128``; ``exact`` is every output fp16.
 """
 
 from __future__ import annotations
@@ -44,11 +55,15 @@ from sskd.core.errors import SSKDError
 TOPKS = (100, 50, 25, 10, 5)  # the top-K steps --budget and --dry-run consider (below the class count)
 EMBED_DIMS = (256, 128, 64, 32, 16)  # the projection steps (below the embedding width, >= MIN_DIM)
 MIN_DIM = 8
-COMPACT_TOPK = 25  # the compact level: ImageNet's 4 views x 1,000 classes at 944 B per image-epoch
-# The outputs the compact level stores as their top 25 where q8 is larger: a 1,000-class label space's
-# logits have no faithful storage within ImageNet's 1,024 B per image-epoch. Other class scores (HSSAKD's
-# 4K-way branch logits) stay q8 there: their top 25 of 400 were 70 % off in the aux term and 8 % in the
-# gradient on the 100-class bench, q8 within 0.03 % (docs/cache.md, "100 classes").
+COMPACT_TOPK = 25  # q8 is for more classes than this (below, fp16 rows are as small as any code)
+CODE_TOPK = 10  # the K of the topK-dD steps (the top 10 exact over the code; docs/cache.md, "1,000 classes")
+CODE_DIMS = (128, 64, 32)  # their code's dimensions (below the class count, >= MIN_DIM)
+# The compact level's logits where q8 is larger than the top 25 (above 100 classes): the top 10 over a
+# 64-dimensional code, ImageNet's 4 views x 1,000 classes + int8-d128 embeddings at 952 B per
+# image-epoch. Other class scores (HSSAKD's 4K-way branch logits) stay q8 there: their top 25 of 400
+# were 70 % off in the aux term and 8 % in the gradient on the 100-class bench, q8 within 0.03 %
+# (docs/cache.md, "100 classes"); one basis for rows of several branches is not measured.
+COMPACT_CODE = (CODE_TOPK, 64)
 COMPACT_TOPK_OUTPUTS = ("logits",)
 COMPACT_DIM = 128
 COMPACT_MIN_CLASSES = 100  # the default is compact from here up (issue #22: below, fp16 costs little)
@@ -61,7 +76,8 @@ IMAGENET = {"images": 1_281_167, "views": 4, "classes": 1000, "embed_dim": 512, 
 
 @dataclass(frozen=True)
 class Storage:
-    """How one output is stored: ``kind`` fp16 | q8 | int8 | topk, ``k`` for top-K, ``dim`` for a projection."""
+    """How one output is stored: ``kind`` fp16 | q8 | int8 | topk, ``k`` for top-K, ``dim`` for a projection
+    (of embeddings) or a code (under top-K class scores)."""
 
     kind: str = "fp16"
     k: int | None = None
@@ -73,15 +89,17 @@ class Storage:
     @property
     def name(self) -> str:
         if self.kind == "topk":
-            return f"top{self.k}"
+            return f"top{self.k}" + (f"-d{self.dim}" if self.dim else "")
         return self.kind + (f"-d{self.dim}" if self.dim else "")
 
     @classmethod
     def parse(cls, text: str) -> Storage:
-        """``fp16``, ``q8``, ``int8``, ``int8-d64``, ``fp16-d64``, ``top25`` -> a Storage; one line otherwise."""
+        """``fp16``, ``q8``, ``int8``, ``int8-d64``, ``fp16-d64``, ``top25``, ``top10-d64`` -> a Storage; one
+        line otherwise."""
         try:
             if text.startswith("top"):
-                return cls("topk", k=int(text[3:]))
+                k, _, dim = text[3:].partition("-d")
+                return cls("topk", k=int(k), dim=int(dim) if dim else None)
             if text == "q8":
                 return cls("q8")
             kind, _, dim = text.partition("-d")
@@ -89,7 +107,7 @@ class Storage:
                 return cls(kind, dim=int(dim) if dim else None)
         except ValueError:
             pass
-        raise SSKDError(f"unknown cache storage {text!r} (fp16, q8, topK, int8, int8-dD or fp16-dD)")
+        raise SSKDError(f"unknown cache storage {text!r} (fp16, q8, topK, topK-dD, int8, int8-dD or fp16-dD)")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,7 +124,7 @@ class Storage:
     def row_bytes(self, width: int) -> int:
         """Bytes of one row of ``width`` values (one view of one output, or one branch of one view)."""
         if self.kind == "topk":
-            return self.k * (2 + index_bytes(width)) + 4
+            return self.k * (2 + index_bytes(width)) + (self.dim + 2 if self.dim else 4)
         if self.kind == "q8":
             return width + 4
         d = self.dim or width
@@ -122,10 +140,11 @@ def at_temperatures(
     storage: dict[str, Storage], temperatures: dict[str, tuple[float, ...]], method: str
 ) -> dict[str, Storage]:
     """``storage`` with each top-K output's tail kept exact at the temperature ``method`` reads it at
-    (``temperatures``: ``Method.topk_temperatures``); one line when it reads one output at two."""
+    (``temperatures``: ``Method.topk_temperatures``); one line when it reads one output at two. A top-K
+    over a code (``topK-dD``) keeps the tail itself, at every temperature."""
     out = {}
     for name, s in storage.items():
-        if s.kind == "topk":
+        if s.kind == "topk" and not s.dim:
             ts = sorted(set(temperatures.get(name, (1.0,))))
             if len(ts) > 1:
                 raise SSKDError(
@@ -168,7 +187,12 @@ def cosine_outputs(cls: type, info: dict[str, Any] | None) -> tuple[str, ...]:
 def allowed(output: dict[str, Any], storage: Storage) -> bool:
     """Whether an output (``{"name", "shape", "topk", "cosine"}`` as in the manifest) may use ``storage``."""
     if storage.kind == "topk":
-        return bool(output.get("topk")) and 0 < storage.k < output["shape"][-1]
+        width = output["shape"][-1]
+        return (
+            bool(output.get("topk"))
+            and 0 < storage.k < width
+            and (storage.dim is None or (width > COMPACT_TOPK and MIN_DIM <= storage.dim < width))
+        )
     if storage.kind == "q8":
         return bool(output.get("topk")) and output["shape"][-1] > COMPACT_TOPK
     if storage.kind == "int8" or storage.dim:
@@ -183,7 +207,9 @@ def ladder(output: dict[str, Any]) -> list[Storage]:
     width = output["shape"][-1]
     steps = [Storage()]
     if output.get("topk"):
-        steps += [Storage("q8")] if width > COMPACT_TOPK else []
+        if width > COMPACT_TOPK:
+            steps += [Storage("q8")]
+            steps += [Storage("topk", k=CODE_TOPK, dim=d) for d in CODE_DIMS if MIN_DIM <= d < width]
         steps += [Storage("topk", k=k) for k in TOPKS if k < width]
     if output.get("cosine"):
         steps += [Storage("int8")] + [Storage("int8", dim=d) for d in EMBED_DIMS if MIN_DIM <= d < width]
@@ -201,15 +227,16 @@ def bytes_per_image(num_views: int, outputs: list[dict[str, Any]], storage: dict
 
 def compact(outputs: list[dict[str, Any]]) -> dict[str, Storage]:
     """The compact level: class scores of more than 25 classes as 8-bit codes (q8), except the logits
-    (``COMPACT_TOPK_OUTPUTS``) where q8 is larger than their top 25: their top 25; int8 unit rows projected
-    to 128 dimensions (where wider) for cosine-only embeddings; fp16 for the rest."""
+    (``COMPACT_TOPK_OUTPUTS``) where q8 is larger than their top 25: their top 10 over a 64-dimensional
+    code (``COMPACT_CODE``); int8 unit rows projected to 128 dimensions (where wider) for cosine-only
+    embeddings; fp16 for the rest."""
     out = {}
     for o in outputs:
         width = o["shape"][-1]
         if o.get("topk") and width > COMPACT_TOPK:
-            top = Storage("topk", k=COMPACT_TOPK)
-            q8_fits = Storage("q8").row_bytes(width) <= top.row_bytes(width)
-            out[o["name"]] = Storage("q8") if q8_fits or o["name"] not in COMPACT_TOPK_OUTPUTS else top
+            q8_fits = Storage("q8").row_bytes(width) <= Storage("topk", k=COMPACT_TOPK).row_bytes(width)
+            code = Storage("topk", k=COMPACT_CODE[0], dim=COMPACT_CODE[1])
+            out[o["name"]] = Storage("q8") if q8_fits or o["name"] not in COMPACT_TOPK_OUTPUTS else code
         elif o.get("cosine"):
             out[o["name"]] = Storage("int8", dim=COMPACT_DIM if width > COMPACT_DIM else None)
         else:
@@ -390,6 +417,9 @@ def level_storage(level: str, outputs: list[dict[str, Any]]) -> dict[str, Storag
             width = o["shape"][-1]
             why = (
                 f"top-K needs class scores and 0 < K < {width}"
+                if s.kind == "topk" and not s.dim
+                else f"top-K over a code needs class scores of more than {COMPACT_TOPK} classes, 0 < K < "
+                f"{width} and D in {MIN_DIM}..{width - 1}"
                 if s.kind == "topk"
                 else f"q8 is for class scores of more than {COMPACT_TOPK} classes"
                 if s.kind == "q8"
@@ -417,16 +447,67 @@ def fit_projection(rows: np.ndarray, dim: int) -> dict[str, np.ndarray]:
             f"--embed-dim {dim}: the projection is fitted on {x.shape[0]} embedding rows, fewer than its "
             f"{dim} dims (cache more samples, or a smaller --embed-dim)"
         )
+    basis = _rotated(_top_directions(x, dim))
+    return {"basis": basis, "mean": unit_rows(x.astype(np.float32) @ basis).mean(0).astype(np.float32)}
+
+
+def fit_code(rows: np.ndarray, dim: int) -> dict[str, np.ndarray]:
+    """``{"levels": (w, dim) int16, "step": (w,), "center": (w,)}``: the code of class-score rows (N, w) a
+    ``topK-dD`` storage writes: their mean, and the subspace of their centred PCA (the top ``dim`` right
+    singular vectors of the rows less the mean, signs fixed) turned by the same fixed random rotation as
+    the embeddings' projection — of all rank-``dim`` affine codes the one that keeps the fitting rows best
+    in the least-squares sense —, each class's row of the basis stored as integer levels times a step.
+
+    The levels stay within ``code_levels(dim)``, so that a row's int8 codes times them sum, in float32, to
+    an integer below 2**24 whatever the order of the sum: reading a row gives the same bits in any batch,
+    with any BLAS and thread count (the cache's rows read bit for bit alike however they are batched)."""
+    x = np.asarray(rows, np.float64).reshape(-1, rows.shape[-1])
+    if x.shape[0] <= dim:
+        raise SSKDError(
+            f"top-K over a {dim}-dimensional code: its basis is fitted on {x.shape[0]} class-score rows, "
+            f"no more than its {dim} dims (cache more samples, or a smaller D)"
+        )
+    center = x.mean(0)
+    basis = _rotated(_top_directions(x - center, dim))
+    peak = np.abs(basis).max(1)
+    step = (np.where(peak > 0, peak, 1) / code_levels(dim)).astype(np.float32)
+    levels = np.rint(basis / step[:, None]).astype(np.int16)
+    return {"levels": levels, "step": step, "center": center.astype(np.float32)}
+
+
+def code_levels(dim: int) -> int:
+    """The largest basis level of a ``dim``-dimensional code: 127 x level x dim stays below 2**24, the
+    integers float32 holds exactly (1,032 at D = 128, 2,064 at 64)."""
+    return min(32767, (2**24 - 1) // (127 * dim))
+
+
+def code_basis(code: dict[str, np.ndarray]) -> np.ndarray:
+    """The (w, D) float32 basis a :func:`fit_code` code stands for (levels x step)."""
+    return code["levels"].astype(np.float32) * code["step"][:, None]
+
+
+def fit_basis(rows: np.ndarray, storage: Storage) -> dict[str, np.ndarray]:
+    """The basis an output stored at ``storage`` (one with a ``dim``) is written with, fitted on ``rows``."""
+    return fit_code(rows, storage.dim) if storage.kind == "topk" else fit_projection(rows, storage.dim)
+
+
+def _top_directions(x: np.ndarray, dim: int) -> np.ndarray:
+    """The top ``dim`` right singular vectors of ``x`` (d, dim), each signed so its largest entry is
+    positive (a refit gives the same basis)."""
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     basis = vt[:dim].T
     sign = np.sign(basis[np.abs(basis).argmax(0), np.arange(dim)])
-    basis = basis * np.where(sign == 0, 1, sign)
-    # A fixed random rotation inside the subspace: cosines in it are unchanged, but PCA piles a row's
-    # energy into its first coordinates, and one large coordinate sets the row's int8 step; rotated, the
-    # energy is spread and the step small (the trick of rotation-based quantisers).
+    return basis * np.where(sign == 0, 1, sign)
+
+
+def _rotated(basis: np.ndarray) -> np.ndarray:
+    """``basis`` (d, D) turned by a fixed random rotation inside its subspace, fp32. Inner products in the
+    subspace are unchanged, but PCA piles a row's energy into its first coordinates, and one large
+    coordinate sets the row's int8 step; rotated, the energy is spread and the step small (the trick of
+    rotation-based quantisers)."""
+    dim = basis.shape[1]
     q, r = np.linalg.qr(np.random.default_rng(0).normal(size=(dim, dim)))
-    basis = (basis @ (q * np.sign(np.diag(r)))).astype(np.float32)
-    return {"basis": basis, "mean": unit_rows(x.astype(np.float32) @ basis).mean(0).astype(np.float32)}
+    return (basis @ (q * np.sign(np.diag(r)))).astype(np.float32)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -441,7 +522,9 @@ def encode(
     """The stored arrays of one output ``value`` (n, V, ..., w) float32 at ``storage``.
 
     ``topk``: ``<name>.topv`` fp16, ``<name>.topi`` int16/int32, ``<name>.lse`` fp32 (``t · logsumexp(x / t)``
-    at the storage's temperature ``t``, in logit units); ``q8``: ``<name>.q`` int8 (..., w), ``<name>.mid`` and
+    at the storage's temperature ``t``, in logit units); with a ``dim``, ``<name>.q`` int8 (..., D) and
+    ``<name>.scale`` fp16 (...) instead of the log-sum-exp: the row less ``proj``'s centre on its basis;
+    ``q8``: ``<name>.q`` int8 (..., w), ``<name>.mid`` and
     ``<name>.step`` fp16 (...); ``int8``:
     ``<name>.q`` int8 (..., D) and ``<name>.scale`` fp16 (...), unit rows (projected by ``proj`` first, less
     its mean);
@@ -453,10 +536,15 @@ def encode(
         x = torch.from_numpy(value)
         top = x.topk(storage.k, dim=-1)
         idx = np.int16 if index_bytes(value.shape[-1]) == 2 else np.int32
-        t = storage.t or 1.0
-        return {
+        out = {
             f"{name}.topv": top.values.numpy().astype(np.float16),
             f"{name}.topi": top.indices.numpy().astype(idx),
+        }
+        if storage.dim:
+            return {**out, **_int8_rows(name, (value - proj["center"]) @ code_basis(proj))}
+        t = storage.t or 1.0
+        return {
+            **out,
             f"{name}.lse": (t * torch.logsumexp(x.double() / t, dim=-1)).numpy().astype(np.float32),
         }
     if storage.kind == "fp16" and not storage.dim:
@@ -480,15 +568,30 @@ def encode(
         return {name: x.astype(np.float16)}
     if storage.dim:
         x = x - proj["mean"]
+    return _int8_rows(name, x)
+
+
+def _int8_rows(name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    """``<name>.q`` int8 codes of the rows of ``x`` with a per-row fp16 step ``<name>.scale`` (the row's
+    largest magnitude / 127): every value within half a step."""
     peak = np.abs(x).max(-1)
     scale = np.where(peak > 0, peak / 127, 1).astype(np.float16)
     q = np.clip(np.rint(x / scale.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
     return {f"{name}.q": q, f"{name}.scale": scale}
 
 
+def _int8_values(arrays: dict[str, np.ndarray], name: str, rows) -> np.ndarray:
+    """The rows :func:`_int8_rows` coded, as float32."""
+    return (
+        np.asarray(arrays[f"{name}.q"][rows], np.float32)
+        * np.asarray(arrays[f"{name}.scale"][rows], np.float32)[..., None]
+    )
+
+
 def tail_mass(arrays: dict[str, np.ndarray], name: str, storage: Storage) -> float:
     """The mean probability, at the storage's temperature, of the classes a top-K row leaves out: what
-    :func:`sskd.cache.dense_from_topk` spreads evenly, so how much of a KL term top-K may change."""
+    :func:`sskd.cache.dense_from_topk` spreads evenly, so how much of a KL term top-K may change (a top-K
+    over a code, which keeps the tail, has no log-sum-exp to read it from)."""
     t = storage.t or 1.0
     topv = np.asarray(arrays[f"{name}.topv"], np.float64)
     lse = np.asarray(arrays[f"{name}.lse"], np.float64)
@@ -501,6 +604,25 @@ def decode(
     """One output back as float32 (len(rows), V, ..., ``width``) from the arrays :func:`encode` wrote."""
     from sskd.cache import dense_from_topk
 
+    if storage.kind == "topk" and storage.dim:
+        import torch
+
+        topv = np.asarray(arrays[f"{name}.topv"][rows], np.float32)
+        topi = np.asarray(arrays[f"{name}.topi"][rows])
+        # int8 codes times integer levels: exact in float32 in any order (fit_code), so BLAS may batch the
+        # rows as it likes (torch's matmul: 5x numpy's on a batch's rows; a cache read is this)
+        q = torch.from_numpy(np.asarray(arrays[f"{name}.q"][rows], np.float32))
+        levels = torch.from_numpy(proj["levels"].astype(np.float32))
+        x = (q.reshape(-1, q.shape[-1]) @ levels.T).numpy().reshape(topv.shape[:-1] + (width,))
+        x *= np.asarray(arrays[f"{name}.scale"][rows], np.float32)[..., None]
+        x *= proj["step"]
+        x += proj["center"]
+        # every class outside the top K at or below the K-th value (as in the teacher's row), then the top K
+        np.minimum(x, topv[..., -1:], out=x)
+        k = topv.shape[-1]
+        flat = np.arange(topv.size // k, dtype=np.int64)[:, None] * width + topi.reshape(-1, k)
+        x.reshape(-1)[flat.ravel()] = topv.ravel()
+        return x
     if storage.kind == "topk":
         return dense_from_topk(
             np.asarray(arrays[f"{name}.topv"][rows], np.float32),
@@ -515,10 +637,7 @@ def decode(
         x += np.asarray(arrays[f"{name}.mid"][rows], np.float32)[..., None]
         return x
     if storage.kind == "int8":
-        x = (
-            np.asarray(arrays[f"{name}.q"][rows], np.float32)
-            * np.asarray(arrays[f"{name}.scale"][rows], np.float32)[..., None]
-        )
+        x = _int8_values(arrays, name, rows)
         if storage.dim:
             x = x + proj["mean"]
     else:
