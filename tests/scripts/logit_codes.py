@@ -1,5 +1,6 @@
-"""A prototype, not a cache level: would a PCA code of the logits keep SSKD's `kd` term where top-K does not?
-(docs/cache.md, "1,000 classes")
+"""The prototype of the cache's ``topK-dD`` level: would a PCA code of the logits keep SSKD's `kd` term where
+top-K does not? (docs/cache.md, "1,000 classes"; the level itself is measured by `sskd bench cache`, with
+its basis fitted on the first 4,096 rows only, where this script fits on every row it codes)
 
     python tests/scripts/logit_codes.py --teacher runs/t3-ss --shards data/shards/triples [--batches 16]
 
@@ -92,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(f"top{kk}", kk * 4 + 4, top(kk)) for kk in (100, 50, 25, 10) if kk < k]
     rows += [(f"pca{d} int8", d + 2, pca(d)) for d in (8, 16, 32, 64) if d < k]
     rows += [
-        (f"top{kk} + pca{d}", kk * 4 + d + 2, top(kk, pca(d))) for kk, d in ((10, 16), (10, 32), (5, 32))
+        (f"top{kk} + pca{d}", kk * 4 + d + 2, top(kk, pca(d)))
+        for kk, d in ((10, 16), (10, 32), (5, 32), (10, 64), (10, 128))
+        if d < min(k, len(z))
     ]
     ref = kd(z)
     print(f"{len(z)} logit rows of {k} classes; kd (T = {T:g}) {ref:.5f}")
     print(
-        "PCA energy at D = 8, 16, 32, 64: "
-        + ", ".join(f"{energy[min(d, len(energy)) - 1]:.5f}" for d in (8, 16, 32, 64))
+        "PCA energy at D = 8, 16, 32, 64, 128: "
+        + ", ".join(f"{energy[min(d, len(energy)) - 1]:.5f}" for d in (8, 16, 32, 64, 128))
     )
     print(f"{'code':16s} {'B/row':>6s} {'kd rel err':>11s} {'top-1 agreement':>16s}")
     for name, nb, x in rows:
