@@ -278,8 +278,7 @@ def register_bench(bench_sub, fmt) -> None:
         "--only",
         action="store_true",
         help="measure only the --level levels (and exact, the reference, and the default), not every level "
-        "on the front: "
-        "minutes instead of a quarter of an hour on a 1,000-class teacher",
+        "on the front (on two cores a 1,000-class teacher's front, 21 levels, took 32 min; 5 levels, 8)",
     )
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_bench_cache)
