@@ -137,7 +137,8 @@ def run_bench(args) -> dict[str, Any]:
     for flag in ("batch_size", "batches"):
         if getattr(args, flag) < 1:
             raise SSKDError(f"--{flag.replace('_', '-')} must be >= 1, not {getattr(args, flag)}")
-    if getattr(args, "only", False) and not getattr(args, "level", []):
+    only = getattr(args, "only", False)
+    if only and not getattr(args, "level", []):
         raise SSKDError("--only measures the --level levels: name at least one with --level")
     spec = bench_spec(args)
     cls, k = spec.method, spec.num_classes
@@ -168,7 +169,6 @@ def run_bench(args) -> dict[str, Any]:
     levels, names = [], set()
     temps = cls.topk_temperatures(spec.method_cfg)  # top-K tails kept where the method reads them, as built
     asked = [level_storage(name, outputs) for name in getattr(args, "level", [])]  # one line when bad
-    only = getattr(args, "only", False)
     front = [level_storage("exact", outputs)] if only else [*pareto(views, outputs), compact(outputs)]
     for storage in [*front, default_storage, *asked]:
         storage = at_temperatures(storage, temps, cls.name)

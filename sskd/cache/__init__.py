@@ -557,12 +557,10 @@ def check_usable(
         s = storage[o["name"]]
         if not allowed(want, s):
             why = (
-                "it reads them as more than class scores"
-                if s.kind == "topk" and s.dim
-                else "it reads them as more than the top classes"
-                if s.kind == "topk"
+                "it reads them as more than the top classes"
+                if s.kind == "topk" and not s.dim
                 else "it reads them as more than class scores"
-                if s.kind == "q8"
+                if s.kind in ("topk", "q8")
                 else "it reads them other than through cosine similarities"
             )
             raise SSKDError(
@@ -624,7 +622,14 @@ def dense_from_topk(
         left = 1.0 - np.exp((topv - lse[..., None]) / np.float32(t)).sum(-1)
         fill = lse + np.float32(t) * np.log(np.clip(left, 1e-12, None) / rest)
         out[:] = fill[..., None]
-    # one flat scatter: numpy's put_along_axis builds an index per axis, and reading a top-K cache is this
-    rows = np.arange(topv.size // max(k, 1), dtype=np.int64)[:, None] * num_classes
-    out.reshape(-1)[(rows + topi.reshape(-1, k)).ravel()] = topv.ravel()
+    put_top(out, topv, topi)
     return out
+
+
+def put_top(out: np.ndarray, topv: np.ndarray, topi: np.ndarray) -> None:
+    """Write the top-K values ``topv`` at their classes ``topi`` into the rows of ``out`` (contiguous, (...,
+    classes)) in place: one flat scatter, since numpy's put_along_axis builds an index per axis and reading
+    a top-K cache is this."""
+    k = topv.shape[-1]
+    rows = np.arange(topv.size // max(k, 1), dtype=np.int64)[:, None] * out.shape[-1]
+    out.reshape(-1)[(rows + topi.reshape(-1, k)).ravel()] = topv.ravel()

@@ -324,18 +324,18 @@ def fit_bases(cls, model, loader, storage, accelerator) -> dict[str, dict[str, n
     """The basis of each output stored with a reduced dimension (an embedding's projection, the code under a
     top-K), fitted on the teacher's outputs of the first batches of epoch 0 (this rank's: the main one's,
     shared through the cache folder)."""
-    dims = {n: s for n, s in storage.items() if s.dim}
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in dims}
+    coded = {n: s for n, s in storage.items() if s.dim}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in coded}
     got = 0
     for batch in loader.epoch(0):
         with torch.inference_mode(), accelerator.autocast():
             o = cls.teacher_outputs(model, batch["views"])
-        for n in dims:
+        for n in coded:
             rows[n].append(o[n].float().cpu().numpy().reshape(-1, o[n].shape[-1]))
-        got += len(rows[next(iter(dims))][-1])
+        got += len(rows[next(iter(coded))][-1])
         if got >= FIT_ROWS:
             break
-    return {n: fit_basis(np.concatenate(rows[n]), s) for n, s in dims.items()}
+    return {n: fit_basis(np.concatenate(rows[n]), s) for n, s in coded.items()}
 
 
 def write_projections(out: Path, bases: dict[str, dict[str, np.ndarray]]) -> str:

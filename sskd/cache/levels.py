@@ -602,7 +602,7 @@ def decode(
     arrays: dict[str, np.ndarray], name: str, storage: Storage, width: int, rows=slice(None), proj=None
 ) -> np.ndarray:
     """One output back as float32 (len(rows), V, ..., ``width``) from the arrays :func:`encode` wrote."""
-    from sskd.cache import dense_from_topk
+    from sskd.cache import dense_from_topk, put_top
 
     if storage.kind == "topk" and storage.dim:
         import torch
@@ -619,9 +619,7 @@ def decode(
         x += proj["center"]
         # every class outside the top K at or below the K-th value (as in the teacher's row), then the top K
         np.minimum(x, topv[..., -1:], out=x)
-        k = topv.shape[-1]
-        flat = np.arange(topv.size // k, dtype=np.int64)[:, None] * width + topi.reshape(-1, k)
-        x.reshape(-1)[flat.ravel()] = topv.ravel()
+        put_top(x, topv, topi)
         return x
     if storage.kind == "topk":
         return dense_from_topk(
