@@ -201,6 +201,72 @@ def test_a_top_k_over_a_code_has_no_temperature_and_serves_any():
     check_usable(m, SSKD, {}, "c", {"logits": (2.0, 4.0)})
 
 
+def test_a_fitted_basis_is_scored_in_what_the_methods_read_on_rows_it_was_not_fitted_on():
+    from sskd.cache.levels import held_out_error
+
+    g = np.random.default_rng(2)
+    w = 200  # class scores in a 4-dimensional affine subspace (a low-rank teacher), and full-rank ones
+    low = (
+        g.normal(size=w) + (g.normal(size=(500, 4)) * 3) @ np.linalg.qr(g.normal(size=(w, 4)))[0].T
+    ).astype(np.float32)
+    full = (g.normal(size=(500, w)) * 3).astype(np.float32)
+    s = Storage("topk", k=5, dim=8)
+    for rows, most, least in ((low, 0.005, 0.0), (full, 1.0, 0.05)):
+        code = fit_code(rows[:400], 8)
+        err = held_out_error(rows[400:], s, code, (1.0, 4.0))
+        # by hand: the mean total variation between the softmaxes of the rows and of the rows read back,
+        # the worse of the two temperatures
+        back = torch.from_numpy(decode(encode("x", rows[400:], s, code), "x", s, w, proj=code)).double()
+        x = torch.from_numpy(rows[400:]).double()
+        tv = [
+            0.5 * ((x / t).softmax(-1) - (back / t).softmax(-1)).abs().sum(-1).mean().item() for t in (1, 4)
+        ]
+        assert err == pytest.approx(max(tv), rel=1e-9, abs=1e-12) and least <= err <= most, err
+    # embeddings: the largest error of an entry of the rows' cosine-similarity matrix
+    low = (g.normal(size=(300, 6)) @ g.normal(size=(6, 64))).astype(np.float32)
+    for kind in ("fp16", "int8"):
+        s = Storage(kind, dim=16)
+        proj = fit_projection(low[:200], 16)
+        err = held_out_error(low[200:], s, proj, (1.0,))
+        u = low[200:].astype(np.float64)
+        u /= np.linalg.norm(u, axis=-1, keepdims=True)
+        v = decode(encode("x", low[200:], s, proj), "x", s, 64, proj=proj).astype(np.float64)
+        v /= np.linalg.norm(v, axis=-1, keepdims=True)
+        assert err == pytest.approx(np.abs(u @ u.T - v @ v.T).max(), rel=1e-6) and err < 0.02, (kind, err)
+    full = g.normal(size=(300, 64))
+    assert held_out_error(full[200:], Storage("int8", dim=8), fit_projection(full[:200], 8), (1.0,)) > 0.3
+
+
+def test_sskd_cache_warns_where_a_basis_keeps_too_little_and_names_the_fix(caplog):
+    from sskd.cache.build import report_fit
+
+    g = np.random.default_rng(3)
+    full = (g.normal(size=(1200, 100)) * 3).astype(np.float32)
+    low = np.repeat(full[:, :1], 100, axis=1) + np.arange(100, dtype=np.float32)  # one direction
+    embs = g.normal(size=(300, 64))
+    with caplog.at_level("INFO"):
+        for rows in (full, low):
+            report_fit(
+                "logits", Storage("topk", k=5, dim=8), rows[:100], fit_code(rows[100:], 8), (1.0, 4.0), True
+            )
+        report_fit("embed", Storage("int8", dim=8), embs, fit_projection(embs, 8), (1.0,), False)
+    bad, good, proj = caplog.records
+    assert bad.levelname == "WARNING" and good.levelname == "INFO" and proj.levelname == "WARNING"
+    said = bad.getMessage()
+    assert said.startswith(
+        "logits stored as its top 5 over a 8-dimensional code: read back, its probabilities are "
+    )
+    assert (
+        "% from the teacher's (total variation, mean over the 100 rows after the 4,096 it was fitted on, at T = 1, 4)"
+        in said
+    )
+    assert "a larger code (top5-d16, if the shape allows) or `sskd bench cache --only --level NAME`" in said
+    assert "more dims (--embed-dim 16" in proj.getMessage()
+    assert (
+        "(largest error of an entry, over the 300 rows it was fitted on, all there are)" in proj.getMessage()
+    )
+
+
 def test_q8_codes_every_score_within_half_a_step_of_the_row_range():
     row = np.array([[[-3.0, 1.0, 5.0, 0.3]]], np.float32)
     a = encode("logits", row, Storage("q8"))
@@ -640,9 +706,10 @@ def test_a_cache_whose_tail_is_at_another_temperature_is_refused_naming_both():
 
 
 @pytest.mark.slow
-def test_dry_run_sizes_are_the_bytes_written(ss_teacher, digits_shards, tmp_path, capsys):
+def test_dry_run_sizes_are_the_bytes_written(ss_teacher, digits_shards, tmp_path, capsys, caplog):
     from sskd.cache.build import dry_run
 
+    caplog.set_level("INFO")
     for kw in ({"exact": True}, {"embed_dim": 16, "topk": 3}, {"budget": 300}):
         spec = student_run(digits_shards, ss_teacher)
         topk = kw.pop("topk", None)
@@ -657,11 +724,14 @@ def test_dry_run_sizes_are_the_bytes_written(ss_teacher, digits_shards, tmp_path
         assert written == report["bytes_per_sample_epoch"] * reader.num_samples, (kw, reader.level)
     printed = capsys.readouterr().out
     assert "the ImageNet recipe on paper (1,281,167 images, 4 views, logits 1000, embed 512)" in printed
+    # the projection fitted by the build scored on its rows (287 images x 4 views: fewer than 4,096)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embed projected to 16 dims")]
+    assert len(said) == 1 and "over the 1,148 rows it was fitted on, all there are)" in said[0], said
     assert "logits:top10-d64+embed:int8-d128" in printed and "952" in printed
 
 
 @pytest.mark.slow
-def test_a_code_cache_at_100_classes_holds_the_dry_runs_bytes_and_reads_its_code(tmp_path, capsys):
+def test_a_code_cache_at_100_classes_holds_the_dry_runs_bytes_and_reads_its_code(tmp_path, capsys, caplog):
     """KD on the 100-class digit pairs with its logits as the top 10 over a 32-dimensional code: the basis
     is fitted by `sskd cache` on the teacher's first rows and stored, the chunks hold the bytes the dry run
     counts, and every row reads back as its code by hand (centre + codes x step on the basis, the tail held
@@ -686,7 +756,16 @@ def test_a_code_cache_at_100_classes_holds_the_dry_runs_bytes_and_reads_its_code
     level = "logits:top10-d32"
     report = dry_run(spec, 1, level=level)
     assert report["level"] == level and report["bytes_per_sample_epoch"] == 8 + 10 * 4 + 32 + 2
-    out = build_cache(spec, tmp_path / "c", epochs=1, batch_size=128, progress=False, level=level)
+    with caplog.at_level("INFO"):
+        out = build_cache(spec, tmp_path / "c", epochs=1, batch_size=128, progress=False, level=level)
+    # the code scored as it was fitted, on all 300 rows (one view each: fewer than 4,096), at KD's T = 4
+    said = [
+        r.getMessage() for r in caplog.records if "over a 32-dimensional code: read back" in r.getMessage()
+    ]
+    assert (
+        len(said) == 1
+        and "(total variation, mean over the 300 rows it was fitted on, all there are, at T = 4)" in said[0]
+    )
     chunks = sorted(out.glob("epoch-0000/*.safetensors"))
     written = sum(sum(a.nbytes for a in map_chunk(f).values()) for f in chunks)
     reader = CacheReader(out)

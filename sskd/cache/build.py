@@ -317,13 +317,17 @@ def output_specs(cls, model, loader, info: dict[str, Any] | None = None) -> list
     ]
 
 
-FIT_ROWS = 4096  # embedding rows (image x view) the projection is fitted on: the first batches of epoch 0
+FIT_ROWS = 4096  # rows (image x view) a basis is fitted on: the first of epoch 0
+HELD_ROWS = 1024  # and the rows after them it is scored on (report_fit)
 
 
-def fit_bases(cls, model, loader, storage, accelerator) -> dict[str, dict[str, np.ndarray]]:
+def fit_bases(
+    cls, model, loader, storage, accelerator, temperatures=None
+) -> dict[str, dict[str, np.ndarray]]:
     """The basis of each output stored with a reduced dimension (an embedding's projection, the code under a
-    top-K), fitted on the teacher's outputs of the first batches of epoch 0 (this rank's: the main one's,
-    shared through the cache folder)."""
+    top-K), fitted on the teacher's outputs of the first ``FIT_ROWS`` rows of epoch 0 (this rank's: the main
+    one's, shared through the cache folder), as ``sskd bench cache`` fits it, and scored on up to
+    ``HELD_ROWS`` rows after them (:func:`report_fit`; ``temperatures``: ``Method.topk_temperatures``)."""
     coded = {n: s for n, s in storage.items() if s.dim}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in coded}
     got = 0
@@ -333,9 +337,58 @@ def fit_bases(cls, model, loader, storage, accelerator) -> dict[str, dict[str, n
         for n in coded:
             rows[n].append(o[n].float().cpu().numpy().reshape(-1, o[n].shape[-1]))
         got += len(rows[next(iter(coded))][-1])
-        if got >= FIT_ROWS:
+        if got >= FIT_ROWS + HELD_ROWS:
             break
-    return {n: fit_basis(np.concatenate(rows[n]), s) for n, s in coded.items()}
+    bases = {}
+    for n, s in coded.items():
+        x = np.concatenate(rows[n])
+        bases[n] = fit_basis(x[:FIT_ROWS], s)
+        held = x[FIT_ROWS : FIT_ROWS + HELD_ROWS]
+        report_fit(
+            n, s, held if len(held) else x, bases[n], (temperatures or {}).get(n, (1.0,)), len(held) > 0
+        )
+    return bases
+
+
+def report_fit(name: str, s, rows: np.ndarray, basis, temperatures, held_out: bool) -> None:
+    """Log how well a fitted basis keeps ``rows`` (:func:`sskd.cache.levels.held_out_error`): a warning where
+    the methods' terms may be off by more than 1 % — a top-K over a code whose read rows' probabilities are
+    more than 1 % (total variation) from the teacher's, a projection whose similarity entries are more than
+    0.03 off (16 dims of a 64- or 256-dimensional teacher: 0.03-0.07, the selective-transfer mask 98.7-99.4 %
+    alike; docs/cache.md). The default code (64 dims) was measured on teachers of low-rank logits; this
+    is where a teacher that needs more says so."""
+    from sskd.cache.levels import held_out_error
+
+    err = held_out_error(rows, s, basis, temperatures)
+    on = (
+        f"the {len(rows):,} rows after the {FIT_ROWS:,} it was fitted on"
+        if held_out
+        else f"the {len(rows):,} rows it was fitted on, all there are"
+    )
+    if s.kind == "topk":
+        what = (
+            f"{name} stored as its top {s.k} over a {s.dim}-dimensional code: read back, its probabilities are "
+            f"{100 * err:.2f} % from the teacher's (total variation, mean over {on}, at T = "
+            f"{', '.join(f'{t:g}' for t in temperatures)})"
+        )
+        bad = err > 0.01
+        fix = f"a larger code (top{s.k}-d{2 * s.dim}"
+    else:
+        what = (
+            f"{name} projected to {s.dim} dims: its cosine similarities read back within {err:.4f} "
+            f"(largest error of an entry, over {on})"
+        )
+        bad = err > 0.03
+        fix = f"more dims (--embed-dim {2 * s.dim}"
+    if bad:
+        log.warning(
+            "%s; the terms reading it may be off by more than 1 %%: %s, if the shape allows) or "
+            "`sskd bench cache --only --level NAME` measures a level on this teacher",
+            what,
+            fix,
+        )
+    else:
+        log.info("%s", what)
 
 
 def write_projections(out: Path, bases: dict[str, dict[str, np.ndarray]]) -> str:
@@ -465,7 +518,8 @@ def _build(
         if any(s.dim for s in storage.values()):  # fitted once, by the main process, before any chunk
             out.mkdir(parents=True, exist_ok=True)
             manifest["projections_sha256"] = write_projections(
-                out, fit_bases(cls, model, loader, storage, accelerator)
+                out,
+                fit_bases(cls, model, loader, storage, accelerator, cls.topk_temperatures(spec.method_cfg)),
             )
         _write_manifest(out, manifest)
     if main:  # under the lock: partial files of a killed writer are garbage

@@ -491,6 +491,30 @@ def fit_basis(rows: np.ndarray, storage: Storage) -> dict[str, np.ndarray]:
     return fit_code(rows, storage.dim) if storage.kind == "topk" else fit_projection(rows, storage.dim)
 
 
+def held_out_error(rows: np.ndarray, storage: Storage, basis: dict[str, np.ndarray], temperatures) -> float:
+    """How far ``rows`` (n, w) read back from ``storage`` with its fitted ``basis`` are from themselves, in
+    what the methods read: for a top-K over a code, the largest over ``temperatures`` of the mean total
+    variation between the rows' softmax and the read rows' softmax at that temperature (the old top-K's
+    tail mass bounds the same distance); for a projected embedding, the largest error of an entry of the
+    rows' cosine-similarity matrix. ``sskd cache`` scores the rows after the ones the basis was fitted on."""
+    x = np.asarray(rows, np.float32).reshape(-1, rows.shape[-1])
+    back = decode(encode("x", x, storage, basis), "x", storage, x.shape[-1], proj=basis)
+    if storage.kind == "topk":
+        return max(total_variation(x, back, t) for t in temperatures)
+    u, v = unit_rows(x.astype(np.float64)), unit_rows(back.astype(np.float64))
+    return float(np.abs(u @ u.T - v @ v.T).max())
+
+
+def total_variation(x: np.ndarray, y: np.ndarray, t: float) -> float:
+    """The mean over rows of the total variation between the softmaxes of class-score rows ``x`` and ``y``
+    at temperature ``t`` (half the L1 distance of the probabilities)."""
+    p, q = (
+        np.exp(v - v.max(-1, keepdims=True))
+        for v in (np.asarray(x, np.float64) / t, np.asarray(y, np.float64) / t)
+    )
+    return float(0.5 * np.abs(p / p.sum(-1, keepdims=True) - q / q.sum(-1, keepdims=True)).sum(-1).mean())
+
+
 def _top_directions(x: np.ndarray, dim: int) -> np.ndarray:
     """The top ``dim`` right singular vectors of ``x`` (d, dim), each signed so its largest entry is
     positive (a refit gives the same basis)."""

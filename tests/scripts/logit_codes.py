@@ -11,8 +11,9 @@ teacher on ``--batches`` batches of 64 training views (4 views each, as `sskd be
 centred PCA of the logit rows, and prints, for top-K (as the cache stores it: fp16 values, the tail's
 mass exact at T = 4), for int8 PCA codes of D dimensions (per-row fp16 scale) and for the K largest
 values (fp16) written over a PCA reconstruction, the bytes per row, the relative error of the mean
-KL(teacher || student) at T = 4 times T² (SSKD's `kd` term) against a fixed random resnet8 student, and
-the top-1 agreement with the exact logits. The basis is fitted on the rows it codes (a cache would fit
+KL(teacher || student) at T = 4 times T² (SSKD's `kd` term) against a fixed random resnet8 student, the
+mean total variation between the teacher's and the coded rows' probabilities at T = 4 (what `sskd cache`
+logs for a code it fits, and warns above 1 %), and the top-1 agreement with the exact logits. The basis is fitted on the rows it codes (a cache would fit
 it on the first batches, as `--embed-dim` does), so the PCA figures are a best case.
 """
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import ViewLoader
     from sskd.bench.cache import bench_spec
     from sskd.cache import dense_from_topk
+    from sskd.cache.levels import total_variation
     from sskd.models import create_model
     from sskd.runs.models import freeze
 
@@ -94,19 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     rows += [(f"pca{d} int8", d + 2, pca(d)) for d in (8, 16, 32, 64) if d < k]
     rows += [
         (f"top{kk} + pca{d}", kk * 4 + d + 2, top(kk, pca(d)))
-        for kk, d in ((10, 16), (10, 32), (5, 32), (10, 64), (10, 128))
+        for kk, d in ((10, 8), (10, 16), (10, 32), (5, 32), (10, 64), (10, 128))
         if d < min(k, len(z))
     ]
+
     ref = kd(z)
     print(f"{len(z)} logit rows of {k} classes; kd (T = {T:g}) {ref:.5f}")
     print(
         "PCA energy at D = 8, 16, 32, 64, 128: "
         + ", ".join(f"{energy[min(d, len(energy)) - 1]:.5f}" for d in (8, 16, 32, 64, 128))
     )
-    print(f"{'code':16s} {'B/row':>6s} {'kd rel err':>11s} {'top-1 agreement':>16s}")
+    print(f"{'code':16s} {'B/row':>6s} {'kd rel err':>11s} {'total variation':>16s} {'top-1 agreement':>16s}")
     for name, nb, x in rows:
         agree = float((x.argmax(-1) == z.argmax(-1)).mean())
-        print(f"{name:16s} {nb:6d} {abs(kd(x) - ref) / ref:11.2e} {agree:16.4f}")
+        print(
+            f"{name:16s} {nb:6d} {abs(kd(x) - ref) / ref:11.2e} {total_variation(z, x, T):16.2e} {agree:16.4f}"
+        )
     return 0
 
 
