@@ -420,6 +420,12 @@ class CacheReader:
             self._index[epoch] = (chunks, which, row)
         return self._index[epoch]
 
+    def check_epochs(self) -> None:
+        """Every epoch's chunks hold every sample id exactly once, or an error naming the chunk or the id
+        missing (what ``sskd cache`` checks before it marks a cache complete)."""
+        for epoch in range(self.epochs):
+            self._epoch(epoch)
+
     def lookup(self, ids: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         """``{"t_<name>": (b, V, ...)}`` float32 for ``ids`` (b,) in ``epoch % E``, one per output."""
         chunks, which, row = self._epoch(epoch % self.epochs)

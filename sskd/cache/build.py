@@ -582,9 +582,7 @@ def _build(
     bar.close()
     accelerator.wait_for_everyone()
     if main:
-        reader = CacheReader(out, require_complete=False)
-        for epoch in range(epochs):  # every id exactly once per epoch, or an error naming what is missing
-            reader._epoch(epoch)
+        CacheReader(out, require_complete=False).check_epochs()
         manifest["complete"] = True
         _write_manifest(out, manifest)
         log.info("%s: %d epochs cached and checked", out, epochs)
