@@ -16,7 +16,7 @@ A *level* gives every cached output one :class:`Storage`:
   no larger than the top 25 (up to 100 classes; CIFAR-100's logits, HSSAKD's branches on the digits);
 - ``topK-dD``: class scores of more than 25 classes as their K largest values (fp16) and classes (as
   ``topK``) over an int8 code of the whole row in D dimensions: the row less a centre, projected on a
-  basis of its centred PCA fitted once on the teacher's scores of the first batches (stored in the cache
+  basis of its centred PCA fitted once on the teacher's scores of the first 4,096 rows (stored in the cache
   beside the embeddings' projections, each class's row as int16 levels times a step, so that codes
   times levels sum exactly in float32 and a row reads the same bits in any batch), with a per-row fp16
   scale (``<name>.q``, ``<name>.scale``).
@@ -28,7 +28,7 @@ A *level* gives every cached output one :class:`Storage`:
 - ``int8`` / ``int8-dD`` / ``fp16-dD``: embeddings a method reads only through cosine similarities
   (:func:`cosine_outputs`: SSKD's contrastive SS embeddings). Rows are unit-normalised first (the cosine
   does not see the norm), optionally projected to D dimensions by a basis fitted once on the teacher's
-  embeddings of the first batches and stored in the cache (``projections.safetensors``), then stored
+  embeddings of the first 4,096 rows and stored in the cache (``projections.safetensors``), then stored
   with a per-row fp16 scale and int8 codes. Reading multiplies back by the basis, so the method sees
   the declared shape; cosines between rows are those of the D-dimensional codes.
 

@@ -108,7 +108,7 @@ def register(sub, fmt) -> None:
         "(sskd: logits and SS embeddings; hssakd: logits and every branch's class x rotation logits; "
         "kd: the normal view's logits) at a storage level: fp16 (--exact), 8-bit codes of class scores "
         "(q8), the top K logits + log-sum-exp (--topk), the top K over an int8 code of the whole row "
-        "(--level logits:top10-d64: a centred PCA fitted on the first batches), int8 unit-normalised embeddings (--embed int8) projected to D dims "
+        "(--level logits:top10-d64: a centred PCA fitted on the first 4,096 rows), int8 unit-normalised embeddings (--embed int8) projected to D dims "
         "(--embed-dim), or the most faithful level within --budget bytes per image-epoch; by default the "
         "compact level for >= 100 classes and >= 128-dim embeddings, fp16 below. --dry-run prints every "
         "level's size for this run and for the ImageNet recipe. "

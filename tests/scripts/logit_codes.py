@@ -14,7 +14,7 @@ values (fp16) written over a PCA reconstruction, the bytes per row, the relative
 KL(teacher || student) at T = 4 times T² (SSKD's `kd` term) against a fixed random resnet8 student, the
 mean total variation between the teacher's and the coded rows' probabilities at T = 4 (what `sskd cache`
 logs for a code it fits, and warns above 1 %), and the top-1 agreement with the exact logits. The basis is fitted on the rows it codes (a cache would fit
-it on the first batches, as `--embed-dim` does), so the PCA figures are a best case.
+it on the first 4,096 rows, as `--embed-dim` does), so the PCA figures are a best case.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         for kk, d in ((10, 8), (10, 16), (10, 32), (5, 32), (10, 64), (10, 128))
         if d < min(k, len(z))
     ]
-
     ref = kd(z)
     print(f"{len(z)} logit rows of {k} classes; kd (T = {T:g}) {ref:.5f}")
     print(
